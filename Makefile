@@ -1,0 +1,30 @@
+# dtrain: `make demo` and `make test` work on a fresh clone.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+
+.PHONY: venv demo test bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q "$(TORCH)"
+	$(PIP) install -q -e ".[dev]"
+	touch $@
+
+venv: $(VENV)/.installed
+
+demo: venv
+	$(VENV)/bin/dtrain-train
+
+test: venv
+	$(PY) -m pytest
+
+bench: venv
+	$(PIP) install -q -e ".[dev,bench]"
+	$(PY) bench/supernet_step.py
+
+clean:
+	rm -rf $(VENV) runs outputs

@@ -1,0 +1,28 @@
+"""``dtrain-train``: train one peer's supernet (Hydra app over conf/train.yaml).
+
+    dtrain-train                                  # tiny mbv3 on digits
+    dtrain-train model=gpt_tiny data=text steps=2000
+    torchrun --nproc-per-node 2 -m dtrain.cli.train run_dir=runs/x
+"""
+
+from __future__ import annotations
+
+from ..config import register_configs
+
+
+def _task(cfg) -> int:
+    from ..train.loop import train
+
+    train(cfg)
+    return 0
+
+
+def main(argv=None) -> None:
+    from .app import run_app
+
+    register_configs()
+    run_app("dtrain-train", "train", _task, argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,434 @@
+"""Typed configuration: the dataclasses behind the Hydra tree in ``conf/``.
+
+Every key a user can set lives here with its type; ``conf/*.yaml`` fills in the
+values. Hydra merges the YAML and the shell overrides onto these schemas, so an
+unknown key or a value of the wrong type fails at composition. Value checks
+(ranges, allowed names) live in ``__post_init__`` and raise :class:`ConfigError`
+with one line naming the key, the bad value and what is allowed.
+
+``OmegaConf.to_object(cfg)`` turns a composed config into these objects (that
+is what runs the checks); :func:`model_config_from` and friends accept plain
+dicts for notebook use.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, List, Optional
+
+from omegaconf import MISSING
+
+
+class ConfigError(ValueError):
+    """A configuration value is not allowed. The message is one line."""
+
+
+def _check(cond: bool, key: str, value: Any, allowed: str) -> None:
+    if not cond:
+        raise ConfigError(f"{key}={value!r} is not allowed: {allowed}")
+
+
+def _check_choice(key: str, value: Any, choices) -> None:
+    _check(value in choices, key, value, "choose one of " + ", ".join(map(str, choices)))
+
+
+def _check_list(key: str, values, pred, allowed: str) -> None:
+    _check(len(values) > 0, key, list(values), "must not be empty")
+    for v in values:
+        _check(pred(v), key, list(values), allowed)
+
+
+# --------------------------------------------------------------------------- model
+
+
+@dataclass
+class StageConfig:
+    """One stage of the MobileNetV3-style space: blocks with the same width."""
+
+    channels: int = MISSING  # output channels before the width multiplier
+    stride: int = 1  # stride of the first block of the stage
+    act: str = "relu"  # relu | hswish
+    se: bool = False  # squeeze-and-excite in every block
+
+    def __post_init__(self) -> None:
+        _check(self.channels > 0, "stage.channels", self.channels, "must be > 0")
+        _check_choice("stage.stride", self.stride, (1, 2))
+        _check_choice("stage.act", self.act, ("relu", "hswish"))
+
+
+MBV3_DIMS = ("resolution", "kernel", "depth", "expand")
+GPT_DIMS = ("depth", "embed", "heads", "mlp_ratio")
+
+
+@dataclass
+class MBV3Config:
+    """Once-for-All MobileNetV3 space: elastic kernel, expand ratio, depth, resolution."""
+
+    space: str = "mbv3"
+    in_channels: int = 3
+    num_classes: int = 1000
+    width_mult: float = 1.0
+    stem_channels: int = 16  # stem conv + the fixed first block (expand 1, kernel 3)
+    stem_stride: int = 2
+    stem_act: str = "hswish"
+    stages: List[StageConfig] = field(default_factory=list)
+    final_expand: int = 6  # 1x1 conv to final_expand x last stage width
+    feature_dim: int = 1280  # feature-mix layer after global pooling
+    kernel_sizes: List[int] = field(default_factory=lambda: [3, 5, 7])
+    expand_ratios: List[int] = field(default_factory=lambda: [3, 4, 6])
+    depths: List[int] = field(default_factory=lambda: [2, 3, 4])
+    resolutions: List[int] = field(default_factory=lambda: [224])
+    se_reduction: int = 4
+    kernel_transform: bool = True  # OFA's learned kernel-transform matrices
+    dropout: float = 0.1  # before the classifier; largest subnet only
+    drop_path: float = 0.0  # stochastic depth (max rate, last block); largest subnet only
+    bn_momentum: float = 0.1
+    bn_eps: float = 1e-5
+    progressive_order: List[str] = field(default_factory=lambda: ["kernel", "depth", "expand"])
+
+    def __post_init__(self) -> None:
+        _check_choice("model.space", self.space, ("mbv3",))
+        _check(self.in_channels > 0, "model.in_channels", self.in_channels, "must be > 0")
+        _check(self.num_classes > 1, "model.num_classes", self.num_classes, "must be > 1")
+        _check(self.width_mult > 0, "model.width_mult", self.width_mult, "must be > 0")
+        _check(self.stem_channels > 0, "model.stem_channels", self.stem_channels, "must be > 0")
+        _check_choice("model.stem_stride", self.stem_stride, (1, 2))
+        _check_choice("model.stem_act", self.stem_act, ("relu", "hswish"))
+        _check(len(self.stages) > 0, "model.stages", self.stages, "must list at least one stage")
+        self.stages = [s if isinstance(s, StageConfig) else StageConfig(**s) for s in self.stages]
+        _check(self.final_expand > 0, "model.final_expand", self.final_expand, "must be > 0")
+        _check(self.feature_dim > 0, "model.feature_dim", self.feature_dim, "must be > 0")
+        odd = "odd integers >= 1"
+        _check_list("model.kernel_sizes", self.kernel_sizes, lambda k: k >= 1 and k % 2 == 1, odd)
+        _check_list("model.expand_ratios", self.expand_ratios, lambda e: e >= 1, "integers >= 1")
+        _check_list("model.depths", self.depths, lambda d: d >= 1, "integers >= 1")
+        _check_list("model.resolutions", self.resolutions, lambda r: r >= 1, "integers >= 1")
+        for key in ("kernel_sizes", "expand_ratios", "depths", "resolutions"):
+            vals = list(getattr(self, key))
+            _check(vals == sorted(set(vals)), f"model.{key}", vals, "must be strictly increasing")
+        _check(self.se_reduction >= 1, "model.se_reduction", self.se_reduction, "must be >= 1")
+        _check(0 <= self.dropout < 1, "model.dropout", self.dropout, "must be in [0, 1)")
+        _check(0 <= self.drop_path < 1, "model.drop_path", self.drop_path, "must be in [0, 1)")
+        _check(0 < self.bn_momentum <= 1, "model.bn_momentum", self.bn_momentum, "must be in (0, 1]")
+        _check(self.bn_eps > 0, "model.bn_eps", self.bn_eps, "must be > 0")
+        _check_list("model.progressive_order", self.progressive_order,
+                    lambda d: d in MBV3_DIMS, "dimensions among " + ", ".join(MBV3_DIMS))
+
+
+@dataclass
+class GPTConfig:
+    """Decoder-only byte-level transformer: elastic depth, width, heads, MLP ratio."""
+
+    space: str = "gpt"
+    vocab_size: int = 256
+    block_size: int = 128  # context length in tokens
+    depths: List[int] = field(default_factory=lambda: [2, 3, 4])
+    embed_dims: List[int] = field(default_factory=lambda: [96, 128])
+    heads: List[int] = field(default_factory=lambda: [2, 4])
+    head_dim: int = 32  # attention width is heads x head_dim
+    mlp_ratios: List[int] = field(default_factory=lambda: [2, 3, 4])
+    dropout: float = 0.0  # largest subnet only
+    drop_path: float = 0.0  # largest subnet only
+    bias: bool = True
+    ln_eps: float = 1e-5
+    progressive_order: List[str] = field(default_factory=lambda: ["mlp_ratio", "heads", "depth", "embed"])
+
+    def __post_init__(self) -> None:
+        _check_choice("model.space", self.space, ("gpt",))
+        _check(self.vocab_size > 1, "model.vocab_size", self.vocab_size, "must be > 1")
+        _check(self.block_size > 0, "model.block_size", self.block_size, "must be > 0")
+        for key in ("depths", "embed_dims", "heads", "mlp_ratios"):
+            vals = list(getattr(self, key))
+            _check_list(f"model.{key}", vals, lambda v: v >= 1, "integers >= 1")
+            _check(vals == sorted(set(vals)), f"model.{key}", vals, "must be strictly increasing")
+        _check(self.head_dim > 0, "model.head_dim", self.head_dim, "must be > 0")
+        _check(0 <= self.dropout < 1, "model.dropout", self.dropout, "must be in [0, 1)")
+        _check(0 <= self.drop_path < 1, "model.drop_path", self.drop_path, "must be in [0, 1)")
+        _check(self.ln_eps > 0, "model.ln_eps", self.ln_eps, "must be > 0")
+        _check_list("model.progressive_order", self.progressive_order,
+                    lambda d: d in GPT_DIMS, "dimensions among " + ", ".join(GPT_DIMS))
+
+
+MODEL_CONFIGS = {"mbv3": MBV3Config, "gpt": GPTConfig}
+
+
+# --------------------------------------------------------------------------- data
+
+
+@dataclass
+class DigitsConfig:
+    """scikit-learn's 8x8 handwritten digits, shipped inside the package."""
+
+    name: str = "digits"
+    split_seed: int = 0  # fixes the train / val / test split
+    val_fraction: float = 0.1
+    test_fraction: float = 0.2
+
+    def __post_init__(self) -> None:
+        _check_choice("data.name", self.name, ("digits",))
+        _check_fractions(self.val_fraction, self.test_fraction)
+
+
+@dataclass
+class TextConfig:
+    """Byte-level language modelling on local text files."""
+
+    name: str = "text"
+    paths: List[str] = field(default_factory=list)  # empty: a fixed set of files of the Python stdlib
+    val_fraction: float = 0.05
+    test_fraction: float = 0.05
+    max_bytes: int = 0  # 0: the whole corpus
+
+    def __post_init__(self) -> None:
+        _check_choice("data.name", self.name, ("text",))
+        _check_fractions(self.val_fraction, self.test_fraction)
+        _check(self.max_bytes >= 0, "data.max_bytes", self.max_bytes, "must be >= 0")
+
+
+@dataclass
+class CIFAR10Config:
+    """CIFAR-10 in its binary format (data_batch_*.bin, test_batch.bin) in a local directory."""
+
+    name: str = "cifar10"
+    root: str = MISSING
+    val_fraction: float = 0.1  # of the training batches
+    split_seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_choice("data.name", self.name, ("cifar10",))
+        _check_fractions(self.val_fraction, 0.0)
+
+
+@dataclass
+class SyntheticConfig:
+    """Random tensors, for throughput benchmarks."""
+
+    name: str = "synthetic"
+    task: str = "classification"  # classification | lm
+    num_samples: int = 4096
+    shape: List[int] = field(default_factory=lambda: [3, 32, 32])  # per sample (lm: [sequence_length])
+    num_classes: int = 10  # lm: vocabulary size
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_choice("data.name", self.name, ("synthetic",))
+        _check_choice("data.task", self.task, ("classification", "lm"))
+        _check(self.num_samples > 0, "data.num_samples", self.num_samples, "must be > 0")
+        _check_list("data.shape", self.shape, lambda s: s > 0, "positive integers")
+        _check(self.num_classes > 1, "data.num_classes", self.num_classes, "must be > 1")
+
+
+def _check_fractions(val: float, test: float) -> None:
+    _check(0 <= val < 1, "data.val_fraction", val, "must be in [0, 1)")
+    _check(0 <= test < 1, "data.test_fraction", test, "must be in [0, 1)")
+    _check(val + test < 1, "data.val_fraction+data.test_fraction", val + test, "must be < 1")
+
+
+DATA_CONFIGS = {"digits": DigitsConfig, "text": TextConfig, "cifar10": CIFAR10Config,
+                "synthetic": SyntheticConfig}
+
+
+# --------------------------------------------------------------------------- training
+
+
+@dataclass
+class SandwichConfig:
+    """Sandwich rule + in-place distillation (BigNAS / AttentiveNAS / AlphaNet)."""
+
+    num_random: int = 2  # random subnets per step, besides the largest and the smallest
+    distill: str = "kd"  # kd | alpha | none (none: small subnets learn from hard labels)
+    temperature: float = 1.0
+    hard_label_weight: float = 0.0  # small subnets: (1-w) * distillation + w * cross-entropy
+    alpha_min: float = -1.0  # alpha-divergence (AlphaNet): the two alphas and the
+    alpha_max: float = 1.0  # clip of the importance weights
+    iw_clip: float = 5.0
+    label_smoothing: float = 0.1  # largest subnet's hard-label loss
+    schedule: str = "uniform"  # uniform | delayed | progressive
+    delay_fraction: float = 0.5  # delayed: share of training with the largest subnet alone
+    ramp_fraction: float = 0.1  # delayed: share over which small-subnet weights ramp 0 -> 1
+    progressive_fractions: List[float] = field(default_factory=lambda: [0.25, 0.25, 0.25, 0.25])
+
+    def __post_init__(self) -> None:
+        _check(self.num_random >= 0, "sandwich.num_random", self.num_random, "must be >= 0")
+        _check_choice("sandwich.distill", self.distill, ("kd", "alpha", "none"))
+        _check(self.temperature > 0, "sandwich.temperature", self.temperature, "must be > 0")
+        _check(0 <= self.hard_label_weight <= 1, "sandwich.hard_label_weight",
+               self.hard_label_weight, "must be in [0, 1]")
+        _check(self.alpha_min <= self.alpha_max, "sandwich.alpha_min", self.alpha_min,
+               "must be <= sandwich.alpha_max")
+        _check(self.iw_clip > 0, "sandwich.iw_clip", self.iw_clip, "must be > 0")
+        _check(0 <= self.label_smoothing < 1, "sandwich.label_smoothing", self.label_smoothing,
+               "must be in [0, 1)")
+        _check_choice("sandwich.schedule", self.schedule, ("uniform", "delayed", "progressive"))
+        _check(0 <= self.delay_fraction < 1, "sandwich.delay_fraction", self.delay_fraction,
+               "must be in [0, 1)")
+        _check(0 <= self.ramp_fraction <= 1, "sandwich.ramp_fraction", self.ramp_fraction,
+               "must be in [0, 1]")
+        fr = list(self.progressive_fractions)
+        _check_list("sandwich.progressive_fractions", fr, lambda f: f >= 0, "non-negative numbers")
+        _check(abs(sum(fr) - 1.0) < 1e-6, "sandwich.progressive_fractions", fr, "must sum to 1")
+
+
+@dataclass
+class OptimConfig:
+    """Inner optimizer and its learning-rate schedule (linear warm-up, then cosine)."""
+
+    name: str = "adamw"  # adamw | sgd
+    lr: float = 3e-3
+    weight_decay: float = 0.05  # decoupled, applied once per step; never on norms and biases
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    momentum: float = 0.9  # sgd
+    nesterov: bool = True  # sgd
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.0  # cosine ends at lr * min_lr_ratio
+    grad_clip: float = 1.0  # global norm; 0 disables
+
+    def __post_init__(self) -> None:
+        _check_choice("optim.name", self.name, ("adamw", "sgd"))
+        _check(self.lr > 0, "optim.lr", self.lr, "must be > 0")
+        _check(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, "must be >= 0")
+        _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "optim.betas",
+               list(self.betas), "two numbers in [0, 1)")
+        _check(self.eps > 0, "optim.eps", self.eps, "must be > 0")
+        _check(0 <= self.momentum < 1, "optim.momentum", self.momentum, "must be in [0, 1)")
+        _check(self.warmup_steps >= 0, "optim.warmup_steps", self.warmup_steps, "must be >= 0")
+        _check(0 <= self.min_lr_ratio <= 1, "optim.min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
+        _check(self.grad_clip >= 0, "optim.grad_clip", self.grad_clip, "must be >= 0")
+
+
+@dataclass
+class WandbConfig:
+    project: str = "dtrain"
+    entity: Optional[str] = None
+    mode: str = "offline"  # online | offline | disabled
+    tags: List[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        _check_choice("logger.wandb.mode", self.mode, ("online", "offline", "disabled"))
+
+
+@dataclass
+class LoggerConfig:
+    """Where records go besides ``metrics.jsonl`` (always written)."""
+
+    name: str = "jsonl"  # jsonl | wandb
+    progress: str = "auto"  # auto (bar when stdout is a terminal) | on | off
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+    def __post_init__(self) -> None:
+        _check_choice("logger.name", self.name, ("jsonl", "wandb"))
+        _check_choice("logger.progress", self.progress, ("auto", "on", "off"))
+
+
+@dataclass
+class TrainConfig:
+    """``dtrain-train``: one peer training the supernet (one process or torchrun ranks)."""
+
+    model: Any = MISSING  # MBV3Config | GPTConfig, chosen by the model group
+    data: Any = MISSING  # DigitsConfig | TextConfig | CIFAR10Config | SyntheticConfig
+    sandwich: SandwichConfig = field(default_factory=SandwichConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    seed: int = 0
+    peer_id: str = "peer0"
+    run_dir: str = MISSING
+    resume: bool = False  # continue from ${run_dir}/checkpoints/latest.pt
+    steps: int = 1000  # optimizer steps; the LR and shrinking schedules span them
+    stop_at: int = 0  # stop early at this step (e.g. a time-limited allocation); 0: run all steps
+    batch_size: int = 64  # samples per step for the whole peer (split across ranks)
+    grad_accum: int = 1  # micro-batches per rank and step
+    eval_every: int = 500  # 0: only at the end
+    eval_batch_size: int = 256
+    eval_archs: List[str] = field(default_factory=lambda: ["max", "min"])
+    log_every: int = 10  # step records in metrics.jsonl
+    checkpoint_every: int = 500  # 0: only at the end
+    calib_batches: int = 8  # BN recalibration: batches of the cached calibration set
+    calib_batch_size: int = 64
+    bucket_mb: float = 25.0  # gradient all-reduce bucket size (several ranks)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    threads: int = 0  # torch intra-op threads; 0 keeps torch's default
+
+    def __post_init__(self) -> None:
+        if isinstance(self.model, dict):
+            self.model = model_config_from(self.model)
+        if isinstance(self.data, dict):
+            self.data = data_config_from(self.data)
+        _check(bool(self.peer_id) and all(c.isalnum() or c in "-_." for c in self.peer_id),
+               "peer_id", self.peer_id, "letters, digits, '-', '_' and '.' only")
+        _check(self.steps > 0, "steps", self.steps, "must be > 0")
+        _check(self.stop_at >= 0, "stop_at", self.stop_at, "must be >= 0")
+        _check(self.batch_size > 0, "batch_size", self.batch_size, "must be > 0")
+        _check(self.grad_accum > 0, "grad_accum", self.grad_accum, "must be > 0")
+        _check(self.eval_every >= 0, "eval_every", self.eval_every, "must be >= 0")
+        _check(self.eval_batch_size > 0, "eval_batch_size", self.eval_batch_size, "must be > 0")
+        _check(len(self.eval_archs) > 0, "eval_archs", self.eval_archs, "name at least one arch")
+        _check(self.log_every > 0, "log_every", self.log_every, "must be > 0")
+        _check(self.checkpoint_every >= 0, "checkpoint_every", self.checkpoint_every, "must be >= 0")
+        _check(self.calib_batches > 0, "calib_batches", self.calib_batches, "must be > 0")
+        _check(self.calib_batch_size > 0, "calib_batch_size", self.calib_batch_size, "must be > 0")
+        _check(self.bucket_mb > 0, "bucket_mb", self.bucket_mb, "must be > 0")
+        _check(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
+               "device", self.device, "auto, cpu, cuda or cuda:N")
+        _check(self.threads >= 0, "threads", self.threads, "must be >= 0")
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _from_dict(cls, d: dict, what: str):
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ConfigError(f"{what}.{unknown[0]} is not a known key: allowed keys are "
+                          + ", ".join(sorted(names)))
+    return cls(**d)
+
+
+def model_config_from(cfg: Any):
+    """A model config dataclass from a dataclass, a dict or an OmegaConf node."""
+    if dataclasses.is_dataclass(cfg):
+        return cfg
+    d = _plain(cfg)
+    space = d.get("space")
+    if space not in MODEL_CONFIGS:
+        raise ConfigError(f"model.space={space!r} is not allowed: choose one of "
+                          + ", ".join(MODEL_CONFIGS))
+    return _from_dict(MODEL_CONFIGS[space], d, "model")
+
+
+def data_config_from(cfg: Any):
+    """A data config dataclass from a dataclass, a dict or an OmegaConf node."""
+    if dataclasses.is_dataclass(cfg):
+        return cfg
+    d = _plain(cfg)
+    name = d.get("name")
+    if name not in DATA_CONFIGS:
+        raise ConfigError(f"data.name={name!r} is not allowed: choose one of " + ", ".join(DATA_CONFIGS))
+    return _from_dict(DATA_CONFIGS[name], d, "data")
+
+
+def _plain(cfg: Any) -> dict:
+    from omegaconf import DictConfig, OmegaConf
+
+    if isinstance(cfg, DictConfig):
+        return OmegaConf.to_container(cfg, resolve=True)
+    if isinstance(cfg, dict):
+        return dict(cfg)
+    raise ConfigError(f"expected a config dict, got {type(cfg).__name__}")
+
+
+def register_configs() -> None:
+    """Register the schemas with Hydra's ConfigStore (under the ``schema`` group)."""
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    cs.store(group="schema", name="train", node=TrainConfig)
+    for name, cls in MODEL_CONFIGS.items():
+        cs.store(group="schema/model", name=name, node=cls)
+    for name, cls in DATA_CONFIGS.items():
+        cs.store(group="schema/data", name=name, node=cls)
+    cs.store(group="schema/sandwich", name="sandwich", node=SandwichConfig)
+    cs.store(group="schema/optim", name="optim", node=OptimConfig)
+    cs.store(group="schema/logger", name="logger", node=LoggerConfig)

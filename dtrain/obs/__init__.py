@@ -1,0 +1,1 @@
+"""Observability: metrics JSONL, Weights & Biases, progress bar, result tables."""

@@ -1,0 +1,100 @@
+"""Search-space interface: what every space (mbv3, gpt) offers.
+
+An architecture ("arch") is a plain JSON-serialisable dict. A space knows its
+elastic dimensions, samples archs from a seeded ``random.Random``, returns the
+largest and smallest archs, validates an arch (one-line :class:`ArchError`
+naming the bad key and the allowed values) and counts its distinct subnets.
+
+``elastic`` arguments restrict sampling to some dimensions (the others stay at
+their largest value); the progressive shrinking schedule uses it.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from abc import ABC, abstractmethod
+from typing import Iterable, Optional
+
+
+class ArchError(ValueError):
+    """An architecture dict is not valid for its space. The message is one line."""
+
+
+class SearchSpace(ABC):
+    """Base class of the search spaces."""
+
+    name: str = ""
+    dims: tuple = ()  # names of the elastic dimensions
+
+    @abstractmethod
+    def sample(self, rng: random.Random, elastic: Optional[Iterable[str]] = None) -> dict:
+        """A random arch; dimensions outside ``elastic`` (default: all) stay at their max."""
+
+    def max(self) -> dict:
+        """The largest arch."""
+        return self.min(elastic=())
+
+    @abstractmethod
+    def min(self, elastic: Optional[Iterable[str]] = None) -> dict:
+        """The smallest arch; dimensions outside ``elastic`` (default: all) stay at their max."""
+
+    @abstractmethod
+    def validate(self, arch: dict) -> dict:
+        """Check ``arch``; return it canonicalised (a new dict). Raise ArchError if invalid."""
+
+    @abstractmethod
+    def size(self) -> int:
+        """Number of distinct subnets (archs that differ in what they compute)."""
+
+    def key(self, arch: dict) -> str:
+        """A stable string for an arch (canonical JSON), for dedup and caches."""
+        return json.dumps(self.validate(arch), sort_keys=True, separators=(",", ":"))
+
+    @staticmethod
+    def _pick(choices, dim: str, elastic: set, rng: random.Random):
+        """A random choice on an elastic dimension, else the largest value."""
+        return rng.choice(choices) if dim in elastic else max(choices)
+
+    def _elastic(self, elastic: Optional[Iterable[str]]) -> set:
+        if elastic is None:
+            return set(self.dims)
+        chosen = set(elastic)
+        unknown = chosen - set(self.dims)
+        if unknown:
+            raise ArchError(f"unknown elastic dimension {sorted(unknown)[0]!r} for space "
+                            f"{self.name!r}: allowed are {', '.join(self.dims)}")
+        return chosen
+
+
+def check_keys(arch: dict, required: Iterable[str], space: str) -> None:
+    """ArchError unless ``arch`` is a dict with exactly the ``required`` keys."""
+    if not isinstance(arch, dict):
+        raise ArchError(f"an arch must be a dict, got {type(arch).__name__}")
+    required = list(required)
+    for k in arch:
+        if k not in required:
+            raise ArchError(f"arch key {k!r} is unknown in space {space!r}: allowed keys are "
+                            + ", ".join(required))
+    for k in required:
+        if k not in arch:
+            raise ArchError(f"arch key {k!r} is missing (space {space!r} needs "
+                            + ", ".join(required) + ")")
+
+
+def check_value(key: str, value, allowed) -> None:
+    """ArchError unless ``value`` is one of ``allowed`` (ints compared exactly)."""
+    ok = isinstance(value, int) and not isinstance(value, bool) and value in allowed
+    if not ok:
+        raise ArchError(f"arch {key}={value!r} is not allowed: choose one of "
+                        + ", ".join(map(str, allowed)))
+
+
+def check_list(key: str, values, length: int, allowed) -> list:
+    """ArchError unless ``values`` is a list of ``length`` items each in ``allowed``."""
+    if not isinstance(values, (list, tuple)) or len(values) != length:
+        raise ArchError(f"arch {key} must be a list of {length} values from "
+                        + ", ".join(map(str, allowed)) + f", got {values!r}")
+    for i, v in enumerate(values):
+        check_value(f"{key}[{i}]", v, allowed)
+    return list(values)

@@ -1,0 +1,1 @@
+"""Training: sandwich step, distillation losses, schedules, inner loop, checkpoints."""

@@ -1,0 +1,399 @@
+"""The inner training loop of one peer (one process or the ranks of a torchrun job).
+
+Per step t:
+  1. the schedule says which subnets train (``shrink.ShrinkSchedule``);
+  2. the archs come from a seed derived from (seed, t, peer id): every rank
+     trains the same subnets, and no sampler state needs saving;
+  3. the global batch comes from the seeded ``BatchSampler``; each rank takes
+     its shard and splits it into ``grad_accum`` micro-batches;
+  4. ``sandwich_backward`` accumulates the gradients of the whole sandwich;
+  5. ONE bucketed all-reduce averages gradients (and the losses) across ranks;
+  6. gradient clipping and ONE optimizer step; the LR schedule advances.
+
+Evaluation (BN recalibrated first) runs every ``eval_every`` steps and at the
+end; checkpoints are written atomically every ``checkpoint_every`` steps and
+at the end. Records go to ``${run_dir}/metrics.jsonl``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+
+from ..config import ConfigError, TrainConfig
+from ..data import build_data
+from ..data.base import DataBundle, DataError
+from ..obs.metrics import MetricsWriter
+from ..obs.progress import Progress
+from ..obs.table import format_table, human
+from ..supernet import build_supernet
+from ..supernet.calibrate import batch_norms
+from .checkpoint import load_checkpoint, save_checkpoint
+from .distributed import (DistContext, GradientSync, broadcast_module, init_distributed,
+                          shutdown_distributed)
+from .evaluate import calibration_batches, evaluate_arch
+from .lr_schedule import WarmupCosine
+from .optim import build_optimizer
+from .sampler import BatchSampler, shard
+from .sandwich import sandwich_backward
+from .seeds import derive_seed, rng_for
+from .shrink import ShrinkSchedule
+from .state_hash import param_hash
+
+log = logging.getLogger("dtrain")
+
+CHECKPOINT_VERSION = 1
+
+
+def data_task(data_cfg) -> str:
+    """The task a data config provides, known before loading anything."""
+    if data_cfg.name == "text":
+        return "lm"
+    if data_cfg.name == "synthetic":
+        return data_cfg.task
+    return "classification"
+
+
+def check_task(model, model_cfg, data_cfg) -> None:
+    task = data_task(data_cfg)
+    if model.task != task:
+        raise DataError(f"model.space={model_cfg.space!r} does {model.task} but data {data_cfg.name!r} "
+                        f"is {task}: pick a matching pair (e.g. model=mbv3_tiny data=digits, "
+                        f"model=gpt_tiny data=text)")
+
+
+def check_model_data(model, data: DataBundle, model_cfg) -> None:
+    """One-line errors when the model cannot consume the data."""
+    if model.task != data.task:
+        raise DataError(f"model.space={model_cfg.space!r} does a {model.task} task but data "
+                        f"{data.name!r} is {data.task}: pick a matching model and data")
+    if data.task == "classification":
+        if model_cfg.num_classes != data.num_classes:
+            raise DataError(f"model.num_classes={model_cfg.num_classes} but data {data.name!r} has "
+                            f"{data.num_classes} classes: set model.num_classes={data.num_classes}")
+        if model_cfg.in_channels != data.input_shape[0]:
+            raise DataError(f"model.in_channels={model_cfg.in_channels} but data {data.name!r} has "
+                            f"{data.input_shape[0]} channels: set model.in_channels={data.input_shape[0]}")
+    elif model_cfg.vocab_size < data.num_classes:
+        raise DataError(f"model.vocab_size={model_cfg.vocab_size} is smaller than the data's "
+                        f"vocabulary of {data.num_classes}")
+
+
+def resolve_eval_archs(names: List[str], space, seed: int) -> List[Tuple[str, dict]]:
+    """Named archs to evaluate: ``max``, ``min`` and ``rand<k>`` (seeded random)."""
+    out = []
+    for name in names:
+        if name == "max":
+            out.append((name, space.max()))
+        elif name == "min":
+            out.append((name, space.min()))
+        elif name.startswith("rand") and name[4:].isdigit():
+            out.append((name, space.sample(rng_for(seed, "eval", int(name[4:])))))
+        else:
+            raise ConfigError(f"eval_archs entry {name!r} is not allowed: use max, min or rand<k> (e.g. rand0)")
+    return out
+
+
+def step_archs(space, plan, seed: int, step: int, peer_id: str, num_random: int):
+    """(name, arch) pairs trained at ``step``: the largest first."""
+    archs = [("max", space.max())]
+    if not plan.small:
+        return archs
+    rng = rng_for(seed, "arch", step, peer_id)
+    archs.append(("min", space.min(plan.elastic)))
+    archs += [(f"rand{i}", space.sample(rng, plan.elastic)) for i in range(num_random)]
+    return archs
+
+
+class Trainer:
+    """Builds everything from a ``TrainConfig`` and runs the loop; see the module docstring."""
+
+    def __init__(self, cfg: TrainConfig, ctx: Optional[DistContext] = None):
+        self.cfg = cfg
+        self.ctx = ctx or init_distributed(cfg.device)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        c, ctx = cfg, self.ctx
+        per_rank = c.batch_size // ctx.world_size
+        if c.batch_size % (ctx.world_size * c.grad_accum):
+            raise ConfigError(f"batch_size={c.batch_size} is not allowed: it must divide evenly into "
+                              f"{ctx.world_size} rank(s) x grad_accum={c.grad_accum} micro-batches")
+        self.micro = per_rank // c.grad_accum
+        self.run_dir = self._agree_run_dir(c.run_dir)
+        torch.manual_seed(derive_seed(c.seed, "init"))
+        self.model = build_supernet(c.model).to(ctx.device)
+        check_task(self.model, c.model, c.data)
+        seq_len = getattr(c.model, "block_size", None)
+        self.data = build_data(c.data, seq_len)
+        check_model_data(self.model, self.data, c.model)
+        if len(self.data.train) == 0:
+            raise DataError(f"data {self.data.name!r} has an empty train split")
+        self.space = self.model.space
+        self.eval_archs = resolve_eval_archs(c.eval_archs, self.space, c.seed)
+        self.shrink = ShrinkSchedule(c.sandwich, self.space.dims, c.model.progressive_order, c.steps)
+        if ctx.enabled:
+            broadcast_module(self.model)
+        self.optimizer = build_optimizer(self.model, c.optim)
+        self.scheduler = WarmupCosine(self.optimizer, c.optim.lr, c.optim.warmup_steps, c.steps,
+                                      c.optim.min_lr_ratio)
+        self.sampler = BatchSampler(len(self.data.train), c.batch_size, c.seed)
+        self.grad_sync = GradientSync(self.model, c.bucket_mb, ctx)
+        self.calib = calibration_batches(self.data.train, c.calib_batches, c.calib_batch_size,
+                                         derive_seed(c.seed, "calib"), ctx.rank, ctx.world_size)
+        self.step = 0
+        self.metrics: Optional[MetricsWriter] = None
+        self.ckpt_path = os.path.join(self.run_dir, "checkpoints", "latest.pt")
+
+    # -- setup helpers -----------------------------------------------------------------
+    def _agree_run_dir(self, run_dir: str) -> str:
+        """Every rank writes under rank 0's run_dir (its clock picks ${now:...})."""
+        if self.ctx.enabled:
+            box = [run_dir]
+            dist.broadcast_object_list(box, src=0)
+            run_dir = box[0]
+        return run_dir
+
+    def config_dict(self) -> dict:
+        return dataclasses.asdict(self.cfg)
+
+    def _open_outputs(self) -> None:
+        if not self.ctx.is_leader:
+            return
+        os.makedirs(self.run_dir, exist_ok=True)
+        sinks = []
+        if self.cfg.logger.name == "wandb":
+            from ..obs.wandb_sink import WandbSink
+
+            sinks.append(WandbSink(self.cfg.logger.wandb, self.run_dir, self.config_dict(),
+                                   name=f"{self.cfg.peer_id}"))
+        self.metrics = MetricsWriter(os.path.join(self.run_dir, "metrics.jsonl"), sinks)
+        with open(os.path.join(self.run_dir, "config.json"), "w", encoding="utf-8") as f:
+            json.dump(self.config_dict(), f, indent=2)
+
+    def _record(self, rec: dict) -> None:
+        if self.metrics is not None:
+            self.metrics.write(rec)
+
+    # -- checkpoints ------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            "version": CHECKPOINT_VERSION,
+            "step": self.step,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "sampler": self.sampler.state_dict(),
+            "model_config": json.dumps(dataclasses.asdict(self.cfg.model), sort_keys=True),
+            "peer_id": self.cfg.peer_id,
+        }
+
+    def save(self) -> None:
+        if self.ctx.is_leader:
+            save_checkpoint(self.ckpt_path, self.state_dict())
+
+    def load(self, path: str) -> None:
+        state = load_checkpoint(path, map_location=self.ctx.device)
+        mine = json.dumps(dataclasses.asdict(self.cfg.model), sort_keys=True)
+        if state.get("model_config") != mine:
+            raise ConfigError(f"resume=true but {path} was written for another model config: "
+                              "use the same model.* settings or a new run_dir")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.sampler.load_state_dict(state["sampler"])
+        self.step = int(state["step"])
+
+    # -- one step ------------------------------------------------------------------------
+    def micro_batches(self, indices: torch.Tensor):
+        mine = shard(indices, self.ctx.rank, self.ctx.world_size)
+        out = []
+        for i in range(self.cfg.grad_accum):
+            x, y = self.data.train.batch(mine[i * self.micro:(i + 1) * self.micro])
+            out.append((x.to(self.ctx.device, non_blocking=True), y.to(self.ctx.device, non_blocking=True)))
+        return out
+
+    def train_step(self) -> Dict[str, float]:
+        c = self.cfg
+        plan = self.shrink.at(self.step)
+        archs = step_archs(self.space, plan, c.seed, self.step, c.peer_id, c.sandwich.num_random)
+        if plan.small and plan.weight <= 0:
+            archs = archs[:1]
+        batches = self.micro_batches(self.sampler.next())
+        first = self.ctx.rank * c.grad_accum  # global index of this rank's first micro-batch
+        seeds = [derive_seed(c.seed, "dropout", self.step, c.peer_id, first + i) for i in range(len(batches))]
+        self.model.train()
+        losses = sandwich_backward(self.model, batches, archs, plan.weight, c.sandwich, seeds)
+        names = list(losses)
+        synced = self.grad_sync.sync([losses[n] for n in names])
+        losses = dict(zip(names, synced))
+        if c.optim.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.optim.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.step += 1
+        return losses
+
+    # -- evaluation -------------------------------------------------------------------------
+    def evaluate(self, split_name: str = "val") -> List[dict]:
+        split = getattr(self.data, split_name)
+        if len(split) == 0:
+            return []
+        recs = []
+        for name, arch in self.eval_archs:
+            res = evaluate_arch(self.model, arch, split, self.calib, self.cfg.eval_batch_size,
+                                self.ctx.device, self.model.task, self.ctx.rank, self.ctx.world_size)
+            cost = self.model.cost(arch)
+            rec = {"kind": "eval", "step": self.step, "split": split_name, "arch_name": name,
+                   "arch": arch, "acc": res["acc"], "loss": res["loss"],
+                   "params": cost["params"], "macs": cost["macs"]}
+            if "bpb" in res:
+                rec["bpb"] = res["bpb"]
+            recs.append(rec)
+            self._record(rec)
+        return recs
+
+    # -- the loop -----------------------------------------------------------------------------
+    def run(self) -> dict:
+        c = self.cfg
+        resumed = False
+        if c.resume:
+            if os.path.exists(self.ckpt_path):
+                self.load(self.ckpt_path)
+                resumed = True
+            elif self.ctx.is_leader:
+                log.info("resume=true but no checkpoint at %s: starting at step 0", self.ckpt_path)
+        self._open_outputs()
+        self._log_start(resumed)
+        stop = min(c.steps, c.stop_at) if c.stop_at else c.steps
+        bar = Progress(stop, c.logger.progress, self.ctx.is_leader, start=self.step)
+        t_last, n_last = time.perf_counter(), self.step
+        last_val: List[dict] = []
+        try:
+            while self.step < stop:
+                lr = self.scheduler.lr
+                losses = self.train_step()
+                if self.step % c.log_every == 0 or self.step == stop:
+                    now = time.perf_counter()
+                    sps = (self.step - n_last) * c.batch_size / max(now - t_last, 1e-9)
+                    t_last, n_last = now, self.step
+                    self._record({"kind": "step", "step": self.step, "lr": lr, "loss": losses,
+                                  "samples_per_s": sps, "phase": self.shrink.at(self.step - 1).phase})
+                    bar.update(self.step, " ".join(f"{k}={v:.3f}" for k, v in losses.items()))
+                if c.eval_every and self.step % c.eval_every == 0 and self.step < stop:
+                    last_val = self.evaluate("val")
+                    self._log_evals(last_val)
+                if c.checkpoint_every and self.step % c.checkpoint_every == 0:
+                    self.save()
+        finally:
+            bar.close()
+        self.save()
+        finished = self.step >= c.steps
+        summary = {"kind": "summary", "step": self.step, "finished": finished,
+                   "world_size": self.ctx.world_size, **self._rank_parity(),
+                   "grad_allreduce_calls": self.grad_sync.calls,
+                   "grad_buckets": len(self.grad_sync.buckets) if self.ctx.enabled else 0}
+        if finished or c.stop_at:
+            val = self.evaluate("val")
+            test = self.evaluate("test")
+            summary["results"] = self._summarise(val, test)
+            if self.ctx.is_leader:
+                print(self.results_table(val, test), flush=True)
+        self._record(summary)
+        if self.ctx.is_leader:
+            with open(os.path.join(self.run_dir, "summary.json"), "w", encoding="utf-8") as f:
+                json.dump(summary, f, indent=2)
+        if self.metrics is not None:
+            self.metrics.close()
+        return summary
+
+    def _rank_parity(self) -> dict:
+        """Parameter hash of every rank: they must all agree (one optimizer, same gradients)."""
+        mine = param_hash(self.model)
+        hashes = [mine]
+        if self.ctx.enabled:
+            hashes = [None] * self.ctx.world_size
+            dist.all_gather_object(hashes, mine)
+        in_sync = len(set(hashes)) == 1
+        if not in_sync and self.ctx.is_leader:
+            log.error("ranks hold different parameters: %s", hashes)
+        return {"param_hash": mine, "rank_param_hashes": hashes, "ranks_in_sync": in_sync}
+
+    # -- reporting ---------------------------------------------------------------------------
+    def _log_start(self, resumed: bool) -> None:
+        if not self.ctx.is_leader:
+            return
+        c, m = self.cfg, self.model
+        sw = c.sandwich
+        distill = ("off (small subnets learn from hard labels)" if sw.distill == "none" else
+                   f"{sw.distill} (T={sw.temperature}, hard-label weight {sw.hard_label_weight})")
+        log.info("run_dir %s | %s ranks on %s | %s", self.run_dir, self.ctx.world_size,
+                 self.ctx.device, self.data.describe())
+        log.info("supernet %s: %s params, %s subnets | sandwich: max + min + %d random, "
+                 "schedule %s, in-place distillation %s", c.model.space,
+                 human(sum(p.numel() for p in m.parameters())), f"{self.space.size():.3g}",
+                 sw.num_random, sw.schedule, distill)
+        if resumed:
+            log.info("resumed from %s at step %d", self.ckpt_path, self.step)
+        self._record({"kind": "run", "event": "resume" if resumed else "start", "step": self.step,
+                      "world_size": self.ctx.world_size, "peer_id": c.peer_id})
+
+    def _log_evals(self, recs: List[dict]) -> None:
+        if self.ctx.is_leader and recs:
+            metric = "bpb" if self.model.task == "lm" else "acc"
+            log.info("step %d | val %s", self.step,
+                     " ".join(f"{r['arch_name']}={r[metric]:.4f}" for r in recs))
+
+    def _summarise(self, val: List[dict], test: List[dict]) -> dict:
+        metric = "bpb" if self.model.task == "lm" else "acc"
+        out = {}
+        for rv in val or test:
+            out[rv["arch_name"]] = {"params": rv["params"], "macs": rv["macs"]}
+        for split, recs in (("val", val), ("test", test)):
+            for r in recs:
+                out.setdefault(r["arch_name"], {})[f"{split}_{metric}"] = r[metric]
+        if self.model.task == "lm" and "unigram_bpb" in self.data.info:
+            out["unigram_bpb"] = self.data.info["unigram_bpb"]
+        return out
+
+    def results_table(self, val: List[dict], test: List[dict]) -> str:
+        metric = "bpb" if self.model.task == "lm" else "acc"
+        by_name: Dict[str, dict] = {}
+        for split, recs in (("val", val), ("test", test)):
+            for r in recs:
+                d = by_name.setdefault(r["arch_name"], {"params": r["params"], "macs": r["macs"]})
+                d[split] = r[metric]
+        rows = []
+        for name, d in by_name.items():
+            rows.append([name, human(d["params"]), human(d["macs"]),
+                         _pct(d.get("val"), metric), _pct(d.get("test"), metric)])
+        has_bn = bool(batch_norms(self.model))
+        title = f"subnets{' after BN recalibration' if has_bn else ''} (step {self.step})"
+        if metric == "bpb" and "unigram_bpb" in self.data.info:
+            title += f"; unigram baseline {self.data.info['unigram_bpb']:.3f} bpb"
+        return format_table(["subnet", "params", "MACs", f"val {metric}", f"test {metric}"], rows, title)
+
+    def close(self) -> None:
+        shutdown_distributed()
+
+
+def _pct(v, metric):
+    if v is None:
+        return "-"
+    return f"{100 * v:.2f}%" if metric == "acc" else f"{v:.3f}"
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Run one peer's training from a config; returns the summary record."""
+    trainer = Trainer(cfg)
+    try:
+        return trainer.run()
+    finally:
+        trainer.close()

@@ -1,0 +1,67 @@
+"""Shared test helpers: composing configs, running the CLI, small models."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+from omegaconf import OmegaConf
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONF = os.path.join(REPO, "conf")
+VENV_BIN = os.path.dirname(sys.executable)
+
+# a small, fast mbv3 space for unit and integration tests
+FAST_MBV3 = [
+    "model.stem_channels=8",
+    "model.stages=[{channels:8,stride:1,act:relu,se:false},{channels:16,stride:2,act:hswish,se:true}]",
+    "model.final_expand=2",
+    "model.feature_dim=32",
+    "model.depths=[1,2]",
+    "model.kernel_sizes=[3,5]",
+    "model.expand_ratios=[2,3]",
+    "model.resolutions=[8,12]",
+    "model.dropout=0.1",
+]
+FAST_TRAIN = ["batch_size=16", "eval_batch_size=128", "calib_batches=2", "calib_batch_size=16",
+              "log_every=1", "logger.progress=off"]
+
+
+def compose(overrides=(), config_name="train"):
+    """A TrainConfig (or another schema object) composed like the CLI does."""
+    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from dtrain.config import register_configs
+
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = hydra_compose(config_name, overrides=list(overrides))
+    GlobalHydra.instance().clear()
+    return OmegaConf.to_object(cfg)
+
+
+def fast_cfg(tmp_path, *overrides, name="run"):
+    return compose([f"run_dir={tmp_path / name}", *FAST_MBV3, *FAST_TRAIN, *overrides])
+
+
+def run_cli(args, timeout=120, env=None, cwd=None):
+    """Run a console script of this venv; returns CompletedProcess (text)."""
+    exe = os.path.join(VENV_BIN, args[0])
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run([exe, *args[1:]], capture_output=True, text=True, timeout=timeout,
+                          env=full_env, cwd=cwd or REPO)
+
+
+@pytest.fixture
+def tiny_mbv3_cfg():
+    from dtrain.config import MBV3Config, StageConfig
+
+    return MBV3Config(
+        in_channels=1, num_classes=10, stem_channels=8, stem_stride=1,
+        stages=[StageConfig(8, 1, "relu", False), StageConfig(16, 2, "hswish", True)],
+        final_expand=2, feature_dim=32, kernel_sizes=[3, 5, 7], expand_ratios=[2, 3],
+        depths=[1, 2], resolutions=[8, 12], dropout=0.1)
