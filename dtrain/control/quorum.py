@@ -1,0 +1,499 @@
+"""The coordinator's round protocol as a pure state machine (no gRPC, no I/O, no clock).
+
+Every method takes ``now`` (seconds, monotonic) and either returns an answer
+or ``None`` when the caller has to wait; answers produced for waiting callers
+are collected with :meth:`QuorumMachine.take_sync_answer` and
+:meth:`QuorumMachine.take_commit_answer`. The gRPC service drives it from one
+event loop, persists :meth:`snapshot` whenever ``dirty`` is set (before it
+releases any answer), and calls :meth:`poll` when :meth:`next_deadline` passes.
+
+Rounds. S_r is the global state after r committed rounds; ``committed_round``
+R says which state is current. A member holding S_R calls ``sync(R, H(S_R))``.
+
+- **Forming.** A quorum for round R forms once every *expected* live member
+  has synced, or ``grace`` seconds after the first sync of the round with
+  those present. It needs at least ``min_peers`` members and more than half
+  of the expected live members (no split brain). Expected: active members and
+  joiners that need no healing (a joiner still downloading the state is not
+  waited for and does not count). The reference hash of S_R is the one
+  recorded for R (from an earlier attempt), else the majority hash; syncers
+  with another hash are told to HEAL from a member that has the reference.
+- **Quorum id.** Monotonic; kept from one round to the next only while the
+  membership has not changed and the last decision was a commit; bumped
+  otherwise (membership change, failed commit).
+- **Voting.** Every quorum member votes ``commit(R, qid, ok)``. All ok before
+  ``commit_timeout`` -> COMMIT to all and R += 1. A not-ok vote, a missed
+  deadline, a member leaving or expiring, or a member syncing again -> RETRY
+  to all: they keep their pseudo-gradients and sync round R again.
+- **Behind.** A member syncing r < R is told to HEAL from a holder of S_R
+  (holders: the committed quorum, and members that synced R with the
+  reference hash), spread so that no holder serves every joiner.
+- **Members.** Join registers a peer (state ``joining``) under a lease renewed
+  by every call; its first sync makes it ``active``. Joiners that must heal
+  do not hold up quorums. A peer id held by a live
+  peer of another incarnation is refused (ALREADY_EXISTS) until that lease
+  expires; the same incarnation may join again (idempotent).
+
+Every membership change (join, activation, leave, expiry) is recorded in
+``events`` for the coordinator's JSON-lines log.
+
+Only committed rounds, the quorum-id counter, the schema hash and the commit
+history are durable (``snapshot``); members are soft state and re-join after a
+coordinator restart.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Dict, List, Optional, Set, Tuple
+
+_PEER_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+_ADDRESS = re.compile(r"^[A-Za-z0-9._\-\[\]:]+:[0-9]{1,5}$")
+
+
+class Refusal(Exception):
+    """A request the protocol refuses; ``code`` is a gRPC status code name."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+@dataclass
+class Params:
+    min_peers: int = 1
+    lease_timeout: float = 5.0
+    heartbeat_interval: float = 1.0
+    grace: float = 1.0
+    commit_timeout: float = 30.0
+    history: int = 1000
+    schema_hash: str = ""  # pinned; empty: adopt (and persist) the first joiner's
+
+
+@dataclass
+class Member:
+    peer_id: str
+    incarnation: str
+    address: str
+    world_size: int
+    region: str
+    last_seen: float
+    joined_at: float
+    state: str = "joining"  # joining | active
+    round: int = 0
+    state_hash: str = ""
+    needs_heal: bool = False  # joined behind: not expected at a sync until it has healed
+
+
+@dataclass(frozen=True)
+class Donor:
+    peer_id: str
+    address: str
+    round: int
+    state_hash: str
+
+
+@dataclass(frozen=True)
+class QuorumInfo:
+    quorum_id: int
+    round: int
+    members: Tuple[Tuple[str, str, int, str], ...]  # (peer_id, address, world_size, region), ring order
+    state_hash: str
+    commit_timeout: float
+
+    @property
+    def ids(self) -> Tuple[str, ...]:
+        return tuple(m[0] for m in self.members)
+
+
+@dataclass(frozen=True)
+class SyncAnswer:
+    outcome: str  # quorum | heal | wait
+    round: int  # the round the answered sync was for
+    quorum: Optional[QuorumInfo] = None
+    donor: Optional[Donor] = None
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class CommitAnswer:
+    decision: str  # commit | retry
+    round: int
+    quorum_id: int
+    reason: str = ""
+
+
+@dataclass
+class CommitRecord:
+    round: int
+    quorum_id: int
+    members: List[str]
+    state_hash: str
+    time: float  # wall clock (unix seconds), for humans
+
+
+@dataclass
+class JoinResult:
+    committed_round: int
+    committed_state_hash: str
+    must_heal: bool
+    donor: Optional[Donor]
+    quorum_id: int
+
+
+@dataclass
+class _Voting:
+    quorum: QuorumInfo
+    deadline: float
+    votes: Dict[str, bool] = field(default_factory=dict)
+
+
+class QuorumMachine:
+    def __init__(self, params: Params, snapshot: Optional[dict] = None):
+        self.p = params
+        self.members: Dict[str, Member] = {}
+        self.committed_round = 0
+        self.known_hash = ""  # H(S_committed_round) where a quorum established it
+        self.quorum_id = 0
+        self.schema_hash = params.schema_hash
+        self.history: List[CommitRecord] = []
+        if snapshot:
+            self._restore(snapshot)
+        self.epoch = 0  # bumped on every membership change
+        self.holders: Set[str] = set()  # members known to hold S_committed_round
+        self.donor_load: Dict[str, int] = {}
+        self.syncs: Dict[str, str] = {}  # collecting: peer -> hash synced for committed_round
+        self.first_sync_at: Optional[float] = None
+        self.late: Dict[str, str] = {}  # synced while a quorum of the same round was voting
+        self.voting: Optional[_Voting] = None
+        self.last_quorum: Optional[Tuple[frozenset, int, str]] = None  # (ids, epoch, decision)
+        self._sync_answers: Dict[str, SyncAnswer] = {}
+        self._commit_answers: Dict[str, CommitAnswer] = {}
+        self.dirty = False
+        self.events: List[dict] = []
+
+    # ------------------------------------------------------------------ persistence
+    def snapshot(self) -> dict:
+        return {"version": 1, "committed_round": self.committed_round, "state_hash": self.known_hash,
+                "quorum_id": self.quorum_id, "schema_hash": self.schema_hash,
+                "history": [asdict(r) for r in self.history]}
+
+    def _restore(self, s: dict) -> None:
+        self.committed_round = int(s["committed_round"])
+        self.known_hash = str(s.get("state_hash", ""))
+        self.quorum_id = int(s["quorum_id"])
+        if not self.schema_hash:
+            self.schema_hash = str(s.get("schema_hash", ""))
+        self.history = [CommitRecord(**r) for r in s.get("history", [])]
+
+    def _event(self, kind: str, **fields) -> None:
+        self.events.append({"event": kind, **fields})
+
+    def drain_events(self) -> List[dict]:
+        out, self.events = self.events, []
+        return out
+
+    # ------------------------------------------------------------------ membership
+    def _member(self, peer_id: str, incarnation: str, now: float) -> Member:
+        m = self.members.get(peer_id)
+        if m is None:
+            raise Refusal("PERMISSION_DENIED", f"peer {peer_id!r} is not a member (never joined, left, "
+                                               "or its lease expired): join again")
+        if m.incarnation != incarnation:
+            raise Refusal("PERMISSION_DENIED", f"peer {peer_id!r}: incarnation {incarnation!r} is not the "
+                                               "member's current one: join again")
+        m.last_seen = now
+        return m
+
+    def join(self, peer_id: str, incarnation: str, address: str, schema_hash: str, world_size: int,
+             region: str, round: int, state_hash: str, now: float) -> JoinResult:
+        if not _PEER_ID.match(peer_id or ""):
+            raise Refusal("INVALID_ARGUMENT", f"peer_id={peer_id!r} is not allowed: 1-128 letters, digits, "
+                                              "'.', '_' or '-'")
+        if not _ADDRESS.match(address or ""):
+            raise Refusal("INVALID_ARGUMENT", f"address={address!r} is not allowed: use host:port")
+        if not incarnation:
+            raise Refusal("INVALID_ARGUMENT", "incarnation must not be empty")
+        if world_size < 1:
+            raise Refusal("INVALID_ARGUMENT", f"world_size={world_size} is not allowed: must be >= 1")
+        if not schema_hash:
+            raise Refusal("FAILED_PRECONDITION", "schema_hash is empty")
+        if not self.schema_hash:
+            self.schema_hash = schema_hash
+            self.dirty = True
+        elif schema_hash != self.schema_hash:
+            raise Refusal("FAILED_PRECONDITION",
+                          f"schema hash {schema_hash[:12]}... differs from the run's {self.schema_hash[:12]}...: "
+                          "the peer runs other code or another model config")
+        self.expire(now)
+        old = self.members.get(peer_id)
+        if old is not None and old.incarnation != incarnation:
+            left = self.p.lease_timeout - (now - old.last_seen)
+            raise Refusal("ALREADY_EXISTS", f"peer id {peer_id!r} is held by a live peer (incarnation "
+                                            f"{old.incarnation!r}); its lease expires in {max(left, 0):.1f}s")
+        if old is None:
+            self.members[peer_id] = Member(peer_id, incarnation, address, int(world_size), region, now, now,
+                                           round=int(round), state_hash=state_hash)
+            self.epoch += 1
+            self._event("join", peer_id=peer_id, address=address, region=region, world_size=int(world_size),
+                        round=int(round))
+        else:
+            old.address, old.world_size, old.region, old.last_seen = address, int(world_size), region, now
+        R = self.committed_round
+        up_to_date = int(round) == R and (state_hash == self.known_hash if self.known_hash else
+                                          (R == 0 or bool(state_hash)))
+        if R == 0 and not self.known_hash and not self.history:
+            up_to_date = True  # a fresh run: every peer starts from the seeded initial state
+        self.members[peer_id].needs_heal = not up_to_date
+        donor = None if up_to_date else self._pick_donor(exclude=peer_id)
+        return JoinResult(R, self.known_hash, not up_to_date, donor, self.quorum_id)
+
+    def heartbeat(self, peer_id: str, incarnation: str, now: float) -> Tuple[int, int]:
+        self._member(peer_id, incarnation, now)
+        return self.committed_round, self.quorum_id
+
+    def leave(self, peer_id: str, incarnation: str, now: float, reason: str = "") -> None:
+        m = self.members.get(peer_id)
+        if m is None or m.incarnation != incarnation:
+            return  # idempotent
+        self._remove(peer_id, now, "leave", reason or "left")
+
+    def expire(self, now: float) -> List[str]:
+        gone = [pid for pid, m in self.members.items() if now - m.last_seen > self.p.lease_timeout]
+        for pid in gone:
+            self._remove(pid, now, "expire", f"lease expired ({self.p.lease_timeout:g}s without a call)")
+        return gone
+
+    def _remove(self, peer_id: str, now: float, kind: str, reason: str) -> None:
+        self.members.pop(peer_id, None)
+        self.epoch += 1
+        self.holders.discard(peer_id)
+        self.syncs.pop(peer_id, None)
+        self.late.pop(peer_id, None)
+        self._sync_answers.pop(peer_id, None)
+        self._commit_answers.pop(peer_id, None)
+        self._event(kind, peer_id=peer_id, reason=reason)
+        if self.voting is not None and peer_id in self.voting.quorum.ids:
+            self._decide_retry(now, f"member {peer_id!r} is gone ({reason})")
+        if not self.syncs:
+            self.first_sync_at = None
+        self._try_form(now)
+
+    # ------------------------------------------------------------------ donors
+    def _pick_donor(self, exclude: str) -> Optional[Donor]:
+        cands = sorted(pid for pid in self.holders if pid != exclude and pid in self.members)
+        if not cands:
+            return None
+        pid = min(cands, key=lambda c: (self.donor_load.get(c, 0), c))
+        self.donor_load[pid] = self.donor_load.get(pid, 0) + 1
+        m = self.members[pid]
+        return Donor(pid, m.address, self.committed_round, self.known_hash)
+
+    def _heal(self, peer_id: str, round: int, why: str) -> SyncAnswer:
+        """HEAL (or WAIT while no holder exists) answering a sync of ``round``."""
+        donor = self._pick_donor(exclude=peer_id)
+        if donor is None:
+            return SyncAnswer("wait", round, reason=f"{why}; no up-to-date donor yet")
+        return SyncAnswer("heal", round, donor=donor, reason=why)
+
+    # ------------------------------------------------------------------ sync
+    def sync(self, peer_id: str, incarnation: str, round: int, state_hash: str, now: float) -> Optional[SyncAnswer]:
+        m = self._member(peer_id, incarnation, now)
+        ready = self._sync_answers.get(peer_id)
+        if ready is not None and ready.round == round:
+            return self._sync_answers.pop(peer_id)
+        self._sync_answers.pop(peer_id, None)
+        if m.state != "active":
+            m.state = "active"
+            self.epoch += 1
+            self._event("active", peer_id=peer_id, round=int(round))
+        m.round, m.state_hash = int(round), state_hash
+        R = self.committed_round
+        if round > R:
+            raise Refusal("FAILED_PRECONDITION",
+                          f"peer {peer_id!r} holds round {round} but only {R} rounds are committed here: "
+                          "start the coordinator on the run's state_dir")
+        if round < R:
+            return self._heal(peer_id, round, f"behind: holds round {round}, committed is {R}")
+        if self.voting is not None:
+            if peer_id in self.voting.quorum.ids:
+                self._decide_retry(now, f"member {peer_id!r} synced again")
+            else:
+                self.late[peer_id] = state_hash
+                self.syncs.pop(peer_id, None)
+                return None
+        self.syncs[peer_id] = state_hash
+        if self.first_sync_at is None:
+            self.first_sync_at = now
+        self._try_form(now)
+        return self._sync_answers.pop(peer_id, None)
+
+    def take_sync_answer(self, peer_id: str, round: int) -> Optional[SyncAnswer]:
+        a = self._sync_answers.get(peer_id)
+        if a is not None and a.round == round:
+            return self._sync_answers.pop(peer_id)
+        return None
+
+    def _expected(self) -> Set[str]:
+        """Members a quorum waits for: active ones, and joiners that need no healing."""
+        return {pid for pid, m in self.members.items() if m.state == "active" or not m.needs_heal}
+
+    def _try_form(self, now: float) -> None:
+        if self.voting is not None or not self.syncs:
+            return
+        active = self._expected()
+        present = {pid for pid in self.syncs if pid in self.members}
+        all_in = active <= present
+        if not all_in and (self.first_sync_at is None or now < self.first_sync_at + self.p.grace):
+            return
+        counts: Dict[str, int] = {}
+        for pid in present:
+            counts[self.syncs[pid]] = counts.get(self.syncs[pid], 0) + 1
+        if self.known_hash and self.known_hash in counts:
+            ref = self.known_hash
+        else:
+            ref = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[0][0]
+        matching = sorted(pid for pid in present if self.syncs[pid] == ref)
+        if len(matching) < self.p.min_peers or 2 * len(matching) <= len(active):
+            return
+        ids = frozenset(matching)
+        keep = (self.last_quorum is not None and self.last_quorum[0] == ids
+                and self.last_quorum[1] == self.epoch and self.last_quorum[2] == "commit")
+        if not keep or self.quorum_id == 0:
+            self.quorum_id += 1
+            self.dirty = True
+        if self.known_hash != ref:
+            self.known_hash = ref
+            self.dirty = True
+        ordered = sorted(matching, key=lambda pid: (self.members[pid].region, pid))
+        q = QuorumInfo(self.quorum_id, self.committed_round,
+                       tuple((pid, self.members[pid].address, self.members[pid].world_size,
+                              self.members[pid].region) for pid in ordered),
+                       ref, self.p.commit_timeout)
+        self.holders |= set(matching)
+        self.voting = _Voting(q, now + self.p.commit_timeout)
+        self._event("quorum", quorum_id=q.quorum_id, round=q.round, members=list(q.ids), state_hash=ref)
+        for pid in matching:
+            self._sync_answers[pid] = SyncAnswer("quorum", q.round, quorum=q)
+        for pid in sorted(present - ids):
+            self._sync_answers[pid] = self._heal(pid, q.round, f"state hash {self.syncs[pid][:12]}... differs "
+                                                               f"from the majority's {ref[:12]}...")
+        self.syncs, self.first_sync_at = {}, None
+
+    # ------------------------------------------------------------------ commit
+    def _committed_by(self, round: int, quorum_id: int) -> bool:
+        return any(r.round == round and r.quorum_id == quorum_id for r in reversed(self.history))
+
+    def commit(self, peer_id: str, incarnation: str, round: int, quorum_id: int, ok: bool, now: float,
+               reason: str = "") -> Optional[CommitAnswer]:
+        ready = self._commit_answers.get(peer_id)
+        if ready is not None and (ready.round, ready.quorum_id) == (round, quorum_id):
+            return self._commit_answers.pop(peer_id)
+        if self._committed_by(round, quorum_id):
+            if peer_id in self.members and self.members[peer_id].incarnation == incarnation:
+                self.members[peer_id].last_seen = now
+            return CommitAnswer("commit", round, quorum_id, "already committed")
+        self._member(peer_id, incarnation, now)
+        v = self.voting
+        if (v is None or round != self.committed_round or quorum_id != v.quorum.quorum_id
+                or peer_id not in v.quorum.ids):
+            current = v.quorum.quorum_id if v is not None else self.quorum_id
+            raise Refusal("ABORTED", f"stale commit: round {round} quorum {quorum_id} is not being voted on "
+                                     f"(committed round {self.committed_round}, quorum {current})")
+        v.votes[peer_id] = bool(ok)
+        if not ok:
+            self._decide_retry(now, f"member {peer_id!r} voted not ok: {reason or 'no reason given'}")
+        elif set(v.votes) >= set(v.quorum.ids):
+            self._decide_commit(now)
+        return self._commit_answers.pop(peer_id, None)
+
+    def take_commit_answer(self, peer_id: str, round: int, quorum_id: int) -> Optional[CommitAnswer]:
+        a = self._commit_answers.get(peer_id)
+        if a is not None and (a.round, a.quorum_id) == (round, quorum_id):
+            return self._commit_answers.pop(peer_id)
+        return None
+
+    def _drop_answers_of(self, q: QuorumInfo) -> None:
+        for pid in q.ids:
+            a = self._sync_answers.get(pid)
+            if a is not None and a.quorum is not None and a.quorum.quorum_id == q.quorum_id:
+                del self._sync_answers[pid]
+
+    def _decide_commit(self, now: float, wall: Optional[float] = None) -> None:
+        import time as _time
+
+        v = self.voting
+        q = v.quorum
+        self._drop_answers_of(q)
+        self.history.append(CommitRecord(q.round, q.quorum_id, list(q.ids), q.state_hash,
+                                         wall if wall is not None else _time.time()))
+        del self.history[:-self.p.history]
+        self.committed_round = q.round + 1
+        self.known_hash = ""
+        self.holders = {pid for pid in q.ids if pid in self.members}
+        self.donor_load = {}
+        self.last_quorum = (frozenset(q.ids), self.epoch, "commit")
+        self.voting = None
+        self.dirty = True
+        for pid in q.ids:
+            if pid in self.members:
+                self.members[pid].round = self.committed_round
+            self._commit_answers[pid] = CommitAnswer("commit", q.round, q.quorum_id)
+        self._event("commit", round=q.round, quorum_id=q.quorum_id, members=list(q.ids), state_hash=q.state_hash)
+        late, self.late = self.late, {}
+        for pid in sorted(late):
+            if pid in self.members:
+                self._sync_answers[pid] = self._heal(pid, q.round, f"round {q.round} committed without this peer")
+
+    def _decide_retry(self, now: float, reason: str) -> None:
+        v = self.voting
+        if v is None:
+            return
+        q = v.quorum
+        self._drop_answers_of(q)
+        self.last_quorum = (frozenset(q.ids), self.epoch, "retry")
+        self.voting = None
+        for pid in q.ids:
+            if pid in self.members:
+                self._commit_answers[pid] = CommitAnswer("retry", q.round, q.quorum_id, reason)
+        self._event("retry", round=q.round, quorum_id=q.quorum_id, reason=reason)
+        late, self.late = self.late, {}
+        self.syncs = {pid: h for pid, h in late.items() if pid in self.members}
+        self.first_sync_at = now if self.syncs else None
+        self._try_form(now)
+
+    # ------------------------------------------------------------------ time
+    def poll(self, now: float) -> None:
+        self.expire(now)
+        if self.voting is not None and now >= self.voting.deadline:
+            missing = sorted(set(self.voting.quorum.ids) - set(self.voting.votes))
+            self._decide_retry(now, f"commit deadline passed; no vote from {', '.join(missing) or 'nobody'}")
+        self._try_form(now)
+
+    def next_deadline(self) -> Optional[float]:
+        times = [m.last_seen + self.p.lease_timeout for m in self.members.values()]
+        if self.voting is not None:
+            times.append(self.voting.deadline)
+        if self.syncs and self.first_sync_at is not None:
+            times.append(self.first_sync_at + self.p.grace)
+        return min(times) if times else None
+
+    # ------------------------------------------------------------------ status
+    @property
+    def phase(self) -> str:
+        return "voting" if self.voting is not None else "collecting"
+
+    def status(self, now: float) -> dict:
+        return {
+            "committed_round": self.committed_round,
+            "quorum_id": self.quorum_id,
+            "phase": self.phase,
+            "schema_hash": self.schema_hash,
+            "min_peers": self.p.min_peers,
+            "members": [{"peer_id": m.peer_id, "address": m.address, "region": m.region,
+                         "world_size": m.world_size, "round": m.round, "state": m.state,
+                         "state_hash": m.state_hash, "lease_age": max(0.0, now - m.last_seen)}
+                        for m in sorted(self.members.values(), key=lambda m: m.peer_id)],
+            "commits": [asdict(r) for r in self.history[-20:]],
+        }
