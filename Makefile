@@ -5,7 +5,7 @@ TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 
-.PHONY: venv demo test bench clean
+.PHONY: venv demo test bench proto clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,11 @@ test: venv
 bench: venv
 	$(PIP) install -q -e ".[dev,bench]"
 	$(PY) bench/supernet_step.py
+
+# Generated gRPC code is checked in (dtrain/v1/); regenerate after editing proto/.
+# tests/test_proto_drift.py fails when the checked-in code does not match the .proto files.
+proto: venv
+	$(PY) -m grpc_tools.protoc -I proto --python_out=. --pyi_out=. --grpc_python_out=. proto/dtrain/v1/dtrain.proto
 
 clean:
 	rm -rf $(VENV) runs outputs

@@ -374,6 +374,101 @@ class TrainConfig:
         _check(self.threads >= 0, "threads", self.threads, "must be >= 0")
 
 
+# --------------------------------------------------------------------------- control plane
+
+
+@dataclass
+class TLSConfig:
+    """TLS for gRPC. Servers use cert/key (+ client_ca for mutual TLS); clients use
+    ca to verify the server (+ cert/key as their identity under mutual TLS)."""
+
+    cert: str = ""  # PEM certificate of this endpoint
+    key: str = ""  # PEM private key of this endpoint
+    client_ca: str = ""  # server: require client certificates signed by this CA (mutual TLS)
+    ca: str = ""  # client: CA that signed the server certificate
+    server_name: str = ""  # client: expected name in the server certificate (default: the host)
+
+    def __post_init__(self) -> None:
+        _check(bool(self.cert) == bool(self.key), "tls.cert/tls.key", (self.cert, self.key),
+               "give both or neither")
+
+    @property
+    def server_enabled(self) -> bool:
+        return bool(self.cert)
+
+    @property
+    def client_enabled(self) -> bool:
+        return bool(self.ca)
+
+
+@dataclass
+class AuthConfig:
+    """Shared join token, sent as ``authorization: Bearer <token>``; empty: no auth."""
+
+    token: str = ""
+
+
+@dataclass
+class CoordinatorConfig:
+    """``dtrain-coordinator``: membership leases, quorum rounds, commits."""
+
+    host: str = "127.0.0.1"
+    port: int = 0  # 0: the OS picks; the first stdout line says which
+    state_dir: str = MISSING
+    min_peers: int = 1
+    lease_timeout_s: float = 5.0
+    heartbeat_interval_s: float = 1.0  # told to peers at join
+    grace_s: float = 1.0  # quorum forms this long after a round's first sync with those present
+    commit_timeout_s: float = 30.0  # votes must arrive this long after the quorum formed
+    max_wait_s: float = 10.0  # longest a Sync or Commit call is held before answering WAIT
+    max_message_mb: float = 4.0
+    history: int = 1000  # commits kept in state.json
+    schema_hash: str = ""  # pin the accepted schema; empty: adopt the first joiner's
+    reflection: bool = True
+    tls: TLSConfig = field(default_factory=TLSConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+
+    def __post_init__(self) -> None:
+        _check(0 <= self.port <= 65535, "port", self.port, "0..65535")
+        _check(self.min_peers >= 1, "min_peers", self.min_peers, "must be >= 1")
+        for key in ("lease_timeout_s", "heartbeat_interval_s", "grace_s", "commit_timeout_s", "max_wait_s",
+                    "max_message_mb"):
+            _check(getattr(self, key) > 0, key, getattr(self, key), "must be > 0")
+        _check(self.heartbeat_interval_s < self.lease_timeout_s, "heartbeat_interval_s",
+               self.heartbeat_interval_s, "must be shorter than lease_timeout_s")
+        _check(self.history >= 1, "history", self.history, "must be >= 1")
+
+
+@dataclass
+class StatusConfig:
+    """``dtrain-status``: print a coordinator's members, round, quorum and commits."""
+
+    coordinator: str = MISSING  # host:port
+    timeout_s: float = 5.0
+    json: bool = False
+    tls: TLSConfig = field(default_factory=TLSConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+
+    def __post_init__(self) -> None:
+        _check(":" in self.coordinator, "coordinator", self.coordinator, "host:port")
+        _check(self.timeout_s > 0, "timeout_s", self.timeout_s, "must be > 0")
+
+
+@dataclass
+class CertsConfig:
+    """``dtrain-certs``: a self-signed CA plus server and client certificates."""
+
+    out_dir: str = MISSING
+    hosts: List[str] = field(default_factory=lambda: ["localhost", "127.0.0.1"])
+    clients: List[str] = field(default_factory=lambda: ["client"])
+    days: int = 365
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        _check(len(self.hosts) > 0, "hosts", list(self.hosts), "name at least one host")
+        _check(self.days > 0, "days", self.days, "must be > 0")
+
+
 # --------------------------------------------------------------------------- helpers
 
 
@@ -432,3 +527,6 @@ def register_configs() -> None:
     cs.store(group="schema/sandwich", name="sandwich", node=SandwichConfig)
     cs.store(group="schema/optim", name="optim", node=OptimConfig)
     cs.store(group="schema/logger", name="logger", node=LoggerConfig)
+    cs.store(group="schema", name="coordinator", node=CoordinatorConfig)
+    cs.store(group="schema", name="status", node=StatusConfig)
+    cs.store(group="schema", name="certs", node=CertsConfig)

@@ -1,37 +1,13 @@
-"""Atomic checkpoints: write a temp file, fsync it, rename over the target,
-fsync the directory. A crash at any moment leaves either the old or the new
-checkpoint, never a torn one. Files are loaded with ``weights_only=True``:
-no arbitrary objects are unpickled."""
+"""Checkpoints: written atomically (see ``dtrain.atomic_io``) and loaded with
+``weights_only=True``, so no arbitrary objects are unpickled."""
 
 from __future__ import annotations
 
-import os
-import tempfile
-from typing import Any, BinaryIO, Callable, Dict
+from typing import Any, Dict
 
 import torch
 
-
-def atomic_write(path: str, write: Callable[[BinaryIO], None]) -> None:
-    """Write ``path`` through ``write(file)`` so that readers see the old or the new file."""
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=d)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(d)
-
-
-def atomic_write_bytes(path: str, data: bytes) -> None:
-    atomic_write(path, lambda f: f.write(data))
+from ..atomic_io import atomic_write
 
 
 def save_checkpoint(path: str, state: Dict[str, Any]) -> None:
@@ -40,16 +16,3 @@ def save_checkpoint(path: str, state: Dict[str, Any]) -> None:
 
 def load_checkpoint(path: str, map_location="cpu") -> Dict[str, Any]:
     return torch.load(path, map_location=map_location, weights_only=True)
-
-
-def _fsync_dir(d: str) -> None:
-    try:
-        fd = os.open(d, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

@@ -1,0 +1,107 @@
+"""Running the coordinator: the gRPC server with auth, TLS, health and reflection.
+
+``serve(cfg)`` binds ``cfg.host:cfg.port`` (port 0: the OS picks), prints
+``coordinator listening on HOST:PORT`` as the first line on stdout, and runs
+until SIGTERM / SIGINT. The standard gRPC health service answers SERVING for
+"" and ``dtrain.v1.Coordinator``; server reflection is on unless
+``reflection=false``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from typing import Optional
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from ..v1 import dtrain_pb2 as pb
+from ..v1 import dtrain_pb2_grpc as pb_grpc
+from .auth import TokenInterceptor, channel_options, resolve_token, server_credentials
+from .quorum import Params, QuorumMachine
+from .service import CoordinatorService
+from .state_store import StateStore
+
+log = logging.getLogger("dtrain.control")
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Coordinator"].full_name
+
+
+def params_from(cfg) -> Params:
+    return Params(min_peers=cfg.min_peers, lease_timeout=cfg.lease_timeout_s,
+                  heartbeat_interval=cfg.heartbeat_interval_s, grace=cfg.grace_s,
+                  commit_timeout=cfg.commit_timeout_s, history=cfg.history, schema_hash=cfg.schema_hash)
+
+
+class CoordinatorServer:
+    """The server and its service; ``await start()``, then ``await wait()`` or ``await stop()``."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.store = StateStore(cfg.state_dir)
+        snapshot = self.store.load()
+        self.machine = QuorumMachine(params_from(cfg), snapshot)
+        self.service: Optional[CoordinatorService] = None
+        self.server: Optional[grpc.aio.Server] = None
+        self.port = 0
+        self.resumed = snapshot is not None
+
+    async def start(self) -> str:
+        cfg = self.cfg
+        token = resolve_token(cfg.auth.token)
+        interceptors = [TokenInterceptor(token)] if token else []
+        if not token:
+            log.warning("no auth token configured (auth.token / DTRAIN_TOKEN): any caller is accepted")
+        self.server = grpc.aio.server(interceptors=interceptors,
+                                      options=channel_options(int(cfg.max_message_mb * 2 ** 20)))
+        self.service = CoordinatorService(self.machine, self.store, cfg.max_wait_s)
+        pb_grpc.add_CoordinatorServicer_to_server(self.service, self.server)
+        health_servicer = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, self.server)
+        names = [SERVICE_NAME, health.SERVICE_NAME]
+        if cfg.reflection:
+            names.append(reflection.SERVICE_NAME)
+            reflection.enable_server_reflection(names, self.server)
+        bind = f"{cfg.host}:{cfg.port}"
+        creds = server_credentials(cfg.tls)
+        self.port = (self.server.add_secure_port(bind, creds) if creds is not None
+                     else self.server.add_insecure_port(bind))
+        if not self.port:
+            raise OSError(f"cannot bind {bind}")
+        await self.server.start()
+        self.service.start()
+        for name in ("", SERVICE_NAME):
+            await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        return f"{cfg.host}:{self.port}"
+
+    async def stop(self, grace: float = 0.5) -> None:
+        if self.service is not None:
+            await self.service.stop()
+        if self.server is not None:
+            await self.server.stop(grace)
+        self.store.close()
+
+
+async def _serve(cfg) -> None:
+    srv = CoordinatorServer(cfg)
+    address = await srv.start()
+    print(f"coordinator listening on {address}", flush=True)
+    m = srv.machine
+    log.info("state_dir %s | %s | committed round %d, quorum id %d, min_peers %d, lease %.1fs, TLS %s",
+             srv.store.dir, "resumed" if srv.resumed else "new", m.committed_round, m.quorum_id,
+             cfg.min_peers, cfg.lease_timeout_s, "on" if cfg.tls.server_enabled else "off")
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("stopping")
+    await srv.stop()
+
+
+def serve(cfg) -> int:
+    asyncio.run(_serve(cfg))
+    return 0

@@ -1,0 +1,182 @@
+"""The Coordinator gRPC service: the quorum state machine behind an asyncio server.
+
+All calls run on one event loop, so the state machine needs no locks. After
+every state change the durable snapshot is written (atomically) BEFORE any
+answer that depends on it is released, then waiting calls are woken. Sync and
+Commit calls are held until their answer exists or ``wait_ms`` (capped by
+``max_wait_s``) passes, in which case they answer WAIT and the peer calls
+again. A timer task drives lease expiry, the grace window and commit
+deadlines. Every membership change, quorum, commit and retry goes to the
+state dir's ``events.jsonl`` and to the log as one JSON line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from typing import Callable, Optional
+
+import grpc
+
+from ..v1 import dtrain_pb2 as pb
+from ..v1 import dtrain_pb2_grpc as pb_grpc
+from .quorum import CommitAnswer, Donor, QuorumMachine, Refusal, SyncAnswer
+from .state_store import StateStore
+
+log = logging.getLogger("dtrain.control")
+
+_OUTCOME = {"quorum": pb.SyncReply.QUORUM, "heal": pb.SyncReply.HEAL, "wait": pb.SyncReply.WAIT}
+_DECISION = {"commit": pb.CommitReply.COMMIT, "retry": pb.CommitReply.RETRY}
+
+
+def _donor_pb(d: Optional[Donor]) -> Optional[pb.Donor]:
+    if d is None:
+        return None
+    return pb.Donor(peer_id=d.peer_id, address=d.address, round=d.round, state_hash=d.state_hash)
+
+
+class CoordinatorService(pb_grpc.CoordinatorServicer):
+    def __init__(self, machine: QuorumMachine, store: Optional[StateStore], max_wait_s: float,
+                 clock: Callable[[], float] = time.monotonic):
+        self.m, self.store, self.max_wait_s, self.clock = machine, store, max_wait_s, clock
+        self._changed = asyncio.Event()
+        self._timer: Optional[asyncio.Task] = None
+
+    # ------------------------------------------------------------------ plumbing
+    def start(self) -> None:
+        self._timer = asyncio.get_running_loop().create_task(self._tick_forever())
+
+    async def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            try:
+                await self._timer
+            except asyncio.CancelledError:
+                pass
+
+    def _after(self) -> None:
+        """Persist (before any answer leaves), log events, wake waiting calls."""
+        if self.m.dirty:
+            if self.store is not None:
+                self.store.save(self.m.snapshot())
+            self.m.dirty = False
+        for ev in self.m.drain_events():
+            rec = self.store.append_event(ev) if self.store is not None else ev
+            log.info(json.dumps(rec))
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def _call(self, context, fn, *args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except Refusal as r:
+            log.info(json.dumps({"event": "refused", "code": r.code, "reason": r.message}))
+            await context.abort(getattr(grpc.StatusCode, r.code), r.message)
+        finally:
+            self._after()
+
+    async def _wait_for(self, take: Callable[[], Optional[object]], wait_ms: int):
+        timeout = min(self.max_wait_s, wait_ms / 1000.0) if wait_ms else self.max_wait_s
+        deadline = self.clock() + timeout
+        while True:
+            ans = take()
+            if ans is not None:
+                return ans
+            remaining = deadline - self.clock()
+            if remaining <= 0:
+                return None
+            event = self._changed
+            try:
+                await asyncio.wait_for(event.wait(), remaining)
+            except asyncio.TimeoutError:
+                pass
+
+    async def _tick_forever(self) -> None:
+        while True:
+            now = self.clock()
+            nxt = self.m.next_deadline()
+            delay = 0.5 if nxt is None else min(0.5, max(0.0, nxt - now) + 0.001)
+            event = self._changed
+            try:
+                await asyncio.wait_for(event.wait(), delay)
+            except asyncio.TimeoutError:
+                pass
+            self.m.poll(self.clock())
+            if self.m.dirty or self.m.events:
+                self._after()
+
+    # ------------------------------------------------------------------ membership
+    async def Join(self, req: pb.JoinRequest, context) -> pb.JoinReply:
+        r = await self._call(context, self.m.join, req.peer_id, req.incarnation, req.address, req.schema_hash,
+                             req.world_size, req.region, req.round, req.state_hash, now=self.clock())
+        p = self.m.p
+        reply = pb.JoinReply(lease_timeout_ms=int(p.lease_timeout * 1000),
+                             heartbeat_interval_ms=int(p.heartbeat_interval * 1000),
+                             committed_round=r.committed_round, committed_state_hash=r.committed_state_hash,
+                             must_heal=r.must_heal, quorum_id=r.quorum_id, min_peers=p.min_peers)
+        if r.donor is not None:
+            reply.donor.CopyFrom(_donor_pb(r.donor))
+        return reply
+
+    async def Heartbeat(self, req: pb.HeartbeatRequest, context) -> pb.HeartbeatReply:
+        rnd, qid = await self._call(context, self.m.heartbeat, req.peer_id, req.incarnation, now=self.clock())
+        return pb.HeartbeatReply(committed_round=rnd, quorum_id=qid,
+                                 lease_timeout_ms=int(self.m.p.lease_timeout * 1000))
+
+    async def Leave(self, req: pb.LeaveRequest, context) -> pb.LeaveReply:
+        await self._call(context, self.m.leave, req.peer_id, req.incarnation, now=self.clock(), reason=req.reason)
+        return pb.LeaveReply()
+
+    # ------------------------------------------------------------------ rounds
+    def _sync_reply(self, a: Optional[SyncAnswer]) -> pb.SyncReply:
+        if a is None:
+            return pb.SyncReply(outcome=pb.SyncReply.WAIT, reason="no quorum yet",
+                                committed_round=self.m.committed_round)
+        reply = pb.SyncReply(outcome=_OUTCOME[a.outcome], reason=a.reason, committed_round=self.m.committed_round)
+        if a.quorum is not None:
+            q = a.quorum
+            reply.quorum.CopyFrom(pb.Quorum(
+                quorum_id=q.quorum_id, round=q.round, state_hash=q.state_hash,
+                commit_timeout_ms=int(q.commit_timeout * 1000),
+                members=[pb.Member(peer_id=i, address=a_, world_size=w, region=g) for i, a_, w, g in q.members]))
+        if a.donor is not None:
+            reply.donor.CopyFrom(_donor_pb(a.donor))
+        return reply
+
+    async def Sync(self, req: pb.SyncRequest, context) -> pb.SyncReply:
+        ans = await self._call(context, self.m.sync, req.peer_id, req.incarnation, req.round, req.state_hash,
+                               now=self.clock())
+        if ans is None:
+            ans = await self._wait_for(lambda: self.m.take_sync_answer(req.peer_id, req.round), req.wait_ms)
+        return self._sync_reply(ans)
+
+    def _commit_reply(self, a: Optional[CommitAnswer], req: pb.CommitRequest) -> pb.CommitReply:
+        if a is None:
+            return pb.CommitReply(decision=pb.CommitReply.WAIT, round=req.round, quorum_id=req.quorum_id,
+                                  committed_round=self.m.committed_round, reason="votes still missing")
+        return pb.CommitReply(decision=_DECISION[a.decision], round=a.round, quorum_id=a.quorum_id,
+                              committed_round=self.m.committed_round, reason=a.reason)
+
+    async def Commit(self, req: pb.CommitRequest, context) -> pb.CommitReply:
+        ans = await self._call(context, self.m.commit, req.peer_id, req.incarnation, req.round, req.quorum_id,
+                               req.ok, now=self.clock(), reason=req.reason)
+        if ans is None:
+            ans = await self._wait_for(
+                lambda: self.m.take_commit_answer(req.peer_id, req.round, req.quorum_id), req.wait_ms)
+        return self._commit_reply(ans, req)
+
+    # ------------------------------------------------------------------ status
+    async def Status(self, req: pb.StatusRequest, context) -> pb.StatusReply:
+        s = self.m.status(self.clock())
+        return pb.StatusReply(
+            committed_round=s["committed_round"], quorum_id=s["quorum_id"], schema_hash=s["schema_hash"],
+            min_peers=s["min_peers"], phase=s["phase"], lease_timeout_ms=int(self.m.p.lease_timeout * 1000),
+            members=[pb.MemberStatus(peer_id=m["peer_id"], address=m["address"], region=m["region"],
+                                     world_size=m["world_size"], round=m["round"],
+                                     lease_age_ms=int(m["lease_age"] * 1000), state=m["state"],
+                                     state_hash=m["state_hash"]) for m in s["members"]],
+            commits=[pb.CommitRecord(round=c["round"], quorum_id=c["quorum_id"], members=c["members"],
+                                     state_hash=c["state_hash"], unix_ms=int(c["time"] * 1000))
+                     for c in s["commits"]])
