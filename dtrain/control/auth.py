@@ -44,6 +44,11 @@ def channel_options(max_message_bytes: int) -> List[Tuple[str, int]]:
             ("grpc.max_receive_message_length", max_message_bytes)]
 
 
+# reconnect quickly after a coordinator restart instead of gRPC's default backoff (up to 120 s)
+RECONNECT_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 200), ("grpc.min_reconnect_backoff_ms", 200),
+                     ("grpc.max_reconnect_backoff_ms", 5000)]
+
+
 def server_credentials(tls) -> Optional[grpc.ServerCredentials]:
     """TLS server credentials from a TLSConfig, or None when TLS is off."""
     if not tls.server_enabled:
@@ -67,7 +72,7 @@ def client_credentials(tls) -> Optional[grpc.ChannelCredentials]:
 
 def make_channel(address: str, tls, max_message_bytes: int) -> grpc.Channel:
     """A (blocking-API) channel to ``address`` with TLS when configured."""
-    opts = channel_options(max_message_bytes)
+    opts = channel_options(max_message_bytes) + RECONNECT_OPTIONS
     if tls is not None and tls.server_name:
         opts.append(("grpc.ssl_target_name_override", tls.server_name))
     creds = client_credentials(tls) if tls is not None else None

@@ -44,6 +44,7 @@ class ControlError(RuntimeError):
 
     def __init__(self, message: str, code: Optional[grpc.StatusCode] = None):
         super().__init__(message + (f" ({self.hint})" if self.hint else ""))
+        self.detail = message  # without the hint, for re-wrapping
         if code is not None:
             self.code = code
 
@@ -71,6 +72,11 @@ class NotMember(ControlError):
     code = grpc.StatusCode.PERMISSION_DENIED
 
 
+class AheadOfCoordinator(ControlError):
+    code = grpc.StatusCode.OUT_OF_RANGE
+    hint = "start the coordinator on the run's state_dir"
+
+
 class MessageTooLarge(ControlError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
@@ -85,7 +91,7 @@ class CoordinatorUnavailable(ControlError):
 
 
 _BY_CODE = {c.code: c for c in (SchemaMismatch, DuplicatePeer, StaleRound, NotAuthenticated, NotMember,
-                                MessageTooLarge, InvalidRequest, CoordinatorUnavailable)}
+                                AheadOfCoordinator, MessageTooLarge, InvalidRequest, CoordinatorUnavailable)}
 _TRANSIENT = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 
@@ -179,6 +185,7 @@ class CoordinatorClient:
         self._stub = pb_grpc.CoordinatorStub(self._channel)
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        self._left = False  # after leave(): never re-join behind the caller's back
         self._hb: Optional[threading.Thread] = None
         self.joined: Optional[JoinInfo] = None
         self.rejoins = 0  # automatic re-joins (coordinator restarts, expired leases)
@@ -206,8 +213,8 @@ class CoordinatorClient:
                 r = self._rpc("Join", req)
             except (CoordinatorUnavailable, DuplicatePeer) as e:
                 if time.monotonic() >= deadline:
-                    raise type(e)(f"join of {self.peer_id!r} at {self.target} gave up after {timeout:g}s: {e}",
-                                  e.code) from None
+                    raise type(e)(f"join of {self.peer_id!r} at {self.target} gave up after {timeout:g}s: "
+                                  f"{e.detail}", e.code) from None
                 log.debug("join retry: %s", e)
                 backoff.sleep(deadline)
                 continue
@@ -223,6 +230,8 @@ class CoordinatorClient:
             return info
 
     def _rejoin(self, why: str) -> None:
+        if self._left:
+            raise NotMember(f"{self.peer_id!r} has left the run ({why})")
         log.info("re-joining the coordinator (%s)", why)
         self.join()
         self.rejoins += 1
@@ -253,7 +262,15 @@ class CoordinatorClient:
                 continue
             self._stop.wait(interval)
 
+    def stop_heartbeat(self) -> None:
+        self._stop.set()
+        if self._hb is not None and self._hb is not threading.current_thread():
+            self._hb.join(timeout=5.0)
+
     def leave(self, reason: str = "") -> None:
+        """Leave the run (best effort, a few seconds at most); no automatic re-join afterwards."""
+        self._left = True
+        self.stop_heartbeat()
         try:
             self._rpc("Leave", pb.LeaveRequest(peer_id=self.peer_id, incarnation=self.incarnation, reason=reason),
                       timeout=min(self.rpc_timeout, 3.0))
@@ -261,9 +278,7 @@ class CoordinatorClient:
             log.warning("leave failed (the lease will expire instead): %s", e)
 
     def close(self) -> None:
-        self._stop.set()
-        if self._hb is not None:
-            self._hb.join(timeout=5.0)
+        self.stop_heartbeat()
         self._channel.close()
 
     # -- rounds ---------------------------------------------------------------------------
@@ -274,9 +289,9 @@ class CoordinatorClient:
         backoff = Backoff()
         while True:
             left = None if deadline is None else deadline - time.monotonic()
-            if left is not None and left <= 0:
+            if left is not None and left <= 0.005:
                 raise TimeoutError(f"{method} of {self.peer_id!r} got no final answer within {timeout:g}s")
-            wait_ms = int(min(5.0, left if left is not None else 5.0) * 1000)
+            wait_ms = max(1, int(min(5.0, left if left is not None else 5.0) * 1000))
             try:
                 reply = self._rpc(method, make_request(wait_ms), timeout=wait_ms / 1000.0 + self.rpc_timeout)
             except (CoordinatorUnavailable,) as e:

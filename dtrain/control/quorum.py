@@ -6,6 +6,8 @@ are collected with :meth:`QuorumMachine.take_sync_answer` and
 :meth:`QuorumMachine.take_commit_answer`. The gRPC service drives it from one
 event loop, persists :meth:`snapshot` whenever ``dirty`` is set (before it
 releases any answer), and calls :meth:`poll` when :meth:`next_deadline` passes.
+Every call first applies what time alone decides (expired leases, a passed
+commit deadline), so the outcome does not depend on when ``poll`` ran.
 
 Rounds. S_r is the global state after r committed rounds; ``committed_round``
 R says which state is current. A member holding S_R calls ``sync(R, H(S_R))``.
@@ -13,11 +15,16 @@ R says which state is current. A member holding S_R calls ``sync(R, H(S_R))``.
 - **Forming.** A quorum for round R forms once every *expected* live member
   has synced, or ``grace`` seconds after the first sync of the round with
   those present. It needs at least ``min_peers`` members and more than half
-  of the expected live members (no split brain). Expected: active members and
-  joiners that need no healing (a joiner still downloading the state is not
-  waited for and does not count). The reference hash of S_R is the one
-  recorded for R (from an earlier attempt), else the majority hash; syncers
-  with another hash are told to HEAL from a member that has the reference.
+  of the expected live members (no split brain). Expected: members that need
+  no healing. A peer that joined behind, or was told to HEAL or WAIT (behind,
+  another hash, round committed without it), is downloading the state: it is
+  not counted until it syncs round R. It is waited for only while the grace
+  window of the round it was sent to fetch is open, so that a healer whose
+  download is quicker than a round enters at the next round boundary instead
+  of chasing the others forever. The reference
+  hash of S_R is the one recorded for R (from an earlier attempt), else the
+  majority hash; syncers with another hash are told to HEAL from a member
+  that has the reference.
 - **Quorum id.** Monotonic; kept from one round to the next only while the
   membership has not changed and the last decision was a commit; bumped
   otherwise (membership change, failed commit).
@@ -27,19 +34,23 @@ R says which state is current. A member holding S_R calls ``sync(R, H(S_R))``.
   to all: they keep their pseudo-gradients and sync round R again.
 - **Behind.** A member syncing r < R is told to HEAL from a holder of S_R
   (holders: the committed quorum, and members that synced R with the
-  reference hash), spread so that no holder serves every joiner.
+  reference hash), spread so that no holder serves every joiner; WAIT while
+  no holder is known (after a coordinator restart). A peer reporting a round
+  beyond R (at join or sync) is refused (OUT_OF_RANGE): the
+  coordinator runs on the wrong state dir, and no peer is healed backwards.
 - **Members.** Join registers a peer (state ``joining``) under a lease renewed
-  by every call; its first sync makes it ``active``. Joiners that must heal
-  do not hold up quorums. A peer id held by a live
-  peer of another incarnation is refused (ALREADY_EXISTS) until that lease
-  expires; the same incarnation may join again (idempotent).
+  by every call; its first sync of round R makes it ``active``. Joiners that
+  must heal do not hold up quorums. A peer id held by a live peer of another
+  incarnation is refused (ALREADY_EXISTS) until that lease expires; the same
+  incarnation may join again (idempotent). A call from a peer whose lease has
+  expired is refused (PERMISSION_DENIED: join again).
 
 Every membership change (join, activation, leave, expiry) is recorded in
 ``events`` for the coordinator's JSON-lines log.
 
-Only committed rounds, the quorum-id counter, the schema hash and the commit
-history are durable (``snapshot``); members are soft state and re-join after a
-coordinator restart.
+Only committed rounds, the reference hash of S_R where known, the quorum-id
+counter, the schema hash and the commit history are durable (``snapshot``);
+members are soft state and re-join after a coordinator restart.
 """
 
 from __future__ import annotations
@@ -48,8 +59,12 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional, Set, Tuple
 
-_PEER_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
-_ADDRESS = re.compile(r"^[A-Za-z0-9._\-\[\]:]+:[0-9]{1,5}$")
+_PEER_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
+_ADDRESS = re.compile(r"[A-Za-z0-9._\-\[\]:]{1,250}:[0-9]{1,5}")
+_LABEL = re.compile(r"[A-Za-z0-9._-]{0,64}")  # region
+_TOKENISH = re.compile(r"[A-Za-z0-9._-]{1,64}")  # incarnation
+MAX_HASH = 128
+MAX_REASON = 200
 
 
 class Refusal(Exception):
@@ -83,7 +98,7 @@ class Member:
     state: str = "joining"  # joining | active
     round: int = 0
     state_hash: str = ""
-    needs_heal: bool = False  # joined behind: not expected at a sync until it has healed
+    needs_heal: bool = False  # joined behind or told to heal: not expected until it syncs the current round
 
 
 @dataclass(frozen=True)
@@ -163,8 +178,10 @@ class QuorumMachine:
         self.epoch = 0  # bumped on every membership change
         self.holders: Set[str] = set()  # members known to hold S_committed_round
         self.donor_load: Dict[str, int] = {}
+        self.healing: Dict[str, int] = {}  # peer -> the round whose state it was sent to fetch
         self.syncs: Dict[str, str] = {}  # collecting: peer -> hash synced for committed_round
         self.first_sync_at: Optional[float] = None
+        self.grace_spent = False  # a formation attempt ran after the grace window: no timer needed
         self.late: Dict[str, str] = {}  # synced while a quorum of the same round was voting
         self.voting: Optional[_Voting] = None
         self.last_quorum: Optional[Tuple[frozenset, int, str]] = None  # (ids, epoch, decision)
@@ -208,30 +225,40 @@ class QuorumMachine:
 
     def join(self, peer_id: str, incarnation: str, address: str, schema_hash: str, world_size: int,
              region: str, round: int, state_hash: str, now: float) -> JoinResult:
-        if not _PEER_ID.match(peer_id or ""):
+        if not _PEER_ID.fullmatch(peer_id or ""):
             raise Refusal("INVALID_ARGUMENT", f"peer_id={peer_id!r} is not allowed: 1-128 letters, digits, "
                                               "'.', '_' or '-'")
-        if not _ADDRESS.match(address or ""):
-            raise Refusal("INVALID_ARGUMENT", f"address={address!r} is not allowed: use host:port")
-        if not incarnation:
-            raise Refusal("INVALID_ARGUMENT", "incarnation must not be empty")
+        if not _ADDRESS.fullmatch(address or ""):
+            raise Refusal("INVALID_ARGUMENT", f"address={(address or '')[:80]!r} is not allowed: use host:port")
+        if not _TOKENISH.fullmatch(incarnation or ""):
+            raise Refusal("INVALID_ARGUMENT", "incarnation must be 1-64 letters, digits, '.', '_' or '-'")
+        if not _LABEL.fullmatch(region or ""):
+            raise Refusal("INVALID_ARGUMENT", f"region={(region or '')[:80]!r} is not allowed: up to 64 letters, digits, "
+                                              "'.', '_' or '-'")
+        if len(state_hash or "") > MAX_HASH or len(schema_hash or "") > MAX_HASH:
+            raise Refusal("INVALID_ARGUMENT", f"hashes are at most {MAX_HASH} characters")
         if world_size < 1:
             raise Refusal("INVALID_ARGUMENT", f"world_size={world_size} is not allowed: must be >= 1")
         if not schema_hash:
-            raise Refusal("FAILED_PRECONDITION", "schema_hash is empty")
-        if not self.schema_hash:
-            self.schema_hash = schema_hash
-            self.dirty = True
-        elif schema_hash != self.schema_hash:
+            raise Refusal("INVALID_ARGUMENT", "schema_hash must not be empty")
+        if self.schema_hash and schema_hash != self.schema_hash:
             raise Refusal("FAILED_PRECONDITION",
                           f"schema hash {schema_hash[:12]}... differs from the run's {self.schema_hash[:12]}...: "
                           "the peer runs other code or another model config")
-        self.expire(now)
+        self._advance(now)
+        R = self.committed_round
+        if int(round) > R:
+            raise Refusal("OUT_OF_RANGE",
+                          f"peer {peer_id!r} holds round {round} but only {R} rounds are committed here: "
+                          "start the coordinator on the run's state_dir")
         old = self.members.get(peer_id)
         if old is not None and old.incarnation != incarnation:
             left = self.p.lease_timeout - (now - old.last_seen)
             raise Refusal("ALREADY_EXISTS", f"peer id {peer_id!r} is held by a live peer (incarnation "
                                             f"{old.incarnation!r}); its lease expires in {max(left, 0):.1f}s")
+        if not self.schema_hash:
+            self.schema_hash = schema_hash
+            self.dirty = True
         if old is None:
             self.members[peer_id] = Member(peer_id, incarnation, address, int(world_size), region, now, now,
                                            round=int(round), state_hash=state_hash)
@@ -240,45 +267,68 @@ class QuorumMachine:
                         round=int(round))
         else:
             old.address, old.world_size, old.region, old.last_seen = address, int(world_size), region, now
-        R = self.committed_round
         up_to_date = int(round) == R and (state_hash == self.known_hash if self.known_hash else
                                           (R == 0 or bool(state_hash)))
         if R == 0 and not self.known_hash and not self.history:
             up_to_date = True  # a fresh run: every peer starts from the seeded initial state
         self.members[peer_id].needs_heal = not up_to_date
-        donor = None if up_to_date else self._pick_donor(exclude=peer_id)
+        donor = None
+        if not up_to_date:  # what it reports now supersedes an earlier sync
+            self.holders.discard(peer_id)
+            self.syncs.pop(peer_id, None)
+            self.late.pop(peer_id, None)
+            if not self.syncs:
+                self.first_sync_at = None
+            donor = self._pick_donor(exclude=peer_id)
+        self._try_form(now)  # the expected set may have shrunk
         return JoinResult(R, self.known_hash, not up_to_date, donor, self.quorum_id)
 
     def heartbeat(self, peer_id: str, incarnation: str, now: float) -> Tuple[int, int]:
+        self._advance(now)
         self._member(peer_id, incarnation, now)
         return self.committed_round, self.quorum_id
 
     def leave(self, peer_id: str, incarnation: str, now: float, reason: str = "") -> None:
+        self._advance(now)
         m = self.members.get(peer_id)
         if m is None or m.incarnation != incarnation:
             return  # idempotent
-        self._remove(peer_id, now, "leave", reason or "left")
+        self._remove([peer_id], now, "leave", reason or "left")
 
     def expire(self, now: float) -> List[str]:
         gone = [pid for pid, m in self.members.items() if now - m.last_seen > self.p.lease_timeout]
-        for pid in gone:
-            self._remove(pid, now, "expire", f"lease expired ({self.p.lease_timeout:g}s without a call)")
+        if gone:
+            self._remove(gone, now, "expire", f"lease expired ({self.p.lease_timeout:g}s without a call)")
         return gone
 
-    def _remove(self, peer_id: str, now: float, kind: str, reason: str) -> None:
-        self.members.pop(peer_id, None)
-        self.epoch += 1
-        self.holders.discard(peer_id)
-        self.syncs.pop(peer_id, None)
-        self.late.pop(peer_id, None)
-        self._sync_answers.pop(peer_id, None)
-        self._commit_answers.pop(peer_id, None)
-        self._event(kind, peer_id=peer_id, reason=reason)
-        if self.voting is not None and peer_id in self.voting.quorum.ids:
-            self._decide_retry(now, f"member {peer_id!r} is gone ({reason})")
+    def _remove(self, peer_ids: List[str], now: float, kind: str, reason: str) -> None:
+        """Drop members, all of them before anything is decided (no quorum forms with a gone peer)."""
+        hit = []
+        for peer_id in peer_ids:
+            self.members.pop(peer_id, None)
+            self.epoch += 1
+            self.holders.discard(peer_id)
+            self.healing.pop(peer_id, None)
+            self.syncs.pop(peer_id, None)
+            self.late.pop(peer_id, None)
+            self._sync_answers.pop(peer_id, None)
+            self._commit_answers.pop(peer_id, None)
+            self._event(kind, peer_id=peer_id, reason=reason)
+            if self.voting is not None and peer_id in self.voting.quorum.ids:
+                hit.append(peer_id)
         if not self.syncs:
             self.first_sync_at = None
+        if hit:
+            self._decide_retry(now, f"member {', '.join(repr(p) for p in hit)} is gone ({reason})")
         self._try_form(now)
+
+    def _advance(self, now: float) -> None:
+        """Apply what time alone decides: expired leases, then a passed commit deadline."""
+        self.expire(now)
+        v = self.voting
+        if v is not None and now >= v.deadline:
+            missing = sorted(set(v.quorum.ids) - set(v.votes))
+            self._decide_retry(now, f"commit deadline passed; no vote from {', '.join(missing) or 'nobody'}")
 
     # ------------------------------------------------------------------ donors
     def _pick_donor(self, exclude: str) -> Optional[Donor]:
@@ -292,40 +342,55 @@ class QuorumMachine:
 
     def _heal(self, peer_id: str, round: int, why: str) -> SyncAnswer:
         """HEAL (or WAIT while no holder exists) answering a sync of ``round``."""
+        m = self.members.get(peer_id)
+        if m is not None:
+            m.needs_heal = True  # downloading: not expected at a sync until it syncs round R
+        self.holders.discard(peer_id)
         donor = self._pick_donor(exclude=peer_id)
         if donor is None:
             return SyncAnswer("wait", round, reason=f"{why}; no up-to-date donor yet")
+        self.healing[peer_id] = donor.round
         return SyncAnswer("heal", round, donor=donor, reason=why)
 
     # ------------------------------------------------------------------ sync
     def sync(self, peer_id: str, incarnation: str, round: int, state_hash: str, now: float) -> Optional[SyncAnswer]:
+        self._advance(now)
         m = self._member(peer_id, incarnation, now)
         ready = self._sync_answers.get(peer_id)
         if ready is not None and ready.round == round:
             return self._sync_answers.pop(peer_id)
         self._sync_answers.pop(peer_id, None)
+        R = self.committed_round
+        if round > R:
+            raise Refusal("OUT_OF_RANGE",
+                          f"peer {peer_id!r} holds round {round} but only {R} rounds are committed here: "
+                          "start the coordinator on the run's state_dir")
+        if not state_hash or len(state_hash) > MAX_HASH:
+            raise Refusal("INVALID_ARGUMENT", f"peer {peer_id!r}: state_hash must be 1-{MAX_HASH} characters")
+        self.healing.pop(peer_id, None)
+        if self.voting is not None and peer_id in self.voting.quorum.ids:
+            self._decide_retry(now, f"member {peer_id!r} synced again")
+        m.round, m.state_hash = int(round), state_hash
+        if round < R:
+            self.syncs.pop(peer_id, None)
+            self.late.pop(peer_id, None)
+            if not self.syncs:
+                self.first_sync_at = None
+            answer = self._heal(peer_id, round, f"behind: holds round {round}, committed is {R}")
+            self._try_form(now)  # it is no longer expected
+            return answer
+        m.needs_heal = False
         if m.state != "active":
             m.state = "active"
             self.epoch += 1
             self._event("active", peer_id=peer_id, round=int(round))
-        m.round, m.state_hash = int(round), state_hash
-        R = self.committed_round
-        if round > R:
-            raise Refusal("FAILED_PRECONDITION",
-                          f"peer {peer_id!r} holds round {round} but only {R} rounds are committed here: "
-                          "start the coordinator on the run's state_dir")
-        if round < R:
-            return self._heal(peer_id, round, f"behind: holds round {round}, committed is {R}")
-        if self.voting is not None:
-            if peer_id in self.voting.quorum.ids:
-                self._decide_retry(now, f"member {peer_id!r} synced again")
-            else:
-                self.late[peer_id] = state_hash
-                self.syncs.pop(peer_id, None)
-                return None
+        if self.voting is not None:  # (also when the retry above formed a quorum from late syncs)
+            self.late[peer_id] = state_hash
+            self.syncs.pop(peer_id, None)
+            return None
         self.syncs[peer_id] = state_hash
         if self.first_sync_at is None:
-            self.first_sync_at = now
+            self.first_sync_at, self.grace_spent = now, False
         self._try_form(now)
         return self._sync_answers.pop(peer_id, None)
 
@@ -336,17 +401,19 @@ class QuorumMachine:
         return None
 
     def _expected(self) -> Set[str]:
-        """Members a quorum waits for: active ones, and joiners that need no healing."""
-        return {pid for pid, m in self.members.items() if m.state == "active" or not m.needs_heal}
+        """Members a quorum waits for and counts: those that need no healing."""
+        return {pid for pid, m in self.members.items() if not m.needs_heal}
 
     def _try_form(self, now: float) -> None:
         if self.voting is not None or not self.syncs:
             return
         active = self._expected()
         present = {pid for pid in self.syncs if pid in self.members}
-        all_in = active <= present
+        healers = {pid for pid, r in self.healing.items() if r == self.committed_round and pid in self.members}
+        all_in = (active | healers) <= present
         if not all_in and (self.first_sync_at is None or now < self.first_sync_at + self.p.grace):
             return
+        self.grace_spent = True  # from now on only events (syncs, removals) can make it form
         counts: Dict[str, int] = {}
         for pid in present:
             counts[self.syncs[pid]] = counts.get(self.syncs[pid], 0) + 1
@@ -387,14 +454,18 @@ class QuorumMachine:
 
     def commit(self, peer_id: str, incarnation: str, round: int, quorum_id: int, ok: bool, now: float,
                reason: str = "") -> Optional[CommitAnswer]:
-        ready = self._commit_answers.get(peer_id)
-        if ready is not None and (ready.round, ready.quorum_id) == (round, quorum_id):
-            return self._commit_answers.pop(peer_id)
-        if self._committed_by(round, quorum_id):
-            if peer_id in self.members and self.members[peer_id].incarnation == incarnation:
-                self.members[peer_id].last_seen = now
+        self._advance(now)
+        if self._committed_by(round, quorum_id):  # idempotent, for anyone (also after a restart)
+            m = self.members.get(peer_id)
+            if m is not None and m.incarnation == incarnation:
+                m.last_seen = now
+                self.take_commit_answer(peer_id, round, quorum_id)
             return CommitAnswer("commit", round, quorum_id, "already committed")
         self._member(peer_id, incarnation, now)
+        ready = self.take_commit_answer(peer_id, round, quorum_id)
+        if ready is not None:
+            return ready
+        self._commit_answers.pop(peer_id, None)  # an uncollected answer for another quorum is obsolete
         v = self.voting
         if (v is None or round != self.committed_round or quorum_id != v.quorum.quorum_id
                 or peer_id not in v.quorum.ids):
@@ -403,10 +474,11 @@ class QuorumMachine:
                                      f"(committed round {self.committed_round}, quorum {current})")
         v.votes[peer_id] = bool(ok)
         if not ok:
-            self._decide_retry(now, f"member {peer_id!r} voted not ok: {reason or 'no reason given'}")
+            why = (reason or "no reason given")[:MAX_REASON]
+            self._decide_retry(now, f"member {peer_id!r} voted not ok: {why}")
         elif set(v.votes) >= set(v.quorum.ids):
             self._decide_commit(now)
-        return self._commit_answers.pop(peer_id, None)
+        return self.take_commit_answer(peer_id, round, quorum_id)
 
     def take_commit_answer(self, peer_id: str, round: int, quorum_id: int) -> Optional[CommitAnswer]:
         a = self._commit_answers.get(peer_id)
@@ -428,13 +500,14 @@ class QuorumMachine:
         self._drop_answers_of(q)
         self.history.append(CommitRecord(q.round, q.quorum_id, list(q.ids), q.state_hash,
                                          wall if wall is not None else _time.time()))
-        del self.history[:-self.p.history]
+        del self.history[:max(0, len(self.history) - self.p.history)]
         self.committed_round = q.round + 1
         self.known_hash = ""
         self.holders = {pid for pid in q.ids if pid in self.members}
         self.donor_load = {}
         self.last_quorum = (frozenset(q.ids), self.epoch, "commit")
         self.voting = None
+        self.syncs, self.first_sync_at = {}, None  # (empty: syncs during voting go to ``late``)
         self.dirty = True
         for pid in q.ids:
             if pid in self.members:
@@ -460,22 +533,19 @@ class QuorumMachine:
         self._event("retry", round=q.round, quorum_id=q.quorum_id, reason=reason)
         late, self.late = self.late, {}
         self.syncs = {pid: h for pid, h in late.items() if pid in self.members}
-        self.first_sync_at = now if self.syncs else None
+        self.first_sync_at, self.grace_spent = (now if self.syncs else None), False
         self._try_form(now)
 
     # ------------------------------------------------------------------ time
     def poll(self, now: float) -> None:
-        self.expire(now)
-        if self.voting is not None and now >= self.voting.deadline:
-            missing = sorted(set(self.voting.quorum.ids) - set(self.voting.votes))
-            self._decide_retry(now, f"commit deadline passed; no vote from {', '.join(missing) or 'nobody'}")
+        self._advance(now)
         self._try_form(now)
 
     def next_deadline(self) -> Optional[float]:
         times = [m.last_seen + self.p.lease_timeout for m in self.members.values()]
         if self.voting is not None:
             times.append(self.voting.deadline)
-        if self.syncs and self.first_sync_at is not None:
+        if self.syncs and self.first_sync_at is not None and not self.grace_spent:
             times.append(self.first_sync_at + self.p.grace)
         return min(times) if times else None
 

@@ -21,6 +21,7 @@ from grpc_reflection.v1alpha import reflection
 from ..v1 import dtrain_pb2 as pb
 from ..v1 import dtrain_pb2_grpc as pb_grpc
 from .auth import TokenInterceptor, channel_options, resolve_token, server_credentials
+from .parse_guard import ParseGuardInterceptor
 from .quorum import Params, QuorumMachine
 from .service import CoordinatorService
 from .state_store import StateStore
@@ -34,6 +35,14 @@ def params_from(cfg) -> Params:
     return Params(min_peers=cfg.min_peers, lease_timeout=cfg.lease_timeout_s,
                   heartbeat_interval=cfg.heartbeat_interval_s, grace=cfg.grace_s,
                   commit_timeout=cfg.commit_timeout_s, history=cfg.history, schema_hash=cfg.schema_hash)
+
+
+class HealthServicer(health.aio.HealthServicer):
+    """The standard health service, with the List method the upstream one leaves out."""
+
+    async def List(self, request, context):
+        return health_pb2.HealthListResponse(statuses={
+            name: health_pb2.HealthCheckResponse(status=status) for name, status in self._server_status.items()})
 
 
 class CoordinatorServer:
@@ -52,14 +61,14 @@ class CoordinatorServer:
     async def start(self) -> str:
         cfg = self.cfg
         token = resolve_token(cfg.auth.token)
-        interceptors = [TokenInterceptor(token)] if token else []
+        interceptors = ([TokenInterceptor(token)] if token else []) + [ParseGuardInterceptor()]
         if not token:
             log.warning("no auth token configured (auth.token / DTRAIN_TOKEN): any caller is accepted")
         self.server = grpc.aio.server(interceptors=interceptors,
                                       options=channel_options(int(cfg.max_message_mb * 2 ** 20)))
         self.service = CoordinatorService(self.machine, self.store, cfg.max_wait_s)
         pb_grpc.add_CoordinatorServicer_to_server(self.service, self.server)
-        health_servicer = health.aio.HealthServicer()
+        health_servicer = HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, self.server)
         names = [SERVICE_NAME, health.SERVICE_NAME]
         if cfg.reflection:

@@ -78,7 +78,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             self._after()
 
     async def _wait_for(self, take: Callable[[], Optional[object]], wait_ms: int):
-        timeout = min(self.max_wait_s, wait_ms / 1000.0) if wait_ms else self.max_wait_s
+        timeout = min(self.max_wait_s, wait_ms / 1000.0)  # wait_ms=0: answer at once
         deadline = self.clock() + timeout
         while True:
             ans = take()

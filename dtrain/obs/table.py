@@ -9,14 +9,14 @@ def format_table(headers: Sequence[str], rows: List[Sequence], title: str = "") 
     cells = [[_fmt(c) for c in row] for row in rows]
     widths = [max(len(str(h)), *(len(r[i]) for r in cells)) if cells else len(str(h))
               for i, h in enumerate(headers)]
-    line = "+".join("-" * (w + 2) for w in widths)
+    line = "-|-".join("-" * w for w in widths)
     out = []
     if title:
         out.append(title)
-    out.append(" | ".join(str(h).ljust(w) for h, w in zip(headers, widths)))
-    out.append(line.replace("+", "|"))
+    out.append(" | ".join(str(h).ljust(w) for h, w in zip(headers, widths)).rstrip())
+    out.append(line)
     for r in cells:
-        out.append(" | ".join(c.rjust(w) if _numeric(c) else c.ljust(w) for c, w in zip(r, widths)))
+        out.append(" | ".join(c.rjust(w) if _numeric(c) else c.ljust(w) for c, w in zip(r, widths)).rstrip())
     return "\n".join(out)
 
 

@@ -1,0 +1,1 @@
+"""Data plane: collectives and state transfer between peers."""
