@@ -20,7 +20,7 @@ a round is Sync(r) then Commit(r, ok=True). Measured:
       includes persisting state.json) and event -> reply (delivery).
       Wall-clock event times have 1 ms resolution.
   (3) death detection: after the timed rounds the peers keep going; one
-      peer SIGKILLs its own process right after a successful Heartbeat
+      peer SIGKILLs its own process right after a successful call
       reply. Delay = the ``expire`` event's time - the end of that call
       (later if another call of that peer had started since);
       ratio = delay / ``--lease-timeout``.
@@ -226,7 +226,7 @@ def _make_client_class():
 
     class WatchedClient(CoordinatorClient):
         """The peer that dies: notes every call's start and its last successful call in shared
-        memory, and SIGKILLs its own process right after a Heartbeat succeeds once ``die`` is set."""
+        memory, and SIGKILLs its own process right after a call succeeds once ``die`` is set."""
 
         def __init__(self, *a, die=None, shared=None, **kw):
             super().__init__(*a, **kw)
@@ -239,7 +239,7 @@ def _make_client_class():
             reply = super()._rpc(method, request, timeout)
             with self._note:  # no other call's note lands between this one and the kill
                 self._shared[0], self._shared[1] = start, time.time()
-                if method == "Heartbeat" and self._die.is_set():
+                if self._die.is_set():
                     os.kill(os.getpid(), signal.SIGKILL)
             return reply
 
@@ -579,7 +579,7 @@ def main(argv=None) -> int:
                  f"does not serialise a quorum's replies; peer and coordinator processes share the machine's "
                  f"{os.cpu_count()} CPUs (coord/peers CPU% = CPU time / wall time over the timed rounds)")
     notes.append("detect s = the 'expire' event's time - the end of the killed peer's last successful call "
-                 "(a Heartbeat); recover s = that event -> the next commit without the peer; retries = "
+                 "; recover s = that event -> the next commit without the peer; retries = "
                  "RETRY answers the survivors got (the killed peer's quorum)")
     for nt in notes:
         print("note:", nt)

@@ -97,6 +97,7 @@ class TokenInterceptor(grpc.aio.ServerInterceptor):
 
     def __init__(self, token: str):
         self._token = token.encode()
+        self._deny = {}  # method -> its refusing handler, built once
 
     def _ok(self, metadata) -> bool:
         return hmac.compare_digest(_bearer(metadata).encode(), self._token)
@@ -106,7 +107,9 @@ class TokenInterceptor(grpc.aio.ServerInterceptor):
         if details.method.startswith(HEALTH_PREFIX) or self._ok(details.invocation_metadata):
             return handler
         log.warning("refused unauthenticated call to %s", details.method)
-        return _denying(handler)
+        if details.method not in self._deny:
+            self._deny[details.method] = _denying(handler)
+        return self._deny[details.method]
 
 
 def _denying(handler):

@@ -4,7 +4,8 @@
   is unreachable or the peer id is still held by this peer's previous
   incarnation; every other refusal raises a :class:`ControlError` subclass
   that says what is wrong.
-- A background thread renews the lease (``start_heartbeat``). When the
+- A background thread renews the lease (``start_heartbeat``) whenever no
+  other call has done so within the heartbeat interval. When the
   coordinator has forgotten the peer (restart, expired lease) it re-joins on
   its own, reporting the state the peer holds through ``state_fn``.
 - ``sync`` and ``commit`` have deadlines, call again while the coordinator
@@ -190,10 +191,12 @@ class CoordinatorClient:
         self.joined: Optional[JoinInfo] = None
         self.rejoins = 0  # automatic re-joins (coordinator restarts, expired leases)
         self.last_heartbeat: Optional[float] = None
+        self._last_call = 0.0  # start of the latest call: every call renews the lease
 
     # -- low level ----------------------------------------------------------------------
     def _rpc(self, method: str, request, timeout: Optional[float] = None):
         fn = getattr(self._stub, method)
+        self._last_call = time.monotonic()
         try:
             return fn(request, timeout=timeout or self.rpc_timeout, metadata=self._md)
         except grpc.RpcError as e:
@@ -246,6 +249,10 @@ class CoordinatorClient:
         backoff = Backoff(0.05, 1.0)
         while not self._stop.is_set():
             interval = self.joined.heartbeat_interval if self.joined else 1.0
+            quiet = time.monotonic() - self._last_call
+            if quiet < interval:  # another call renewed the lease recently: no heartbeat needed yet
+                self._stop.wait(interval - quiet)
+                continue
             try:
                 self._rpc("Heartbeat", pb.HeartbeatRequest(peer_id=self.peer_id, incarnation=self.incarnation),
                           timeout=max(interval, 1.0))

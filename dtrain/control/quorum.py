@@ -55,6 +55,8 @@ members are soft state and re-join after a coordinator restart.
 
 from __future__ import annotations
 
+import functools
+import heapq
 import re
 from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional, Set, Tuple
@@ -64,6 +66,7 @@ _ADDRESS = re.compile(r"[A-Za-z0-9._\-\[\]:]{1,250}:[0-9]{1,5}")
 _LABEL = re.compile(r"[A-Za-z0-9._-]{0,64}")  # region
 _TOKENISH = re.compile(r"[A-Za-z0-9._-]{1,64}")  # incarnation
 MAX_HASH = 128
+PERSISTED_HISTORY = 32  # commits kept in state.json: enough to answer re-asked commits after a restart
 MAX_REASON = 200
 
 
@@ -117,9 +120,13 @@ class QuorumInfo:
     state_hash: str
     commit_timeout: float
 
-    @property
+    @functools.cached_property
     def ids(self) -> Tuple[str, ...]:
         return tuple(m[0] for m in self.members)
+
+    @functools.cached_property
+    def id_set(self) -> frozenset:
+        return frozenset(self.ids)
 
 
 @dataclass(frozen=True)
@@ -146,6 +153,12 @@ class CommitRecord:
     members: List[str]
     state_hash: str
     time: float  # wall clock (unix seconds), for humans
+
+
+def _record_dict(r: CommitRecord) -> dict:
+    """A commit record as plain data (cheaper than dataclasses.asdict's deep copies)."""
+    return {"round": r.round, "quorum_id": r.quorum_id, "members": list(r.members),
+            "state_hash": r.state_hash, "time": r.time}
 
 
 @dataclass
@@ -187,6 +200,8 @@ class QuorumMachine:
         self.last_quorum: Optional[Tuple[frozenset, int, str]] = None  # (ids, epoch, decision)
         self._sync_answers: Dict[str, SyncAnswer] = {}
         self._commit_answers: Dict[str, CommitAnswer] = {}
+        self.posted: Set[str] = set()
+        self._leases: List[Tuple[float, str]] = []  # (last_seen, peer) heap; stale entries are skipped
         self.dirty = False
         self.events: List[dict] = []
 
@@ -194,7 +209,7 @@ class QuorumMachine:
     def snapshot(self) -> dict:
         return {"version": 1, "committed_round": self.committed_round, "state_hash": self.known_hash,
                 "quorum_id": self.quorum_id, "schema_hash": self.schema_hash,
-                "history": [asdict(r) for r in self.history]}
+                "history": [_record_dict(r) for r in self.history[-PERSISTED_HISTORY:]]}
 
     def _restore(self, s: dict) -> None:
         self.committed_round = int(s["committed_round"])
@@ -220,8 +235,13 @@ class QuorumMachine:
         if m.incarnation != incarnation:
             raise Refusal("PERMISSION_DENIED", f"peer {peer_id!r}: incarnation {incarnation!r} is not the "
                                                "member's current one: join again")
-        m.last_seen = now
+        self._touch(m, now)
         return m
+
+    def _touch(self, m: Member, now: float) -> None:
+        """Renew a lease; the heap keeps expiry checks O(log n) per call."""
+        m.last_seen = now
+        heapq.heappush(self._leases, (now, m.peer_id))
 
     def join(self, peer_id: str, incarnation: str, address: str, schema_hash: str, world_size: int,
              region: str, round: int, state_hash: str, now: float) -> JoinResult:
@@ -262,11 +282,13 @@ class QuorumMachine:
         if old is None:
             self.members[peer_id] = Member(peer_id, incarnation, address, int(world_size), region, now, now,
                                            round=int(round), state_hash=state_hash)
+            self._touch(self.members[peer_id], now)
             self.epoch += 1
             self._event("join", peer_id=peer_id, address=address, region=region, world_size=int(world_size),
                         round=int(round))
         else:
-            old.address, old.world_size, old.region, old.last_seen = address, int(world_size), region, now
+            old.address, old.world_size, old.region = address, int(world_size), region
+            self._touch(old, now)
         up_to_date = int(round) == R and (state_hash == self.known_hash if self.known_hash else
                                           (R == 0 or bool(state_hash)))
         if R == 0 and not self.known_hash and not self.history:
@@ -296,7 +318,13 @@ class QuorumMachine:
         self._remove([peer_id], now, "leave", reason or "left")
 
     def expire(self, now: float) -> List[str]:
-        gone = [pid for pid, m in self.members.items() if now - m.last_seen > self.p.lease_timeout]
+        gone, lease = [], self.p.lease_timeout
+        while self._leases and now - self._leases[0][0] > lease:
+            seen, pid = heapq.heappop(self._leases)
+            m = self.members.get(pid)
+            if m is not None and m.last_seen == seen and pid not in gone:  # not renewed since
+                gone.append(pid)
+        gone.sort()
         if gone:
             self._remove(gone, now, "expire", f"lease expired ({self.p.lease_timeout:g}s without a call)")
         return gone
@@ -314,7 +342,7 @@ class QuorumMachine:
             self._sync_answers.pop(peer_id, None)
             self._commit_answers.pop(peer_id, None)
             self._event(kind, peer_id=peer_id, reason=reason)
-            if self.voting is not None and peer_id in self.voting.quorum.ids:
+            if self.voting is not None and peer_id in self.voting.quorum.id_set:
                 hit.append(peer_id)
         if not self.syncs:
             self.first_sync_at = None
@@ -368,7 +396,7 @@ class QuorumMachine:
         if not state_hash or len(state_hash) > MAX_HASH:
             raise Refusal("INVALID_ARGUMENT", f"peer {peer_id!r}: state_hash must be 1-{MAX_HASH} characters")
         self.healing.pop(peer_id, None)
-        if self.voting is not None and peer_id in self.voting.quorum.ids:
+        if self.voting is not None and peer_id in self.voting.quorum.id_set:
             self._decide_retry(now, f"member {peer_id!r} synced again")
         m.round, m.state_hash = int(round), state_hash
         if round < R:
@@ -393,6 +421,19 @@ class QuorumMachine:
             self.first_sync_at, self.grace_spent = now, False
         self._try_form(now)
         return self._sync_answers.pop(peer_id, None)
+
+    def _post_sync(self, peer_id: str, answer: SyncAnswer) -> None:
+        self._sync_answers[peer_id] = answer
+        self.posted.add(peer_id)
+
+    def _post_commit(self, peer_id: str, answer: CommitAnswer) -> None:
+        self._commit_answers[peer_id] = answer
+        self.posted.add(peer_id)
+
+    def drain_posted(self) -> Set[str]:
+        """Peers with answers posted since the last drain (the service wakes only their calls)."""
+        out, self.posted = self.posted, set()
+        return out
 
     def take_sync_answer(self, peer_id: str, round: int) -> Optional[SyncAnswer]:
         a = self._sync_answers.get(peer_id)
@@ -442,10 +483,10 @@ class QuorumMachine:
         self.voting = _Voting(q, now + self.p.commit_timeout)
         self._event("quorum", quorum_id=q.quorum_id, round=q.round, members=list(q.ids), state_hash=ref)
         for pid in matching:
-            self._sync_answers[pid] = SyncAnswer("quorum", q.round, quorum=q)
+            self._post_sync(pid, SyncAnswer("quorum", q.round, quorum=q))
         for pid in sorted(present - ids):
-            self._sync_answers[pid] = self._heal(pid, q.round, f"state hash {self.syncs[pid][:12]}... differs "
-                                                               f"from the majority's {ref[:12]}...")
+            self._post_sync(pid, self._heal(pid, q.round, f"state hash {self.syncs[pid][:12]}... differs "
+                                                          f"from the majority's {ref[:12]}..."))
         self.syncs, self.first_sync_at = {}, None
 
     # ------------------------------------------------------------------ commit
@@ -458,7 +499,7 @@ class QuorumMachine:
         if self._committed_by(round, quorum_id):  # idempotent, for anyone (also after a restart)
             m = self.members.get(peer_id)
             if m is not None and m.incarnation == incarnation:
-                m.last_seen = now
+                self._touch(m, now)
                 self.take_commit_answer(peer_id, round, quorum_id)
             return CommitAnswer("commit", round, quorum_id, "already committed")
         self._member(peer_id, incarnation, now)
@@ -468,7 +509,7 @@ class QuorumMachine:
         self._commit_answers.pop(peer_id, None)  # an uncollected answer for another quorum is obsolete
         v = self.voting
         if (v is None or round != self.committed_round or quorum_id != v.quorum.quorum_id
-                or peer_id not in v.quorum.ids):
+                or peer_id not in v.quorum.id_set):
             current = v.quorum.quorum_id if v is not None else self.quorum_id
             raise Refusal("ABORTED", f"stale commit: round {round} quorum {quorum_id} is not being voted on "
                                      f"(committed round {self.committed_round}, quorum {current})")
@@ -476,7 +517,7 @@ class QuorumMachine:
         if not ok:
             why = (reason or "no reason given")[:MAX_REASON]
             self._decide_retry(now, f"member {peer_id!r} voted not ok: {why}")
-        elif set(v.votes) >= set(v.quorum.ids):
+        elif len(v.votes) == len(v.quorum.ids):  # votes come only from members; a not-ok one decided above
             self._decide_commit(now)
         return self.take_commit_answer(peer_id, round, quorum_id)
 
@@ -512,12 +553,12 @@ class QuorumMachine:
         for pid in q.ids:
             if pid in self.members:
                 self.members[pid].round = self.committed_round
-            self._commit_answers[pid] = CommitAnswer("commit", q.round, q.quorum_id)
+            self._post_commit(pid, CommitAnswer("commit", q.round, q.quorum_id))
         self._event("commit", round=q.round, quorum_id=q.quorum_id, members=list(q.ids), state_hash=q.state_hash)
         late, self.late = self.late, {}
         for pid in sorted(late):
             if pid in self.members:
-                self._sync_answers[pid] = self._heal(pid, q.round, f"round {q.round} committed without this peer")
+                self._post_sync(pid, self._heal(pid, q.round, f"round {q.round} committed without this peer"))
 
     def _decide_retry(self, now: float, reason: str) -> None:
         v = self.voting
@@ -529,7 +570,7 @@ class QuorumMachine:
         self.voting = None
         for pid in q.ids:
             if pid in self.members:
-                self._commit_answers[pid] = CommitAnswer("retry", q.round, q.quorum_id, reason)
+                self._post_commit(pid, CommitAnswer("retry", q.round, q.quorum_id, reason))
         self._event("retry", round=q.round, quorum_id=q.quorum_id, reason=reason)
         late, self.late = self.late, {}
         self.syncs = {pid: h for pid, h in late.items() if pid in self.members}
@@ -542,7 +583,14 @@ class QuorumMachine:
         self._try_form(now)
 
     def next_deadline(self) -> Optional[float]:
-        times = [m.last_seen + self.p.lease_timeout for m in self.members.values()]
+        """The earliest time at which ``poll`` may change something."""
+        while self._leases:  # drop heap entries of renewed or removed members
+            seen, pid = self._leases[0]
+            m = self.members.get(pid)
+            if m is not None and m.last_seen == seen:
+                break
+            heapq.heappop(self._leases)
+        times = [self._leases[0][0] + self.p.lease_timeout] if self._leases else []
         if self.voting is not None:
             times.append(self.voting.deadline)
         if self.syncs and self.first_sync_at is not None and not self.grace_spent:
@@ -565,5 +613,5 @@ class QuorumMachine:
                          "world_size": m.world_size, "round": m.round, "state": m.state,
                          "state_hash": m.state_hash, "lease_age": max(0.0, now - m.last_seen)}
                         for m in sorted(self.members.values(), key=lambda m: m.peer_id)],
-            "commits": [asdict(r) for r in self.history[-20:]],
+            "commits": [_record_dict(r) for r in self.history[-20:]],
         }

@@ -2,12 +2,14 @@
 
 All calls run on one event loop, so the state machine needs no locks. After
 every state change the durable snapshot is written (atomically) BEFORE any
-answer that depends on it is released, then waiting calls are woken. Sync and
-Commit calls are held until their answer exists or ``wait_ms`` (capped by
-``max_wait_s``) passes, in which case they answer WAIT and the peer calls
-again. A timer task drives lease expiry, the grace window and commit
-deadlines. Every membership change, quorum, commit and retry goes to the
-state dir's ``events.jsonl`` and to the log as one JSON line.
+answer that depends on it is released. Sync and Commit calls are held until
+their answer exists or ``wait_ms`` (capped by ``max_wait_s``) passes, in which
+case they answer WAIT and the peer calls again; a held call waits on its own
+future, woken only when the state machine posts an answer for that peer, so
+heartbeats and other peers' calls cost the waiting calls nothing. A timer
+task sleeps until the state machine's next deadline (lease expiry, the grace
+window, a commit deadline). Every membership change, quorum, commit and retry
+goes to the state dir's ``events.jsonl`` and to the log as one JSON line.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import asyncio
 import json
 import logging
 import time
-from typing import Callable, Optional
+from typing import Callable, Dict, Optional, Tuple
 
 import grpc
 
@@ -31,6 +33,11 @@ _OUTCOME = {"quorum": pb.SyncReply.QUORUM, "heal": pb.SyncReply.HEAL, "wait": pb
 _DECISION = {"commit": pb.CommitReply.COMMIT, "retry": pb.CommitReply.RETRY}
 
 
+def _wake(fut: asyncio.Future) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
 def _donor_pb(d: Optional[Donor]) -> Optional[pb.Donor]:
     if d is None:
         return None
@@ -41,8 +48,11 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
     def __init__(self, machine: QuorumMachine, store: Optional[StateStore], max_wait_s: float,
                  clock: Callable[[], float] = time.monotonic):
         self.m, self.store, self.max_wait_s, self.clock = machine, store, max_wait_s, clock
-        self._changed = asyncio.Event()
+        self._waiters: Dict[str, asyncio.Future] = {}  # peer -> the future its held call awaits
+        self._wake_timer = asyncio.Event()
+        self._timer_target: Optional[float] = None
         self._timer: Optional[asyncio.Task] = None
+        self._quorum_pb: Optional[Tuple[int, int, pb.Quorum]] = None  # built once per quorum
 
     # ------------------------------------------------------------------ plumbing
     def start(self) -> None:
@@ -57,7 +67,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
                 pass
 
     def _after(self) -> None:
-        """Persist (before any answer leaves), log events, wake waiting calls."""
+        """Persist (before any answer leaves), log events, wake the calls that got answers."""
         if self.m.dirty:
             if self.store is not None:
                 self.store.save(self.m.snapshot())
@@ -65,8 +75,13 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         for ev in self.m.drain_events():
             rec = self.store.append_event(ev) if self.store is not None else ev
             log.info(json.dumps(rec))
-        self._changed.set()
-        self._changed = asyncio.Event()
+        for pid in self.m.drain_posted():
+            fut = self._waiters.get(pid)
+            if fut is not None:
+                _wake(fut)
+        nxt = self.m.next_deadline()
+        if nxt is not None and (self._timer_target is None or nxt < self._timer_target):
+            self._wake_timer.set()
 
     async def _call(self, context, fn, *args, **kwargs):
         try:
@@ -77,7 +92,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         finally:
             self._after()
 
-    async def _wait_for(self, take: Callable[[], Optional[object]], wait_ms: int):
+    async def _wait_for(self, peer_id: str, take: Callable[[], Optional[object]], wait_ms: int):
         timeout = min(self.max_wait_s, wait_ms / 1000.0)  # wait_ms=0: answer at once
         deadline = self.clock() + timeout
         while True:
@@ -87,25 +102,32 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             remaining = deadline - self.clock()
             if remaining <= 0:
                 return None
-            event = self._changed
+            loop = asyncio.get_running_loop()
+            fut = loop.create_future()
+            self._waiters[peer_id] = fut
+            timer = loop.call_later(remaining, _wake, fut)
             try:
-                await asyncio.wait_for(event.wait(), remaining)
-            except asyncio.TimeoutError:
-                pass
+                await fut
+            finally:
+                timer.cancel()
+                if self._waiters.get(peer_id) is fut:
+                    del self._waiters[peer_id]
 
     async def _tick_forever(self) -> None:
         while True:
-            now = self.clock()
             nxt = self.m.next_deadline()
-            delay = 0.5 if nxt is None else min(0.5, max(0.0, nxt - now) + 0.001)
-            event = self._changed
+            self._timer_target = nxt
+            delay = 1.0 if nxt is None else min(1.0, max(0.0, nxt - self.clock()) + 0.001)
             try:
-                await asyncio.wait_for(event.wait(), delay)
+                await asyncio.wait_for(self._wake_timer.wait(), delay)
             except asyncio.TimeoutError:
                 pass
-            self.m.poll(self.clock())
-            if self.m.dirty or self.m.events:
+            self._wake_timer.clear()
+            try:
+                self.m.poll(self.clock())
                 self._after()
+            except Exception:  # never let the timer die: leases and deadlines depend on it
+                log.exception("coordinator timer: poll failed")
 
     # ------------------------------------------------------------------ membership
     async def Join(self, req: pb.JoinRequest, context) -> pb.JoinReply:
@@ -136,20 +158,27 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
                                 committed_round=self.m.committed_round)
         reply = pb.SyncReply(outcome=_OUTCOME[a.outcome], reason=a.reason, committed_round=self.m.committed_round)
         if a.quorum is not None:
-            q = a.quorum
-            reply.quorum.CopyFrom(pb.Quorum(
-                quorum_id=q.quorum_id, round=q.round, state_hash=q.state_hash,
-                commit_timeout_ms=int(q.commit_timeout * 1000),
-                members=[pb.Member(peer_id=i, address=a_, world_size=w, region=g) for i, a_, w, g in q.members]))
+            reply.quorum.CopyFrom(self._quorum_message(a.quorum))
         if a.donor is not None:
             reply.donor.CopyFrom(_donor_pb(a.donor))
         return reply
+
+    def _quorum_message(self, q) -> pb.Quorum:
+        cached = self._quorum_pb
+        if cached is None or cached[:2] != (q.quorum_id, q.round):
+            msg = pb.Quorum(quorum_id=q.quorum_id, round=q.round, state_hash=q.state_hash,
+                            commit_timeout_ms=int(q.commit_timeout * 1000),
+                            members=[pb.Member(peer_id=i, address=a, world_size=w, region=g)
+                                     for i, a, w, g in q.members])
+            self._quorum_pb = cached = (q.quorum_id, q.round, msg)
+        return cached[2]
 
     async def Sync(self, req: pb.SyncRequest, context) -> pb.SyncReply:
         ans = await self._call(context, self.m.sync, req.peer_id, req.incarnation, req.round, req.state_hash,
                                now=self.clock())
         if ans is None:
-            ans = await self._wait_for(lambda: self.m.take_sync_answer(req.peer_id, req.round), req.wait_ms)
+            ans = await self._wait_for(req.peer_id, lambda: self.m.take_sync_answer(req.peer_id, req.round),
+                                       req.wait_ms)
         return self._sync_reply(ans)
 
     def _commit_reply(self, a: Optional[CommitAnswer], req: pb.CommitRequest) -> pb.CommitReply:
@@ -164,7 +193,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
                                req.ok, now=self.clock(), reason=req.reason)
         if ans is None:
             ans = await self._wait_for(
-                lambda: self.m.take_commit_answer(req.peer_id, req.round, req.quorum_id), req.wait_ms)
+                req.peer_id, lambda: self.m.take_commit_answer(req.peer_id, req.round, req.quorum_id), req.wait_ms)
         return self._commit_reply(ans, req)
 
     # ------------------------------------------------------------------ status

@@ -1,7 +1,9 @@
 """The coordinator's state dir: durable round state and the event log.
 
 - ``state.json``: committed round, its state hash, the quorum-id counter, the
-  schema hash and the commit history; replaced atomically on every change
+  schema hash and the latest commits (enough to answer a commit asked again
+  after a restart; the full history is in ``events.jsonl``); small, and
+  replaced atomically on every change
   (before any answer that depends on it leaves the coordinator).
 - ``events.jsonl``: one JSON object per membership change, quorum, commit and
   retry, with wall-clock ``time``; appended and flushed.
@@ -32,7 +34,7 @@ class StateStore:
             return json.load(f)
 
     def save(self, snapshot: dict) -> None:
-        atomic_write_bytes(self.state_path, json.dumps(snapshot, indent=1, sort_keys=True).encode())
+        atomic_write_bytes(self.state_path, json.dumps(snapshot, sort_keys=True, separators=(",", ":")).encode())
 
     def append_event(self, event: dict) -> dict:
         rec = {"time": round(time.time(), 3), **event}
