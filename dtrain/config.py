@@ -425,11 +425,14 @@ class CoordinatorConfig:
     history: int = 1000  # commits kept in state.json
     schema_hash: str = ""  # pin the accepted schema; empty: adopt the first joiner's
     reflection: bool = True
+    gloo_store: bool = False  # serve a torch.distributed TCPStore for outer.backend=gloo peers
+    gloo_store_port: int = 0  # 0: the OS picks
     tls: TLSConfig = field(default_factory=TLSConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
 
     def __post_init__(self) -> None:
         _check(0 <= self.port <= 65535, "port", self.port, "0..65535")
+        _check(0 <= self.gloo_store_port <= 65535, "gloo_store_port", self.gloo_store_port, "0..65535")
         _check(self.min_peers >= 1, "min_peers", self.min_peers, "must be >= 1")
         for key in ("lease_timeout_s", "heartbeat_interval_s", "grace_s", "commit_timeout_s", "max_wait_s",
                     "max_message_mb"):

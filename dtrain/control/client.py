@@ -132,6 +132,7 @@ class QuorumView:
     members: Tuple[Tuple[str, str, int, str], ...]  # (peer_id, address, world_size, region), ring order
     state_hash: str
     commit_timeout: float
+    store_address: str = ""  # TCPStore for gloo collectives, when the coordinator serves one
 
     @property
     def ids(self) -> List[str]:
@@ -328,7 +329,7 @@ class CoordinatorClient:
         q = r.quorum
         return QuorumView(q.quorum_id, q.round,
                           tuple((m.peer_id, m.address, m.world_size, m.region) for m in q.members),
-                          q.state_hash, q.commit_timeout_ms / 1000.0)
+                          q.state_hash, q.commit_timeout_ms / 1000.0, q.store_address)
 
     def commit(self, round: int, quorum_id: int, ok: bool, reason: str = "",
                timeout: Optional[float] = None) -> bool:
@@ -343,6 +344,16 @@ class CoordinatorClient:
             log.info("commit of round %d quorum %d is stale: %s", round, quorum_id, e)
             return False
         return r.decision == pb.CommitReply.COMMIT
+
+    def report(self, round: int, quorum_id: int, culprit: str, reason: str) -> bool:
+        """Report a quorum member that sent garbage; True when the coordinator excluded it."""
+        req = pb.ReportRequest(peer_id=self.peer_id, incarnation=self.incarnation, round=round,
+                               quorum_id=quorum_id, culprit=culprit, reason=reason[:200])
+        try:
+            return self._rpc("Report", req).excluded
+        except ControlError as e:
+            log.warning("report of %r failed: %s", culprit, e)
+            return False
 
     def status(self) -> pb.StatusReply:
         return self._rpc("Status", pb.StatusRequest())

@@ -45,7 +45,11 @@ R says which state is current. A member holding S_R calls ``sync(R, H(S_R))``.
   incarnation may join again (idempotent). A call from a peer whose lease has
   expired is refused (PERMISSION_DENIED: join again).
 
-Every membership change (join, activation, leave, expiry) is recorded in
+A quorum member that received garbage from another member reports it; the
+culprit is excluded (removed like an expired member) and the round retries
+without it.
+
+Every membership change (join, activation, leave, expiry, exclusion) is recorded in
 ``events`` for the coordinator's JSON-lines log.
 
 Only committed rounds, the reference hash of S_R where known, the quorum-id
@@ -316,6 +320,23 @@ class QuorumMachine:
         if m is None or m.incarnation != incarnation:
             return  # idempotent
         self._remove([peer_id], now, "leave", reason or "left")
+
+    def report(self, peer_id: str, incarnation: str, round: int, quorum_id: int, culprit: str, reason: str,
+               now: float) -> bool:
+        """A quorum member reports another one for sending garbage: the culprit is excluded
+        (removed; it must re-join and heal), so the retry forms without it. Only reports
+        about the quorum being voted on count; returns whether the culprit was excluded."""
+        self._advance(now)
+        self._member(peer_id, incarnation, now)
+        v = self.voting
+        why = (reason or "no reason given")[:MAX_REASON]
+        if (v is None or v.quorum.quorum_id != quorum_id or round != v.quorum.round
+                or peer_id not in v.quorum.id_set or culprit not in v.quorum.id_set or culprit == peer_id):
+            self._event("report_ignored", peer_id=peer_id, culprit=culprit, round=int(round),
+                        quorum_id=int(quorum_id), reason=why)
+            return False
+        self._remove([culprit], now, "exclude", f"reported by {peer_id!r}: {why}")
+        return True
 
     def expire(self, now: float) -> List[str]:
         gone, lease = [], self.p.lease_timeout

@@ -55,6 +55,7 @@ class CoordinatorServer:
         self.machine = QuorumMachine(params_from(cfg), snapshot)
         self.service: Optional[CoordinatorService] = None
         self.server: Optional[grpc.aio.Server] = None
+        self._tcp_store = None
         self.port = 0
         self.resumed = snapshot is not None
 
@@ -66,7 +67,8 @@ class CoordinatorServer:
             log.warning("no auth token configured (auth.token / DTRAIN_TOKEN): any caller is accepted")
         self.server = grpc.aio.server(interceptors=interceptors,
                                       options=channel_options(int(cfg.max_message_mb * 2 ** 20)))
-        self.service = CoordinatorService(self.machine, self.store, cfg.max_wait_s)
+        store_address = self._start_gloo_store() if cfg.gloo_store else ""
+        self.service = CoordinatorService(self.machine, self.store, cfg.max_wait_s, store_address=store_address)
         pb_grpc.add_CoordinatorServicer_to_server(self.service, self.server)
         health_servicer = HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, self.server)
@@ -85,6 +87,16 @@ class CoordinatorServer:
         for name in ("", SERVICE_NAME):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
         return f"{cfg.host}:{self.port}"
+
+    def _start_gloo_store(self) -> str:
+        """A TCPStore the gloo outer collectives rendezvous through (keys prefixed per quorum)."""
+        import datetime
+
+        import torch.distributed as dist
+
+        self._tcp_store = dist.TCPStore(self.cfg.host, self.cfg.gloo_store_port, is_master=True,
+                                        wait_for_workers=False, timeout=datetime.timedelta(seconds=60))
+        return f"{self.cfg.host}:{self._tcp_store.port}"
 
     async def stop(self, grace: float = 0.5) -> None:
         if self.service is not None:

@@ -46,13 +46,14 @@ def _donor_pb(d: Optional[Donor]) -> Optional[pb.Donor]:
 
 class CoordinatorService(pb_grpc.CoordinatorServicer):
     def __init__(self, machine: QuorumMachine, store: Optional[StateStore], max_wait_s: float,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, store_address: str = ""):
         self.m, self.store, self.max_wait_s, self.clock = machine, store, max_wait_s, clock
         self._waiters: Dict[str, asyncio.Future] = {}  # peer -> the future its held call awaits
         self._wake_timer = asyncio.Event()
         self._timer_target: Optional[float] = None
         self._timer: Optional[asyncio.Task] = None
         self._quorum_pb: Optional[Tuple[int, int, pb.Quorum]] = None  # built once per quorum
+        self.store_address = store_address  # a TCPStore for gloo collectives, when served
 
     # ------------------------------------------------------------------ plumbing
     def start(self) -> None:
@@ -167,7 +168,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         cached = self._quorum_pb
         if cached is None or cached[:2] != (q.quorum_id, q.round):
             msg = pb.Quorum(quorum_id=q.quorum_id, round=q.round, state_hash=q.state_hash,
-                            commit_timeout_ms=int(q.commit_timeout * 1000),
+                            commit_timeout_ms=int(q.commit_timeout * 1000), store_address=self.store_address,
                             members=[pb.Member(peer_id=i, address=a, world_size=w, region=g)
                                      for i, a, w, g in q.members])
             self._quorum_pb = cached = (q.quorum_id, q.round, msg)
@@ -195,6 +196,11 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             ans = await self._wait_for(
                 req.peer_id, lambda: self.m.take_commit_answer(req.peer_id, req.round, req.quorum_id), req.wait_ms)
         return self._commit_reply(ans, req)
+
+    async def Report(self, req: pb.ReportRequest, context) -> pb.ReportReply:
+        excluded = await self._call(context, self.m.report, req.peer_id, req.incarnation, req.round,
+                                    req.quorum_id, req.culprit, req.reason, now=self.clock())
+        return pb.ReportReply(excluded=excluded)
 
     # ------------------------------------------------------------------ status
     async def Status(self, req: pb.StatusRequest, context) -> pb.StatusReply:

@@ -118,18 +118,20 @@ class Member(_message.Message):
     def __init__(self, peer_id: _Optional[str] = ..., address: _Optional[str] = ..., world_size: _Optional[int] = ..., region: _Optional[str] = ...) -> None: ...
 
 class Quorum(_message.Message):
-    __slots__ = ("quorum_id", "round", "members", "state_hash", "commit_timeout_ms")
+    __slots__ = ("quorum_id", "round", "members", "state_hash", "commit_timeout_ms", "store_address")
     QUORUM_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     MEMBERS_FIELD_NUMBER: _ClassVar[int]
     STATE_HASH_FIELD_NUMBER: _ClassVar[int]
     COMMIT_TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    STORE_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     quorum_id: int
     round: int
     members: _containers.RepeatedCompositeFieldContainer[Member]
     state_hash: str
     commit_timeout_ms: int
-    def __init__(self, quorum_id: _Optional[int] = ..., round: _Optional[int] = ..., members: _Optional[_Iterable[_Union[Member, _Mapping]]] = ..., state_hash: _Optional[str] = ..., commit_timeout_ms: _Optional[int] = ...) -> None: ...
+    store_address: str
+    def __init__(self, quorum_id: _Optional[int] = ..., round: _Optional[int] = ..., members: _Optional[_Iterable[_Union[Member, _Mapping]]] = ..., state_hash: _Optional[str] = ..., commit_timeout_ms: _Optional[int] = ..., store_address: _Optional[str] = ...) -> None: ...
 
 class SyncReply(_message.Message):
     __slots__ = ("outcome", "quorum", "donor", "reason", "committed_round")
@@ -196,6 +198,28 @@ class CommitReply(_message.Message):
     committed_round: int
     reason: str
     def __init__(self, decision: _Optional[_Union[CommitReply.Decision, str]] = ..., round: _Optional[int] = ..., quorum_id: _Optional[int] = ..., committed_round: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class ReportRequest(_message.Message):
+    __slots__ = ("peer_id", "incarnation", "round", "quorum_id", "culprit", "reason")
+    PEER_ID_FIELD_NUMBER: _ClassVar[int]
+    INCARNATION_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    QUORUM_ID_FIELD_NUMBER: _ClassVar[int]
+    CULPRIT_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    peer_id: str
+    incarnation: str
+    round: int
+    quorum_id: int
+    culprit: str
+    reason: str
+    def __init__(self, peer_id: _Optional[str] = ..., incarnation: _Optional[str] = ..., round: _Optional[int] = ..., quorum_id: _Optional[int] = ..., culprit: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class ReportReply(_message.Message):
+    __slots__ = ("excluded",)
+    EXCLUDED_FIELD_NUMBER: _ClassVar[int]
+    excluded: bool
+    def __init__(self, excluded: _Optional[bool] = ...) -> None: ...
 
 class StatusRequest(_message.Message):
     __slots__ = ()
@@ -330,3 +354,35 @@ class StateChunk(_message.Message):
     offset: int
     data: bytes
     def __init__(self, offset: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class ShardChunk(_message.Message):
+    __slots__ = ("quorum_id", "round", "op", "phase", "shard", "sender", "codec", "numel", "total_bytes", "offset", "data")
+    QUORUM_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    OP_FIELD_NUMBER: _ClassVar[int]
+    PHASE_FIELD_NUMBER: _ClassVar[int]
+    SHARD_FIELD_NUMBER: _ClassVar[int]
+    SENDER_FIELD_NUMBER: _ClassVar[int]
+    CODEC_FIELD_NUMBER: _ClassVar[int]
+    NUMEL_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    quorum_id: int
+    round: int
+    op: str
+    phase: int
+    shard: int
+    sender: str
+    codec: str
+    numel: int
+    total_bytes: int
+    offset: int
+    data: bytes
+    def __init__(self, quorum_id: _Optional[int] = ..., round: _Optional[int] = ..., op: _Optional[str] = ..., phase: _Optional[int] = ..., shard: _Optional[int] = ..., sender: _Optional[str] = ..., codec: _Optional[str] = ..., numel: _Optional[int] = ..., total_bytes: _Optional[int] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class PushAck(_message.Message):
+    __slots__ = ("bytes",)
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    bytes: int
+    def __init__(self, bytes: _Optional[int] = ...) -> None: ...

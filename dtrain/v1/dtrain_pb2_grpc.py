@@ -66,6 +66,11 @@ class CoordinatorStub:
                 request_serializer=dtrain_dot_v1_dot_dtrain__pb2.StatusRequest.SerializeToString,
                 response_deserializer=dtrain_dot_v1_dot_dtrain__pb2.StatusReply.FromString,
                 _registered_method=True)
+        self.Report = channel.unary_unary(
+                '/dtrain.v1.Coordinator/Report',
+                request_serializer=dtrain_dot_v1_dot_dtrain__pb2.ReportRequest.SerializeToString,
+                response_deserializer=dtrain_dot_v1_dot_dtrain__pb2.ReportReply.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -109,6 +114,12 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Report(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -141,6 +152,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.Status,
                     request_deserializer=dtrain_dot_v1_dot_dtrain__pb2.StatusRequest.FromString,
                     response_serializer=dtrain_dot_v1_dot_dtrain__pb2.StatusReply.SerializeToString,
+            ),
+            'Report': grpc.unary_unary_rpc_method_handler(
+                    servicer.Report,
+                    request_deserializer=dtrain_dot_v1_dot_dtrain__pb2.ReportRequest.FromString,
+                    response_serializer=dtrain_dot_v1_dot_dtrain__pb2.ReportReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -317,6 +333,33 @@ class Coordinator:
             metadata,
             _registered_method=True)
 
+    @staticmethod
+    def Report(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dtrain.v1.Coordinator/Report',
+            dtrain_dot_v1_dot_dtrain__pb2.ReportRequest.SerializeToString,
+            dtrain_dot_v1_dot_dtrain__pb2.ReportReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
 
 class PeerStub:
     """---------------------------------------------------------------- Peer
@@ -344,6 +387,11 @@ class PeerStub:
                 request_serializer=dtrain_dot_v1_dot_dtrain__pb2.StateChunkRequest.SerializeToString,
                 response_deserializer=dtrain_dot_v1_dot_dtrain__pb2.StateChunk.FromString,
                 _registered_method=True)
+        self.PushShard = channel.stream_unary(
+                '/dtrain.v1.Peer/PushShard',
+                request_serializer=dtrain_dot_v1_dot_dtrain__pb2.ShardChunk.SerializeToString,
+                response_deserializer=dtrain_dot_v1_dot_dtrain__pb2.PushAck.FromString,
+                _registered_method=True)
 
 
 class PeerServicer:
@@ -369,6 +417,13 @@ class PeerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PushShard(self, request_iterator, context):
+        """The outer collective: members push encoded pieces of the pseudo-gradient.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PeerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -386,6 +441,11 @@ def add_PeerServicer_to_server(servicer, server):
                     servicer.StreamState,
                     request_deserializer=dtrain_dot_v1_dot_dtrain__pb2.StateChunkRequest.FromString,
                     response_serializer=dtrain_dot_v1_dot_dtrain__pb2.StateChunk.SerializeToString,
+            ),
+            'PushShard': grpc.stream_unary_rpc_method_handler(
+                    servicer.PushShard,
+                    request_deserializer=dtrain_dot_v1_dot_dtrain__pb2.ShardChunk.FromString,
+                    response_serializer=dtrain_dot_v1_dot_dtrain__pb2.PushAck.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -471,6 +531,33 @@ class Peer:
             '/dtrain.v1.Peer/StreamState',
             dtrain_dot_v1_dot_dtrain__pb2.StateChunkRequest.SerializeToString,
             dtrain_dot_v1_dot_dtrain__pb2.StateChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PushShard(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/dtrain.v1.Peer/PushShard',
+            dtrain_dot_v1_dot_dtrain__pb2.ShardChunk.SerializeToString,
+            dtrain_dot_v1_dot_dtrain__pb2.PushAck.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,71 @@
+"""The outer collective interface: mean of one flat fp32 tensor across a quorum.
+
+Every backend (``grpc``, ``gloo``) implements :class:`Collective`:
+
+    result = collective.allreduce_mean(flat, group, deadline_s)
+
+- ``flat``: this member's 1-D float32 CPU tensor (already on the codec's grid
+  when error feedback is used); every member passes the same ``numel``.
+- ``group``: who takes part, in ring order, and which exchange this is.
+- Returns the mean (a new tensor) and the payload bytes this member sent and
+  received. The reduction order is fixed (members in ring order), so every
+  member ends with the same bits.
+- Any member failing or missing ``deadline_s`` makes every member's call
+  raise :class:`CollectiveError` within the deadline, and nothing is applied.
+  A member that sent an invalid payload (wrong length, shape, dtype,
+  non-finite values) is named in ``CollectiveError.culprit``, so the caller can
+  report it to the coordinator.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+
+
+@dataclass(frozen=True)
+class Group:
+    quorum_id: int
+    round: int
+    members: Tuple[Tuple[str, str], ...]  # (peer_id, data-plane address), ring order
+    me: str
+    op: str = "all"  # names the exchange within a round (e.g. "f0" for fragment 0)
+    store_address: str = ""  # TCPStore host:port (gloo)
+
+    @property
+    def size(self) -> int:
+        return len(self.members)
+
+    @property
+    def rank(self) -> int:
+        return [m[0] for m in self.members].index(self.me)
+
+
+@dataclass
+class CollectiveResult:
+    tensor: torch.Tensor
+    bytes_sent: int
+    bytes_recv: int
+    seconds: float
+
+
+class CollectiveError(RuntimeError):
+    """The collective failed (deadline, dead member, garbage); nothing may be applied."""
+
+    def __init__(self, message: str, culprit: Optional[str] = None):
+        super().__init__(message)
+        self.culprit = culprit
+
+
+class Collective(ABC):
+    name: str = ""
+
+    @abstractmethod
+    def allreduce_mean(self, flat: torch.Tensor, group: Group, deadline_s: float) -> CollectiveResult:
+        """Mean of ``flat`` over the group's members (see the module docstring)."""
+
+    def close(self) -> None:
+        """Release connections / process groups."""

@@ -1,0 +1,1 @@
+"""DiLoCo outer loop: pseudo-gradients, codecs, the outer optimizer, streaming and overlap."""

@@ -1,0 +1,38 @@
+"""The codec interface: how a flat fp32 pseudo-gradient becomes bytes on the wire.
+
+A codec maps a 1-D float32 tensor of ``numel`` values to ``encoded_size(numel)``
+bytes and back. Decoding validates: a payload of the wrong length, or one that
+decodes to non-finite values, raises :class:`CodecError` (the sender is then
+reported and excluded). Encoding is deterministic: the same input gives the
+same bytes on every machine.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+
+
+class CodecError(ValueError):
+    """A payload that cannot be decoded (wrong length, bad scale, non-finite values)."""
+
+
+class Codec(ABC):
+    name: str = ""
+
+    @abstractmethod
+    def encoded_size(self, numel: int) -> int:
+        """Bytes of the encoding of ``numel`` values."""
+
+    @abstractmethod
+    def encode(self, x: torch.Tensor) -> bytes:
+        """Encode a 1-D float32 CPU tensor."""
+
+    @abstractmethod
+    def decode(self, payload: bytes, numel: int) -> torch.Tensor:
+        """Decode to a new 1-D float32 CPU tensor of ``numel`` values; CodecError if invalid."""
+
+    @property
+    def lossless(self) -> bool:
+        return False
