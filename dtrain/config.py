@@ -322,58 +322,6 @@ class LoggerConfig:
         _check_choice("logger.progress", self.progress, ("auto", "on", "off"))
 
 
-@dataclass
-class TrainConfig:
-    """``dtrain-train``: one peer training the supernet (one process or torchrun ranks)."""
-
-    model: Any = MISSING  # MBV3Config | GPTConfig, chosen by the model group
-    data: Any = MISSING  # DigitsConfig | TextConfig | CIFAR10Config | SyntheticConfig
-    sandwich: SandwichConfig = field(default_factory=SandwichConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    logger: LoggerConfig = field(default_factory=LoggerConfig)
-    seed: int = 0
-    peer_id: str = "peer0"
-    run_dir: str = MISSING
-    resume: bool = False  # continue from ${run_dir}/checkpoints/latest.pt
-    steps: int = 1000  # optimizer steps; the LR and shrinking schedules span them
-    stop_at: int = 0  # stop early at this step (e.g. a time-limited allocation); 0: run all steps
-    batch_size: int = 64  # samples per step for the whole peer (split across ranks)
-    grad_accum: int = 1  # micro-batches per rank and step
-    eval_every: int = 500  # 0: only at the end
-    eval_batch_size: int = 256
-    eval_archs: List[str] = field(default_factory=lambda: ["max", "min"])
-    log_every: int = 10  # step records in metrics.jsonl
-    checkpoint_every: int = 500  # 0: only at the end
-    calib_batches: int = 8  # BN recalibration: batches of the cached calibration set
-    calib_batch_size: int = 64
-    bucket_mb: float = 25.0  # gradient all-reduce bucket size (several ranks)
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    threads: int = 0  # torch intra-op threads; 0 keeps torch's default
-
-    def __post_init__(self) -> None:
-        if isinstance(self.model, dict):
-            self.model = model_config_from(self.model)
-        if isinstance(self.data, dict):
-            self.data = data_config_from(self.data)
-        _check(bool(self.peer_id) and all(c.isalnum() or c in "-_." for c in self.peer_id),
-               "peer_id", self.peer_id, "letters, digits, '-', '_' and '.' only")
-        _check(self.steps > 0, "steps", self.steps, "must be > 0")
-        _check(self.stop_at >= 0, "stop_at", self.stop_at, "must be >= 0")
-        _check(self.batch_size > 0, "batch_size", self.batch_size, "must be > 0")
-        _check(self.grad_accum > 0, "grad_accum", self.grad_accum, "must be > 0")
-        _check(self.eval_every >= 0, "eval_every", self.eval_every, "must be >= 0")
-        _check(self.eval_batch_size > 0, "eval_batch_size", self.eval_batch_size, "must be > 0")
-        _check(len(self.eval_archs) > 0, "eval_archs", self.eval_archs, "name at least one arch")
-        _check(self.log_every > 0, "log_every", self.log_every, "must be > 0")
-        _check(self.checkpoint_every >= 0, "checkpoint_every", self.checkpoint_every, "must be >= 0")
-        _check(self.calib_batches > 0, "calib_batches", self.calib_batches, "must be > 0")
-        _check(self.calib_batch_size > 0, "calib_batch_size", self.calib_batch_size, "must be > 0")
-        _check(self.bucket_mb > 0, "bucket_mb", self.bucket_mb, "must be > 0")
-        _check(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
-               "device", self.device, "auto, cpu, cuda or cuda:N")
-        _check(self.threads >= 0, "threads", self.threads, "must be >= 0")
-
-
 # --------------------------------------------------------------------------- control plane
 
 
@@ -425,7 +373,7 @@ class CoordinatorConfig:
     history: int = 1000  # commits kept in state.json
     schema_hash: str = ""  # pin the accepted schema; empty: adopt the first joiner's
     reflection: bool = True
-    gloo_store: bool = False  # serve a torch.distributed TCPStore for outer.backend=gloo peers
+    gloo_store: bool = False  # serve a torch.distributed TCPStore for outer.backend=gloo peers (no auth!)
     gloo_store_port: int = 0  # 0: the OS picks
     tls: TLSConfig = field(default_factory=TLSConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
@@ -470,6 +418,138 @@ class CertsConfig:
     def __post_init__(self) -> None:
         _check(len(self.hosts) > 0, "hosts", list(self.hosts), "name at least one host")
         _check(self.days > 0, "days", self.days, "must be > 0")
+
+
+# --------------------------------------------------------------------------- outer loop (multi-peer)
+
+
+@dataclass
+class OuterConfig:
+    """How peers combine their work: alone (none), DiLoCo rounds, or a synchronous baseline."""
+
+    name: str = "none"  # none (one peer) | diloco | ddp (gradient all-reduce across peers every step)
+    sync_every: int = 50  # H: inner steps per round (per fragment cycle with streaming)
+    lr: float = 0.7  # outer Nesterov SGD (DiLoCo defaults)
+    momentum: float = 0.9
+    nesterov: bool = True
+    lr_schedule: str = "constant"  # constant | cosine (over the run's rounds)
+    codec: str = "fp32"  # fp32 | fp16 | bf16 | int8 | int4
+    block_size: int = 128  # int8 / int4 scale blocks
+    error_feedback: bool = False  # add what quantisation dropped to the next round's pseudo-gradient
+    backend: str = "grpc"  # grpc | gloo
+    streams: int = 2  # parallel gRPC streams per link
+    chunk_mb: float = 1.0  # gRPC message size (at most 4)
+    fragments: int = 1  # streaming DiLoCo: F fragments synced at staggered steps
+    overlap_steps: int = 0  # tau: apply a round's result this many inner steps later (0: blocking)
+    alpha: float = 0.5  # with overlap: local <- alpha * local + (1 - alpha) * global
+    deadline_s: float = 30.0  # the outer collective's deadline
+    sync_timeout_s: float = 600.0  # how long a peer waits for a quorum before giving up
+
+    def __post_init__(self) -> None:
+        _check_choice("outer.name", self.name, ("none", "diloco", "ddp"))
+        _check(self.sync_every >= 1, "outer.sync_every", self.sync_every, "must be >= 1")
+        _check(self.lr > 0, "outer.lr", self.lr, "must be > 0")
+        _check(0 <= self.momentum < 1, "outer.momentum", self.momentum, "must be in [0, 1)")
+        _check_choice("outer.lr_schedule", self.lr_schedule, ("constant", "cosine"))
+        _check_choice("outer.codec", self.codec, ("fp32", "fp16", "bf16", "int8", "int4"))
+        _check(self.block_size >= 1, "outer.block_size", self.block_size, "must be >= 1")
+        _check_choice("outer.backend", self.backend, ("grpc", "gloo"))
+        _check(self.streams >= 1, "outer.streams", self.streams, "must be >= 1")
+        _check(0 < self.chunk_mb <= 4, "outer.chunk_mb", self.chunk_mb, "must be in (0, 4]")
+        _check(self.fragments >= 1, "outer.fragments", self.fragments, "must be >= 1")
+        _check(self.sync_every % self.fragments == 0, "outer.sync_every", self.sync_every,
+               f"must be a multiple of outer.fragments={self.fragments}")
+        _check(0 <= self.overlap_steps < self.sync_every // self.fragments, "outer.overlap_steps",
+               self.overlap_steps, f"must be in [0, sync_every/fragments={self.sync_every // self.fragments})")
+        _check(0 <= self.alpha <= 1, "outer.alpha", self.alpha, "must be in [0, 1]")
+        _check(self.deadline_s > 0, "outer.deadline_s", self.deadline_s, "must be > 0")
+        _check(self.sync_timeout_s > 0, "outer.sync_timeout_s", self.sync_timeout_s, "must be > 0")
+
+
+@dataclass
+class ControlConfig:
+    """How a peer reaches the coordinator, and where it serves its data plane."""
+
+    coordinator: str = ""  # host:port; required when outer.name != none
+    host: str = "127.0.0.1"  # data-plane bind address
+    port: int = 0  # data-plane port; 0: the OS picks
+    advertise: str = ""  # address other peers use to reach this one (default host:port)
+    region: str = ""
+    join_timeout_s: float = 120.0
+    rpc_timeout_s: float = 10.0
+    transfer_timeout_s: float = 300.0
+    tls: TLSConfig = field(default_factory=TLSConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+
+    def __post_init__(self) -> None:
+        _check(not self.coordinator or ":" in self.coordinator, "control.coordinator", self.coordinator,
+               "host:port")
+        _check(0 <= self.port <= 65535, "control.port", self.port, "0..65535")
+        for key in ("join_timeout_s", "rpc_timeout_s", "transfer_timeout_s"):
+            _check(getattr(self, key) > 0, f"control.{key}", getattr(self, key), "must be > 0")
+
+
+# --------------------------------------------------------------------------- one peer
+
+
+@dataclass
+class TrainConfig:
+    """``dtrain-train``: one peer training the supernet (one process or torchrun ranks)."""
+
+    model: Any = MISSING  # MBV3Config | GPTConfig, chosen by the model group
+    data: Any = MISSING  # DigitsConfig | TextConfig | CIFAR10Config | SyntheticConfig
+    sandwich: SandwichConfig = field(default_factory=SandwichConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    outer: OuterConfig = field(default_factory=OuterConfig)  # group outer
+    control: ControlConfig = field(default_factory=ControlConfig)  # group control
+    seed: int = 0
+    peer_id: str = "peer0"
+    run_dir: str = MISSING
+    resume: bool = False  # continue from ${run_dir}/checkpoints/latest.pt
+    steps: int = 1000  # optimizer steps; the LR and shrinking schedules span them
+    stop_at: int = 0  # stop early at this step (e.g. a time-limited allocation); 0: run all steps
+    batch_size: int = 64  # samples per step for the whole peer (split across ranks)
+    grad_accum: int = 1  # micro-batches per rank and step
+    eval_every: int = 500  # 0: only at the end
+    eval_batch_size: int = 256
+    eval_archs: List[str] = field(default_factory=lambda: ["max", "min"])
+    log_every: int = 10  # step records in metrics.jsonl
+    checkpoint_every: int = 500  # 0: only at the end
+    calib_batches: int = 8  # BN recalibration: batches of the cached calibration set
+    calib_batch_size: int = 64
+    bucket_mb: float = 25.0  # gradient all-reduce bucket size (several ranks)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    threads: int = 0  # torch intra-op threads; 0 keeps torch's default
+
+    def __post_init__(self) -> None:
+        if isinstance(self.model, dict):
+            self.model = model_config_from(self.model)
+        if isinstance(self.data, dict):
+            self.data = data_config_from(self.data)
+        if isinstance(self.outer, dict):
+            self.outer = OuterConfig(**self.outer)
+        if isinstance(self.control, dict):
+            self.control = ControlConfig(**self.control)
+        _check(self.outer.name == "none" or bool(self.control.coordinator), "control.coordinator",
+               self.control.coordinator, f"give the coordinator's host:port (outer.name={self.outer.name})")
+        _check(bool(self.peer_id) and all(c.isalnum() or c in "-_." for c in self.peer_id),
+               "peer_id", self.peer_id, "letters, digits, '-', '_' and '.' only")
+        _check(self.steps > 0, "steps", self.steps, "must be > 0")
+        _check(self.stop_at >= 0, "stop_at", self.stop_at, "must be >= 0")
+        _check(self.batch_size > 0, "batch_size", self.batch_size, "must be > 0")
+        _check(self.grad_accum > 0, "grad_accum", self.grad_accum, "must be > 0")
+        _check(self.eval_every >= 0, "eval_every", self.eval_every, "must be >= 0")
+        _check(self.eval_batch_size > 0, "eval_batch_size", self.eval_batch_size, "must be > 0")
+        _check(len(self.eval_archs) > 0, "eval_archs", self.eval_archs, "name at least one arch")
+        _check(self.log_every > 0, "log_every", self.log_every, "must be > 0")
+        _check(self.checkpoint_every >= 0, "checkpoint_every", self.checkpoint_every, "must be >= 0")
+        _check(self.calib_batches > 0, "calib_batches", self.calib_batches, "must be > 0")
+        _check(self.calib_batch_size > 0, "calib_batch_size", self.calib_batch_size, "must be > 0")
+        _check(self.bucket_mb > 0, "bucket_mb", self.bucket_mb, "must be > 0")
+        _check(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
+               "device", self.device, "auto, cpu, cuda or cuda:N")
+        _check(self.threads >= 0, "threads", self.threads, "must be >= 0")
 
 
 # --------------------------------------------------------------------------- helpers
@@ -531,5 +611,7 @@ def register_configs() -> None:
     cs.store(group="schema/optim", name="optim", node=OptimConfig)
     cs.store(group="schema/logger", name="logger", node=LoggerConfig)
     cs.store(group="schema", name="coordinator", node=CoordinatorConfig)
+    cs.store(group="schema/outer", name="outer", node=OuterConfig)
+    cs.store(group="schema/control", name="control", node=ControlConfig)
     cs.store(group="schema", name="status", node=StatusConfig)
     cs.store(group="schema", name="certs", node=CertsConfig)

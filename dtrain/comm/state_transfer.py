@@ -141,10 +141,12 @@ def _short(h: str) -> str:
 
 
 class PeerServicer(pb_grpc.PeerServicer):
-    """Serves this peer's current snapshot (``set_snapshot``) to joiners and healers."""
+    """Serves this peer's current snapshot (``set_snapshot``) to joiners and healers, and hands
+    ``PushShard`` streams to ``inbox`` (a ``dtrain.comm.shard_inbox.ShardInbox``) when given."""
 
     def __init__(self, schema_hash: str, peer_id: str = "", chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-                 transfer_ttl_s: float = 60.0, min_round_wait_s: float = 5.0, max_transfers: int = 64):
+                 transfer_ttl_s: float = 60.0, min_round_wait_s: float = 5.0, max_transfers: int = 64,
+                 inbox=None):
         if not 1 <= chunk_bytes <= MAX_CHUNK_BYTES:
             raise ValueError(f"chunk_bytes={chunk_bytes} is not allowed: 1..{MAX_CHUNK_BYTES}")
         self.schema_hash, self.peer_id, self.chunk_bytes = schema_hash, peer_id, int(chunk_bytes)
@@ -152,6 +154,7 @@ class PeerServicer(pb_grpc.PeerServicer):
         self._cond = threading.Condition()
         self._snapshot: Optional[StateSnapshot] = None
         self._transfers: "OrderedDict[str, List]" = OrderedDict()  # id -> [snapshot, last use]
+        self.inbox = inbox
 
     # -- the state this peer holds
     def set_snapshot(self, snapshot: StateSnapshot) -> None:
@@ -249,6 +252,12 @@ class PeerServicer(pb_grpc.PeerServicer):
             yield pb.StateChunk(offset=pos, data=bytes(view[pos:pos + n]))
             pos += n
             self._pinned(request.transfer_id)  # keeps a long transfer alive
+
+    def PushShard(self, request_iterator, context) -> pb.PushAck:
+        if self.inbox is None:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                          "this peer runs no grpc outer collective (no shard inbox)")
+        return self.inbox.push(request_iterator, context)
 
 
 def serve_peer(servicer: PeerServicer, host: str = "127.0.0.1", port: int = 0, token: str = "", tls=None,

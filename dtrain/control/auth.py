@@ -45,8 +45,9 @@ def channel_options(max_message_bytes: int) -> List[Tuple[str, int]]:
 
 
 # reconnect quickly after a coordinator restart instead of gRPC's default backoff (up to 120 s)
-RECONNECT_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 200), ("grpc.min_reconnect_backoff_ms", 200),
-                     ("grpc.max_reconnect_backoff_ms", 5000)]
+# (not grpc.min_reconnect_backoff_ms: gRPC also uses it as the connect timeout, which would
+# fail every link whose handshake takes longer, e.g. intercontinental or slow TLS)
+RECONNECT_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 200), ("grpc.max_reconnect_backoff_ms", 5000)]
 
 
 def server_credentials(tls) -> Optional[grpc.ServerCredentials]:

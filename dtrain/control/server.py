@@ -89,7 +89,10 @@ class CoordinatorServer:
         return f"{cfg.host}:{self.port}"
 
     def _start_gloo_store(self) -> str:
-        """A TCPStore the gloo outer collectives rendezvous through (keys prefixed per quorum)."""
+        """A TCPStore the gloo outer collectives rendezvous through (keys prefixed per quorum).
+
+        torch's TCPStore has no authentication: the token and TLS do not cover it, so
+        serve it only where every host that can reach its port is trusted."""
         import datetime
 
         import torch.distributed as dist
@@ -103,6 +106,7 @@ class CoordinatorServer:
             await self.service.stop()
         if self.server is not None:
             await self.server.stop(grace)
+        self._tcp_store = None  # closes the gloo store's listening socket
         self.store.close()
 
 

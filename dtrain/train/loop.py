@@ -117,7 +117,8 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, ctx: Optional[DistContext] = None):
         self.cfg = cfg
-        self.ctx = ctx or init_distributed(cfg.device)
+        wait = cfg.outer.sync_timeout_s + 120.0 if cfg.outer.name != "none" else 300.0
+        self.ctx = ctx or init_distributed(cfg.device, timeout_s=wait)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         c, ctx = cfg, self.ctx
@@ -143,11 +144,20 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, c.optim)
         self.scheduler = WarmupCosine(self.optimizer, c.optim.lr, c.optim.warmup_steps, c.steps,
                                       c.optim.min_lr_ratio)
-        self.sampler = BatchSampler(len(self.data.train), c.batch_size, c.seed)
+        # each peer draws its own batch order (DiLoCo workers train on different data)
+        self.sampler = BatchSampler(len(self.data.train), c.batch_size, derive_seed(c.seed, "data", c.peer_id))
         self.grad_sync = GradientSync(self.model, c.bucket_mb, ctx)
         self.calib = calibration_batches(self.data.train, c.calib_batches, c.calib_batch_size,
                                          derive_seed(c.seed, "calib"), ctx.rank, ctx.world_size)
         self.step = 0
+        self.stall_s = 0.0  # time inner steps waited for an overlapped exchange
+        self.stop_requested: Optional[str] = None  # set by SIGTERM / SIGINT
+        self.stop_everywhere = False
+        self.outer = None
+        if c.outer.name != "none":
+            from .outer_loop import OuterLoop
+
+            self.outer = OuterLoop(self)
         self.metrics: Optional[MetricsWriter] = None
         self.ckpt_path = os.path.join(self.run_dir, "checkpoints", "latest.pt")
 
@@ -183,7 +193,7 @@ class Trainer:
 
     # -- checkpoints ------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {
+        st = {
             "version": CHECKPOINT_VERSION,
             "step": self.step,
             "model": self.model.state_dict(),
@@ -193,6 +203,11 @@ class Trainer:
             "model_config": json.dumps(dataclasses.asdict(self.cfg.model), sort_keys=True),
             "peer_id": self.cfg.peer_id,
         }
+        if self.outer is not None and self.ctx.is_leader:
+            o = self.outer
+            st["outer"] = {"round": o.state.round, "tensors": dict(o.state.tensors),
+                           "error_feedback": o.ef.state_dict() if o.ef is not None else {}}
+        return st
 
     def save(self) -> None:
         if self.ctx.is_leader:
@@ -209,6 +224,16 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.sampler.load_state_dict(state["sampler"])
         self.step = int(state["step"])
+        if self.outer is not None and self.ctx.is_leader and "outer" in state:
+            o, saved = self.outer, state["outer"]
+            if sorted(saved["tensors"]) != sorted(o.state.tensors):
+                raise ConfigError(f"resume=true but {path} holds another outer state "
+                                  f"({sorted(saved['tensors'])}): use the same outer.* settings")
+            o.state.tensors = {k: saved["tensors"][k].float().cpu() for k in o.state.tensors}
+            o.state.round = int(saved["round"])
+            o.state.changed()
+            if o.ef is not None and saved.get("error_feedback"):
+                o.ef.load_state_dict(saved["error_feedback"])
 
     # -- one step ------------------------------------------------------------------------
     def micro_batches(self, indices: torch.Tensor):
@@ -231,15 +256,32 @@ class Trainer:
         self.model.train()
         losses = sandwich_backward(self.model, batches, archs, plan.weight, c.sandwich, seeds)
         names = list(losses)
-        synced = self.grad_sync.sync([losses[n] for n in names])
-        losses = dict(zip(names, synced))
+        # the stop request rides in the same all-reduce: every rank learns it at the same step
+        synced = self.grad_sync.sync([losses[n] for n in names] + [float(self.stop_requested is not None)])
+        self.stop_everywhere = synced[-1] > 0
+        losses = dict(zip(names, synced[:-1]))
+        if self.outer is not None and self.outer.ddp:
+            self.outer.reduce_gradients()
+            if self.outer.ddp_healed:  # the adopted state replaces this step
+                self.optimizer.zero_grad(set_to_none=True)
+                return losses
         if c.optim.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.optim.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         self.step += 1
+        if self.outer is not None and self.outer.ddp:
+            self.outer.after_ddp_step()
         return losses
+
+    def jump_to_step(self, step: int) -> None:
+        """Continue from ``step`` (after adopting a newer global state): LR schedule included."""
+        self.step = int(step)
+        self.scheduler.load_state_dict({"step_num": self.step})
+
+    def record(self, rec: dict) -> None:
+        self._record(rec)
 
     # -- evaluation -------------------------------------------------------------------------
     def evaluate(self, split_name: str = "val") -> List[dict]:
@@ -272,6 +314,9 @@ class Trainer:
                 log.info("resume=true but no checkpoint at %s: starting at step 0", self.ckpt_path)
         self._open_outputs()
         self._log_start(resumed)
+        restore_signals = self._install_signal_handlers()
+        if self.outer is not None:
+            self.outer.start()
         stop = min(c.steps, c.stop_at) if c.stop_at else c.steps
         bar = Progress(stop, c.logger.progress, self.ctx.is_leader, start=self.step)
         t_last, n_last = time.perf_counter(), self.step
@@ -280,6 +325,10 @@ class Trainer:
             while self.step < stop:
                 lr = self.scheduler.lr
                 losses = self.train_step()
+                if self.stop_everywhere:
+                    break
+                if self.outer is not None:
+                    self.outer.after_step()
                 if self.step % c.log_every == 0 or self.step == stop:
                     now = time.perf_counter()
                     sps = (self.step - n_last) * c.batch_size / max(now - t_last, 1e-9)
@@ -294,7 +343,21 @@ class Trainer:
                     self.save()
         finally:
             bar.close()
+            restore_signals()
+        if self.outer is not None:
+            if self.stop_requested is None:
+                self.outer.finish()
+            self.outer.close(leave=True, reason=self.stop_requested or "finished")
+            if self.stop_requested is None:
+                self._use_global_model()
         self.save()
+        if self.stop_requested is not None:
+            if self.ctx.is_leader:
+                log.info("%s: left the run at step %d", self.stop_requested, self.step)
+            self._record({"kind": "run", "event": "stopped", "step": self.step, "reason": self.stop_requested})
+            if self.metrics is not None:
+                self.metrics.close()
+            return {"kind": "summary", "step": self.step, "finished": False, "stopped": self.stop_requested}
         finished = self.step >= c.steps
         summary = {"kind": "summary", "step": self.step, "finished": finished,
                    "world_size": self.ctx.world_size, **self._rank_parity(),
@@ -313,6 +376,32 @@ class Trainer:
         if self.metrics is not None:
             self.metrics.close()
         return summary
+
+    def _install_signal_handlers(self):
+        """SIGTERM / SIGINT: finish the current step, leave the run, checkpoint, exit 0."""
+        import signal
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return lambda: None
+
+        def on_signal(signum, frame):
+            self.stop_requested = signal.Signals(signum).name
+            if self.ctx.world_size == 1:
+                self.stop_everywhere = True
+
+        old = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+        return lambda: [signal.signal(sig, h) for sig, h in old.items()]
+
+    def _use_global_model(self) -> None:
+        """DiLoCo: the run's result is the global model (local parameters differ by < H steps)."""
+        if self.outer is None or self.outer.ddp:
+            return
+        if self.ctx.is_leader:
+            self.outer.layout.load(self.model, self.outer.state.tensors["theta"])
+        if self.ctx.enabled:
+            for p in self.model.parameters():
+                dist.broadcast(p.data, 0)
 
     def _rank_parity(self) -> dict:
         """Parameter hash of every rank: they must all agree (one optimizer, same gradients)."""
@@ -340,6 +429,11 @@ class Trainer:
                  "schedule %s, in-place distillation %s", c.model.space,
                  human(sum(p.numel() for p in m.parameters())), f"{self.space.size():.3g}",
                  sw.num_random, sw.schedule, distill)
+        if c.outer.name != "none":
+            o = c.outer
+            log.info("outer loop %s: H=%d, %d fragment(s), overlap %d, codec %s%s, backend %s, coordinator %s",
+                     o.name, o.sync_every, o.fragments, o.overlap_steps, o.codec,
+                     " + error feedback" if o.error_feedback else "", o.backend, c.control.coordinator)
         if resumed:
             log.info("resumed from %s at step %d", self.ckpt_path, self.step)
         self._record({"kind": "run", "event": "resume" if resumed else "start", "step": self.step,

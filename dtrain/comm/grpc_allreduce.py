@@ -1,0 +1,329 @@
+"""The ``grpc`` outer collective: a reduce-scatter + all-gather mean over ``Peer.PushShard``.
+
+Math. Member m (ring position m = 0..k-1) holds x_m, a flat float32 tensor of
+N values. The index range is cut into k contiguous shards; shard i has
+``N // k + (1 if i < N % k else 0)`` values (sizes differ by at most one) and
+is **owned** by member i. With E/D the codec's encode/decode:
+
+  phase 1 (reduce-scatter): every member m sends E(x_m[shard i]) to owner i,
+      for i != m. Owner i computes, in float32 and in ring order,
+          s_i = ((0 + D(E(x_0[i]))) + D(E(x_1[i]))) + ... + D(E(x_{k-1}[i]))
+          y_i = E(s_i / k)
+      Its own slice also goes through D(E(.)) (our choice; only the owner
+      uses it, so parity holds either way): every contribution is quantised
+      the same way wherever it is owned, and error feedback, which assumes the
+      codec sees every value, stays right.
+  phase 2 (all-gather): owner i sends the bytes y_i to every other member.
+      EVERY member, owner included, sets result[shard i] = D(y_i).
+
+Why every member ends with the same bits: result[shard i] is a pure function
+(D, deterministic) of the byte string y_i, and all members decode the very
+same y_i: the owner encoded it once and sent those bytes. The order of the
+float32 sum is fixed (ring order), so y_i is also reproducible from the
+inputs, independent of arrival order.
+
+Cost. Two quantisation steps per value (E before the sum, E of the mean).
+Member m sends (k-1) slices of about N/k values and (k-1) copies of its
+mean shard, and receives as much:
+  bytes sent = bytes received ~= 2 (k-1)/k * N * bytes-per-value
+plus the codec's scales and the per-chunk header. ``bytes_sent`` /
+``bytes_recv`` count every ShardChunk as ``ByteSize() + 5`` (the gRPC frame);
+HTTP/2 and TCP/TLS framing are not counted.
+
+Transport. An encoded shard is cut into chunks of at most ``chunk_bytes``
+(default 1 MiB, at most 4 MiB) spread over ``streams`` PushShard streams per
+destination; each stream runs on its own channel, i.e. its own TCP
+connection (several connections fill a long fat pipe better than one
+congestion window). All destinations are pushed at once; gRPC consumes each
+stream's request generator on its own thread. Channels stay open across
+calls (keyed by address and stream lane). The token travels as
+``authorization: Bearer`` metadata, TLS comes from ``make_channel``.
+
+Failure. Every RPC's deadline is the collective's deadline; waits end there
+too, so ``allreduce_mean`` returns or raises within ``deadline_s`` plus a few
+milliseconds of clean-up, whatever the other members do. A missing, dead or
+stopped member leaves the others without its slice or its mean shard: they
+raise CollectiveError at the deadline, or sooner when a push to it fails
+(refused connection at once; a FAILED_PRECONDITION refusal, meaning the
+member's collective is already over, after ``culprit_grace_s`` (1 s, never
+past the deadline), so that an invalid payload already on its way here is
+still checked and its sender named). A payload the inbox refuses (see
+``shard_inbox``) raises CollectiveError naming the sender as ``culprit``. A
+member returns only after every push it made was acknowledged and every
+shard it needs was decoded; nothing partial is ever returned. (A member may
+still succeed while another fails late, e.g. on decoding the last shard it
+receives; the coordinator's commit vote settles that.)
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+from typing import Dict, List, Optional, Tuple
+
+import grpc
+import torch
+
+from ..control.auth import auth_metadata, make_channel
+from ..outer.codec_api import Codec, CodecError
+from ..v1 import dtrain_pb2 as pb
+from ..v1 import dtrain_pb2_grpc as pb_grpc
+from .collective import Collective, CollectiveError, CollectiveResult, Group
+from .shard_inbox import Key, ShardInbox, wire_size
+from .state_transfer import DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES, MAX_MESSAGE_BYTES
+
+log = logging.getLogger("dtrain.comm")
+
+DEFAULT_STREAMS = 2
+MAX_STREAMS = 16
+MAX_CHANNELS = 256
+DEFAULT_CULPRIT_GRACE_S = 1.0
+
+
+def shard_bounds(numel: int, k: int, align: int = 1) -> List[Tuple[int, int]]:
+    """(start, length) of the k contiguous shards of ``numel`` values.
+
+    Shards start at multiples of ``align`` (the codec's block size), so a shard is
+    quantised with exactly the blocks the whole vector would be: error feedback
+    computed on the whole vector then matches what is sent. Block counts differ
+    by at most one; with fewer blocks than members the split is per value."""
+    blocks = -(-numel // align) if align > 1 else numel
+    unit = align if align > 1 and blocks >= k else 1
+    if unit == 1:
+        blocks = numel
+    base, extra = divmod(blocks, k)
+    out, start = [], 0
+    for i in range(k):
+        n = min((base + (1 if i < extra else 0)) * unit, numel - start)
+        out.append((start, n))
+        start += n
+    return out
+
+
+class _Pushes:
+    """The PushShard calls of one collective: counts bytes, reports the first failure, waits for acks."""
+
+    def __init__(self, on_error):
+        self._on_error = on_error
+        self._cond = threading.Condition()
+        self._calls: List[grpc.Future] = []
+        self._pending = 0
+        self._stopping = False
+        self.error: Optional[CollectiveError] = None
+        self.bytes_sent = 0
+
+    def count(self, n: int) -> None:
+        with self._cond:
+            self.bytes_sent += n
+
+    def add(self, call: grpc.Future, dest: str, address: str, phase: int) -> None:
+        with self._cond:
+            self._calls.append(call)
+            self._pending += 1
+        call.add_done_callback(lambda f: self._done(f, dest, address, phase))
+
+    def _done(self, call: grpc.Future, dest: str, address: str, phase: int) -> None:
+        err, second_hand = None, False
+        if not call.cancelled():
+            e = call.exception()
+            if e is not None:
+                code = e.code() if hasattr(e, "code") else None
+                details = e.details() if hasattr(e, "details") else str(e)
+                name = code.name if code is not None else type(e).__name__
+                err = CollectiveError(f"phase-{phase} push to {dest!r} ({address}) failed: {name}: {details}")
+                # the destination's collective is over (it failed): a second-hand failure
+                second_hand = code == grpc.StatusCode.FAILED_PRECONDITION
+        with self._cond:
+            self._pending -= 1
+            if err is not None and self.error is None and not self._stopping:
+                self.error = err
+            else:
+                err = None
+            self._cond.notify_all()
+        if err is not None:
+            self._on_error(err, second_hand)
+
+    def wait(self, deadline: float) -> None:
+        """Until every push is acknowledged; CollectiveError on a failure or at the deadline."""
+        with self._cond:
+            while self._pending and self.error is None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise CollectiveError(f"deadline passed with {self._pending} pushes not acknowledged")
+                self._cond.wait(left)
+            if self.error is not None:
+                raise self.error
+
+    def cancel(self) -> None:
+        with self._cond:
+            self._stopping = True
+            calls = list(self._calls)
+        for c in calls:
+            c.cancel()
+
+
+class GrpcCollective(Collective):
+    """Mean of a flat float32 tensor over a group, over ``Peer.PushShard`` (see the module docstring).
+
+    ``inbox`` is the :class:`ShardInbox` this peer's ``PeerServicer`` hands its PushShard streams to; when
+    None a new one is made (``self.inbox``) and must be given to the servicer.
+    """
+
+    name = "grpc"
+
+    def __init__(self, codec: Codec, me: str, token: str = "", tls=None, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+                 streams: int = DEFAULT_STREAMS, inbox: Optional[ShardInbox] = None,
+                 culprit_grace_s: float = DEFAULT_CULPRIT_GRACE_S):
+        if not 1 <= chunk_bytes <= MAX_CHUNK_BYTES:
+            raise ValueError(f"chunk_bytes={chunk_bytes} is not allowed: 1..{MAX_CHUNK_BYTES}")
+        if not 1 <= streams <= MAX_STREAMS:
+            raise ValueError(f"streams={streams} is not allowed: 1..{MAX_STREAMS}")
+        if not me:
+            raise ValueError("me (this peer's id) must not be empty")
+        self.codec, self.me, self.tls = codec, me, tls
+        self.align = max(1, int(getattr(codec, "block_size", 1)))  # shard starts on codec blocks
+        self.chunk_bytes, self.streams = int(chunk_bytes), int(streams)
+        self.culprit_grace_s = float(culprit_grace_s)
+        self.inbox = inbox if inbox is not None else ShardInbox()
+        self._metadata = auth_metadata(token)
+        self._lock = threading.Lock()
+        self._channels: "OrderedDict[Tuple[str, int], Tuple[grpc.Channel, pb_grpc.PeerStub]]" = OrderedDict()
+
+    # ------------------------------------------------------------ channels
+
+    def _stub(self, address: str, lane: int) -> pb_grpc.PeerStub:
+        with self._lock:
+            entry = self._channels.get((address, lane))
+            if entry is None:
+                # Channels with identical arguments share one connection; a message limit that differs by
+                # ``lane`` bytes (harmless) gives every lane a connection of its own.
+                channel = make_channel(address, self.tls, MAX_MESSAGE_BYTES + lane)
+                entry = self._channels[(address, lane)] = (channel, pb_grpc.PeerStub(channel))
+                while len(self._channels) > MAX_CHANNELS:
+                    self._channels.popitem(last=False)[1][0].close()
+            self._channels.move_to_end((address, lane))
+            return entry[1]
+
+    def close(self) -> None:
+        with self._lock:
+            channels, self._channels = list(self._channels.values()), OrderedDict()
+        for channel, _ in channels:
+            channel.close()
+
+    # ------------------------------------------------------------ the collective
+
+    def allreduce_mean(self, flat: torch.Tensor, group: Group, deadline_s: float) -> CollectiveResult:
+        t0 = time.monotonic()
+        deadline = t0 + deadline_s
+        self._check_args(flat, group, deadline_s)
+        key: Key = (group.quorum_id, group.round, group.op)
+        ids = [m[0] for m in group.members]
+        k, r = len(ids), group.rank
+        bounds = shard_bounds(flat.numel(), k, self.align)
+        expected = {}
+        for j, peer in enumerate(ids):
+            if j != r:
+                expected[(1, r, peer)] = bounds[r][1]  # their slice of my shard
+                expected[(2, j, peer)] = bounds[j][1]  # their mean shard
+        self.inbox.open(key, self.me, ids, self.codec, expected)
+        pushes = _Pushes(lambda err, second_hand: self.inbox.fail(
+            key, err, self.culprit_grace_s if second_hand else 0.0))
+        try:
+            result = self._run(flat.detach().contiguous(), group, key, bounds, pushes, deadline)
+        except BaseException as e:
+            pushes.cancel()
+            self.inbox.close(key, f"failed: {e}")
+            log.warning("collective (quorum %d, round %d, op %r) failed on %s after %.2fs: %s", *key, self.me,
+                        time.monotonic() - t0, e)
+            raise
+        bytes_recv = self.inbox.close(key)
+        return CollectiveResult(result, pushes.bytes_sent, bytes_recv, time.monotonic() - t0)
+
+    def _check_args(self, flat: torch.Tensor, group: Group, deadline_s: float) -> None:
+        if not isinstance(flat, torch.Tensor) or flat.dim() != 1 or flat.dtype != torch.float32 \
+                or flat.device.type != "cpu":
+            raise ValueError("flat must be a 1-D float32 CPU tensor")
+        if group.me != self.me:
+            raise ValueError(f"group.me={group.me!r} is not this collective's member {self.me!r}")
+        ids = [m[0] for m in group.members]
+        if self.me not in ids or len(set(ids)) != len(ids) or not all(ids):
+            raise ValueError(f"members {ids} must be distinct non-empty ids including {self.me!r}")
+        if not deadline_s > 0:
+            raise ValueError(f"deadline_s={deadline_s} must be > 0")
+
+    def _run(self, flat: torch.Tensor, group: Group, key: Key, bounds: List[Tuple[int, int]], pushes: _Pushes,
+             deadline: float) -> torch.Tensor:
+        ids = [m[0] for m in group.members]
+        k, r = len(ids), group.rank
+        start_r, n_r = bounds[r]
+        # phase 1: my slice of every other shard to its owner (starting after me, so owners are not all hit
+        # by everyone at once), then my own slice through the same encode/decode
+        for step in range(1, k):
+            i = (r + step) % k
+            start, n = bounds[i]
+            payload = self._encode(flat[start:start + n], f"shard {i}")
+            self._push(pushes, group, i, 1, i, payload, n, deadline)
+        mine = self._decode_own(self._encode(flat[start_r:start_r + n_r], f"shard {r}"), n_r)
+        slices = self.inbox.wait(key, 1, deadline)
+        total = torch.zeros(n_r, dtype=torch.float32)
+        for j in range(k):  # ring order: the same sum on every run
+            total.add_(mine if j == r else slices[(r, ids[j])])
+        total.div_(k)
+        mean_payload = self._encode(total, f"the mean of shard {r}")
+        # phase 2: the encoded mean to every other member; I decode the same bytes
+        for step in range(1, k):
+            j = (r + step) % k
+            self._push(pushes, group, j, 2, r, mean_payload, n_r, deadline)
+        result = torch.empty(flat.numel(), dtype=torch.float32)
+        result[start_r:start_r + n_r] = self._decode_own(mean_payload, n_r)
+        means = self.inbox.wait(key, 2, deadline)
+        for j in range(k):
+            if j != r:
+                start, n = bounds[j]
+                result[start:start + n] = means[(j, ids[j])]
+        pushes.wait(deadline)
+        return result
+
+    def _encode(self, x: torch.Tensor, what: str) -> bytes:
+        try:
+            return self.codec.encode(x.contiguous())
+        except CodecError as e:
+            raise CollectiveError(f"{self.codec.name} cannot encode this member's {what}: {e}") from None
+
+    def _decode_own(self, payload: bytes, numel: int) -> torch.Tensor:
+        try:
+            return self.codec.decode(payload, numel)
+        except CodecError as e:
+            raise CollectiveError(f"{self.codec.name} refuses this member's own encoding: {e}") from None
+
+    def _push(self, pushes: _Pushes, group: Group, dest: int, phase: int, shard: int, payload: bytes,
+              numel: int, deadline: float) -> None:
+        """Send ``payload`` to member ``dest`` in chunks over up to ``streams`` parallel PushShard calls."""
+        total = len(payload)
+        if total == 0:
+            return
+        peer, address = group.members[dest]
+        fields = dict(quorum_id=group.quorum_id, round=group.round, op=group.op, phase=phase, shard=shard,
+                      sender=self.me, codec=self.codec.name, numel=numel, total_bytes=total)
+        n_chunks = -(-total // self.chunk_bytes)
+        lanes = min(self.streams, n_chunks)
+        per_lane = -(-n_chunks // lanes)
+        for lane in range(lanes):
+            first, last = lane * per_lane, min(n_chunks, (lane + 1) * per_lane)
+            if first >= last:
+                continue
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise CollectiveError(f"deadline passed before the phase-{phase} push to {peer!r}")
+            call = self._stub(address, lane).PushShard.future(
+                self._chunks(fields, payload, first, last, pushes), timeout=left, metadata=self._metadata)
+            pushes.add(call, peer, address, phase)
+
+    def _chunks(self, fields: Dict, payload: bytes, first: int, last: int, pushes: _Pushes):
+        cb = self.chunk_bytes
+        for c in range(first, last):
+            msg = pb.ShardChunk(offset=c * cb, data=payload[c * cb:(c + 1) * cb], **fields)
+            pushes.count(wire_size(msg))
+            yield msg

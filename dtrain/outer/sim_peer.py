@@ -1,0 +1,234 @@
+"""A model-free DiLoCo peer: the real outer loop without the supernet (tests, benchmarks).
+
+    python -m dtrain.outer.sim_peer --coordinator HOST:PORT --peer-id p1 --rounds 8 --out p1.jsonl
+           [--numel 100000] [--codecs fp32,int8] [--backends grpc,gloo] [--fragments 2]
+           [--error-feedback] [--poison-round R] [--step-s 0.0] [--deadline-s 10]
+
+Everything but the inner steps is the production path: GlobalState, the
+RoundEngine (sync / collective / commit / retry / heal), the codecs, error
+feedback, the outer Nesterov optimizer, the Peer service (state transfer and
+the gRPC collective's inbox), the gloo backend. "Training" is replaced by a
+deterministic per-peer perturbation, theta_local = theta_global + noise(seed,
+peer, round), so peers hold different pseudo-gradients but every peer that
+commits a round must end with the same global state bits.
+
+Round r uses codec ``codecs[r mod C]`` and backend ``backends[(r div C) mod B]``
+and fragment ``r mod F``, so one short run covers every combination.
+``--poison-round R`` makes this peer send garbage (NaN floats / invalid
+scales) in round R, to test exclusion. Each committed round and heal is
+appended to ``--out`` as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import signal
+import sys
+import time
+from typing import Dict, List, Tuple
+
+import torch
+
+from ..comm.state_transfer import PeerServicer, serve_peer
+from ..control.client import ControlError, CoordinatorClient, HealOrder
+from ..control.schema import schema_hash
+from .codec_api import Codec
+from .codecs import get_codec
+from .error_feedback import ErrorFeedback
+from .global_state import GlobalState
+from .outer_opt import OuterNesterov
+from .round_engine import RoundEngine, RoundOutcome
+
+log = logging.getLogger("dtrain.outer")
+
+
+class PoisonedCodec(Codec):
+    """Encodes garbage of the right length: NaN floats, or invalid int scales."""
+
+    def __init__(self, inner: Codec):
+        self.inner, self.name = inner, inner.name
+
+    def encoded_size(self, numel: int) -> int:
+        return self.inner.encoded_size(numel)
+
+    def encode(self, x: torch.Tensor) -> bytes:
+        if self.inner.name == "fp32":
+            return torch.full((x.numel(),), float("nan")).numpy().tobytes()
+        return b"\xff" * self.inner.encoded_size(x.numel())
+
+    def decode(self, payload: bytes, numel: int) -> torch.Tensor:
+        return self.inner.decode(payload, numel)
+
+
+def _seed(*parts) -> int:
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:7], "little")
+
+
+def fragments_of(numel: int, f: int) -> List[Tuple[int, int]]:
+    bounds = [numel * i // f for i in range(f + 1)]
+    return [(bounds[i], bounds[i + 1]) for i in range(f)]
+
+
+class SimPeer:
+    def __init__(self, a: argparse.Namespace):
+        self.a = a
+        self.schema = schema_hash({"sim_peer": a.numel, "fragments": a.fragments})
+        g = torch.Generator().manual_seed(a.seed)
+        theta = torch.randn(a.numel, generator=g)
+        self.state = GlobalState([("theta", theta), ("velocity", torch.zeros(a.numel))])
+        self.frags = fragments_of(a.numel, a.fragments)
+        self.codecs = a.codecs.split(",")
+        self.backends = a.backends.split(",")
+        self.opt = OuterNesterov(a.outer_lr, 0.9, True)
+        self.ef = ErrorFeedback() if a.error_feedback else None
+        from ..comm.shard_inbox import ShardInbox
+
+        self.inbox = ShardInbox()
+        self.servicer = PeerServicer(self.schema, a.peer_id, inbox=self.inbox)
+        self.server, port = serve_peer(self.servicer, "127.0.0.1", 0, token=a.token)
+        self.address = f"127.0.0.1:{port}"
+        self.client = CoordinatorClient(a.coordinator, a.peer_id, self.address, self.schema, token=a.token,
+                                        rpc_timeout=a.rpc_timeout,
+                                        state_fn=lambda: (self.state.round, self.state.hash()))
+        self.collectives: Dict[Tuple[str, str, bool], object] = {}
+        self.engine = RoundEngine(self.client, None, self.state, self.publish, a.peer_id, self.schema,
+                                  token=a.token, deadline_s=a.deadline_s, sync_timeout_s=a.sync_timeout_s)
+        self.out = open(a.out, "a", encoding="utf-8")
+        self.stop = None
+
+    def publish(self, state: GlobalState) -> None:
+        self.servicer.set_snapshot(state.snapshot({"sim": True}))
+
+    def record(self, kind: str, **fields) -> None:
+        self.out.write(json.dumps({"kind": kind, "peer": self.a.peer_id, "time": time.time(), **fields}) + "\n")
+        self.out.flush()
+
+    def collective(self, backend: str, codec_name: str, poison: bool):
+        key = (backend, codec_name, poison)
+        if key not in self.collectives:
+            codec = get_codec(codec_name, self.a.block_size)
+            if poison:
+                codec = PoisonedCodec(codec)
+            if backend == "gloo":
+                from ..comm.gloo_allreduce import GlooCollective
+
+                self.collectives[key] = GlooCollective(codec)
+            else:
+                from ..comm.grpc_allreduce import GrpcCollective
+
+                self.collectives[key] = GrpcCollective(codec, self.a.peer_id, token=self.a.token,
+                                                       chunk_bytes=self.a.chunk_bytes, streams=self.a.streams,
+                                                       inbox=self.inbox)
+        return self.collectives[key]
+
+    def run(self) -> int:
+        a = self.a
+        self.publish(self.state)
+        info = self.client.join(timeout=a.join_timeout)
+        self.client.start_heartbeat()
+        if info.must_heal and info.donor is not None:
+            out = RoundOutcome("heal", self.state.round)
+            if self.engine._heal(HealOrder(info.donor, info.committed_round, "joined behind"), out):
+                self.record("heal", round=out.round, **(out.heal or {}))
+        while self.state.round < a.rounds and self.stop is None:
+            r = self.state.round
+            time.sleep(a.step_s)
+            codec_name = self.codecs[r % len(self.codecs)]
+            backend = self.backends[(r // len(self.codecs)) % len(self.backends)]
+            f = r % len(self.frags)
+            lo, hi = self.frags[f]
+            noise = torch.randn(hi - lo, generator=torch.Generator().manual_seed(_seed(a.seed, a.peer_id, r))) * a.noise
+            delta = -noise  # theta_global - theta_local with theta_local = theta_global + noise
+            codec = get_codec(codec_name, a.block_size)
+            payload = self.ef.quantize_with_feedback(f"f{f}", delta, codec) if self.ef else delta
+            self.engine.collective = self.collective(backend, codec_name, r == a.poison_round)
+            out = self.engine.exchange(payload, op=f"f{f}")
+            if out.kind == "heal":
+                if self.ef:
+                    self.ef.reset()
+                self.record("heal", round=out.round, **(out.heal or {}))
+                continue
+            theta, v = self.state.tensors["theta"], self.state.tensors["velocity"]
+            self.opt.step(theta[lo:hi], v[lo:hi], out.mean, round=out.round)
+            self.state.round = out.round + 1
+            self.state.changed()
+            self.publish(self.state)
+            self.record("round", round=out.round, quorum_id=out.quorum_id, members=out.members,
+                        state_hash=self.state.hash(), bytes_sent=out.bytes_sent, bytes_recv=out.bytes_recv,
+                        comm_s=out.comm_s, wait_s=out.wait_s, attempts=out.attempts, codec=codec_name,
+                        backend=backend, fragment=f, numel=hi - lo)
+        self.record("done", round=self.state.round, stop=self.stop or "")
+        return 0
+
+    def close(self, reason: str) -> None:
+        self.client.leave(reason)
+        self.client.close()
+        for c in self.collectives.values():
+            c.close()
+        self.server.stop(0)
+        self.out.close()
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m dtrain.outer.sim_peer", description=__doc__.splitlines()[0])
+    p.add_argument("--coordinator", required=True)
+    p.add_argument("--peer-id", required=True)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--out", required=True)
+    p.add_argument("--numel", type=int, default=10_000)
+    p.add_argument("--codecs", default="fp32")
+    p.add_argument("--backends", default="grpc")
+    p.add_argument("--fragments", type=int, default=1)
+    p.add_argument("--block-size", type=int, default=128)
+    p.add_argument("--error-feedback", action="store_true")
+    p.add_argument("--poison-round", type=int, default=-1)
+    p.add_argument("--step-s", type=float, default=0.0)
+    p.add_argument("--noise", type=float, default=0.01)
+    p.add_argument("--outer-lr", type=float, default=0.7)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--deadline-s", type=float, default=10.0)
+    p.add_argument("--sync-timeout-s", type=float, default=60.0)
+    p.add_argument("--rpc-timeout", type=float, default=5.0)
+    p.add_argument("--join-timeout", type=float, default=30.0)
+    p.add_argument("--chunk-bytes", type=int, default=1 << 20)
+    p.add_argument("--streams", type=int, default=2)
+    p.add_argument("--token", default="")
+    a = p.parse_args(argv)
+    for name in a.codecs.split(","):
+        if name not in ("fp32", "fp16", "bf16", "int8", "int4"):
+            p.error(f"--codecs: {name!r} is not a codec (fp32, fp16, bf16, int8, int4)")
+    for name in a.backends.split(","):
+        if name not in ("grpc", "gloo"):
+            p.error(f"--backends: {name!r} is not a backend (grpc, gloo)")
+    if a.numel < a.fragments or a.fragments < 1:
+        p.error("--fragments must be in 1..numel")
+    return a
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format=f"[{a.peer_id}] %(levelname)s %(message)s")
+    torch.set_num_threads(1)
+    peer = SimPeer(a)
+
+    def on_signal(signum, frame):
+        peer.stop = signal.Signals(signum).name
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    rc = 0
+    try:
+        rc = peer.run()
+    except (ControlError, TimeoutError) as e:
+        print(f"sim_peer {a.peer_id}: error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
+        rc = 1
+    finally:
+        peer.close(peer.stop or "finished")
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())
