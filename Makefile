@@ -5,7 +5,7 @@ TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 
-.PHONY: venv demo test bench proto clean
+.PHONY: venv demo test acceptance bench proto clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,10 @@ demo: venv
 
 test: venv
 	$(PY) -m pytest
+
+# the issue's acceptance runs with the shipped defaults (about 4 minutes on 2 cores)
+acceptance: venv
+	$(PY) -m pytest -m acceptance -s
 
 bench: venv
 	$(PIP) install -q -e ".[dev,bench]"

@@ -3,6 +3,7 @@
     python -m dtrain.outer.sim_peer --coordinator HOST:PORT --peer-id p1 --rounds 8 --out p1.jsonl
            [--numel 100000] [--codecs fp32,int8] [--backends grpc,gloo] [--fragments 2]
            [--error-feedback] [--poison-round R] [--step-s 0.0] [--deadline-s 10]
+           [--wait-peers N] [--slow-push-s S [--slow-round R]] [--trace]
 
 Everything but the inner steps is the production path: GlobalState, the
 RoundEngine (sync / collective / commit / retry / heal), the codecs, error
@@ -17,6 +18,15 @@ and fragment ``r mod F``, so one short run covers every combination.
 ``--poison-round R`` makes this peer send garbage (NaN floats / invalid
 scales) in round R, to test exclusion. Each committed round and heal is
 appended to ``--out`` as JSON.
+
+Test knobs. ``--wait-peers N`` holds the first round until N peers have
+joined (so that a quorum of everyone forms from round 0). ``--slow-push-s S``
+sleeps S seconds before each shard chunk the ``grpc`` collective sends (in
+round ``--slow-round`` only, when given), so that a collective lasts long
+enough to be interrupted. Round records carry ``attempt_log`` (one entry per
+collective attempt: quorum id, members, start/end wall time, seconds, ok,
+error, culprit) and ``gloo_groups`` (gloo process groups built so far);
+``--trace`` also writes an ``attempt`` record when a collective starts.
 """
 
 from __future__ import annotations
@@ -36,6 +46,8 @@ from ..comm.state_transfer import PeerServicer, serve_peer
 from ..control.client import ControlError, CoordinatorClient, HealOrder
 from ..control.schema import schema_hash
 from .codec_api import Codec
+from ..comm.collective import Collective, CollectiveError, CollectiveResult, Group
+from ..comm.grpc_allreduce import GrpcCollective
 from .codecs import get_codec
 from .error_feedback import ErrorFeedback
 from .global_state import GlobalState
@@ -61,6 +73,49 @@ class PoisonedCodec(Codec):
 
     def decode(self, payload: bytes, numel: int) -> torch.Tensor:
         return self.inner.decode(payload, numel)
+
+
+class SlowGrpcCollective(GrpcCollective):
+    """The grpc collective with a pause before every shard chunk it sends (``--slow-push-s``)."""
+
+    def __init__(self, *args, slow_push_s: float = 0.0, slow_round: int = -1, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.slow_push_s, self.slow_round = slow_push_s, slow_round
+
+    def _chunks(self, fields, payload, first, last, pushes):
+        slow = self.slow_push_s > 0 and self.slow_round in (-1, fields["round"])
+        for msg in super()._chunks(fields, payload, first, last, pushes):
+            if slow:
+                time.sleep(self.slow_push_s)
+            yield msg
+
+
+class TimedCollective(Collective):
+    """Wraps a collective: logs every attempt (members, wall times, outcome) for the round records."""
+
+    def __init__(self, inner: Collective, on_start=None):
+        self.inner, self.name, self.on_start = inner, inner.name, on_start
+        self.log: List[dict] = []
+
+    def allreduce_mean(self, flat: torch.Tensor, group: Group, deadline_s: float) -> CollectiveResult:
+        entry = {"quorum_id": group.quorum_id, "round": group.round, "members": [m[0] for m in group.members],
+                 "start": time.time(), "ok": False, "error": "", "culprit": ""}
+        self.log.append(entry)
+        if self.on_start is not None:
+            self.on_start(entry)
+        t0 = time.perf_counter()
+        try:
+            result = self.inner.allreduce_mean(flat, group, deadline_s)
+            entry["ok"] = True
+            return result
+        except CollectiveError as e:
+            entry["error"], entry["culprit"] = str(e)[:300], e.culprit or ""
+            raise
+        finally:
+            entry["seconds"], entry["end"] = time.perf_counter() - t0, time.time()
+
+    def close(self) -> None:
+        self.inner.close()
 
 
 def _seed(*parts) -> int:
@@ -117,18 +172,30 @@ class SimPeer:
 
                 self.collectives[key] = GlooCollective(codec)
             else:
-                from ..comm.grpc_allreduce import GrpcCollective
-
-                self.collectives[key] = GrpcCollective(codec, self.a.peer_id, token=self.a.token,
-                                                       chunk_bytes=self.a.chunk_bytes, streams=self.a.streams,
-                                                       inbox=self.inbox)
+                self.collectives[key] = SlowGrpcCollective(codec, self.a.peer_id, token=self.a.token,
+                                                           chunk_bytes=self.a.chunk_bytes, streams=self.a.streams,
+                                                           inbox=self.inbox, slow_push_s=self.a.slow_push_s,
+                                                           slow_round=self.a.slow_round)
         return self.collectives[key]
+
+    def gloo_groups(self) -> int:
+        """gloo process groups built so far, over every gloo collective of this peer."""
+        return sum(getattr(c, "groups_built", 0) for c in self.collectives.values())
+
+    def wait_for_peers(self, n: int, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while len(self.client.status().members) < n:
+            if time.monotonic() > deadline or self.stop is not None:
+                raise TimeoutError(f"{n} peers did not join within {timeout:g}s")
+            time.sleep(0.05)
 
     def run(self) -> int:
         a = self.a
         self.publish(self.state)
         info = self.client.join(timeout=a.join_timeout)
         self.client.start_heartbeat()
+        if a.wait_peers > 0:
+            self.wait_for_peers(a.wait_peers, a.join_timeout)
         if info.must_heal and info.donor is not None:
             out = RoundOutcome("heal", self.state.round)
             if self.engine._heal(HealOrder(info.donor, info.committed_round, "joined behind"), out):
@@ -144,7 +211,9 @@ class SimPeer:
             delta = -noise  # theta_global - theta_local with theta_local = theta_global + noise
             codec = get_codec(codec_name, a.block_size)
             payload = self.ef.quantize_with_feedback(f"f{f}", delta, codec) if self.ef else delta
-            self.engine.collective = self.collective(backend, codec_name, r == a.poison_round)
+            timed = TimedCollective(self.collective(backend, codec_name, r == a.poison_round),
+                                    on_start=self._on_attempt if a.trace else None)
+            self.engine.collective = timed
             out = self.engine.exchange(payload, op=f"f{f}")
             if out.kind == "heal":
                 if self.ef:
@@ -159,9 +228,13 @@ class SimPeer:
             self.record("round", round=out.round, quorum_id=out.quorum_id, members=out.members,
                         state_hash=self.state.hash(), bytes_sent=out.bytes_sent, bytes_recv=out.bytes_recv,
                         comm_s=out.comm_s, wait_s=out.wait_s, attempts=out.attempts, codec=codec_name,
-                        backend=backend, fragment=f, numel=hi - lo)
+                        backend=backend, fragment=f, numel=hi - lo, gloo_groups=self.gloo_groups(),
+                        attempt_log=timed.log)
         self.record("done", round=self.state.round, stop=self.stop or "")
         return 0
+
+    def _on_attempt(self, entry: dict) -> None:
+        self.record("attempt", round=entry["round"], quorum_id=entry["quorum_id"], members=entry["members"])
 
     def close(self, reason: str) -> None:
         self.client.leave(reason)
@@ -196,6 +269,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--chunk-bytes", type=int, default=1 << 20)
     p.add_argument("--streams", type=int, default=2)
     p.add_argument("--token", default="")
+    p.add_argument("--wait-peers", type=int, default=0,
+                   help="hold the first round until this many peers have joined")
+    p.add_argument("--slow-push-s", type=float, default=0.0,
+                   help="grpc backend: sleep this long before sending each shard chunk")
+    p.add_argument("--slow-round", type=int, default=-1, help="--slow-push-s only in this round (-1: every round)")
+    p.add_argument("--trace", action="store_true", help="also record the start of every collective attempt")
     a = p.parse_args(argv)
     for name in a.codecs.split(","):
         if name not in ("fp32", "fp16", "bf16", "int8", "int4"):

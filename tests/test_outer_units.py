@@ -1,0 +1,128 @@
+"""Outer-loop building blocks: the outer optimizer, flat layouts, the global state,
+the inner optimizer's flat state, and the outer config checks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from dtrain.config import ConfigError, OuterConfig
+from dtrain.outer.flat_params import FlatLayout
+from dtrain.outer.global_state import GlobalState, StateError
+from dtrain.outer.outer_opt import OuterNesterov
+from dtrain.train.optim_state import load_optimizer_flat_state, optimizer_flat_state
+
+
+@pytest.mark.parametrize("nesterov", [True, False])
+def test_outer_nesterov_matches_torch_sgd(nesterov):
+    torch.manual_seed(0)
+    theta = torch.randn(50)
+    ref = theta.clone().requires_grad_()
+    sgd = torch.optim.SGD([ref], lr=0.7, momentum=0.9, nesterov=nesterov)
+    v = torch.zeros(50)
+    opt = OuterNesterov(0.7, 0.9, nesterov)
+    for r in range(5):
+        g = torch.randn(50)
+        opt.step(theta, v, g, round=r)
+        ref.grad = g.clone()
+        sgd.step()
+        torch.testing.assert_close(theta, ref.detach(), atol=1e-6, rtol=1e-6)
+
+
+def test_outer_lr_schedule():
+    opt = OuterNesterov(0.7, 0.9, True, schedule="cosine", total_rounds=11, min_lr_ratio=0.1)
+    assert opt.lr_at(0) == pytest.approx(0.7)
+    assert opt.lr_at(10) == pytest.approx(0.07)
+    assert opt.lr_at(5) == pytest.approx(0.7 * (0.1 + 0.9 * 0.5))
+    with pytest.raises(ValueError, match="constant or cosine"):
+        OuterNesterov(schedule="step")
+
+
+def test_outer_step_is_bit_reproducible():
+    g = torch.randn(1000, generator=torch.Generator().manual_seed(1))
+    outs = []
+    for _ in range(2):
+        theta = torch.randn(1000, generator=torch.Generator().manual_seed(2))
+        v = torch.zeros(1000)
+        OuterNesterov().step(theta, v, g, 0)
+        outs.append(theta.numpy().tobytes() + v.numpy().tobytes())
+    assert outs[0] == outs[1]
+
+
+def _model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 8), nn.LayerNorm(8), nn.Linear(8, 3))
+
+
+@pytest.mark.parametrize("fragments", [1, 2, 3, 5, 50])
+def test_flat_layout_fragments_cover_parameters(fragments):
+    m = _model()
+    layout = FlatLayout(m, fragments)
+    frags = layout.fragments
+    assert frags[0][0] == 0 and frags[-1][1] == layout.numel
+    assert all(a[1] == b[0] for a, b in zip(frags, frags[1:]))
+    assert len(frags) == min(fragments, len(list(m.parameters())))
+    flat = layout.flatten(m)
+    for f, (lo, hi) in enumerate(frags):
+        assert torch.equal(layout.fragment_of(m, f), flat[lo:hi])
+        layout.load_fragment(m, flat[lo:hi] * 2, f)
+    assert torch.equal(layout.flatten(m), flat * 2)
+
+
+def test_global_state_snapshot_round_trip_and_refusals():
+    a = GlobalState([("theta", torch.randn(100)), ("velocity", torch.zeros(100))], round=7)
+    snap = a.snapshot({"x": 1})
+    assert snap.state_hash == a.hash() and snap.round == 7
+    b = GlobalState([("theta", torch.zeros(100)), ("velocity", torch.zeros(100))])
+    b.adopt(snap)
+    assert b.hash() == a.hash() and b.round == 7
+    assert torch.equal(b.tensors["theta"], a.tensors["theta"])
+    wrong = GlobalState([("theta", torch.zeros(99)), ("velocity", torch.zeros(99))])
+    with pytest.raises(StateError, match="expected float32 of 396 bytes"):
+        wrong.adopt(snap)
+    other = GlobalState([("theta", torch.zeros(100))])
+    with pytest.raises(StateError, match="tensors"):
+        other.adopt(snap)
+    from dtrain.comm.state_transfer import StateSnapshot
+
+    lying = StateSnapshot(snap.round, snap.payload, snap.meta_json, snap.blobs, state_hash="0" * 64)
+    before = b.hash()
+    with pytest.raises(StateError, match="hashes to"):
+        b.adopt(lying)
+    assert b.hash() == before  # a refused state changes nothing
+
+
+def test_global_state_hash_tracks_changes():
+    s = GlobalState([("theta", torch.zeros(10))])
+    h = s.hash()
+    s.tensors["theta"][0] = 1.0
+    s.changed()
+    assert s.hash() != h
+
+
+@pytest.mark.parametrize("name", ["adamw", "sgd"])
+def test_optimizer_flat_state_round_trip(name):
+    m = _model()
+    opt = (torch.optim.AdamW(m.parameters(), lr=0.1) if name == "adamw"
+           else torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9))
+    m(torch.randn(4, 6)).sum().backward()
+    opt.step()
+    flat = optimizer_flat_state(opt, list(m.parameters()))
+    m2 = _model()
+    opt2 = (torch.optim.AdamW(m2.parameters(), lr=0.1) if name == "adamw"
+            else torch.optim.SGD(m2.parameters(), lr=0.1, momentum=0.9))
+    load_optimizer_flat_state(opt2, list(m2.parameters()), flat)
+    again = optimizer_flat_state(opt2, list(m2.parameters()))
+    for (n1, t1), (n2, t2) in zip(flat, again):
+        assert n1 == n2 and torch.equal(t1, t2)
+
+
+def test_outer_config_checks():
+    with pytest.raises(ConfigError, match="multiple of outer.fragments=3"):
+        OuterConfig(name="diloco", sync_every=10, fragments=3)
+    with pytest.raises(ConfigError, match="outer.overlap_steps"):
+        OuterConfig(name="diloco", sync_every=8, fragments=4, overlap_steps=2)
+    with pytest.raises(ConfigError, match="outer.codec"):
+        OuterConfig(codec="int2")
+    OuterConfig(name="diloco", sync_every=8, fragments=4, overlap_steps=1)
