@@ -175,7 +175,7 @@ def member_input(rank: int, n: int):
     import torch
 
     pattern = (torch.arange(n, dtype=torch.int64) % 2047 - 1023).to(torch.float32)
-    return pattern.mul_((rank + 1) / 8.0), pattern
+    return pattern * ((rank + 1) / 8.0), pattern
 
 
 # --------------------------------------------------------------------------- members (worker processes)

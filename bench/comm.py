@@ -56,7 +56,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Tuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import format_table, positive_int, ratio, target, write_json  # noqa: E402
@@ -141,6 +141,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    from dtrain.comm.grpc_allreduce import MAX_STREAMS
+    from dtrain.comm.state_transfer import MAX_CHUNK_BYTES
+
+    if args.chunk_bytes is not None and args.chunk_bytes > MAX_CHUNK_BYTES:
+        p.error(f"argument --chunk-bytes: at most {MAX_CHUNK_BYTES}, got {args.chunk_bytes}")
+    if args.streams is not None and args.streams > MAX_STREAMS:
+        p.error(f"argument --streams: at most {MAX_STREAMS}, got {args.streams}")
     if "fp32" not in args.codecs:
         args.codecs = ["fp32"] + args.codecs
     args.codecs = [c for c in CODECS if c in args.codecs]
@@ -370,6 +377,11 @@ def per_step_rows(meas: Dict[Tuple[str, str], dict], args) -> List[dict]:
 # --------------------------------------------------------------------------- main
 
 
+def _b(v: float):
+    """A byte count for the table: whole bytes from 1000 on (the table's float format keeps 4 digits)."""
+    return int(round(v)) if isinstance(v, float) and math.isfinite(v) and abs(v) >= 1000 else v
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -397,16 +409,17 @@ def main(argv=None) -> int:
     print(format_table(
         ["backend", "codec", "rounds", "sent B/round", "recv B/round", "min", "max", "predicted",
          "header B", "comm ms"],
-        [[m["backend"], m["codec"], m["rounds"], m["bytes_sent_mean"], m["bytes_recv_mean"], m["bytes_sent_min"],
-          m["bytes_sent_max"], m["predicted_bytes"], m["header_bytes"], m["comm_ms_median"]]
+        [[m["backend"], m["codec"], m["rounds"], _b(m["bytes_sent_mean"]), _b(m["bytes_recv_mean"]),
+          _b(m["bytes_sent_min"]), _b(m["bytes_sent_max"]), _b(m["predicted_bytes"]), m["header_bytes"],
+          m["comm_ms_median"]]
          for m in meas.values()],
         title=f"one round, per member (mean over members and rounds; predicted = "
               f"2(k-1)/k * encoded_size(N) for grpc)"))
     print()
     print(format_table(
         ["mode", "H", "codec", "backend", "measured B/step", "predicted B/step", "overhead %", "vs ddp"],
-        [[r["mode"], r["H"], r["codec"], r["backend"], r["measured_bytes_per_step"], r["predicted_bytes_per_step"],
-          r["overhead_pct"], r["reduction_vs_ddp"]] for r in rows],
+        [[r["mode"], r["H"], r["codec"], r["backend"], _b(r["measured_bytes_per_step"]),
+          _b(r["predicted_bytes_per_step"]), r["overhead_pct"], r["reduction_vs_ddp"]] for r in rows],
         title="bytes on the wire per inner step, per member (ddp: one fp32 round per step; DiLoCo: a round / H)"))
 
     nan = float("nan")
@@ -427,10 +440,12 @@ def main(argv=None) -> int:
                        [[t["name"], t["value"], t["target"], t["met"]] for t in targets]))
     notes.append("the bytes of a round do not depend on H: every codec is measured once (its rounds), and the "
                  "per-H rows divide that round's bytes by H; ddp = one fp32 round per inner step (the trainer's "
-                 "ddp mode sends the fp32 gradient through the same collective every step)")
+                 "ddp mode sends the fp32 gradient through the same collective every step); the targets use "
+                 "H = 125 and 250 whatever --H lists")
     notes.append("measured = the collective's own counters in the round records (grpc: ShardChunk ByteSize()+5 "
                  "per message; HTTP/2, TCP and TLS framing not counted), bytes_sent per member, mean over "
-                 "members and rounds; members differ by at most a block's bytes (shard sizes differ by one block)")
+                 "members and rounds (min/max: single member-rounds; members differ a little because their "
+                 "shards differ by up to one codec block)")
     notes.append("overhead % = measured / ideal - 1, ideal = the same algorithm at 4 bytes (fp32) or the codec's "
                  "bits per value (no block scales, no headers); header B = measured - predicted (per-chunk "
                  "message fields)")

@@ -5,8 +5,10 @@ start a dozen processes on two cores. So processes are forked from a
 multiprocessing *forkserver* that has imported torch, the sim peer and the
 coordinator once (``PRELOAD``); a forked child runs the very same ``main`` as
 ``python -m dtrain.outer.sim_peer`` / ``python -m dtrain.cli.coordinator``, in
-its own session, with stdout/stderr in files. ``DTRAIN_TEST_SPAWN=1`` starts
-plain subprocesses instead (slower; for debugging).
+its own session, with stdout/stderr in files. The forkserver is started once
+per pytest session (the ``forkserver`` fixture warms it up) and stopped and
+reaped at exit. ``DTRAIN_TEST_SPAWN=1`` starts plain subprocesses instead
+(slower; for debugging).
 
 Every process is started through an :class:`OuterCluster`, which remembers it
 and kills it by PID at teardown (the ``outer_cluster`` fixture), whatever the
@@ -15,6 +17,7 @@ test did. Files are polled with deadlines (``wait_for``), never fixed sleeps.
 
 from __future__ import annotations
 
+import atexit
 import io
 import multiprocessing
 import os
@@ -70,9 +73,28 @@ def _child_main(kind: str, argv: List[str], out_path: str, err_path: str) -> Non
     sys.exit(rc)
 
 
+_stop_registered = False
+
+
+def _stop_forkserver() -> None:
+    """At exit: stop the forkserver this module started and reap it (no zombie left behind)."""
+    from multiprocessing import forkserver
+
+    stop = getattr(forkserver._forkserver, "_stop", None)  # private API; without it the server ends at EOF
+    if stop is not None:
+        try:
+            stop()
+        except OSError:
+            pass
+
+
 def _mp_context():
+    global _stop_registered
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(PRELOAD)
+    if not _stop_registered:
+        atexit.register(_stop_forkserver)
+        _stop_registered = True
     return ctx
 
 
@@ -228,6 +250,26 @@ class OuterCluster:
                  os.path.join(self.dir, f"{tag}.err"), flags)
         self.procs.append(p)
         return p
+
+    @property
+    def rounds_file(self) -> str:
+        """Pass ``--rounds-file`` this path; :meth:`finish` writes the round at which every peer stops."""
+        return os.path.join(self.dir, "rounds")
+
+    def finish(self, peers: Sequence["Peer"], more: int = 2, timeout: float = 20.0) -> int:
+        """Stop ``peers`` (started with ``--rounds-file``) at one round boundary, ``more`` rounds past the
+        furthest of them; asserts they all exit 0 there. Returns that round."""
+        stop = max(p.held_round() for p in peers) + more
+        tmp = self.rounds_file + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(f"{stop}\n")
+        os.replace(tmp, self.rounds_file)
+        codes = self.wait_exit(peers, timeout)
+        assert codes == [0] * len(peers), {p.peer_id: (c, p.stderr()[-1500:]) for p, c in zip(peers, codes)}
+        for p in peers:
+            done = p.records("done")
+            assert done and done[-1]["round"] == stop, f"{p.peer_id} stopped at {done}, not round {stop}"
+        return stop
 
     def wait_exit(self, procs: Sequence[Child], timeout: float) -> List[int]:
         deadline = time.monotonic() + timeout

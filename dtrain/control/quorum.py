@@ -45,9 +45,11 @@ R says which state is current. A member holding S_R calls ``sync(R, H(S_R))``.
   incarnation may join again (idempotent). A call from a peer whose lease has
   expired is refused (PERMISSION_DENIED: join again).
 
-A quorum member that received garbage from another member reports it; the
-culprit is excluded (removed like an expired member) and the round retries
-without it.
+A quorum member that received garbage from another member reports it (about
+the quorum being voted on, or the one that just retried in this round); the
+culprit is excluded: removed like an expired member, and kept out of the
+round's quorums when it re-joins, so the retry forms without it. Once the
+round commits it heals like any peer that is behind.
 
 Every membership change (join, activation, leave, expiry, exclusion) is recorded in
 ``events`` for the coordinator's JSON-lines log.
@@ -196,6 +198,8 @@ class QuorumMachine:
         self.holders: Set[str] = set()  # members known to hold S_committed_round
         self.donor_load: Dict[str, int] = {}
         self.healing: Dict[str, int] = {}  # peer -> the round whose state it was sent to fetch
+        self.excluded: Dict[str, int] = {}  # peer -> the round it was excluded from (reported for garbage)
+        self.last_failed: Optional[QuorumInfo] = None  # the latest quorum that retried
         self.syncs: Dict[str, str] = {}  # collecting: peer -> hash synced for committed_round
         self.first_sync_at: Optional[float] = None
         self.grace_spent = False  # a formation attempt ran after the grace window: no timer needed
@@ -297,6 +301,8 @@ class QuorumMachine:
                                           (R == 0 or bool(state_hash)))
         if R == 0 and not self.known_hash and not self.history:
             up_to_date = True  # a fresh run: every peer starts from the seeded initial state
+        if self.excluded.get(peer_id) == R:
+            up_to_date = False  # excluded for garbage: out of this round; it heals once the round commits
         self.members[peer_id].needs_heal = not up_to_date
         donor = None
         if not up_to_date:  # what it reports now supersedes an earlier sync
@@ -328,14 +334,18 @@ class QuorumMachine:
         about the quorum being voted on count; returns whether the culprit was excluded."""
         self._advance(now)
         self._member(peer_id, incarnation, now)
-        v = self.voting
         why = (reason or "no reason given")[:MAX_REASON]
-        if (v is None or v.quorum.quorum_id != quorum_id or round != v.quorum.round
-                or peer_id not in v.quorum.id_set or culprit not in v.quorum.id_set or culprit == peer_id):
+        # the quorum being voted on, or the one that just failed in this round (the culprit's
+        # own not-ok vote may have decided the retry before the receivers' reports arrived)
+        q = self.voting.quorum if self.voting is not None else self.last_failed
+        if (q is None or q.quorum_id != quorum_id or round != q.round or round != self.committed_round
+                or peer_id not in q.id_set or culprit not in q.id_set or culprit == peer_id):
             self._event("report_ignored", peer_id=peer_id, culprit=culprit, round=int(round),
                         quorum_id=int(quorum_id), reason=why)
             return False
-        self._remove([culprit], now, "exclude", f"reported by {peer_id!r}: {why}")
+        self.excluded[culprit] = self.committed_round
+        if culprit in self.members:
+            self._remove([culprit], now, "exclude", f"reported by {peer_id!r}: {why}")
         return True
 
     def expire(self, now: float) -> List[str]:
@@ -362,6 +372,7 @@ class QuorumMachine:
             self.late.pop(peer_id, None)
             self._sync_answers.pop(peer_id, None)
             self._commit_answers.pop(peer_id, None)
+            self.posted.add(peer_id)  # wake its held calls: they answer WAIT and the peer re-joins
             self._event(kind, peer_id=peer_id, reason=reason)
             if self.voting is not None and peer_id in self.voting.quorum.id_set:
                 hit.append(peer_id)
@@ -470,7 +481,8 @@ class QuorumMachine:
         if self.voting is not None or not self.syncs:
             return
         active = self._expected()
-        present = {pid for pid in self.syncs if pid in self.members}
+        present = {pid for pid in self.syncs
+                   if pid in self.members and self.excluded.get(pid) != self.committed_round}
         healers = {pid for pid, r in self.healing.items() if r == self.committed_round and pid in self.members}
         all_in = (active | healers) <= present
         if not all_in and (self.first_sync_at is None or now < self.first_sync_at + self.p.grace):
@@ -567,6 +579,8 @@ class QuorumMachine:
         self.known_hash = ""
         self.holders = {pid for pid in q.ids if pid in self.members}
         self.donor_load = {}
+        self.excluded = {pid: r for pid, r in self.excluded.items() if r >= self.committed_round}
+        self.last_failed = None
         self.last_quorum = (frozenset(q.ids), self.epoch, "commit")
         self.voting = None
         self.syncs, self.first_sync_at = {}, None  # (empty: syncs during voting go to ``late``)
@@ -586,6 +600,7 @@ class QuorumMachine:
         if v is None:
             return
         q = v.quorum
+        self.last_failed = q
         self._drop_answers_of(q)
         self.last_quorum = (frozenset(q.ids), self.epoch, "retry")
         self.voting = None

@@ -113,6 +113,8 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
                 timer.cancel()
                 if self._waiters.get(peer_id) is fut:
                     del self._waiters[peer_id]
+            if peer_id not in self.m.members:  # removed meanwhile: answer now, the peer re-joins
+                return take()
 
     async def _tick_forever(self) -> None:
         while True:

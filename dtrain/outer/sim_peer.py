@@ -3,7 +3,7 @@
     python -m dtrain.outer.sim_peer --coordinator HOST:PORT --peer-id p1 --rounds 8 --out p1.jsonl
            [--numel 100000] [--codecs fp32,int8] [--backends grpc,gloo] [--fragments 2]
            [--error-feedback] [--poison-round R] [--step-s 0.0] [--deadline-s 10]
-           [--wait-peers N] [--slow-push-s S [--slow-round R]] [--trace]
+           [--wait-peers N] [--rounds-file F] [--slow-push-s S [--slow-round R]] [--trace]
 
 Everything but the inner steps is the production path: GlobalState, the
 RoundEngine (sync / collective / commit / retry / heal), the codecs, error
@@ -16,17 +16,26 @@ commits a round must end with the same global state bits.
 Round r uses codec ``codecs[r mod C]`` and backend ``backends[(r div C) mod B]``
 and fragment ``r mod F``, so one short run covers every combination.
 ``--poison-round R`` makes this peer send garbage (NaN floats / invalid
-scales) in round R, to test exclusion. Each committed round and heal is
-appended to ``--out`` as JSON.
+scales) in every attempt of round R, to test exclusion. By default it behaves
+like a hostile (or silently broken) sender: it does not notice its own
+garbage and votes ok whatever its collective saw, so only the receivers'
+reports can keep the garbage out; ``--poison-honest`` makes it notice (its
+own encoding is refused, it votes not ok). Once excluded it re-joins; when
+round R commits without it, it is behind and heals from a donor (a ``heal``
+record), then takes part again with clean payloads (the poison is tied to
+round R). Each committed round and heal is appended to ``--out`` as JSON.
 
 Test knobs. ``--wait-peers N`` holds the first round until N peers have
 joined (so that a quorum of everyone forms from round 0). ``--slow-push-s S``
-sleeps S seconds before each shard chunk the ``grpc`` collective sends (in
-round ``--slow-round`` only, when given), so that a collective lasts long
-enough to be interrupted. Round records carry ``attempt_log`` (one entry per
-collective attempt: quorum id, members, start/end wall time, seconds, ok,
-error, culprit) and ``gloo_groups`` (gloo process groups built so far);
-``--trace`` also writes an ``attempt`` record when a collective starts.
+sleeps S seconds before each shard chunk the ``grpc`` collective sends (only
+in the first attempt of round ``--slow-round``, when given), so that a
+collective lasts long enough to be interrupted. ``--rounds-file F``: once F
+exists, the number in it replaces ``--rounds``, so a test can stop every peer
+at the same round boundary (nobody is left waiting for a quorum). Round
+records carry ``attempt_log`` (one entry per collective attempt: quorum id,
+members, start/end wall time, seconds, ok, error, culprit) and
+``gloo_groups`` (gloo process groups built so far); ``--trace`` also writes
+an ``attempt`` record when a collective starts.
 """
 
 from __future__ import annotations
@@ -38,16 +47,16 @@ import logging
 import signal
 import sys
 import time
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from ..comm.collective import Collective, CollectiveError, CollectiveResult, Group
+from ..comm.grpc_allreduce import GrpcCollective
 from ..comm.state_transfer import PeerServicer, serve_peer
 from ..control.client import ControlError, CoordinatorClient, HealOrder
 from ..control.schema import schema_hash
-from .codec_api import Codec
-from ..comm.collective import Collective, CollectiveError, CollectiveResult, Group
-from ..comm.grpc_allreduce import GrpcCollective
+from .codec_api import Codec, CodecError
 from .codecs import get_codec
 from .error_feedback import ErrorFeedback
 from .global_state import GlobalState
@@ -58,10 +67,18 @@ log = logging.getLogger("dtrain.outer")
 
 
 class PoisonedCodec(Codec):
-    """Encodes garbage of the right length: NaN floats, or invalid int scales."""
+    """Encodes garbage of the right length: NaN floats, or invalid int scales.
 
-    def __init__(self, inner: Codec):
-        self.inner, self.name = inner, inner.name
+    ``notice=False``: decoding garbage gives zeros instead of a CodecError, i.e. this peer does not notice
+    its own garbage (the others' codecs still refuse it)."""
+
+    def __init__(self, inner: Codec, notice: bool = True):
+        self.inner, self.name, self.notice = inner, inner.name, notice
+        self.block_size = getattr(inner, "block_size", 1)  # the grpc collective aligns shards on it
+
+    @property
+    def lossless(self) -> bool:  # the gloo collective picks its algorithm by it: same as everyone's
+        return self.inner.lossless
 
     def encoded_size(self, numel: int) -> int:
         return self.inner.encoded_size(numel)
@@ -72,18 +89,64 @@ class PoisonedCodec(Codec):
         return b"\xff" * self.inner.encoded_size(x.numel())
 
     def decode(self, payload: bytes, numel: int) -> torch.Tensor:
-        return self.inner.decode(payload, numel)
+        try:
+            return self.inner.decode(payload, numel)
+        except CodecError:
+            if self.notice:
+                raise
+            return torch.zeros(numel)
+
+
+class PoisonedCollective(Collective):
+    """Sends garbage through this peer's own collective ``target``: NaN input (what gloo's native fp32 sum
+    sends) and, for the call, a :class:`PoisonedCodec` in place of its codec (what every other path
+    sends). The same collective object, so gloo reuses the quorum's process group as everyone else does.
+
+    ``hostile``: claims success whatever the collective saw, so the peer votes ok. The returned zeros are
+    never applied: the receivers refuse the garbage and vote not ok, so no quorum with it commits."""
+
+    def __init__(self, inner: Collective, target: Collective, hostile: bool):
+        self.inner, self.target, self.name, self.hostile = inner, target, inner.name, hostile
+
+    def allreduce_mean(self, flat: torch.Tensor, group: Group, deadline_s: float) -> CollectiveResult:
+        codec = self.target.codec
+        self.target.codec = PoisonedCodec(codec, notice=not self.hostile)
+        try:
+            return self.inner.allreduce_mean(torch.full_like(flat, float("nan")), group, deadline_s)
+        except CollectiveError as e:
+            if not self.hostile:
+                raise
+            log.warning("poisoned round %d: ignoring the failed collective and voting ok (%s)", group.round, e)
+            return CollectiveResult(torch.zeros_like(flat), 0, 0, 0.0)
+        finally:
+            self.target.codec = codec
 
 
 class SlowGrpcCollective(GrpcCollective):
-    """The grpc collective with a pause before every shard chunk it sends (``--slow-push-s``)."""
+    """The grpc collective with a pause before every shard chunk it sends (``--slow-push-s``).
+
+    With ``slow_round`` >= 0 only the first attempt (quorum) of that round is slow, so that its retry
+    is as quick as any other round."""
 
     def __init__(self, *args, slow_push_s: float = 0.0, slow_round: int = -1, **kwargs):
         super().__init__(*args, **kwargs)
         self.slow_push_s, self.slow_round = slow_push_s, slow_round
+        self._slow_quorum: Optional[int] = None
+
+    def _is_slow(self, fields) -> bool:
+        if self.slow_push_s <= 0:
+            return False
+        if self.slow_round < 0:
+            return True
+        if fields["round"] != self.slow_round:
+            return False
+        with self._lock:
+            if self._slow_quorum is None:
+                self._slow_quorum = fields["quorum_id"]
+            return fields["quorum_id"] == self._slow_quorum
 
     def _chunks(self, fields, payload, first, last, pushes):
-        slow = self.slow_push_s > 0 and self.slow_round in (-1, fields["round"])
+        slow = self._is_slow(fields)
         for msg in super()._chunks(fields, payload, first, last, pushes):
             if slow:
                 time.sleep(self.slow_push_s)
@@ -148,7 +211,7 @@ class SimPeer:
         self.client = CoordinatorClient(a.coordinator, a.peer_id, self.address, self.schema, token=a.token,
                                         rpc_timeout=a.rpc_timeout,
                                         state_fn=lambda: (self.state.round, self.state.hash()))
-        self.collectives: Dict[Tuple[str, str, bool], object] = {}
+        self.collectives: Dict[Tuple[str, str], Collective] = {}
         self.engine = RoundEngine(self.client, None, self.state, self.publish, a.peer_id, self.schema,
                                   token=a.token, deadline_s=a.deadline_s, sync_timeout_s=a.sync_timeout_s)
         self.out = open(a.out, "a", encoding="utf-8")
@@ -161,12 +224,10 @@ class SimPeer:
         self.out.write(json.dumps({"kind": kind, "peer": self.a.peer_id, "time": time.time(), **fields}) + "\n")
         self.out.flush()
 
-    def collective(self, backend: str, codec_name: str, poison: bool):
-        key = (backend, codec_name, poison)
+    def collective(self, backend: str, codec_name: str):
+        key = (backend, codec_name)
         if key not in self.collectives:
             codec = get_codec(codec_name, self.a.block_size)
-            if poison:
-                codec = PoisonedCodec(codec)
             if backend == "gloo":
                 from ..comm.gloo_allreduce import GlooCollective
 
@@ -178,14 +239,24 @@ class SimPeer:
                                                            slow_round=self.a.slow_round)
         return self.collectives[key]
 
+    def target_rounds(self) -> int:
+        """--rounds, or the round count in --rounds-file once that file exists (a shared stop line)."""
+        if self.a.rounds_file:
+            try:
+                with open(self.a.rounds_file, encoding="utf-8") as f:
+                    return int(f.read().strip())
+            except (FileNotFoundError, ValueError):
+                pass
+        return self.a.rounds
+
     def gloo_groups(self) -> int:
         """gloo process groups built so far, over every gloo collective of this peer."""
         return sum(getattr(c, "groups_built", 0) for c in self.collectives.values())
 
     def wait_for_peers(self, n: int, timeout: float) -> None:
         deadline = time.monotonic() + timeout
-        while len(self.client.status().members) < n:
-            if time.monotonic() > deadline or self.stop is not None:
+        while len(self.client.status().members) < n and self.stop is None:
+            if time.monotonic() > deadline:
                 raise TimeoutError(f"{n} peers did not join within {timeout:g}s")
             time.sleep(0.05)
 
@@ -200,9 +271,11 @@ class SimPeer:
             out = RoundOutcome("heal", self.state.round)
             if self.engine._heal(HealOrder(info.donor, info.committed_round, "joined behind"), out):
                 self.record("heal", round=out.round, **(out.heal or {}))
-        while self.state.round < a.rounds and self.stop is None:
+        while self.state.round < self.target_rounds() and self.stop is None:
             r = self.state.round
             time.sleep(a.step_s)
+            if self.stop is not None:  # a signal during the "inner steps": leave before the next round
+                break
             codec_name = self.codecs[r % len(self.codecs)]
             backend = self.backends[(r // len(self.codecs)) % len(self.backends)]
             f = r % len(self.frags)
@@ -211,9 +284,10 @@ class SimPeer:
             delta = -noise  # theta_global - theta_local with theta_local = theta_global + noise
             codec = get_codec(codec_name, a.block_size)
             payload = self.ef.quantize_with_feedback(f"f{f}", delta, codec) if self.ef else delta
-            timed = TimedCollective(self.collective(backend, codec_name, r == a.poison_round),
-                                    on_start=self._on_attempt if a.trace else None)
-            self.engine.collective = timed
+            poison = r == a.poison_round
+            real = self.collective(backend, codec_name)
+            timed = TimedCollective(real, on_start=self._on_attempt if a.trace else None)
+            self.engine.collective = PoisonedCollective(timed, real, not a.poison_honest) if poison else timed
             out = self.engine.exchange(payload, op=f"f{f}")
             if out.kind == "heal":
                 if self.ef:
@@ -257,7 +331,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--fragments", type=int, default=1)
     p.add_argument("--block-size", type=int, default=128)
     p.add_argument("--error-feedback", action="store_true")
-    p.add_argument("--poison-round", type=int, default=-1)
+    p.add_argument("--poison-round", type=int, default=-1,
+                   help="send garbage (NaN floats / invalid int scales) in every attempt of this round")
+    p.add_argument("--poison-honest", action="store_true",
+                   help="the poisoned peer notices its own garbage and votes not ok (default: it votes ok)")
     p.add_argument("--step-s", type=float, default=0.0)
     p.add_argument("--noise", type=float, default=0.01)
     p.add_argument("--outer-lr", type=float, default=0.7)
@@ -269,11 +346,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--chunk-bytes", type=int, default=1 << 20)
     p.add_argument("--streams", type=int, default=2)
     p.add_argument("--token", default="")
+    p.add_argument("--rounds-file", default="",
+                   help="once this file exists, the round count it holds replaces --rounds (stop all peers "
+                        "at one round boundary)")
     p.add_argument("--wait-peers", type=int, default=0,
                    help="hold the first round until this many peers have joined")
     p.add_argument("--slow-push-s", type=float, default=0.0,
                    help="grpc backend: sleep this long before sending each shard chunk")
-    p.add_argument("--slow-round", type=int, default=-1, help="--slow-push-s only in this round (-1: every round)")
+    p.add_argument("--slow-round", type=int, default=-1,
+                   help="--slow-push-s only in the first attempt of this round (-1: every round)")
     p.add_argument("--trace", action="store_true", help="also record the start of every collective attempt")
     a = p.parse_args(argv)
     for name in a.codecs.split(","):
