@@ -69,9 +69,29 @@ SlotId = Tuple[int, int, str]  # (phase, shard, sender)
 Refusal = Tuple[grpc.StatusCode, str]
 
 
+def _varint_len(v: int) -> int:
+    n = 1
+    while v >= 0x80:
+        v >>= 7
+        n += 1
+    return n
+
+
+def _field_len(value) -> int:
+    """Serialized size of one proto3 field with a field number below 16 (one-byte tag);
+    default values are not sent."""
+    if isinstance(value, (bytes, str)):
+        n = len(value.encode() if isinstance(value, str) else value)
+        return 1 + _varint_len(n) + n if n else 0
+    return 1 + _varint_len(value) if value else 0
+
+
 def wire_size(chunk: pb.ShardChunk) -> int:
-    """Bytes a chunk occupies in the gRPC stream: the serialized message plus its 5-byte frame."""
-    return chunk.ByteSize() + GRPC_FRAME_BYTES
+    """Bytes a chunk occupies in the gRPC stream: the serialized message plus its 5-byte frame.
+    Computed from the fields (equal to ``ByteSize()``, which would serialize the data to count it)."""
+    fields = (chunk.quorum_id, chunk.round, chunk.op, chunk.phase, chunk.shard, chunk.sender, chunk.codec,
+              chunk.numel, chunk.total_bytes, chunk.offset, chunk.data)
+    return sum(_field_len(v) for v in fields) + GRPC_FRAME_BYTES
 
 
 @dataclass
@@ -306,7 +326,7 @@ class ShardInbox:
             if slot.got < slot.total:
                 return None
             slot.complete = True
-            payload, slot.buf = bytes(slot.buf), None
+            payload, slot.buf = slot.buf, None  # codecs read bytes-like buffers: no copy
         return self._decode(g, slot, sender, payload)
 
     @staticmethod
