@@ -5,7 +5,7 @@ TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 
-.PHONY: venv demo test acceptance bench proto clean
+.PHONY: venv demo train-demo test acceptance soak bench proto clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,7 +16,12 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed
 
+# 3 peers over an emulated WAN, one SIGKILLed, one joining (about 2 minutes on 2 cores)
 demo: venv
+	$(VENV)/bin/dtrain-sim
+
+# one peer alone, the supernet core's demo
+train-demo: venv
 	$(VENV)/bin/dtrain-train
 
 test: venv
@@ -25,6 +30,13 @@ test: venv
 # the issue's acceptance runs with the shipped defaults (about 4 minutes on 2 cores)
 acceptance: venv
 	$(PY) -m pytest -m acceptance -s
+
+# 4 peers for 10 minutes: a kill every 2-6 s (restarted), joins, two coordinator restarts
+soak: venv
+	$(VENV)/bin/dtrain-sim sim.peers=4 sim.rounds=100000 sim.duration_s=600 sim.timeout_s=720 \
+	  'chaos.kill_every_s=[2,6]' chaos.restart_after_s=3 'chaos.join_at_s=[60,240]' \
+	  'chaos.coordinator_restart_at_s=[150,400]' 'chaos.kill_at_s=[]' chaos.min_alive=2 \
+	  'sim.coordinator_args=["lease_timeout_s=3","heartbeat_interval_s=0.5"]'
 
 bench: venv
 	$(PIP) install -q -e ".[dev,bench]"

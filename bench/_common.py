@@ -27,6 +27,17 @@ def positive_int(text: str) -> int:
     return v
 
 
+def positive_float(text: str) -> float:
+    """argparse type: a number > 0."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise _arg_error(f"expected a number > 0, got {text!r}")
+    if not v > 0:
+        raise _arg_error(f"expected a number > 0, got {text!r}")
+    return v
+
+
 def _arg_error(msg: str):
     import argparse
 

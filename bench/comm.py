@@ -59,7 +59,7 @@ from pathlib import Path
 from typing import Dict, List, Tuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import format_table, positive_int, ratio, target, write_json  # noqa: E402
+from _common import format_table, positive_float, positive_int, ratio, target, write_json  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run from a checkout without ``pip install -e``
@@ -108,16 +108,6 @@ def _peers(text: str) -> int:
     return v
 
 
-def _positive_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
-    if not (math.isfinite(v) and v > 0):
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
-    return v
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -134,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk-bytes", type=positive_int, default=None, help="grpc chunk size (sim_peer's default)")
     p.add_argument("--streams", type=positive_int, default=None, help="grpc streams per destination "
                                                                       "(sim_peer's default)")
-    p.add_argument("--timeout", type=_positive_float, default=600.0,
+    p.add_argument("--timeout", type=positive_float, default=600.0,
                    help="give up on the sim peers after this many seconds (600)")
     p.add_argument("--json", metavar="PATH", default=None, help="also write the results here")
     return p

@@ -54,7 +54,7 @@ from pathlib import Path
 from typing import Dict, List
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import format_table, positive_int, target, write_json  # noqa: E402
+from _common import format_table, positive_float, positive_int, target, write_json  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run from a checkout without ``pip install -e``
@@ -79,16 +79,6 @@ def _peer_list(text: str) -> List[int]:
     return vals
 
 
-def _positive_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
-    if not (math.isfinite(v) and v > 0):
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
-    return v
-
-
 def _non_negative_int(text: str) -> int:
     try:
         v = int(text)
@@ -109,9 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--peers", type=_peer_list, default=[8, 32, 128], help="peer counts (8,32,128)")
     p.add_argument("--rounds", type=positive_int, default=40, help="timed rounds per peer count (40)")
     p.add_argument("--warmup", type=_non_negative_int, default=3, help="untimed rounds first (3)")
-    p.add_argument("--lease-timeout", type=_positive_float, default=2.0,
+    p.add_argument("--lease-timeout", type=positive_float, default=2.0,
                    help="the coordinator's lease_timeout_s (2.0)")
-    p.add_argument("--heartbeat-interval", type=_positive_float, default=None,
+    p.add_argument("--heartbeat-interval", type=positive_float, default=None,
                    help="heartbeat_interval_s (default: lease timeout / 5, the ratio of conf/coordinator.yaml)")
     p.add_argument("--workers", type=_workers, default="auto",
                    help=f"processes for the regular peers (auto: one per {PEERS_PER_WORKER} peers); "

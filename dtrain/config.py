@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 from omegaconf import MISSING
 
@@ -367,6 +367,7 @@ class CoordinatorConfig:
     lease_timeout_s: float = 5.0
     heartbeat_interval_s: float = 1.0  # told to peers at join
     grace_s: float = 1.0  # quorum forms this long after a round's first sync with those present
+    heal_grace_s: float = 10.0  # ... or this long while a peer that healed (joined) to this round is missing
     commit_timeout_s: float = 30.0  # votes must arrive this long after the quorum formed
     max_wait_s: float = 10.0  # longest a Sync or Commit call is held before answering WAIT
     max_message_mb: float = 4.0
@@ -382,6 +383,7 @@ class CoordinatorConfig:
         _check(0 <= self.port <= 65535, "port", self.port, "0..65535")
         _check(0 <= self.gloo_store_port <= 65535, "gloo_store_port", self.gloo_store_port, "0..65535")
         _check(self.min_peers >= 1, "min_peers", self.min_peers, "must be >= 1")
+        _check(self.heal_grace_s >= 0, "heal_grace_s", self.heal_grace_s, "must be >= 0")
         for key in ("lease_timeout_s", "heartbeat_interval_s", "grace_s", "commit_timeout_s", "max_wait_s",
                     "max_message_mb"):
             _check(getattr(self, key) > 0, key, getattr(self, key), "must be > 0")
@@ -444,6 +446,7 @@ class OuterConfig:
     alpha: float = 0.5  # with overlap: local <- alpha * local + (1 - alpha) * global
     deadline_s: float = 30.0  # the outer collective's deadline
     sync_timeout_s: float = 600.0  # how long a peer waits for a quorum before giving up
+    checkpoint_every_rounds: int = 1  # checkpoint after every K-th committed round (0: only checkpoint_every)
 
     def __post_init__(self) -> None:
         _check_choice("outer.name", self.name, ("none", "diloco", "ddp"))
@@ -464,6 +467,8 @@ class OuterConfig:
         _check(0 <= self.alpha <= 1, "outer.alpha", self.alpha, "must be in [0, 1]")
         _check(self.deadline_s > 0, "outer.deadline_s", self.deadline_s, "must be > 0")
         _check(self.sync_timeout_s > 0, "outer.sync_timeout_s", self.sync_timeout_s, "must be > 0")
+        _check(self.checkpoint_every_rounds >= 0, "outer.checkpoint_every_rounds", self.checkpoint_every_rounds,
+               "must be >= 0")
 
 
 @dataclass
@@ -552,6 +557,125 @@ class TrainConfig:
         _check(self.threads >= 0, "threads", self.threads, "must be >= 0")
 
 
+# --------------------------------------------------------------------------- local simulation
+
+
+@dataclass
+class WanLinkConfig:
+    """One emulated link: one-way latency, jitter and bandwidth (0: unlimited)."""
+
+    latency_ms: float = 0.0
+    jitter_ms: float = 0.0
+    bandwidth_mbit: float = 0.0
+
+    def __post_init__(self) -> None:
+        for key in ("latency_ms", "jitter_ms", "bandwidth_mbit"):
+            _check(getattr(self, key) >= 0, f"wan.*.{key}", getattr(self, key), "must be >= 0")
+
+
+@dataclass
+class WanConfig:
+    """The user-space WAN emulator between simulated nodes (dtrain.sim.wan)."""
+
+    enabled: bool = True
+    latency_ms: float = 40.0  # one-way, between regions (on every link when sim.regions is empty)
+    jitter_ms: float = 5.0
+    bandwidth_mbit: float = 100.0  # 0: unlimited
+    local: WanLinkConfig = field(default_factory=WanLinkConfig)  # inside one region
+    pairs: Dict[str, List[float]] = field(default_factory=dict)  # "eu-us": [latency_ms, jitter_ms, bandwidth_mbit]
+    reset_every_s: List[float] = field(default_factory=list)  # [X, Y]: reset a random link every X-Y s
+    stall_every_s: List[float] = field(default_factory=list)  # [X, Y]: stall a random link every X-Y s
+    stall_s: float = 2.0
+    buffer_mb: float = 8.0  # bytes in flight per connection and direction
+
+    def __post_init__(self) -> None:
+        for key in ("latency_ms", "jitter_ms", "bandwidth_mbit"):
+            _check(getattr(self, key) >= 0, f"wan.{key}", getattr(self, key), "must be >= 0")
+        for key in ("reset_every_s", "stall_every_s"):
+            _check_interval(f"wan.{key}", getattr(self, key))
+        _check(self.stall_s > 0, "wan.stall_s", self.stall_s, "must be > 0")
+        _check(self.buffer_mb > 0, "wan.buffer_mb", self.buffer_mb, "must be > 0")
+        for name, link in self.pairs.items():
+            _check(name.count("-") == 1 and all(name.split("-")), "wan.pairs", name,
+                   "keys are region pairs like eu-us")
+            _check(len(link) == 3 and all(x >= 0 for x in link), f"wan.pairs.{name}", list(link),
+                   "[latency_ms, jitter_ms, bandwidth_mbit], each >= 0")
+
+
+def _check_interval(key: str, v) -> None:
+    _check(len(v) in (0, 2) and all(x > 0 for x in v) and (not v or v[0] <= v[1]), key, list(v),
+           "[] (never) or [X, Y] with 0 < X <= Y seconds")
+
+
+@dataclass
+class ChaosConfig:
+    """A seeded fault schedule; times are seconds after the first round commits."""
+
+    seed: int = 0
+    kill_every_s: List[float] = field(default_factory=list)  # [X, Y]: a random peer every X-Y s
+    kill_at_s: List[float] = field(default_factory=list)  # and/or at these times
+    signal: str = "KILL"  # KILL | TERM | STOP
+    restart_after_s: Optional[float] = None  # restart (KILL, TERM) or resume (STOP) it after this; null: never
+    join_at_s: List[float] = field(default_factory=list)  # a new peer joins at each of these times
+    coordinator_restart_at_s: List[float] = field(default_factory=list)  # SIGKILL + restart the coordinator
+    coordinator_down_s: float = 1.0
+    cluster_restart_at_s: List[float] = field(default_factory=list)  # SIGKILL everything, restart from checkpoints
+    min_alive: int = 1  # never take the live peers below this
+
+    def __post_init__(self) -> None:
+        _check_interval("chaos.kill_every_s", self.kill_every_s)
+        _check_choice("chaos.signal", self.signal, ("KILL", "TERM", "STOP"))
+        _check(self.restart_after_s is None or self.restart_after_s >= 0, "chaos.restart_after_s",
+               self.restart_after_s, "null or >= 0")
+        for key in ("kill_at_s", "join_at_s", "coordinator_restart_at_s", "cluster_restart_at_s"):
+            _check(all(x >= 0 for x in getattr(self, key)), f"chaos.{key}", list(getattr(self, key)),
+                   "times >= 0 seconds")
+        _check(self.coordinator_down_s >= 0, "chaos.coordinator_down_s", self.coordinator_down_s, "must be >= 0")
+        _check(self.min_alive >= 1, "chaos.min_alive", self.min_alive, "must be >= 1")
+
+
+@dataclass
+class SimSizeConfig:
+    """How many peers, how long, and what each peer runs."""
+
+    peers: int = 3
+    rounds: int = 12  # committed rounds to run to
+    inner_steps: int = 10  # H: every peer's outer.sync_every
+    nproc_per_peer: List[int] = field(default_factory=lambda: [1])  # ranks of peer i: entry i mod len
+    regions: List[str] = field(default_factory=list)  # region of peer i: entry i mod len
+    coordinator_region: str = ""  # default: the first region
+    peer: str = "train"  # train (dtrain-train) | model_free (dtrain.outer.sim_peer, tests)
+    peer_args: List[str] = field(default_factory=list)  # extra overrides for every dtrain-train
+    coordinator_args: List[str] = field(default_factory=list)  # extra overrides for dtrain-coordinator
+    numel: int = 100000  # model_free: parameters
+    step_s: float = 0.2  # model_free: seconds of "inner steps" per round
+    duration_s: float = 0.0  # > 0: after this long every peer is sent SIGTERM and the run is judged (soak)
+    timeout_s: float = 900.0  # the whole run fails after this
+
+    def __post_init__(self) -> None:
+        _check(self.peers >= 1, "sim.peers", self.peers, "must be >= 1")
+        _check(self.rounds >= 1, "sim.rounds", self.rounds, "must be >= 1")
+        _check(self.inner_steps >= 1, "sim.inner_steps", self.inner_steps, "must be >= 1")
+        _check(len(self.nproc_per_peer) > 0 and all(n >= 1 for n in self.nproc_per_peer), "sim.nproc_per_peer",
+               list(self.nproc_per_peer), "a list of positive rank counts, e.g. [2, 1]")
+        _check_choice("sim.peer", self.peer, ("train", "model_free"))
+        _check(self.numel >= 1, "sim.numel", self.numel, "must be >= 1")
+        _check(self.step_s >= 0, "sim.step_s", self.step_s, "must be >= 0")
+        _check(self.timeout_s > 0, "sim.timeout_s", self.timeout_s, "must be > 0")
+        _check(self.duration_s >= 0, "sim.duration_s", self.duration_s, "must be >= 0 (0: run to sim.rounds)")
+
+
+@dataclass
+class SimConfig:
+    """``dtrain-sim``: a coordinator and N peers on loopback over an emulated WAN, with chaos."""
+
+    run_dir: str = MISSING
+    resume: bool = False  # start again on run_dir (whole-cluster restart)
+    sim: SimSizeConfig = field(default_factory=SimSizeConfig)
+    wan: WanConfig = field(default_factory=WanConfig)
+    chaos: ChaosConfig = field(default_factory=ChaosConfig)
+
+
 # --------------------------------------------------------------------------- helpers
 
 
@@ -615,3 +739,4 @@ def register_configs() -> None:
     cs.store(group="schema/control", name="control", node=ControlConfig)
     cs.store(group="schema", name="status", node=StatusConfig)
     cs.store(group="schema", name="certs", node=CertsConfig)
+    cs.store(group="schema", name="sim", node=SimConfig)

@@ -65,3 +65,22 @@ def tiny_mbv3_cfg():
         stages=[StageConfig(8, 1, "relu", False), StageConfig(16, 2, "hswish", True)],
         final_expand=2, feature_dim=32, kernel_sizes=[3, 5, 7], expand_ratios=[2, 3],
         depths=[1, 2], resolutions=[8, 12], dropout=0.1)
+
+
+@pytest.fixture
+def served():
+    """Start Peer gRPC servers (``served(servicer) -> address``) on 127.0.0.1:0; all stopped at teardown."""
+    servers = []
+
+    def start(servicer, token=""):
+        from dtrain.comm.state_transfer import serve_peer
+
+        server, port = serve_peer(servicer, token=token)
+        servers.append(server)
+        return f"127.0.0.1:{port}"
+
+    try:
+        yield start
+    finally:
+        for s in servers:
+            s.stop(0)

@@ -612,23 +612,45 @@ def test_a_healer_counts_again_once_it_syncs_the_current_round():
     for p in "ab":
         join(m, p)
     full_round(m, ["a", "b"], 0.1)
-    join(m, "j", now=0.2, round=0)
-    full_round(m, ["a", "b"], 0.3)
-    assert m.sync("j", "inc1", 2, H(2), 0.4) is None  # healed: now a quorum waits for j too
-    ans = sync_all(m, ["a", "b"], 0.5)
-    assert ans["a"].quorum.ids == ("a", "b", "j")
+    join(m, "j", now=0.2, round=0)  # joined behind: downloading S_1
+    assert sync_all(m, ["a", "b"], 0.3) == {"a": None, "b": None}  # round 1 waits (grace) for its healer
+    m.poll(1.31)  # j did not make it: the window closes, round 1 forms without it
+    q = m.take_sync_answer("a", 1).quorum
+    assert q.ids == ("a", "b")
+    commit_all(m, q, 1.4)
+    assert m.sync("j", "inc1", 1, H(1), 1.5).outcome == "heal"  # behind again: S_2 now
+    full_round_after = sync_all(m, ["a", "b"], 1.6)
+    assert full_round_after == {"a": None, "b": None}
+    ans = m.sync("j", "inc1", 2, H(2), 1.7)  # healed in time: the quorum of round 2 includes it
+    assert ans.quorum.ids == ("a", "b", "j") == m.take_sync_answer("a", 2).quorum.ids
+
+
+def test_a_joiner_healing_to_the_current_round_is_waited_for_up_to_heal_grace():
+    m = machine(min_peers=1, grace=0.5, heal_grace=5.0, lease_timeout=60.0)
+    for p in "ab":
+        join(m, p)
+    full_round(m, ["a", "b"], 0.1)
+    r = join(m, "j", now=0.2, round=0)
+    assert r.must_heal and r.donor.round == 1
+    assert sync_all(m, ["a", "b"], 0.3) == {"a": None, "b": None}
+    assert m.next_deadline() == pytest.approx(5.3)  # heal_grace, not grace, while the joiner is missing
+    m.poll(1.0)
+    assert m.take_sync_answer("a", 1) is None  # past grace, within heal_grace: still waiting
+    ans = m.sync("j", "inc1", 1, H(1), 2.0)
+    assert ans.quorum.ids == ("a", "b", "j") == m.take_sync_answer("a", 1).quorum.ids
 
 
 def test_rejoin_reporting_an_old_state_withdraws_the_earlier_sync():
-    m = machine(min_peers=1, grace=10.0)
+    m = machine(min_peers=1, grace=10.0, lease_timeout=60.0)
     for p in "abc":
         join(m, p)
     full_round(m, ["a", "b", "c"], 0.1)
     assert m.sync("a", "inc1", 1, H(1), 0.2) is None
     r = join(m, "a", now=0.3, round=0)  # the same process re-joins, now holding S_0 only
     assert r.must_heal and r.donor.peer_id in ("b", "c")
-    ans = sync_all(m, ["b", "c"], 0.4)
-    assert ans["b"].quorum.ids == ("b", "c")
+    assert sync_all(m, ["b", "c"], 0.4) == {"b": None, "c": None}  # its earlier sync no longer counts
+    m.poll(10.5)  # it does not come back in the window: the round forms without it
+    assert m.take_sync_answer("b", 1).quorum.ids == ("b", "c")
 
 
 def test_fresh_run_joiners_need_no_healing():

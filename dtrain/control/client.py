@@ -86,6 +86,10 @@ class InvalidRequest(ControlError):
     code = grpc.StatusCode.INVALID_ARGUMENT
 
 
+class Stopping(ControlError):
+    """The peer is shutting down (SIGTERM / SIGINT) while waiting for a quorum: the round is abandoned."""
+
+
 class CoordinatorUnavailable(ControlError):
     code = grpc.StatusCode.UNAVAILABLE
     hint = "is the coordinator running, and is the address right?"
@@ -182,6 +186,7 @@ class CoordinatorClient:
         self.rpc_timeout = rpc_timeout
         self.state_fn = state_fn or (lambda: (0, ""))
         self.incarnation = uuid.uuid4().hex
+        self.should_stop: Optional[Callable[[], bool]] = None  # True: stop waiting for a quorum (Stopping)
         self._md = auth_metadata(token)
         self._channel = make_channel(target, tls, max_message_bytes)
         self._stub = pb_grpc.CoordinatorStub(self._channel)
@@ -296,6 +301,8 @@ class CoordinatorClient:
         deadline = None if timeout is None else time.monotonic() + timeout
         backoff = Backoff()
         while True:
+            if method == "Sync" and self.should_stop is not None and self.should_stop():
+                raise Stopping(f"{self.peer_id!r} is stopping: abandoned the wait for a quorum")
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0.005:
                 raise TimeoutError(f"{method} of {self.peer_id!r} got no final answer within {timeout:g}s")

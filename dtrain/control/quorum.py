@@ -21,7 +21,9 @@ R says which state is current. A member holding S_R calls ``sync(R, H(S_R))``.
   not counted until it syncs round R. It is waited for only while the grace
   window of the round it was sent to fetch is open, so that a healer whose
   download is quicker than a round enters at the next round boundary instead
-  of chasing the others forever. The reference
+  of chasing the others forever (``heal_grace``, when longer than ``grace``,
+  is how long a healer is waited for: its download puts it a little behind
+  the others at the boundary of the round it fetched). The reference
   hash of S_R is the one recorded for R (from an earlier attempt), else the
   majority hash; syncers with another hash are told to HEAL from a member
   that has the reference.
@@ -90,6 +92,7 @@ class Params:
     lease_timeout: float = 5.0
     heartbeat_interval: float = 1.0
     grace: float = 1.0
+    heal_grace: float = 0.0  # how long a round's quorum waits for peers healing to it (0: grace)
     commit_timeout: float = 30.0
     history: int = 1000
     schema_hash: str = ""  # pinned; empty: adopt (and persist) the first joiner's
@@ -312,6 +315,8 @@ class QuorumMachine:
             if not self.syncs:
                 self.first_sync_at = None
             donor = self._pick_donor(exclude=peer_id)
+            if donor is not None:
+                self.healing[peer_id] = donor.round
         self._try_form(now)  # the expected set may have shrunk
         return JoinResult(R, self.known_hash, not up_to_date, donor, self.quorum_id)
 
@@ -484,8 +489,7 @@ class QuorumMachine:
         present = {pid for pid in self.syncs
                    if pid in self.members and self.excluded.get(pid) != self.committed_round}
         healers = {pid for pid, r in self.healing.items() if r == self.committed_round and pid in self.members}
-        all_in = (active | healers) <= present
-        if not all_in and (self.first_sync_at is None or now < self.first_sync_at + self.p.grace):
+        if not (active | healers) <= present and (self.first_sync_at is None or now < self._wait_until(healers, present)):
             return
         self.grace_spent = True  # from now on only events (syncs, removals) can make it form
         counts: Dict[str, int] = {}
@@ -521,6 +525,13 @@ class QuorumMachine:
             self._post_sync(pid, self._heal(pid, q.round, f"state hash {self.syncs[pid][:12]}... differs "
                                                           f"from the majority's {ref[:12]}..."))
         self.syncs, self.first_sync_at = {}, None
+
+    def _wait_until(self, healers: Set[str], present: Set[str]) -> float:
+        """When the time-based wait of a round ends: grace, or heal_grace while a healer is missing."""
+        wait = self.p.grace
+        if healers - present:
+            wait = max(wait, self.p.heal_grace)
+        return self.first_sync_at + wait
 
     # ------------------------------------------------------------------ commit
     def _committed_by(self, round: int, quorum_id: int) -> bool:
@@ -630,7 +641,8 @@ class QuorumMachine:
         if self.voting is not None:
             times.append(self.voting.deadline)
         if self.syncs and self.first_sync_at is not None and not self.grace_spent:
-            times.append(self.first_sync_at + self.p.grace)
+            healers = {pid for pid, r in self.healing.items() if r == self.committed_round and pid in self.members}
+            times.append(self._wait_until(healers, set(self.syncs)))
         return min(times) if times else None
 
     # ------------------------------------------------------------------ status

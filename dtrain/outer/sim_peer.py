@@ -206,7 +206,7 @@ class SimPeer:
 
         self.inbox = ShardInbox()
         self.servicer = PeerServicer(self.schema, a.peer_id, inbox=self.inbox)
-        self.server, port = serve_peer(self.servicer, "127.0.0.1", 0, token=a.token)
+        self.server, port = serve_peer(self.servicer, "127.0.0.1", a.port, token=a.token)
         self.address = f"127.0.0.1:{port}"
         self.client = CoordinatorClient(a.coordinator, a.peer_id, self.address, self.schema, token=a.token,
                                         rpc_timeout=a.rpc_timeout,
@@ -270,7 +270,7 @@ class SimPeer:
         if info.must_heal and info.donor is not None:
             out = RoundOutcome("heal", self.state.round)
             if self.engine._heal(HealOrder(info.donor, info.committed_round, "joined behind"), out):
-                self.record("heal", round=out.round, **(out.heal or {}))
+                self.record("heal", round=out.round, state_hash=self.state.hash(), **(out.heal or {}))
         while self.state.round < self.target_rounds() and self.stop is None:
             r = self.state.round
             time.sleep(a.step_s)
@@ -292,7 +292,7 @@ class SimPeer:
             if out.kind == "heal":
                 if self.ef:
                     self.ef.reset()
-                self.record("heal", round=out.round, **(out.heal or {}))
+                self.record("heal", round=out.round, state_hash=self.state.hash(), **(out.heal or {}))
                 continue
             theta, v = self.state.tensors["theta"], self.state.tensors["velocity"]
             self.opt.step(theta[lo:hi], v[lo:hi], out.mean, round=out.round)
@@ -355,6 +355,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="grpc backend: sleep this long before sending each shard chunk")
     p.add_argument("--slow-round", type=int, default=-1,
                    help="--slow-push-s only in the first attempt of this round (-1: every round)")
+    p.add_argument("--port", type=int, default=0, help="data-plane port (0: the OS picks)")
     p.add_argument("--trace", action="store_true", help="also record the start of every collective attempt")
     a = p.parse_args(argv)
     for name in a.codecs.split(","):

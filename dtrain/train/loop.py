@@ -329,6 +329,8 @@ class Trainer:
                     break
                 if self.outer is not None:
                     self.outer.after_step()
+                    if self.stop_everywhere:  # the leader abandoned a round wait to shut down
+                        break
                 if self.step % c.log_every == 0 or self.step == stop:
                     now = time.perf_counter()
                     sps = (self.step - n_last) * c.batch_size / max(now - t_last, 1e-9)

@@ -39,7 +39,7 @@ import torch.distributed as dist
 
 from ..comm.state_transfer import PeerServicer, serve_peer
 from ..control.auth import resolve_token
-from ..control.client import CoordinatorClient
+from ..control.client import CoordinatorClient, Stopping
 from ..control.schema import schema_hash
 from ..outer.codecs import get_codec
 from ..outer.error_feedback import ErrorFeedback
@@ -51,7 +51,7 @@ from .optim_state import load_optimizer_flat_state, optimizer_flat_state
 
 log = logging.getLogger("dtrain")
 
-NONE, COMMIT, HEAL = 0, 1, 2
+NONE, COMMIT, HEAL, STOP = 0, 1, 2, 3
 
 
 def run_schema_hash(cfg) -> str:
@@ -94,6 +94,7 @@ class OuterLoop:
                                         tls=cc.tls if cc.tls.client_enabled else None,
                                         rpc_timeout=cc.rpc_timeout_s,
                                         state_fn=lambda: (self.state.round, self.state.hash()))
+        self.client.should_stop = lambda: trainer.stop_requested is not None
         self.engine = RoundEngine(self.client, self.collective, self.state, self.publish, c.peer_id, self.schema,
                                   token=self.token, tls=cc.tls if cc.tls.client_enabled else None,
                                   deadline_s=self.o.deadline_s, sync_timeout_s=self.o.sync_timeout_s,
@@ -190,7 +191,11 @@ class OuterLoop:
             if self.leader:
                 f = self._fragment()
                 self.compute_s += time.perf_counter() - self.last_round_end
-                kind = self._apply(self.engine.exchange(self._payload(f), op=f"f{f}"), f)
+                try:
+                    kind = self._apply(self.engine.exchange(self._payload(f), op=f"f{f}"), f)
+                except Stopping as e:
+                    log.info("%s", e)
+                    kind = STOP
             self._broadcast(kind)
             return
         if step % self.period == 0 and self.leader and self.pending is None:
@@ -221,7 +226,11 @@ class OuterLoop:
         fut, f, _, _ = self.pending
         self.pending = None
         t0 = time.perf_counter()
-        out = fut.result()
+        try:
+            out = fut.result()
+        except Stopping as e:
+            log.info("%s", e)
+            return STOP
         self.t.stall_s += time.perf_counter() - t0
         return self._apply(out, f)
 
@@ -244,6 +253,9 @@ class OuterLoop:
         else:
             new_local = new_global
         self.layout.load_fragment(self.t.model, new_local, f)
+        k = self.o.checkpoint_every_rounds
+        if k and self.state.round % k == 0:
+            self.t.save()  # S_{r+1} on disk: a whole-cluster restart continues from here
         self._record_round(out)
         return COMMIT
 
@@ -259,16 +271,22 @@ class OuterLoop:
 
     def _broadcast(self, kind: int) -> None:
         """Leader -> other ranks: what happened, then the local parameters."""
-        if not self.t.ctx.enabled:
-            return
+        if self.t.ctx.enabled:
+            kind = self._broadcast_ranks(kind)
+        if kind == STOP:  # the leader abandoned the round to shut down: every rank leaves the loop
+            self.t.stop_requested = self.t.stop_requested or "SIGTERM"
+            self.t.stop_everywhere = True
+
+    def _broadcast_ranks(self, kind: int) -> int:
         info = torch.tensor([kind, self.state.round if self.leader else 0, self.t.step], dtype=torch.long)
         dist.broadcast(info, 0)
         kind, _, step = (int(x) for x in info.tolist())
-        if kind != NONE:
+        if kind in (COMMIT, HEAL):
             for p in self.t.model.parameters():
                 dist.broadcast(p.data, 0)
             if kind == HEAL and not self.leader:
                 self.t.jump_to_step(step)
+        return kind
 
     # ------------------------------------------------------------------ ddp
     def reduce_gradients(self) -> None:
@@ -337,6 +355,8 @@ class OuterLoop:
         self.last_round_end, self.compute_s = now, 0.0
 
     def _record_heal(self, out: RoundOutcome) -> None:
+        if self.o.checkpoint_every_rounds:
+            self.t.save()  # the adopted S_R on disk: this peer can restart (or restart the cluster) from it
         h = out.heal or {}
         self.t.record({"kind": "heal", "round": out.round, "donor": h.get("donor", ""), "bytes": h.get("bytes", 0),
                        "seconds": h.get("seconds", 0.0), "state_hash": self.state.hash(), "reason": h.get("reason", "")})

@@ -1,0 +1,140 @@
+"""dtrain-sim end to end: every recovery path under injected faults, with parity and no lost round.
+
+Model-free peers (the real outer loop, coordinator, collectives and state
+transfer without the supernet) keep the protocol runs short; one run trains
+real (tiny) supernets with a 2-rank torchrun peer beside a 1-rank peer and
+restarts the whole cluster.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+import pytest
+
+from conftest import FAST_MBV3, run_cli
+from sim_fixtures import SimRun, alive, run_sim, started_pids
+
+QUICK_COORD = 'sim.coordinator_args=["lease_timeout_s=2","heartbeat_interval_s=0.4","grace_s=0.5"]'
+MODEL_FREE = ["sim.peer=model_free", "sim.step_s=0.3", "wan.latency_ms=20", "wan.jitter_ms=2",
+              "wan.bandwidth_mbit=200", QUICK_COORD]
+
+
+def check_run(run, rounds):
+    s = run.summary()
+    out = run.output()
+    assert run.proc.returncode == 0, out[-4000:]
+    assert s["ok"] and s["parity"] and s["rounds_lost"] == 0, json.dumps(s, indent=1)
+    assert s["rounds_committed"] >= rounds and s["rounds_checked"] >= rounds
+    assert "simulation summary" in out and "parity" in out
+    assert not [p for p in started_pids(run.run_dir) if alive(p)], "processes left behind"
+    return s
+
+
+@pytest.mark.timeout(150)
+def test_crash_restart_join_coordinator_restart_and_link_faults(tmp_path):
+    run = run_sim(tmp_path, [*MODEL_FREE, "sim.rounds=18", "chaos.kill_at_s=[1.5,5]", "chaos.restart_after_s=1",
+                             "chaos.join_at_s=[3]", "chaos.coordinator_restart_at_s=[7]",
+                             "wan.reset_every_s=[3,4]", "wan.stall_every_s=[4,5]", "wan.stall_s=1"], timeout=120)
+    try:
+        s = check_run(run, 18)
+        f = s["faults"]
+        assert f.get("kill_kill", 0) >= 1 and f.get("coordinator_restart") == 1
+        assert f.get("link_reset", 0) >= 1 and f.get("link_stall", 0) >= 1
+        assert s["heals"] >= 2  # the restarted and the joining peer fetched the state from donors
+        starts = [e for e in run.events() if e["event"] == "peer_start"]
+        assert {e["reason"] for e in starts} >= {"start", "restart", "chaos join"}
+        # every peer that joined late (p3) committed rounds after its heal: it entered the run
+        p3 = [json.loads(line) for line in open(os.path.join(run.run_dir, "peer-p3", "metrics.jsonl"))]
+        assert [r for r in p3 if r["kind"] == "heal"] and [r for r in p3 if r["kind"] == "round"]
+    finally:
+        run.close()
+
+
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("sig", ["STOP", "TERM"])
+def test_stopped_peer_rejoins_and_terminated_peer_leaves(tmp_path, sig):
+    extra = ["chaos.restart_after_s=3"] if sig == "STOP" else []
+    run = run_sim(tmp_path, [*MODEL_FREE, "sim.rounds=14", "chaos.kill_at_s=[1]", f"chaos.signal={sig}",
+                             *extra], timeout=120)
+    try:
+        s = check_run(run, 14)
+        victim = next(e["peer"] for e in run.events() if e["event"] == "kill")
+        removed = [e for e in run.coordinator_events() if e.get("peer_id") == victim
+                   and e["event"] in ("leave", "expire")]
+        exits = {e["peer"]: e["status"] for e in run.events() if e["event"] == "peer_exit"}
+        if sig == "TERM":  # left at once with Leave (no lease wait), exit status 0
+            assert removed and removed[0]["event"] == "leave"
+            assert exits[victim] == 0
+            rounds_after = [json.loads(line) for line in open(os.path.join(run.run_dir, "peer-" + victim, "metrics.jsonl"))]
+            assert rounds_after[-1]["kind"] == "done"
+        else:  # its lease expired while stopped; resumed, it re-joined, healed and took part again
+            assert removed and removed[0]["event"] == "expire"
+            assert s["heals"] >= 1 and exits[victim] == 0
+    finally:
+        run.close()
+
+
+@pytest.mark.timeout(240)
+def test_whole_cluster_restart_with_mixed_world_sizes_then_resume(tmp_path):
+    """A 2-rank torchrun peer and a 1-rank peer train a tiny supernet; every process is SIGKILLed mid-run
+    and restarted from checkpoints; later the user starts the finished run again with more rounds."""
+    peer_args = json.dumps([*FAST_MBV3, "batch_size=16", "eval_batch_size=128", "calib_batches=2",
+                            "calib_batch_size=16", "eval_every=0", "checkpoint_every=0", "log_every=2"])
+    common = [f"sim.peer_args={peer_args}", "sim.peers=2", "sim.nproc_per_peer=[2,1]", "sim.inner_steps=4",
+              "wan.latency_ms=10", "wan.jitter_ms=0", "wan.bandwidth_mbit=0",
+              'sim.coordinator_args=["lease_timeout_s=3","heartbeat_interval_s=0.5","grace_s=0.5","min_peers=2"]',
+              "chaos.kill_at_s=[]", "chaos.join_at_s=[]"]
+    run = run_sim(tmp_path, [*common, "sim.rounds=7", "chaos.cluster_restart_at_s=[2]"], timeout=200)
+    try:
+        s = check_run(run, 7)
+        ev = next(e for e in run.events() if e["event"] == "cluster_restart")
+        assert sorted(ev["peers_killed"]) == ["p0", "p1"]
+        assert s["faults"].get("cluster_restart") == 1
+        for pid in ("p0", "p1"):
+            recs = [json.loads(line) for line in open(os.path.join(run.run_dir, f"peer-{pid}", "metrics.jsonl"))]
+            assert any(r["kind"] == "run" and r["event"] == "resume" for r in recs), pid
+            summary = json.load(open(os.path.join(run.run_dir, f"peer-{pid}", "summary.json")))
+            assert summary["ranks_in_sync"] and summary["world_size"] == (2 if pid == "p0" else 1)
+        assert s["final_accuracy"].get("max") is not None
+    finally:
+        run.close()
+    again = run_sim(tmp_path, [*common, "sim.rounds=9", "resume=true"], timeout=200, name="sim")
+    try:
+        s2 = check_run(again, 9)
+        assert s2["rounds_committed"] == 9 and s2["rounds_checked"] == 9
+    finally:
+        again.close()
+
+
+@pytest.mark.timeout(120)
+def test_ctrl_c_stops_everything_it_started(tmp_path):
+    run = SimRun(tmp_path / "sim", [*MODEL_FREE, "sim.rounds=1000", "chaos.kill_at_s=[]", "chaos.join_at_s=[]"])
+    try:
+        run.wait_for_event("chaos_clock_start", 60)
+        os.killpg(run.proc.pid, signal.SIGINT)
+        rc = run.wait(60)
+        assert rc != 0
+        s = run.summary()
+        assert s["status"] == "interrupted" and s["parity"]
+        pids = started_pids(run.run_dir)
+        assert len(pids) == 4
+        deadline = time.monotonic() + 10
+        while [p for p in pids if alive(p)] and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not [p for p in pids if alive(p)]
+    finally:
+        run.close()
+
+
+def test_bad_sim_settings_get_one_line_errors(tmp_path):
+    for arg, key in (("chaos.signal=HUP", "chaos.signal"), ("sim.peers=0", "sim.peers"),
+                     ("sim.peer=docker", "sim.peer"), ("wan.latency_ms=-1", "wan.latency_ms")):
+        r = run_cli(["dtrain-sim", f"run_dir={tmp_path / 'x'}", arg], timeout=60)
+        assert r.returncode == 2, r.stderr
+        lines = [l for l in r.stderr.strip().splitlines() if l]
+        assert len(lines) == 1 and key in lines[0], r.stderr
+    assert not (tmp_path / "x").exists()
