@@ -157,7 +157,14 @@ def test_chaos_schedule_is_seeded_sorted_and_within_bounds(seed, lo, span, joins
 
 
 def test_chaos_config_refuses_bad_values():
-    from dtrain.config import ConfigError
+    from dtrain.config import ConfigError, SimSizeConfig
+
+    with pytest.raises(ConfigError, match=r"sim.peers"):
+        SimSizeConfig(peers=0)
+    with pytest.raises(ConfigError, match=r"sim.nproc_per_peer"):
+        SimSizeConfig(nproc_per_peer=[2, 0])
+    with pytest.raises(ConfigError, match=r"wan.latency_ms"):
+        WanConfig(latency_ms=-1)
 
     with pytest.raises(ConfigError, match=r"chaos.signal"):
         ChaosConfig(signal="HUP")

@@ -113,6 +113,7 @@ def summarize(run_dir: str, target_rounds: int, status: str = "ok", error: str =
         "faults": dict(faults), "faults_injected": sum(faults.values()),
         "heals": len(heals), "retries": retries, "peer_starts_after_chaos": joins,
         "recoveries": len(heals) + retries,
+        "bytes_moved": sum(int(r.get("bytes_sent", 0)) for r in rounds) + sum(int(h.get("bytes", 0)) for h in heals),
         "bytes_outer": sum(int(r.get("bytes_sent", 0)) for r in rounds),
         "bytes_state_transfer": sum(int(h.get("bytes", 0)) for h in heals),
         "heal_seconds": [round(float(h.get("seconds", 0.0)), 3) for h in heals],
