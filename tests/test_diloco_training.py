@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -136,3 +137,24 @@ def test_ddp_baseline_two_peers(cluster):
     n = sum(p.numel() for p in build_supernet(compose(["run_dir=/tmp/x", *FAST_MBV3]).model).parameters())
     sent = rounds["d0"][1]["bytes_sent"]
     assert 4 * n <= sent <= 4 * n * 1.02  # 2 (k-1)/k N 4 bytes with k = 2, plus framing
+
+
+@pytest.mark.parametrize("outer", ["diloco", "ddp"])
+def test_sigterm_while_waiting_for_a_quorum_leaves_at_once(cluster, outer):
+    """A peer blocked in Sync (its partner never comes) abandons the wait on SIGTERM, leaves and exits 0."""
+    tmp_path, coordinator, peer = cluster
+    address = coordinator("min_peers=2", "grace_s=0.5")
+    p = peer("lonely", address, f"outer={outer}", "outer.sync_every=2", "steps=8")
+    deadline = time.time() + 120
+    while "joined" not in (tmp_path / "lonely.log").read_text() and time.time() < deadline:
+        assert p.poll() is None, (tmp_path / "lonely.log").read_text()[-2000:]
+        time.sleep(0.2)
+    time.sleep(1.0)  # at its first round boundary (2 tiny steps), waiting for a quorum of 2
+    t0 = time.time()
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(30) == 0, (tmp_path / "lonely.log").read_text()[-3000:]
+    assert time.time() - t0 < 12  # Sync calls are held at most 5 s at a time
+    log = (tmp_path / "lonely.log").read_text()
+    assert "abandoned the wait for a quorum" in log and "left the run" in log
+    events = [json.loads(line) for line in open(tmp_path / "coord" / "events.jsonl")]
+    assert any(e["event"] == "leave" and e.get("peer_id") == "lonely" for e in events)

@@ -296,8 +296,14 @@ class OuterLoop:
             flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float().cpu()
                               for p in params])
             self.compute_s += time.perf_counter() - self.last_round_end
-            out = self.engine.exchange(flat, op="grad")
-            if out.kind == "heal":
+            try:
+                out = self.engine.exchange(flat, op="grad")
+            except Stopping as e:
+                log.info("%s", e)
+                out = RoundOutcome("stop", self.state.round)
+            if out.kind == "stop":
+                kind = STOP
+            elif out.kind == "heal":
                 self._adopt_global()
                 self._record_heal(out)
                 kind = HEAL
@@ -325,12 +331,17 @@ class OuterLoop:
                     p.grad = None
                 if not self.leader:
                     self.t.jump_to_step(int(info[1]))
-            else:
+            elif kind != STOP:
                 for p in params:
                     if p.grad is None:
                         p.grad = torch.zeros_like(p)
                     dist.broadcast(p.grad, 0)
-        self.ddp_healed = kind == HEAL
+        if kind == STOP:  # shutting down: this step is dropped and every rank leaves the loop
+            for p in params:
+                p.grad = None
+            self.t.stop_requested = self.t.stop_requested or "SIGTERM"
+            self.t.stop_everywhere = True
+        self.ddp_healed = kind in (HEAL, STOP)
 
     def after_ddp_step(self) -> None:
         """ddp, leader: the state after the optimizer step becomes S_{round+1}."""
