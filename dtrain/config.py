@@ -447,6 +447,7 @@ class OuterConfig:
     deadline_s: float = 30.0  # the outer collective's deadline
     sync_timeout_s: float = 600.0  # how long a peer waits for a quorum before giving up
     checkpoint_every_rounds: int = 1  # checkpoint after every K-th committed round (0: only checkpoint_every)
+    durable_commit: bool = True  # diloco: write S_{r+1} to disk before voting on round r
 
     def __post_init__(self) -> None:
         _check_choice("outer.name", self.name, ("none", "diloco", "ddp"))

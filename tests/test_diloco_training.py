@@ -43,14 +43,14 @@ def cluster(tmp_path):
             time.sleep(0.1)
         raise AssertionError("coordinator did not start")
 
-    def peer(name, address, *overrides, nproc=1):
+    def peer(name, address, *overrides, nproc=1, extra_env=None):
         cmd = [sys.executable, "-m", "dtrain.cli.train", f"run_dir={tmp_path / name}", f"peer_id={name}",
                f"control.coordinator={address}", *COMMON, *overrides]
         if nproc > 1:
             cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
                    *cmd[1:]]
-        p = subprocess.Popen(cmd, stdout=open(tmp_path / f"{name}.log", "w"), stderr=subprocess.STDOUT,
-                             cwd=REPO, env=env)
+        p = subprocess.Popen(cmd, stdout=open(tmp_path / f"{name}.log", "a"), stderr=subprocess.STDOUT,
+                             cwd=REPO, env={**env, **(extra_env or {})})
         procs.append(p)
         return p
 
@@ -158,3 +158,32 @@ def test_sigterm_while_waiting_for_a_quorum_leaves_at_once(cluster, outer):
     assert "abandoned the wait for a quorum" in log and "left the run" in log
     events = [json.loads(line) for line in open(tmp_path / "coord" / "events.jsonl")]
     assert any(e["event"] == "leave" and e.get("peer_id") == "lonely" for e in events)
+
+
+def test_round_committed_just_before_its_only_member_dies_is_not_lost(cluster):
+    """Durable commit: the sole member of a quorum crashes right after round 1 commits, before it applies,
+    records or checkpoints it. S_2 was written before its vote, so the restarted peer continues from S_2
+    instead of waiting forever for a donor that does not exist."""
+    tmp_path, coordinator, peer = cluster
+    address = coordinator("min_peers=1", "grace_s=0.2")
+    args = ("outer=diloco", "outer.sync_every=2", "steps=8")
+    p = peer("solo", address, *args, extra_env={"DTRAIN_FAULT_EXIT_AFTER_COMMIT": "1"})
+    assert p.wait(120) == 137, (tmp_path / "solo.log").read_text()[-3000:]
+    state = json.load(open(tmp_path / "coord" / "state.json"))
+    assert state["committed_round"] == 2
+    rounds = [r["round"] for r in _records(tmp_path / "solo", "round")]
+    assert rounds == [0]  # round 1 committed but was never recorded by anyone
+    p = peer("solo", address, *args, "resume=true")
+    assert p.wait(120) == 0, (tmp_path / "solo.log").read_text()[-3000:]
+    heals = _records(tmp_path / "solo", "heal")
+    assert [h["round"] for h in heals] == [2] and "before the vote" in heals[0]["reason"]
+    assert [r["round"] for r in _records(tmp_path / "solo", "round")] == [0, 2, 3]
+    assert json.load(open(tmp_path / "coord" / "state.json"))["committed_round"] == 4
+    # the state it recovered is the one the coordinator committed round 2 from
+    commits = {e["round"]: e for e in map(json.loads, open(tmp_path / "coord" / "events.jsonl"))
+               if e["event"] == "commit"}
+    assert commits[2]["state_hash"] == heals[0]["state_hash"]
+
+
+def _records(run_dir, kind):
+    return [json.loads(line) for line in open(run_dir / "metrics.jsonl") if json.loads(line)["kind"] == kind]

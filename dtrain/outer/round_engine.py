@@ -6,6 +6,7 @@
         HEAL:   fetch S from the donor, check its hash, adopt it       -> "heal"
         QUORUM: mean = allreduce_mean(payload) over the members (deadline)
                 a member that sent garbage is reported (it is excluded)
+                prepare(r, qid, mean): the caller may persist S_{r+1} first (durable commit)
                 Commit(r, qid, ok)
                   COMMIT -> the caller applies the mean: S_r -> S_{r+1}   -> "commit"
                   RETRY  -> keep the payload, Sync round r again
@@ -50,8 +51,11 @@ class RoundOutcome:
 class RoundEngine:
     def __init__(self, client: CoordinatorClient, collective: Collective, state: GlobalState, publish,
                  peer_id: str, schema_hash: str, token: str = "", tls=None, deadline_s: float = 30.0,
-                 sync_timeout_s: float = 600.0, transfer_timeout_s: float = 120.0):
+                 sync_timeout_s: float = 600.0, transfer_timeout_s: float = 120.0, prepare=None):
         self.client, self.collective, self.state = client, collective, state
+        # prepare(round, quorum_id, mean): called after a good collective, before the vote (durable commit);
+        # an exception makes this member vote not ok
+        self.prepare = prepare
         self.publish = publish  # publish(state): serve the current state to joiners
         self.peer_id, self.schema_hash, self.token, self.tls = peer_id, schema_hash, token, tls
         self.deadline_s, self.sync_timeout_s, self.transfer_timeout_s = deadline_s, sync_timeout_s, transfer_timeout_s
@@ -82,6 +86,12 @@ class RoundEngine:
                     excluded = self.client.report(ans.round, ans.quorum_id, e.culprit, reason)
                     log.warning("reported %s to the coordinator (excluded: %s)", e.culprit, excluded)
             out.comm_s += time.perf_counter() - t1
+            if ok and self.prepare is not None:
+                try:
+                    self.prepare(ans.round, ans.quorum_id, result.tensor)
+                except OSError as e:
+                    ok, reason = False, f"cannot persist the next state: {e}"[:200]
+                    log.error("round %d: %s", ans.round, reason)
             t2 = time.perf_counter()
             committed = self.client.commit(ans.round, ans.quorum_id, ok, reason, timeout=self.sync_timeout_s)
             out.wait_s += time.perf_counter() - t2

@@ -4,8 +4,9 @@ Parity (the project's promise): every peer that completed round r reports the
 same state hash for S_{r+1} (``round`` records), every heal to round r
 adopted that same S_r, and the coordinator's commit of round r names the
 hash the peers held for S_r. A round is **lost** when the coordinator
-committed it but no peer recorded applying it, or when the coordinator's
-committed round went backwards across a restart.
+committed it but no peer recorded applying it (a round record, or a heal to
+the state after it), or when the coordinator's committed round went
+backwards across a restart.
 """
 
 from __future__ import annotations
@@ -92,7 +93,8 @@ def summarize(run_dir: str, target_rounds: int, status: str = "ok", error: str =
             committed = int(json.load(f)["committed_round"])
     except (OSError, ValueError, KeyError):
         committed = 0
-    unrecorded = sorted(r for r in commits if r not in after)
+    healed_to = {int(h["round"]) for h in heals}  # S_{r+1} reached a peer: round r was applied somewhere
+    unrecorded = sorted(r for r in commits if r not in after and r + 1 not in healed_to)
     lost = len(unrecorded) + lost_by_restart
     events = read_jsonl(os.path.join(run_dir, "events.jsonl"))
     faults = defaultdict(int)

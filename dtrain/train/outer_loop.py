@@ -31,6 +31,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import logging
+import os
 import time
 from typing import Optional
 
@@ -39,7 +40,7 @@ import torch.distributed as dist
 
 from ..comm.state_transfer import PeerServicer, serve_peer
 from ..control.auth import resolve_token
-from ..control.client import CoordinatorClient, Stopping
+from ..control.client import ControlError, CoordinatorClient, Stopping
 from ..control.schema import schema_hash
 from ..outer.codecs import get_codec
 from ..outer.error_feedback import ErrorFeedback
@@ -47,11 +48,13 @@ from ..outer.flat_params import FlatLayout
 from ..outer.global_state import GlobalState
 from ..outer.outer_opt import OuterNesterov
 from ..outer.round_engine import RoundEngine, RoundOutcome
+from .checkpoint import load_checkpoint, save_checkpoint
 from .optim_state import load_optimizer_flat_state, optimizer_flat_state
 
 log = logging.getLogger("dtrain")
 
 NONE, COMMIT, HEAL, STOP = 0, 1, 2, 3
+FAULT_EXIT_AFTER_COMMIT = "DTRAIN_FAULT_EXIT_AFTER_COMMIT"  # test hook: a round number
 
 
 def run_schema_hash(cfg) -> str:
@@ -95,10 +98,14 @@ class OuterLoop:
                                         rpc_timeout=cc.rpc_timeout_s,
                                         state_fn=lambda: (self.state.round, self.state.hash()))
         self.client.should_stop = lambda: trainer.stop_requested is not None
+        self.durable = self.o.durable_commit and not self.ddp
+        self.next_path = os.path.join(trainer.run_dir, "checkpoints", "next_global.pt")
+        self.candidate: Optional[GlobalState] = None  # S_{r+1} persisted before the vote on round r
         self.engine = RoundEngine(self.client, self.collective, self.state, self.publish, c.peer_id, self.schema,
                                   token=self.token, tls=cc.tls if cc.tls.client_enabled else None,
                                   deadline_s=self.o.deadline_s, sync_timeout_s=self.o.sync_timeout_s,
-                                  transfer_timeout_s=cc.transfer_timeout_s)
+                                  transfer_timeout_s=cc.transfer_timeout_s,
+                                  prepare=self._prepare if self.durable else None)
         self.executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="outer") if self.tau else None
 
     # ------------------------------------------------------------------ setup
@@ -135,9 +142,15 @@ class OuterLoop:
         self.servicer.set_snapshot(state.snapshot({"peer_id": self.cfg.peer_id}))
 
     def start(self) -> None:
-        """Join the run; heal first when the coordinator says this peer is behind."""
+        """Join the run; heal first when the coordinator says this peer is behind.
+
+        Durable commit: a state S_{r+1} this peer wrote before voting on round r, newer than its
+        checkpoint, is adopted when the coordinator's commit history shows that round r committed with
+        that very quorum from that very S_r (the crash came after the commit); else it is dropped."""
         kind = NONE
         if self.leader:
+            if self._recover_next_state():
+                kind = HEAL
             self.publish(self.state)
             info = self.client.join(timeout=self.cfg.control.join_timeout_s)
             self.client.start_heartbeat()
@@ -175,6 +188,58 @@ class OuterLoop:
         self.client.close()
         self.collective.close()
         self.server.stop(0)
+
+    # ------------------------------------------------------------------ durable commit
+    def _prepare(self, round: int, quorum_id: int, mean: torch.Tensor) -> None:
+        """Before voting on ``round``: compute S_{round+1} and write it to disk (atomically)."""
+        f = round % self.fragments
+        lo, hi = self.layout.fragments[f]
+        theta, v = self.state.tensors["theta"].clone(), self.state.tensors["velocity"].clone()
+        self.outer_opt.step(theta[lo:hi], v[lo:hi], mean, round=round)
+        cand = GlobalState([("theta", theta), ("velocity", v)], round=round + 1)
+        save_checkpoint(self.next_path, {"round": cand.round, "tensors": cand.tensors, "state_hash": cand.hash(),
+                                         "quorum_id": int(quorum_id), "from_hash": self.state.hash(),
+                                         "schema": self.schema})
+        self.candidate = cand
+
+    def _recover_next_state(self) -> bool:
+        """Adopt S_{r+1} written before a vote on round r if round r committed with that quorum."""
+        if not self.durable or not os.path.exists(self.next_path):
+            return False
+        try:
+            nxt = load_checkpoint(self.next_path)
+            rnd, qid, base = int(nxt["round"]), int(nxt["quorum_id"]), str(nxt["from_hash"])
+        except Exception as e:  # noqa: BLE001 - a torn or foreign file is ignored, the checkpoint stands
+            log.warning("ignoring %s: %s", self.next_path, e)
+            return False
+        if nxt.get("schema") != self.schema or rnd <= self.state.round or \
+                sorted(nxt.get("tensors", {})) != sorted(self.state.tensors):
+            return False
+        commits, deadline = None, time.monotonic() + self.cfg.control.join_timeout_s
+        while commits is None:
+            try:
+                commits = self.client.status().commits
+            except ControlError as e:
+                if time.monotonic() > deadline:
+                    log.warning("cannot check whether round %d committed (%s): using the checkpoint", rnd - 1, e)
+                    return False
+                time.sleep(0.5)  # e.g. the coordinator is restarting with the cluster
+        if not any(c.round == rnd - 1 and c.quorum_id == qid and c.state_hash == base for c in commits):
+            log.info("S_%d written before a vote is not the committed one: using the checkpoint (S_%d)",
+                     rnd, self.state.round)
+            return False
+        cand = GlobalState([(k, nxt["tensors"][k]) for k in self.state.tensors], round=rnd)
+        if cand.hash() != nxt.get("state_hash"):
+            log.warning("ignoring %s: its tensors do not match its state hash", self.next_path)
+            return False
+        log.info("round %d committed after this peer's vote: continuing from S_%d written before the vote "
+                 "(checkpoint holds S_%d)", rnd - 1, rnd, self.state.round)
+        self.state.tensors, self.state.round = cand.tensors, cand.round
+        self.state.changed()
+        self._adopt_global()
+        self.t.record({"kind": "heal", "round": rnd, "donor": self.cfg.peer_id, "bytes": 0, "seconds": 0.0,
+                       "state_hash": self.state.hash(), "reason": "state written before the vote of a committed round"})
+        return True
 
     # ------------------------------------------------------------------ the loop
     def after_step(self) -> None:
@@ -236,13 +301,22 @@ class OuterLoop:
 
     def _apply(self, out: RoundOutcome, f: int) -> int:
         """Leader: apply a round's outcome to the global state and the local model."""
+        if out.kind == "commit" and os.environ.get(FAULT_EXIT_AFTER_COMMIT) == str(out.round):
+            log.error("fault injection: exiting right after round %d committed", out.round)
+            os._exit(137)  # tests: the crash between the commit and anything written after it
         if out.kind == "heal":
+            self.candidate = None
             self._adopt_global()
             self._record_heal(out)
             return HEAL
         lo, hi = self.layout.fragments[f]
-        theta, v = self.state.tensors["theta"], self.state.tensors["velocity"]
-        self.outer_opt.step(theta[lo:hi], v[lo:hi], out.mean, round=out.round)
+        cand, self.candidate = self.candidate, None
+        if cand is not None and cand.round == out.round + 1:  # computed (and persisted) before the vote
+            self.state.tensors = cand.tensors
+        else:
+            theta, v = self.state.tensors["theta"], self.state.tensors["velocity"]
+            self.outer_opt.step(theta[lo:hi], v[lo:hi], out.mean, round=out.round)
+        theta = self.state.tensors["theta"]
         self.state.round = out.round + 1
         self.state.changed()
         self.publish(self.state)
