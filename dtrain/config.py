@@ -651,6 +651,7 @@ class SimSizeConfig:
     numel: int = 100000  # model_free: parameters
     step_s: float = 0.2  # model_free: seconds of "inner steps" per round
     duration_s: float = 0.0  # > 0: after this long every peer is sent SIGTERM and the run is judged (soak)
+    finish_grace_s: float = 30.0  # after the last round, peers still running get this long, then SIGTERM
     timeout_s: float = 900.0  # the whole run fails after this
 
     def __post_init__(self) -> None:
@@ -664,6 +665,7 @@ class SimSizeConfig:
         _check(self.step_s >= 0, "sim.step_s", self.step_s, "must be >= 0")
         _check(self.timeout_s > 0, "sim.timeout_s", self.timeout_s, "must be > 0")
         _check(self.duration_s >= 0, "sim.duration_s", self.duration_s, "must be >= 0 (0: run to sim.rounds)")
+        _check(self.finish_grace_s >= 0, "sim.finish_grace_s", self.finish_grace_s, "must be >= 0")
 
 
 @dataclass

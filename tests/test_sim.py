@@ -19,8 +19,8 @@ from conftest import FAST_MBV3, run_cli
 from sim_fixtures import SimRun, alive, run_sim, started_pids
 
 QUICK_COORD = 'sim.coordinator_args=["lease_timeout_s=2","heartbeat_interval_s=0.4","grace_s=0.5"]'
-MODEL_FREE = ["sim.peer=model_free", "sim.step_s=0.3", "wan.latency_ms=20", "wan.jitter_ms=2",
-              "wan.bandwidth_mbit=200", QUICK_COORD]
+MODEL_FREE = ["sim.peer=model_free", "sim.step_s=0.3", "sim.finish_grace_s=5", "wan.latency_ms=20",
+              "wan.jitter_ms=2", "wan.bandwidth_mbit=200", QUICK_COORD]
 
 
 def check_run(run, rounds):
@@ -88,9 +88,9 @@ def test_whole_cluster_restart_with_mixed_world_sizes_then_resume(tmp_path):
               "wan.latency_ms=10", "wan.jitter_ms=0", "wan.bandwidth_mbit=0",
               'sim.coordinator_args=["lease_timeout_s=3","heartbeat_interval_s=0.5","grace_s=0.5","min_peers=2"]',
               "chaos.kill_at_s=[]", "chaos.join_at_s=[]"]
-    run = run_sim(tmp_path, [*common, "sim.rounds=7", "chaos.cluster_restart_at_s=[2]"], timeout=200)
+    run = run_sim(tmp_path, [*common, "sim.rounds=6", "chaos.cluster_restart_at_s=[2]"], timeout=200)
     try:
-        s = check_run(run, 7)
+        s = check_run(run, 6)
         ev = next(e for e in run.events() if e["event"] == "cluster_restart")
         assert sorted(ev["peers_killed"]) == ["p0", "p1"]
         assert s["faults"].get("cluster_restart") == 1
@@ -102,10 +102,10 @@ def test_whole_cluster_restart_with_mixed_world_sizes_then_resume(tmp_path):
         assert s["final_accuracy"].get("max") is not None
     finally:
         run.close()
-    again = run_sim(tmp_path, [*common, "sim.rounds=9", "resume=true"], timeout=200, name="sim")
+    again = run_sim(tmp_path, [*common, "sim.rounds=8", "resume=true"], timeout=200, name="sim")
     try:
-        s2 = check_run(again, 9)
-        assert s2["rounds_committed"] == 9 and s2["rounds_checked"] == 9
+        s2 = check_run(again, 8)
+        assert s2["rounds_committed"] == 8 and s2["rounds_checked"] == 8
     finally:
         again.close()
 

@@ -31,7 +31,6 @@ from .wan import LinkSpec, WanEmulator
 log = logging.getLogger("dtrain.sim")
 
 COORD = "coordinator"
-FINISH_GRACE_S = 30.0  # after the last round, peers still running get this long to exit, then TERM
 _SIGNALS = {"KILL": signal.SIGKILL, "TERM": signal.SIGTERM, "STOP": signal.SIGSTOP}
 
 
@@ -286,7 +285,7 @@ class Simulation:
                     self.event("chaos_clock_start", committed_round=committed, actions=len(schedule))
                 if finished:
                     finished_at = finished_at or now
-                    if now - finished_at > FINISH_GRACE_S and self.peers:
+                    if now - finished_at > s.finish_grace_s and self.peers:
                         for p in sorted(self.peers):  # e.g. a peer still healing when every donor left
                             self.event("stop_straggler", peer=p, waited_s=round(now - finished_at, 1))
                             self.peers[p].stop(grace_s=10.0)
