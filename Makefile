@@ -27,7 +27,8 @@ train-demo: venv
 test: venv
 	$(PY) -m pytest
 
-# the issue's acceptance runs with the shipped defaults (about 4 minutes on 2 cores)
+# longer runs kept out of `make test`: the shipped defaults (train, GPT preset, `make demo`) and a
+# user-driven restart of a finished simulation (about 8 minutes on 2 cores)
 acceptance: venv
 	$(PY) -m pytest -m acceptance -s
 

@@ -28,18 +28,18 @@ def cluster(tmp_path):
     procs = []
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
-    def coordinator(*args):
-        out = open(tmp_path / "coord.out", "w")
-        p = subprocess.Popen([sys.executable, "-m", "dtrain.cli.coordinator", f"state_dir={tmp_path / 'coord'}",
+    def coordinator(*args, name="coord"):
+        out = open(tmp_path / f"{name}.out", "w")
+        p = subprocess.Popen([sys.executable, "-m", "dtrain.cli.coordinator", f"state_dir={tmp_path / name}",
                               "port=0", "grace_s=1", "lease_timeout_s=10", *args], stdout=out,
-                             stderr=open(tmp_path / "coord.err", "w"), cwd=REPO, env=env)
+                             stderr=open(tmp_path / f"{name}.err", "w"), cwd=REPO, env=env)
         procs.append(p)
         deadline = time.time() + 60
         while time.time() < deadline:
-            line = open(tmp_path / "coord.out").readline()
+            line = open(tmp_path / f"{name}.out").readline()
             if line.endswith("\n"):
                 return line.split()[-1]
-            assert p.poll() is None, open(tmp_path / "coord.err").read()
+            assert p.poll() is None, open(tmp_path / f"{name}.err").read()
             time.sleep(0.1)
         raise AssertionError("coordinator did not start")
 
@@ -139,25 +139,31 @@ def test_ddp_baseline_two_peers(cluster):
     assert 4 * n <= sent <= 4 * n * 1.02  # 2 (k-1)/k N 4 bytes with k = 2, plus framing
 
 
-@pytest.mark.parametrize("outer", ["diloco", "ddp"])
-def test_sigterm_while_waiting_for_a_quorum_leaves_at_once(cluster, outer):
-    """A peer blocked in Sync (its partner never comes) abandons the wait on SIGTERM, leaves and exits 0."""
+def test_sigterm_while_waiting_for_a_quorum_leaves_at_once(cluster):
+    """A peer blocked in Sync (its partner never comes) abandons the wait on SIGTERM, leaves and exits 0:
+    a DiLoCo peer and a ddp peer (each with its own coordinator), side by side."""
     tmp_path, coordinator, peer = cluster
-    address = coordinator("min_peers=2", "grace_s=0.5")
-    p = peer("lonely", address, f"outer={outer}", "outer.sync_every=2", "steps=8")
+    procs = {}
+    for outer in ("diloco", "ddp"):
+        address = coordinator("min_peers=2", "grace_s=0.5", name=f"coord-{outer}")
+        procs[outer] = peer(f"lonely-{outer}", address, f"outer={outer}", "outer.sync_every=2", "steps=8")
+    logs = {o: tmp_path / f"lonely-{o}.log" for o in procs}
     deadline = time.time() + 120
-    while "joined" not in (tmp_path / "lonely.log").read_text() and time.time() < deadline:
-        assert p.poll() is None, (tmp_path / "lonely.log").read_text()[-2000:]
+    while not all("joined" in logs[o].read_text() for o in procs) and time.time() < deadline:
+        for o, p in procs.items():
+            assert p.poll() is None, logs[o].read_text()[-2000:]
         time.sleep(0.2)
-    time.sleep(1.0)  # at its first round boundary (2 tiny steps), waiting for a quorum of 2
+    time.sleep(1.0)  # at their first round boundary (2 tiny steps), waiting for a quorum of 2
     t0 = time.time()
-    p.send_signal(signal.SIGTERM)
-    assert p.wait(30) == 0, (tmp_path / "lonely.log").read_text()[-3000:]
-    assert time.time() - t0 < 12  # Sync calls are held at most 5 s at a time
-    log = (tmp_path / "lonely.log").read_text()
-    assert "abandoned the wait for a quorum" in log and "left the run" in log
-    events = [json.loads(line) for line in open(tmp_path / "coord" / "events.jsonl")]
-    assert any(e["event"] == "leave" and e.get("peer_id") == "lonely" for e in events)
+    for p in procs.values():
+        p.send_signal(signal.SIGTERM)
+    for o, p in procs.items():
+        assert p.wait(30) == 0, logs[o].read_text()[-3000:]
+        log = logs[o].read_text()
+        assert "abandoned the wait for a quorum" in log and "left the run" in log, o
+        events = [json.loads(line) for line in open(tmp_path / f"coord-{o}" / "events.jsonl")]
+        assert any(e["event"] == "leave" and e.get("peer_id") == f"lonely-{o}" for e in events), o
+    assert time.time() - t0 < 15  # Sync calls are held at most 5 s at a time
 
 
 def test_round_committed_just_before_its_only_member_dies_is_not_lost(cluster):

@@ -79,9 +79,9 @@ def test_stopped_peer_rejoins_and_terminated_peer_leaves(tmp_path, sig):
 
 
 @pytest.mark.timeout(240)
-def test_whole_cluster_restart_with_mixed_world_sizes_then_resume(tmp_path):
+def test_whole_cluster_restart_with_mixed_world_sizes(tmp_path):
     """A 2-rank torchrun peer and a 1-rank peer train a tiny supernet; every process is SIGKILLed mid-run
-    and restarted from checkpoints; later the user starts the finished run again with more rounds."""
+    and restarted from checkpoints and the coordinator's state dir."""
     peer_args = json.dumps([*FAST_MBV3, "batch_size=16", "eval_batch_size=128", "calib_batches=2",
                             "calib_batch_size=16", "eval_every=0", "checkpoint_every=0", "log_every=2"])
     common = [f"sim.peer_args={peer_args}", "sim.peers=2", "sim.nproc_per_peer=[2,1]", "sim.inner_steps=4",
@@ -102,10 +102,26 @@ def test_whole_cluster_restart_with_mixed_world_sizes_then_resume(tmp_path):
         assert s["final_accuracy"].get("max") is not None
     finally:
         run.close()
-    again = run_sim(tmp_path, [*common, "sim.rounds=8", "resume=true"], timeout=200, name="sim")
+
+
+@pytest.mark.acceptance
+@pytest.mark.timeout(300)
+def test_user_restarts_a_finished_run_with_more_rounds(tmp_path):
+    """`dtrain-sim run_dir=X resume=true sim.rounds=N`: every process starts again from the checkpoints and
+    the coordinator's state dir (make acceptance: about a minute)."""
+    common = ["sim.peers=2", "sim.inner_steps=4", "wan.latency_ms=10", QUICK_COORD, "chaos.kill_at_s=[]",
+              "chaos.join_at_s=[]", "sim.peer_args=" + json.dumps([*FAST_MBV3, "batch_size=16", "eval_every=0",
+                                                                     "calib_batches=2", "calib_batch_size=16"])]
+    first = run_sim(tmp_path, [*common, "sim.rounds=3"], timeout=200)
     try:
-        s2 = check_run(again, 8)
-        assert s2["rounds_committed"] == 8 and s2["rounds_checked"] == 8
+        check_run(first, 3)
+    finally:
+        first.close()
+    again = run_sim(tmp_path, [*common, "sim.rounds=5", "resume=true"], timeout=200)
+    try:
+        s = check_run(again, 5)
+        assert s["rounds_committed"] == 5 and s["rounds_checked"] == 5
+        assert [e["reason"] for e in again.events() if e["event"] == "peer_start"][-2:] == ["resume", "resume"]
     finally:
         again.close()
 
@@ -131,7 +147,7 @@ def test_ctrl_c_stops_everything_it_started(tmp_path):
 
 
 def test_bad_sim_settings_get_one_line_errors(tmp_path):
-    for arg, key in (("chaos.signal=HUP", "chaos.signal"), ("sim.peer=docker", "sim.peer")):
+    for arg, key in (("chaos.signal=HUP", "chaos.signal"),):  # more bad values: test_sim_units
         r = run_cli(["dtrain-sim", f"run_dir={tmp_path / 'x'}", arg], timeout=60)
         assert r.returncode == 2, r.stderr
         lines = [l for l in r.stderr.strip().splitlines() if l]
