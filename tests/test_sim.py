@@ -88,10 +88,11 @@ def test_whole_cluster_restart_with_mixed_world_sizes(tmp_path):
               "wan.latency_ms=10", "wan.jitter_ms=0", "wan.bandwidth_mbit=0",
               'sim.coordinator_args=["lease_timeout_s=3","heartbeat_interval_s=0.5","grace_s=0.5","min_peers=2"]',
               "chaos.kill_at_s=[]", "chaos.join_at_s=[]"]
-    run = run_sim(tmp_path, [*common, "sim.rounds=6", "chaos.cluster_restart_at_s=[2]"], timeout=200)
+    run = run_sim(tmp_path, [*common, "sim.rounds=8", "chaos.cluster_restart_at_s=[1]"], timeout=200)
     try:
-        s = check_run(run, 6)
-        ev = next(e for e in run.events() if e["event"] == "cluster_restart")
+        s = check_run(run, 8)
+        ev = next((e for e in run.events() if e["event"] == "cluster_restart"), None)
+        assert ev is not None, "the run ended before the cluster restart: " + run.output()[-2000:]
         assert sorted(ev["peers_killed"]) == ["p0", "p1"]
         assert s["faults"].get("cluster_restart") == 1
         for pid in ("p0", "p1"):

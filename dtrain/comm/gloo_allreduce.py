@@ -30,9 +30,9 @@ Groups. One ``ProcessGroupGloo`` per (quorum id, op), built directly (never via
 ``TCPStore`` client of ``group.store_address``; rank = position in
 ``group.members``. Rounds of the same quorum reuse it; a new quorum id drops
 the old quorum's groups; any failure drops the group (unusable after a
-timeout). Before the rendezvous every member publishes (codec, N, members) and
-afterwards checks the others': gloo kills the process (C++ terminate) when
-sizes differ, so a mismatch is caught first and its holder named.
+timeout). Before the rendezvous every member publishes (codec, N, members),
+waits for the others' and checks them: gloo kills the process (C++ terminate)
+when sizes differ, so a mismatch is caught first and its holder named.
 
 Deadline. Every blocking step (store connection, rendezvous, each gloo op) gets
 the time left until ``deadline_s`` as its timeout, so a member that never
@@ -329,6 +329,17 @@ class GlooCollective(Collective):
         digest = hashlib.sha256("\n".join(ids).encode()).hexdigest()[:16]
         meta = f"{self.codec.name} {n} {digest}"
         pstore.set(f"meta/{rank}", meta)
+        # every member checks the others' (codec, N, members) BEFORE any gloo socket exists: a mismatch
+        # is then named by everyone alike, and no member tears down a half-built mesh under the others
+        keys = [f"meta/{r}" for r in range(k)]
+        pstore.wait(keys, _timedelta(left()))
+        metas = [v.decode() for v in pstore.multi_get(keys)]
+        if len(set(metas)) > 1:
+            counts = {m: metas.count(m) for m in metas}
+            ref = max(metas, key=lambda m: (counts[m], -metas.index(m)))  # majority; tie: the earliest
+            bad = next(r for r, m in enumerate(metas) if m != ref)
+            raise CollectiveError(f"member {ids[bad]!r} has (codec, numel, members) {metas[bad]!r}, "
+                                  f"the others {ref!r}", culprit=ids[bad])
         opts = dist.ProcessGroupGloo._Options()
         opts._timeout = _timedelta(left())
         opts._threads = 1
@@ -336,14 +347,6 @@ class GlooCollective(Collective):
         pg = dist.ProcessGroupGloo(pstore, rank, k, opts)  # rendezvous: waits for all k (timeout above)
         with self._lock:
             self.groups_built += 1
-        # everyone set its meta before the rendezvous, so all k are there now
-        metas = [v.decode() for v in pstore.multi_get([f"meta/{r}" for r in range(k)])]
-        if len(set(metas)) > 1:
-            counts = {m: metas.count(m) for m in metas}
-            ref = max(metas, key=lambda m: (counts[m], -metas.index(m)))  # majority; tie: the earliest
-            bad = next(r for r, m in enumerate(metas) if m != ref)
-            raise CollectiveError(f"member {ids[bad]!r} has (codec, numel, members) {metas[bad]!r}, "
-                                  f"the others {ref!r}", culprit=ids[bad])
         log.info("gloo group built under %r: rank %d of %d", prefix, rank, k)
         return _Entry(key, pg)
 
