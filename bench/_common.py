@@ -38,6 +38,17 @@ def positive_float(text: str) -> float:
     return v
 
 
+def member_count(text: str) -> int:
+    """argparse type: how many members a collective has, an integer >= 2."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise _arg_error(f"expected an integer >= 2, got {text!r}")
+    if v < 2:
+        raise _arg_error(f"expected an integer >= 2 (a collective needs two members), got {v}")
+    return v
+
+
 def _arg_error(msg: str):
     import argparse
 

@@ -53,7 +53,8 @@ from pathlib import Path
 from typing import Dict, List, Tuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import format_table, positive_float, positive_int, ratio, summary, target, write_json  # noqa: E402
+from _common import (format_table, member_count, positive_float, positive_int, ratio, summary,  # noqa: E402
+                     target, write_json)
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run from a checkout without ``pip install -e``
@@ -87,16 +88,6 @@ def _backends(text: str) -> List[str]:
     return list(dict.fromkeys(names))
 
 
-def _peers(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 2, got {text!r}")
-    if v < 2:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 2 (a collective needs two members), got {v}")
-    return v
-
-
 def _non_negative_int(text: str) -> int:
     try:
         v = int(text)
@@ -110,7 +101,7 @@ def _non_negative_int(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--peers", type=_peers, default=4, help="members k, one process each (4)")
+    p.add_argument("--peers", type=member_count, default=4, help="members k, one process each (4)")
     p.add_argument("--sizes", type=_sizes, default=[1.0, 16.0, 64.0], help="tensor sizes in MiB of fp32 (1,16,64)")
     p.add_argument("--repeats", type=positive_int, default=5, help="timed rounds (5)")
     p.add_argument("--warmup", type=_non_negative_int, default=1,

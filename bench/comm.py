@@ -59,7 +59,7 @@ from pathlib import Path
 from typing import Dict, List, Tuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import format_table, positive_float, positive_int, ratio, target, write_json  # noqa: E402
+from _common import format_table, member_count, positive_float, positive_int, ratio, target, write_json  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run from a checkout without ``pip install -e``
@@ -98,20 +98,10 @@ def _int_list(text: str) -> List[int]:
     return sorted(set(vals))
 
 
-def _peers(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 2, got {text!r}")
-    if v < 2:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 2 (a collective needs two members), got {v}")
-    return v
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--peers", type=_peers, default=3, help="sim peers k (3)")
+    p.add_argument("--peers", type=member_count, default=3, help="sim peers k (3)")
     p.add_argument("--numel", type=positive_int, default=None,
                    help="values per round (default: parameter count of the tiny supernet, mbv3_tiny)")
     p.add_argument("--rounds", type=positive_int, default=3, help="measured rounds per codec and backend (3)")
