@@ -5,7 +5,7 @@ TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 
-.PHONY: venv demo train-demo test acceptance soak bench proto clean
+.PHONY: venv demo train-demo test acceptance soak bench proto docs clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +47,11 @@ bench: venv
 # tests/test_proto_drift.py fails when the checked-in code does not match the .proto files.
 proto: venv
 	$(PY) -m grpc_tools.protoc -I proto --python_out=. --pyi_out=. --grpc_python_out=. proto/dtrain/v1/dtrain.proto
+
+# The README's configuration reference is generated from dtrain/config.py and conf/;
+# tests/test_config_reference.py fails when it is stale.
+docs: venv
+	$(PY) -m dtrain.cli.config_reference --write
 
 clean:
 	rm -rf $(VENV) runs outputs

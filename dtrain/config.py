@@ -679,6 +679,158 @@ class SimConfig:
     chaos: ChaosConfig = field(default_factory=ChaosConfig)
 
 
+# --------------------------------------------------------------------------- search, export, latency, report
+
+
+@dataclass
+class EvolutionConfig:
+    """Evolutionary search: a population, parents chosen by Pareto rank, mutation and crossover."""
+
+    population: int = 24  # candidates evaluated per generation
+    generations: int = 8
+    parents: int = 8  # best candidates (by Pareto rank on accuracy x cost, then accuracy) kept as parents
+    mutate_prob: float = 0.25  # per gene, when a child is made by mutation
+    crossover_fraction: float = 0.5  # share of children made by crossover of two parents (the rest: mutation)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check(self.population >= 2, "evolution.population", self.population, "must be >= 2")
+        _check(self.generations >= 1, "evolution.generations", self.generations, "must be >= 1")
+        _check(1 <= self.parents <= self.population, "evolution.parents", self.parents,
+               f"must be between 1 and evolution.population={self.population}")
+        _check(0.0 < self.mutate_prob <= 1.0, "evolution.mutate_prob", self.mutate_prob, "must be in (0, 1]")
+        _check(0.0 <= self.crossover_fraction <= 1.0, "evolution.crossover_fraction",
+               self.crossover_fraction, "must be in [0, 1]")
+
+
+@dataclass
+class ConstraintsConfig:
+    """Budgets a subnet must meet; null: no limit."""
+
+    max_macs: Optional[int] = None  # multiply-accumulates of one sample's forward pass
+    max_params: Optional[int] = None
+    max_latency_ms: Optional[float] = None  # predicted from a dtrain-latency table
+    latency_table: str = ""  # the dtrain-latency JSON; required with max_latency_ms, else optional (adds latency)
+
+    def __post_init__(self) -> None:
+        for key in ("max_macs", "max_params", "max_latency_ms"):
+            v = getattr(self, key)
+            _check(v is None or v > 0, f"constraints.{key}", v, "must be > 0, or null for no limit")
+        _check(self.max_latency_ms is None or bool(self.latency_table), "constraints.latency_table",
+               self.latency_table, "must name a dtrain-latency table when constraints.max_latency_ms is set")
+
+
+@dataclass
+class PredictorConfig:
+    """Accuracy predictor: an MLP on the arch encoding, trained on the evaluated candidates."""
+
+    enabled: bool = False
+    hidden: int = 64
+    epochs: int = 300
+    lr: float = 0.01
+    warmup: int = 24  # evaluated candidates before the predictor starts choosing
+    oversample: int = 4  # children proposed per candidate evaluated; the predictor keeps the best
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check(self.hidden >= 1, "predictor.hidden", self.hidden, "must be >= 1")
+        _check(self.epochs >= 1, "predictor.epochs", self.epochs, "must be >= 1")
+        _check(self.lr > 0, "predictor.lr", self.lr, "must be > 0")
+        _check(self.warmup >= 4, "predictor.warmup", self.warmup, "must be >= 4")
+        _check(self.oversample >= 1, "predictor.oversample", self.oversample, "must be >= 1")
+
+
+@dataclass
+class SubnetEvalConfig:
+    """How a candidate subnet is scored: BN recalibration, then one split."""
+
+    split: str = "val"  # val | test
+    calib_batches: int = 8
+    calib_batch_size: int = 64
+    batch_size: int = 512
+
+    def __post_init__(self) -> None:
+        _check_choice("eval.split", self.split, ("val", "test"))
+        for key in ("calib_batches", "calib_batch_size", "batch_size"):
+            _check(getattr(self, key) >= 1, f"eval.{key}", getattr(self, key), "must be >= 1")
+
+
+@dataclass
+class SearchConfig:
+    """``dtrain-search``: the best subnets of a trained supernet under budgets."""
+
+    checkpoint: str = MISSING  # a checkpoint .pt, a dtrain-train run dir or a dtrain-sim run dir
+    out_dir: str = MISSING
+    data: Any = None  # null: the data config the checkpoint's run used (its config.json)
+    evolution: EvolutionConfig = field(default_factory=EvolutionConfig)
+    constraints: ConstraintsConfig = field(default_factory=ConstraintsConfig)
+    predictor: PredictorConfig = field(default_factory=PredictorConfig)
+    eval: SubnetEvalConfig = field(default_factory=SubnetEvalConfig)
+    show: int = 10  # rows of the printed table
+    device: str = "auto"
+    threads: int = 0
+
+    def __post_init__(self) -> None:
+        _check(self.show >= 0, "show", self.show, "must be >= 0")
+
+
+@dataclass
+class ExportConfig:
+    """``dtrain-export``: one subnet as a standalone model."""
+
+    checkpoint: str = MISSING  # as for dtrain-search
+    out_dir: str = MISSING
+    arch: str = ""  # a JSON file holding an arch (or {"arch": {...}})
+    pareto: str = ""  # ... or a dtrain-search pareto.json and the index of the point to export
+    index: Optional[int] = None  # negative counts from the end: -1 is the most accurate point
+    weights: str = "safetensors"  # safetensors | torch (weights-only torch.save)
+    torchscript: bool = True
+    onnx: str = "auto"  # auto (when the onnx package is installed) | on | off
+    data: Any = None  # null: the checkpoint run's data config
+    eval: SubnetEvalConfig = field(default_factory=lambda: SubnetEvalConfig(split="test"))
+    device: str = "auto"
+    threads: int = 0
+
+    def __post_init__(self) -> None:
+        _check(bool(self.arch) != bool(self.pareto), "arch", self.arch,
+               "give exactly one of arch=FILE.json or pareto=pareto.json index=K")
+        _check(not self.pareto or self.index is not None, "index", self.index,
+               "must name a point of the pareto.json when pareto= is given (0 the cheapest, -1 the most accurate)")
+        _check_choice("weights", self.weights, ("safetensors", "torch"))
+        _check_choice("onnx", self.onnx, ("auto", "on", "off"))
+
+
+@dataclass
+class LatencyConfig:
+    """``dtrain-latency``: a latency table of a space's blocks on this machine."""
+
+    model: Any = MISSING  # the model group (mbv3_tiny, ...), unless checkpoint= is given
+    checkpoint: str = ""  # take the model config from this checkpoint or run dir instead
+    out: str = "latency.json"
+    device: str = "cpu"  # cpu | cuda | cuda:N
+    batch_size: int = 1
+    warmup: int = 5
+    repeats: int = 30  # the median of this many timed runs per entry
+    threads: int = 0
+
+    def __post_init__(self) -> None:
+        for key in ("batch_size", "repeats"):
+            _check(getattr(self, key) >= 1, key, getattr(self, key), "must be >= 1")
+        _check(self.warmup >= 0, "warmup", self.warmup, "must be >= 0")
+
+
+@dataclass
+class ReportConfig:
+    """``dtrain-report``: plots and report.md of a run directory."""
+
+    run_dir: str = MISSING  # a dtrain-train run dir or a dtrain-sim run dir
+    out_dir: str = ""  # default: ${run_dir}/report
+    dpi: int = 110
+
+    def __post_init__(self) -> None:
+        _check(self.dpi >= 30, "dpi", self.dpi, "must be >= 30")
+
+
 # --------------------------------------------------------------------------- helpers
 
 
@@ -743,3 +895,7 @@ def register_configs() -> None:
     cs.store(group="schema", name="status", node=StatusConfig)
     cs.store(group="schema", name="certs", node=CertsConfig)
     cs.store(group="schema", name="sim", node=SimConfig)
+    cs.store(group="schema", name="search", node=SearchConfig)
+    cs.store(group="schema", name="export", node=ExportConfig)
+    cs.store(group="schema", name="latency", node=LatencyConfig)
+    cs.store(group="schema", name="report", node=ReportConfig)

@@ -13,15 +13,37 @@ from ..config import DigitsConfig
 from .base import DataBundle, DataError, TensorSplit, split_indices, standardise
 
 
+def _read_digits():
+    """(images [N, 8, 8] in 0..16, labels [N]) from scikit-learn's ``digits.csv.gz``.
+
+    The file is read directly (what ``sklearn.datasets.load_digits`` reads) so
+    that a process does not pay for importing scikit-learn; if the file is not
+    where it was, scikit-learn's loader is used."""
+    import gzip
+    import importlib.util
+    import os
+
+    import numpy as np
+
+    spec = importlib.util.find_spec("sklearn")
+    if spec is None:
+        raise DataError("data 'digits' needs scikit-learn (its digits file ships inside it): pip install scikit-learn")
+    path = os.path.join(list(spec.submodule_search_locations)[0], "datasets", "data", "digits.csv.gz")
+    if os.path.isfile(path):
+        with gzip.open(path, "rt") as f:
+            data = np.loadtxt(f, delimiter=",", dtype=np.float64)
+        return data[:, :-1].reshape(-1, 8, 8), data[:, -1].astype(np.int64)
+    from sklearn.datasets import load_digits as _sk_load_digits  # pragma: no cover - older layouts
+
+    raw = _sk_load_digits()
+    return raw.images, raw.target
+
+
 def load_digits(cfg: DigitsConfig) -> DataBundle:
     """The digits bundle: images float32 [N,1,8,8], labels long in 0..9."""
-    try:
-        from sklearn.datasets import load_digits as _sk_load_digits
-    except ImportError as e:  # pragma: no cover - scikit-learn is a dependency
-        raise DataError(f"data 'digits' needs scikit-learn, which cannot be imported: {e}") from None
-    raw = _sk_load_digits()
-    images = torch.as_tensor(raw.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    labels = torch.as_tensor(raw.target, dtype=torch.long)
+    images, target = _read_digits()
+    images = torch.as_tensor(images, dtype=torch.float32).unsqueeze(1) / 16.0
+    labels = torch.as_tensor(target, dtype=torch.long)
     train, val, test = split_indices(len(images), cfg.val_fraction, cfg.test_fraction, cfg.split_seed)
     x_train, x_val, x_test = standardise(images[train], images[val], images[test])
     return DataBundle(

@@ -34,12 +34,13 @@ def batch_norms(model: nn.Module) -> List[nn.Module]:
 @torch.no_grad()
 def calibrate_bn(model: nn.Module, batches: Iterable[torch.Tensor],
                  prepare: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
-                 group=None) -> int:
+                 group=None, sync: bool = True) -> int:
     """Recalibrate ``model``'s BN statistics on ``batches``; returns the batches used here.
 
     ``prepare`` maps a raw batch to the model input (e.g. the supernet's
     ``adapt_input`` for the active resolution). Under torch.distributed (when
-    initialised with world size > 1) statistics are averaged across ranks.
+    initialised with world size > 1) statistics are averaged across ranks, unless
+    ``sync`` is False (each rank calibrates a different subnet on the whole set).
     """
     bns = batch_norms(model)
     if not bns:
@@ -61,7 +62,7 @@ def calibrate_bn(model: nn.Module, batches: Iterable[torch.Tensor],
             m.training = mode
         for m, mom in momenta.items():
             m.momentum = mom
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
+    if sync and dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
         _average_across_ranks(bns, n, group)
     return n
 

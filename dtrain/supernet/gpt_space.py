@@ -74,6 +74,9 @@ class GPTSpace(SearchSpace):
         check_list("mlp_ratio", arch["mlp_ratio"], self.max_depth, self.mlp_ratios)
         return self._canonical(arch)
 
+    def choice_table(self) -> dict:
+        return {"depth": self.depths, "embed": self.embed_dims, "heads": self.heads, "mlp_ratio": self.mlp_ratios}
+
     def size(self) -> int:
         per_layer = len(self.heads) * len(self.mlp_ratios)
         return len(self.embed_dims) * sum(per_layer ** d for d in self.depths)

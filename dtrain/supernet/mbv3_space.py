@@ -76,6 +76,10 @@ class MBV3Space(SearchSpace):
         check_list("expand", arch["expand"], self.n_blocks, self.expand_ratios)
         return self._canonical(arch)
 
+    def choice_table(self) -> dict:
+        return {"resolution": self.resolutions, "depth": self.depths, "kernel": self.kernel_sizes,
+                "expand": self.expand_ratios}
+
     def size(self) -> int:
         per_block = len(self.kernel_sizes) * len(self.expand_ratios)
         per_stage = sum(per_block ** d for d in self.depths)

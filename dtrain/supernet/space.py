@@ -47,6 +47,26 @@ class SearchSpace(ABC):
     def size(self) -> int:
         """Number of distinct subnets (archs that differ in what they compute)."""
 
+    @abstractmethod
+    def choice_table(self) -> dict:
+        """arch key -> its allowed values (of each entry, for list keys), smallest first."""
+
+    def choices(self, key: str) -> list:
+        """The allowed values of one arch key; ArchError for a key the space does not have."""
+        table = self.choice_table()
+        if key not in table:
+            raise ArchError(f"arch key {key!r} is unknown in space {self.name!r}: allowed keys are "
+                            + ", ".join(table))
+        return list(table[key])
+
+    def genes(self) -> list:
+        """(key, index) of every value an arch holds, index None for scalar keys, in a fixed
+        order: what evolutionary search mutates and crosses over, and what encodings read."""
+        out = []
+        for k, v in sorted(self.max().items()):
+            out += [(k, i) for i in range(len(v))] if isinstance(v, list) else [(k, None)]
+        return out
+
     def key(self, arch: dict) -> str:
         """A stable string for an arch (canonical JSON), for dedup and caches."""
         return json.dumps(self.validate(arch), sort_keys=True, separators=(",", ":"))

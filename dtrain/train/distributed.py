@@ -49,7 +49,9 @@ def pick_device(pref: str, local_rank: int) -> torch.device:
         return torch.device("cpu")
     if pref.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise RuntimeError(f"device={pref!r} but CUDA is not available here: use device=cpu or auto")
+            from ..config import ConfigError
+
+            raise ConfigError(f"device={pref!r} is not allowed: CUDA is not available here, use device=cpu or auto")
         return torch.device(pref if ":" in pref else f"cuda:{local_rank}")
     return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
 

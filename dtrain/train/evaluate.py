@@ -54,13 +54,14 @@ def evaluate_arch(model, arch: dict, split, calib: List[torch.Tensor], batch_siz
                   task: str, rank: int = 0, world: int = 1, keep_bn: bool = True) -> dict:
     """Activate ``arch``, recalibrate BN on this rank's calibration batches, evaluate ``split``.
 
-    ``keep_bn=True`` restores the supernet's BN buffers afterwards."""
+    ``keep_bn=True`` restores the supernet's BN buffers afterwards. With ``world=1`` the
+    calibration is this process's alone (no averaging with other ranks)."""
     was_training = model.training
     before = model.active_arch
     ctx = preserved_bn_state(model) if keep_bn else _null()
     with ctx:
         model.set_active(arch)
-        calibrate_bn(model, [c.to(device) for c in calib], prepare=model.adapt_input)
+        calibrate_bn(model, [c.to(device) for c in calib], prepare=model.adapt_input, sync=world > 1)
         out = evaluate_split(model, split, batch_size, device, task, rank, world,
                              prepare=model.adapt_input)
     model.set_active(before)

@@ -1,0 +1,58 @@
+"""``dtrain-latency``: build a latency table of a space's blocks (Hydra app over conf/latency.yaml).
+
+    dtrain-latency model=mbv3_tiny out=latency.json
+    dtrain-latency checkpoint=runs/x out=runs/x/latency.json device=cuda
+"""
+
+from __future__ import annotations
+
+from ..config import register_configs
+
+
+def _task(cfg) -> int:
+    import json
+
+    import torch
+
+    from ..search.latency import build_table, save_table
+    from ..supernet import build_supernet
+    from ..train.distributed import pick_device
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = pick_device(cfg.device, 0)
+    if cfg.checkpoint:
+        from ..search.source import resolve_checkpoint
+        from ..train.checkpoint import load_checkpoint
+        from ..config import model_config_from
+
+        path, _ = resolve_checkpoint(cfg.checkpoint)
+        model_cfg = model_config_from(json.loads(load_checkpoint(path)["model_config"]))
+    else:
+        model_cfg = cfg.model
+    model = build_supernet(model_cfg)
+    table = build_table(model, model_cfg, device, cfg.batch_size, cfg.warmup, cfg.repeats)
+    save_table(cfg.out, table)
+    e = table["entries"]
+    print(f"timed {len(e)} units of the {table['space']} space on {table['device']} "
+          f"(batch {cfg.batch_size}, median of {cfg.repeats}): {min(e.values()):.3f}-{max(e.values()):.3f} ms each")
+    print(f"largest subnet {sum_units(model, model.space.max(), e):.3f} ms, smallest "
+          f"{sum_units(model, model.space.min(), e):.3f} ms (predicted); wrote {cfg.out}")
+    return 0
+
+
+def sum_units(model, arch, entries) -> float:
+    from ..supernet import latency_units
+
+    return sum(entries[u] for u in latency_units.units(model, arch))
+
+
+def main(argv=None) -> None:
+    from .app import run_app
+
+    register_configs()
+    run_app("dtrain-latency", "latency", _task, argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,27 @@
+"""``dtrain-search``: evolutionary search of a trained supernet (Hydra app over conf/search.yaml).
+
+    dtrain-search checkpoint=runs/x out_dir=runs/x/search constraints.max_macs=2e6
+    torchrun --nproc-per-node 2 -m dtrain.cli.search checkpoint=runs/x out_dir=runs/x/search
+"""
+
+from __future__ import annotations
+
+from ..config import register_configs
+
+
+def _task(cfg) -> int:
+    from ..search.run import run_search
+
+    run_search(cfg)
+    return 0
+
+
+def main(argv=None) -> None:
+    from .app import run_app
+
+    register_configs()
+    run_app("dtrain-search", "search", _task, argv)
+
+
+if __name__ == "__main__":
+    main()

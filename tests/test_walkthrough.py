@@ -1,0 +1,77 @@
+"""The README's "From training to deployment" block, run command by command (with fewer
+steps and candidates appended), then the exported TorchScript loaded in a process that
+never imports dtrain: same test accuracy as the calibrated subnet inside the supernet."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO, VENV_BIN
+
+pytestmark = pytest.mark.timeout(420)
+
+# appended to the README's commands: the same pipeline, small enough for the test suite
+FASTER = {
+    "dtrain-train": ["steps=10", "batch_size=32", "eval_every=0", "threads=1", "logger.progress=off", "calib_batches=2"],
+    "dtrain-latency": ["repeats=2", "warmup=0", "threads=1"],
+    "dtrain-search": ["evolution.population=4", "evolution.parents=2", "evolution.generations=2",
+                      "predictor.warmup=4", "predictor.epochs=30", "eval.calib_batches=2", "threads=1"],
+    "dtrain-export": ["eval.calib_batches=2", "threads=1"],
+    "dtrain-report": ["dpi=40"],
+}
+
+
+def walkthrough_commands():
+    text = open(os.path.join(REPO, "README.md"), encoding="utf-8").read()
+    block = re.search(r"<!-- walkthrough:start -->\s*```bash\n(.*?)```\s*<!-- walkthrough:end -->", text, re.S)
+    assert block, "README.md lost its walkthrough block"
+    joined = block.group(1).replace("\\\n", " ")
+    return [shlex.split(line, comments=True) for line in joined.splitlines() if line.strip()]
+
+
+def test_readme_walkthrough(tmp_path):
+    cmds = walkthrough_commands()
+    assert [c[0] for c in cmds] == ["dtrain-train", "dtrain-latency", "dtrain-search", "dtrain-export",
+                                    "dtrain-report", "python"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+           "PATH": VENV_BIN + os.pathsep + os.environ["PATH"]}
+    for cmd in cmds:
+        args = [a.replace("runs/digits", str(tmp_path / "digits")) for a in cmd[1:]]
+        exe = os.path.join(VENV_BIN, cmd[0]) if cmd[0] != "python" else sys.executable
+        p = subprocess.run([exe, *args, *FASTER.get(cmd[0], [])], capture_output=True, text=True, timeout=300,
+                           cwd=tmp_path, env=env)
+        assert p.returncode == 0, (cmd, p.stdout[-2000:], p.stderr[-3000:])
+    run = tmp_path / "digits"
+    for f in ("search/pareto.json", "search/pareto.png", "export/model.safetensors", "export/model.ts",
+              "export/arch.json", "report/report.md", "report/loss.png", "latency.json"):
+        assert (run / f).stat().st_size > 0, f
+    doc = json.load(open(run / "export" / "arch.json"))
+    front = json.load(open(run / "search" / "pareto.json"))["pareto"]
+    assert doc["arch"] == front[-1]["arch"] and doc["cost"]["macs"] <= 2_500_000
+
+    # the export, without dtrain: same accuracy on the test split as the subnet in the supernet
+    from dtrain.config import DigitsConfig
+    from dtrain.data import build_data
+
+    test = build_data(DigitsConfig()).test
+    x, y = test.batch(torch.arange(len(test)))
+    torch.save({"x": x, "y": y}, tmp_path / "test.pt")
+    script = (
+        "import sys, torch\n"
+        "m = torch.jit.load(sys.argv[1]); d = torch.load(sys.argv[2])\n"
+        "acc = (m(d['x']).argmax(1) == d['y']).double().mean().item()\n"
+        "assert not [k for k in sys.modules if k.split('.')[0] == 'dtrain'], 'dtrain was imported'\n"
+        "print(repr(acc))\n")
+    p = subprocess.run([sys.executable, "-I", "-c", script, str(run / "export" / "model.ts"), str(tmp_path / "test.pt")],
+                       capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert float(p.stdout.strip()) == doc["metrics"]["accuracy_supernet"] == doc["metrics"]["accuracy_export"]
+    assert doc["metrics"]["count"] == len(test)
