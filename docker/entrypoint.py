@@ -224,7 +224,7 @@ def role_peer(env: Mapping[str, str], extra: List[str]) -> int:
     launcher = text(env, "DTRAIN_LAUNCH", os.path.join(os.path.dirname(HERE), "launch", "torchrun.sh"))
     port = int(child["DTRAIN_DATA_PORT"])
     write_health(env, "peer", local_address(child["DTRAIN_BIND_HOST"], port),
-                 child.get("DTRAIN_TLS_CA", ""), child.get("DTRAIN_TLS_SERVER_NAME", ""), accept_unimplemented=True)
+                 child.get("DTRAIN_TLS_CA", ""), child.get("DTRAIN_TLS_SERVER_NAME", ""))
     say(f"peer {child['DTRAIN_PEER_ID']} -> coordinator {child['DTRAIN_COORDINATOR']}, run dir "
         f"{child['DTRAIN_RUN_DIR']}, data plane {child['DTRAIN_BIND_HOST']}:{port} advertised as "
         f"{child.get('DTRAIN_ADVERTISE', '(bind address)')}, TLS {'on' if c.tls else 'off'}")

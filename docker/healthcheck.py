@@ -5,9 +5,10 @@
 
 Exit status: 0 healthy, 1 not (one line on stdout says why), 2 a usage mistake.
 
-- The coordinator must answer SERVING (``grpc.health.v1.Health/Check``; no token needed).
-- A peer's data plane (``--accept-unimplemented``) has no health service: any answer over gRPC,
-  UNIMPLEMENTED included, proves that it is up; no answer (refused, TLS failure, timeout) does not.
+- The coordinator and a peer's data plane (the ``Peer`` service) must answer SERVING
+  (``grpc.health.v1.Health/Check``; no token needed).
+- ``--accept-unimplemented`` also counts a gRPC server without a health service as up (any answer,
+  UNIMPLEMENTED included); no answer (refused, TLS failure, timeout) never does.
 - A container whose role serves nothing (certs, chaos) is healthy once its role started.
 
 The entrypoint writes the target as JSON: ``{"role", "address", "tls_ca", "server_name",

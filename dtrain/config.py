@@ -19,9 +19,9 @@ from typing import Any, Dict, List, Optional
 
 from omegaconf import MISSING
 
+from .errors import ConfigError  # noqa: F401  (re-exported: raised here)
 
-class ConfigError(ValueError):
-    """A configuration value is not allowed. The message is one line."""
+
 
 
 def _check(cond: bool, key: str, value: Any, allowed: str) -> None:

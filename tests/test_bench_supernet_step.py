@@ -26,7 +26,7 @@ def _run(*args, timeout=240):
 @pytest.mark.timeout(300)
 def test_tiny_run_prints_table_and_writes_json(tmp_path):
     out = tmp_path / "out.json"
-    proc = _run("--resolution", "32", "--batch", "2", "--repeats", "2", "--warmup", "1",
+    proc = _run("--resolution", "16", "--batch", "2", "--repeats", "2", "--warmup", "1",
                 "--json", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     for word in ("a_supernet", "b_static", "d_sandwich", "median s/step", *TARGETS):

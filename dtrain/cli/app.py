@@ -22,9 +22,7 @@ USER_ERRORS: tuple = ()
 
 
 def _user_errors() -> tuple:
-    from ..config import ConfigError
-    from ..data.base import DataError
-    from ..supernet.space import ArchError
+    from ..errors import ArchError, ConfigError, DataError  # no torch import for a bad argument
 
     return (ConfigError, DataError, ArchError)
 
@@ -144,4 +142,14 @@ def run_app(prog: str, config_name: str, task: Callable, argv: Optional[List[str
             sys.exit(int(rc))
 
     sys.argv = [sys.argv[0]] + list(argv)
-    _main()
+    try:
+        _main()
+    except BrokenPipeError:  # output piped into a reader that stopped early (`| head`): stop quietly
+        _quiet_stdout()
+        sys.exit(1)
+
+
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush cannot fail again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())

@@ -261,6 +261,17 @@ class PeerServicer(pb_grpc.PeerServicer):
         return self.inbox.push(request_iterator, context)
 
 
+def _add_health(server: grpc.Server) -> None:
+    """The standard gRPC health service (no token needed), SERVING for the Peer service:
+    what docker healthchecks and load balancers ask."""
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+    servicer = health.HealthServicer()
+    for name in ("", "dtrain.v1.Peer"):
+        servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+
+
 def serve_peer(servicer: PeerServicer, host: str = "127.0.0.1", port: int = 0, token: str = "", tls=None,
                max_workers: int = 8) -> Tuple[grpc.Server, int]:
     """Start a thread-pool gRPC server for ``servicer``; returns (server, bound port)."""
@@ -268,6 +279,7 @@ def serve_peer(servicer: PeerServicer, host: str = "127.0.0.1", port: int = 0, t
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="peer-rpc"),
                          interceptors=interceptors, options=channel_options(MAX_MESSAGE_BYTES))
     pb_grpc.add_PeerServicer_to_server(servicer, server)
+    _add_health(server)
     bind = f"{host}:{port}"
     creds = server_credentials(tls) if tls is not None else None
     bound = server.add_secure_port(bind, creds) if creds is not None else server.add_insecure_port(bind)

@@ -19,9 +19,9 @@ from typing import Optional, Tuple
 
 import torch
 
+from ..errors import DataError  # noqa: F401  (re-exported: raised here)
 
-class DataError(ValueError):
-    """A data source cannot be read or does not fit the model. One line."""
+
 
 
 class Split:

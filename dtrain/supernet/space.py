@@ -16,9 +16,9 @@ import random
 from abc import ABC, abstractmethod
 from typing import Iterable, Optional
 
+from ..errors import ArchError  # noqa: F401  (re-exported: raised here)
 
-class ArchError(ValueError):
-    """An architecture dict is not valid for its space. The message is one line."""
+
 
 
 class SearchSpace(ABC):
