@@ -27,8 +27,8 @@ train-demo: venv
 test: venv
 	$(PY) -m pytest
 
-# longer runs kept out of `make test`: the shipped defaults (train, GPT preset, `make demo`) and a
-# user-driven restart of a finished simulation (about 8 minutes on 2 cores)
+# longer runs kept out of `make test`: the shipped defaults (train, GPT preset, `make demo`), a
+# user-driven restart of a finished simulation and four heavier smoke runs (about 10 minutes on 2 cores)
 acceptance: venv
 	$(PY) -m pytest -m acceptance -s
 

@@ -811,12 +811,14 @@ class LatencyConfig:
     batch_size: int = 1
     warmup: int = 5
     repeats: int = 30  # the median of this many timed runs per entry
+    check: int = 4  # whole subnets (largest, smallest, random) timed against the table's prediction; 0: none
     threads: int = 0
 
     def __post_init__(self) -> None:
         for key in ("batch_size", "repeats"):
             _check(getattr(self, key) >= 1, key, getattr(self, key), "must be >= 1")
         _check(self.warmup >= 0, "warmup", self.warmup, "must be >= 0")
+        _check(self.check >= 0, "check", self.check, "must be >= 0")
 
 
 @dataclass

@@ -12,6 +12,7 @@ import pytest
 from conftest import REPO
 
 
+@pytest.mark.acceptance  # about 30 s of peer start-ups: kept out of make test's 10-minute budget
 @pytest.mark.timeout(300)
 def test_tiny_convergence_bench(tmp_path):
     out = tmp_path / "conv.json"

@@ -23,6 +23,7 @@ def _run(*args, timeout=240):
                           text=True, timeout=timeout)
 
 
+@pytest.mark.acceptance  # builds the full-size ofa network: kept out of make test's 10-minute budget
 @pytest.mark.timeout(300)
 def test_tiny_run_prints_table_and_writes_json(tmp_path):
     out = tmp_path / "out.json"

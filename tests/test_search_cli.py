@@ -27,7 +27,7 @@ def trained(tmp_path_factory):
     from dtrain.train.loop import train
 
     torch.set_num_threads(1)
-    cfg = fast_cfg(tmp_path_factory.mktemp("search"), "steps=30", "eval_every=0", "threads=1", "device=cpu",
+    cfg = fast_cfg(tmp_path_factory.mktemp("search"), "steps=12", "eval_every=0", "threads=1", "device=cpu",
                    name="run")
     train(cfg)
     return cfg.run_dir
@@ -52,11 +52,16 @@ def _cli(main, argv, capsys):
 
 
 def test_search_outputs_and_budget(trained, tmp_path):
-    from dtrain.search.latency import build_table, save_table
+    from dtrain.search.latency import build_table, check_table, save_table
     from dtrain.search.source import load_source
 
     src = load_source(trained)
     table = build_table(src.model, src.model_cfg, torch.device("cpu"), batch_size=1, warmup=0, repeats=1)
+    check = check_table(src.model, table, torch.device("cpu"), n=3, warmup=0, repeats=1)
+    assert [r["name"] for r in check] == ["largest", "smallest", "random0"]
+    for r in check:  # the sum of units against the whole subnet, timed
+        assert r["predicted_ms"] > 0 and r["measured_ms"] > 0 and r["ratio"] == pytest.approx(
+            r["predicted_ms"] / r["measured_ms"], rel=1e-3)
     lat = str(tmp_path / "latency.json")
     save_table(lat, table)
     cap = src.model.cost(src.model.space.max())["macs"] // 2

@@ -55,7 +55,8 @@ def test_crash_restart_join_coordinator_restart_and_link_faults(tmp_path):
 
 
 @pytest.mark.timeout(150)
-@pytest.mark.parametrize("sig", ["STOP", "TERM"])
+# TERM runs in make acceptance (a peer leaving on SIGTERM is also tested in test_diloco_training.py)
+@pytest.mark.parametrize("sig", ["STOP", pytest.param("TERM", marks=pytest.mark.acceptance)])
 def test_stopped_peer_rejoins_and_terminated_peer_leaves(tmp_path, sig):
     extra = ["chaos.restart_after_s=3"] if sig == "STOP" else []
     run = run_sim(tmp_path, [*MODEL_FREE, "sim.rounds=10", "chaos.kill_at_s=[1]", f"chaos.signal={sig}",

@@ -56,6 +56,7 @@ def test_two_ranks_match_one_process(tmp_path):
             assert abs(two["results"][name][key] - one["results"][name][key]) < 1e-9, (name, key)
 
 
+@pytest.mark.acceptance  # a second 2-rank torchrun job; launch/torchrun.sh itself is tested in test_launch.py
 def test_launch_script_and_many_buckets(tmp_path):
     script = os.path.join(REPO, "launch", "torchrun_peer.sh")
     bad = subprocess.run([script, "two"], capture_output=True, text=True, timeout=30)

@@ -14,7 +14,8 @@ def _task(cfg) -> int:
 
     import torch
 
-    from ..search.latency import build_table, save_table
+    from ..obs.table import format_table
+    from ..search.latency import build_table, check_table, save_table
     from ..supernet import build_supernet
     from ..train.distributed import pick_device
 
@@ -32,12 +33,19 @@ def _task(cfg) -> int:
         model_cfg = cfg.model
     model = build_supernet(model_cfg)
     table = build_table(model, model_cfg, device, cfg.batch_size, cfg.warmup, cfg.repeats)
+    if cfg.check:
+        table["check"] = check_table(model, table, device, cfg.check, cfg.warmup, cfg.repeats)
     save_table(cfg.out, table)
     e = table["entries"]
     print(f"timed {len(e)} units of the {table['space']} space on {table['device']} "
           f"(batch {cfg.batch_size}, median of {cfg.repeats}): {min(e.values()):.3f}-{max(e.values()):.3f} ms each")
     print(f"largest subnet {sum_units(model, model.space.max(), e):.3f} ms, smallest "
           f"{sum_units(model, model.space.min(), e):.3f} ms (predicted); wrote {cfg.out}")
+    if cfg.check:
+        rows = [[r["name"], f"{r['predicted_ms']:.3f}", f"{r['measured_ms']:.3f}", f"{r['ratio']:.2f}"]
+                for r in table["check"]]
+        print(format_table(["subnet", "predicted ms", "measured ms", "predicted / measured"], rows,
+                           title="the table against whole extracted subnets"))
     return 0
 
 

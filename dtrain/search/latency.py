@@ -67,6 +67,29 @@ def build_table(model, model_cfg, device: torch.device, batch_size: int, warmup:
             "batch_size": batch_size, "repeats": repeats, "unit": "ms", "entries": entries}
 
 
+def check_table(model, table: dict, device: torch.device, n: int, warmup: int, repeats: int, seed: int = 0) -> list:
+    """Time ``n`` whole extracted subnets (largest, smallest, then seeded random ones) and set
+    each beside the table's prediction: how far the sum of units is from the real thing
+    (the sum leaves out what glues units together: residual adds, memory format changes)."""
+    import random
+
+    from ..supernet import latency_units
+
+    space = model.space
+    archs = [("largest", space.max()), ("smallest", space.min())]
+    rng = random.Random(seed)
+    archs += [(f"random{i}", space.sample(rng)) for i in range(max(0, n - 2))]
+    rows = []
+    for name, arch in archs[:n]:
+        net = model.extract(arch).to(device).eval()
+        x = latency_units.example_input(model, arch, table["batch_size"], device)
+        measured = time_module(net, x, device, warmup, repeats)
+        predicted = sum(table["entries"][u] for u in latency_units.units(model, arch))
+        rows.append({"name": name, "arch": arch, "predicted_ms": round(predicted, 6),
+                     "measured_ms": round(measured, 6), "ratio": round(predicted / measured, 4)})
+    return rows
+
+
 def save_table(path: str, table: dict) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     atomic_write_bytes(path, (json.dumps(table, indent=1, sort_keys=True) + "\n").encode())

@@ -34,6 +34,15 @@ def units(model, arch: dict) -> List[str]:
     return [f"embed@{e}"] + [f"layer:h{h}r{m}@{e}" for _, h, m in model.space.active_layers(arch)] + [f"head@{e}"]
 
 
+def example_input(model, arch: dict, batch_size: int, device) -> torch.Tensor:
+    """An input batch for the whole extracted subnet of ``arch`` (what its stem unit takes)."""
+    if model.space.name == "mbv3":
+        r = model.space.validate(arch)["resolution"]
+        return torch.zeros(batch_size, model.cfg.in_channels, r, r, device=device).contiguous(
+            memory_format=torch.channels_last)
+    return torch.zeros(batch_size, model.cfg.block_size, dtype=torch.long, device=device)
+
+
 def modules(model, batch_size: int) -> Iterator[Tuple[str, nn.Module, torch.Tensor]]:
     before = model.active_arch
     try:
