@@ -82,5 +82,6 @@ def served():
     try:
         yield start
     finally:
-        for s in servers:
-            s.stop(0)
+        # wait until every handler thread is done, so none logs into pytest's closed capture
+        for done in [s.stop(0) for s in servers]:
+            done.wait(10)

@@ -72,22 +72,33 @@ def test_readme_walkthrough(tmp_path, monkeypatch, capsys):
     front = json.load(open(run / "search" / "pareto.json"))["pareto"]
     assert doc["arch"] == front[-1]["arch"] and doc["cost"]["macs"] <= 2_500_000
 
-    # the export, without dtrain: same accuracy on the test split as the subnet in the supernet
-    from dtrain.config import DigitsConfig
-    from dtrain.data import build_data
+    # the export, without dtrain: the same outputs and the same test accuracy as the subnet in the
+    # supernet (calibrated the way dtrain-export calibrates it)
+    from dtrain.config import ExportConfig
+    from dtrain.search.export import _outputs
+    from dtrain.search.run import prepare
+    from dtrain.train.distributed import DistContext
+    from dtrain.train.evaluate import evaluate_arch
 
-    test = build_data(DigitsConfig()).test
-    x, y = test.batch(torch.arange(len(test)))
+    ecfg = ExportConfig(checkpoint=str(run), out_dir=str(tmp_path / "unused"), arch="x.json")
+    ecfg.eval.calib_batches = 2
+    src, data, scorer = prepare(ecfg, DistContext())
+    evaluate_arch(src.model, doc["arch"], data.test, scorer.calib, 512, "cpu", "classification", keep_bn=False)
+    src.model.set_active(doc["arch"])
+    want, y = _outputs(src.model.eval(), data.test, 512, "cpu", prepare=src.model.adapt_input)
+    x = data.test.batch(torch.arange(len(data.test)))[0]
     torch.save({"x": x, "y": y}, tmp_path / "test.pt")
     script = (
         "import sys, torch\n"
         "m = torch.jit.load(sys.argv[1]); d = torch.load(sys.argv[2])\n"
-        "acc = (m(d['x']).argmax(1) == d['y']).double().mean().item()\n"
+        "logits = m(d['x']); torch.save(logits, sys.argv[3])\n"
+        "acc = (logits.argmax(1) == d['y']).double().mean().item()\n"
         "assert not [k for k in sys.modules if k.split('.')[0] == 'dtrain'], 'dtrain was imported'\n"
         "print(repr(acc))\n")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    p = subprocess.run([sys.executable, "-I", "-c", script, str(run / "export" / "model.ts"), str(tmp_path / "test.pt")],
-                       capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)
+    p = subprocess.run([sys.executable, "-I", "-c", script, str(run / "export" / "model.ts"), str(tmp_path / "test.pt"),
+                        str(tmp_path / "logits.pt")], capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)
     assert p.returncode == 0, p.stderr[-2000:]
+    torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), want, atol=1e-5, rtol=1e-5)
     assert float(p.stdout.strip()) == doc["metrics"]["accuracy_supernet"] == doc["metrics"]["accuracy_export"]
-    assert doc["metrics"]["count"] == len(test)
+    assert doc["metrics"]["count"] == len(y)
