@@ -130,17 +130,18 @@ def test_sim_run_dir_gives_the_coordinator_confirmed_latest(trained, tmp_path):
     from dtrain.search.source import resolve_checkpoint
 
     root = tmp_path / "sim"
-    # a and b hold S_5 (produced by committed round 4); c lags at S_4; d claims S_4 with other bits
+    # a and b hold S_5 (produced by round 4, the 5th commit); c lags at S_4; d claims S_4 with other bits.
+    # The coordinator's committed_round counts commits; its history holds the hash of S_r per round r.
     history, _ = _fake_sim(trained, root, {"a": (5, 1.0), "b": (5, 1.0), "c": (4, 0.5), "d": (4, 0.25)})
     c_hash = next(h for h in history if h["round"] == 4)["state_hash"]
     (root / "coordinator" / "state.json").write_text(json.dumps(
-        {"committed_round": 4, "history": [{"round": 4, "state_hash": c_hash, "members": ["c"], "quorum_id": 3}]}))
+        {"committed_round": 5, "history": [{"round": 4, "state_hash": c_hash, "members": ["c"], "quorum_id": 3}]}))
     path, info = resolve_checkpoint(str(root))
     assert info["peer"] == "a" and info["round"] == 5 and info["peers_agreeing"] == 2
     assert "committed round 4" in info["confirmed"]
-    # once the coordinator has committed only round 3, S_5 is not confirmed: S_4 of c is (d's bits differ)
+    # with 4 commits, S_5 is not confirmed: S_4 of c is (d's bits differ from the recorded hash)
     (root / "coordinator" / "state.json").write_text(json.dumps(
-        {"committed_round": 3, "history": [{"round": 4, "state_hash": c_hash}]}))
+        {"committed_round": 4, "history": [{"round": 4, "state_hash": c_hash}]}))
     path, info = resolve_checkpoint(str(root))
     assert info["peer"] == "c" and info["round"] == 4 and "history" in info["confirmed"]
     out = _search(str(root), tmp_path / "s")  # and the search runs on it, with the peers' config.json

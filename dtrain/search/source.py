@@ -4,10 +4,12 @@
 
 - a checkpoint file (``.../checkpoints/latest.pt``),
 - a ``dtrain-train`` run dir (its ``checkpoints/latest.pt``), or
-- a ``dtrain-sim`` run dir: the coordinator-confirmed latest global state. Among
-  the peers' checkpoints, those holding S_r with r <= committed + 1 qualify (S_{c+1}
-  is what the last commit c produced); a checkpoint whose round is in the
-  coordinator's commit history must carry the hash the coordinator recorded.
+- a ``dtrain-sim`` run dir: the coordinator-confirmed latest global state. The
+  coordinator's ``committed_round`` c counts the committed rounds, so S_c is the
+  newest state a commit produced. Among the peers' checkpoints, those holding
+  S_r with r <= c qualify; a checkpoint whose round is in the coordinator's
+  commit history (which records the hash of S_r for each committed round r)
+  must carry that hash.
   The highest round wins, and among peers at that round the hash most of them
   hold (ties: the first peer id).
 
@@ -73,8 +75,8 @@ def _pick_from_sim(run_dir: str) -> Tuple[str, dict]:
             refused.append(f"{peer}: no global state")
             continue
         rnd, h = int(outer["round"]), _global_hash(outer)
-        if rnd > committed + 1:
-            refused.append(f"{peer}: round {rnd} is past the last commit ({committed})")
+        if rnd > committed:
+            refused.append(f"{peer}: S_{rnd} is past the coordinator's {committed} committed rounds")
         elif rnd in history and history[rnd] != h:
             refused.append(f"{peer}: round {rnd} hash differs from the coordinator's")
         else:
