@@ -16,15 +16,19 @@ import time
 from typing import Callable, Dict, List, Optional, Sequence
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
+def _int_at_least(text: str, low: int, why: str = "") -> int:
     try:
         v = int(text)
     except ValueError:
-        raise _arg_error(f"expected an integer >= 1, got {text!r}")
-    if v < 1:
-        raise _arg_error(f"expected an integer >= 1, got {v}")
+        raise _arg_error(f"expected an integer >= {low}, got {text!r}")
+    if v < low:
+        raise _arg_error(f"expected an integer >= {low}{why}, got {v}")
     return v
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    return _int_at_least(text, 1)
 
 
 def positive_float(text: str) -> float:
@@ -40,13 +44,7 @@ def positive_float(text: str) -> float:
 
 def member_count(text: str) -> int:
     """argparse type: how many members a collective has, an integer >= 2."""
-    try:
-        v = int(text)
-    except ValueError:
-        raise _arg_error(f"expected an integer >= 2, got {text!r}")
-    if v < 2:
-        raise _arg_error(f"expected an integer >= 2 (a collective needs two members), got {v}")
-    return v
+    return _int_at_least(text, 2, " (a collective needs two members)")
 
 
 def _arg_error(msg: str):

@@ -54,6 +54,7 @@ def _cli(main, argv, capsys):
 def test_search_outputs_and_budget(trained, tmp_path):
     from dtrain.search.latency import build_table, check_table, save_table
     from dtrain.search.source import load_source
+    from dtrain.supernet.latency_units import units
 
     src = load_source(trained)
     table = build_table(src.model, src.model_cfg, torch.device("cpu"), batch_size=1, warmup=0, repeats=1)
@@ -79,9 +80,7 @@ def test_search_outputs_and_budget(trained, tmp_path):
     assert [p["accuracy"] for p in pts] == sorted(p["accuracy"] for p in pts)  # a front: more cost, more accuracy
     for p in pts:
         assert set(p) >= {"arch", "accuracy", "macs", "params", "latency_ms"}
-        assert p["latency_ms"] == pytest.approx(sum(
-            table["entries"][u] for u in __import__("dtrain.supernet.latency_units", fromlist=["units"]).units(
-                src.model, p["arch"])))
+        assert p["latency_ms"] == pytest.approx(sum(table["entries"][u] for u in units(src.model, p["arch"])))
     assert doc["predictor"]["enabled"] and doc["predictor"]["held_out"] == 6
     with open(tmp_path / "s" / "pareto.png", "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"

@@ -15,7 +15,7 @@ def _task(cfg) -> int:
     import torch
 
     from ..obs.table import format_table
-    from ..search.latency import build_table, check_table, save_table
+    from ..search.latency import build_table, check_table, predict_ms, save_table
     from ..supernet import build_supernet
     from ..train.distributed import pick_device
 
@@ -39,20 +39,14 @@ def _task(cfg) -> int:
     e = table["entries"]
     print(f"timed {len(e)} units of the {table['space']} space on {table['device']} "
           f"(batch {cfg.batch_size}, median of {cfg.repeats}): {min(e.values()):.3f}-{max(e.values()):.3f} ms each")
-    print(f"largest subnet {sum_units(model, model.space.max(), e):.3f} ms, smallest "
-          f"{sum_units(model, model.space.min(), e):.3f} ms (predicted); wrote {cfg.out}")
+    print(f"largest subnet {predict_ms(model, e, model.space.max()):.3f} ms, smallest "
+          f"{predict_ms(model, e, model.space.min()):.3f} ms (predicted); wrote {cfg.out}")
     if cfg.check:
         rows = [[r["name"], f"{r['predicted_ms']:.3f}", f"{r['measured_ms']:.3f}", f"{r['ratio']:.2f}"]
                 for r in table["check"]]
         print(format_table(["subnet", "predicted ms", "measured ms", "predicted / measured"], rows,
                            title="the table against whole extracted subnets"))
     return 0
-
-
-def sum_units(model, arch, entries) -> float:
-    from ..supernet import latency_units
-
-    return sum(entries[u] for u in latency_units.units(model, arch))
 
 
 def main(argv=None) -> None:

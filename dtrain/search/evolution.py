@@ -89,13 +89,14 @@ class EvolutionarySearch:
         return best + self._select([c for c in feasible if c["key"] not in keys], k - len(best))
 
     def _random_feasible(self, n: int) -> List[dict]:
-        out, tries = [], 0
+        out, keys, tries = [], set(), 0
         while len(out) < n and tries < 50 * max(n, 1):
             tries += 1
             arch = self.space.sample(self.rng)
             key = self.space.key(arch)
-            if key not in self.seen and self._feasible(arch) and key not in {self.space.key(a) for a in out}:
+            if key not in self.seen and key not in keys and self._feasible(arch):
                 out.append(arch)
+                keys.add(key)
         return out
 
     def _children(self, parents: List[dict], n: int) -> List[dict]:

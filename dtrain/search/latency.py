@@ -67,13 +67,21 @@ def build_table(model, model_cfg, device: torch.device, batch_size: int, warmup:
             "batch_size": batch_size, "repeats": repeats, "unit": "ms", "entries": entries}
 
 
+def predict_ms(model, entries: dict, arch: dict, where: str = "the latency table") -> float:
+    """The table's latency of ``arch``: the sum of its units' entries."""
+    total = 0.0
+    for unit in latency_units.units(model, arch):
+        if unit not in entries:
+            raise ConfigError(f"{where} has no entry {unit!r}: rebuild it with dtrain-latency")
+        total += entries[unit]
+    return total
+
+
 def check_table(model, table: dict, device: torch.device, n: int, warmup: int, repeats: int, seed: int = 0) -> list:
     """Time ``n`` whole extracted subnets (largest, smallest, then seeded random ones) and set
     each beside the table's prediction: how far the sum of units is from the real thing
     (the sum leaves out what glues units together: residual adds, memory format changes)."""
     import random
-
-    from ..supernet import latency_units
 
     space = model.space
     archs = [("largest", space.max()), ("smallest", space.min())]
@@ -84,7 +92,7 @@ def check_table(model, table: dict, device: torch.device, n: int, warmup: int, r
         net = model.extract(arch).to(device).eval()
         x = latency_units.example_input(model, arch, table["batch_size"], device)
         measured = time_module(net, x, device, warmup, repeats)
-        predicted = sum(table["entries"][u] for u in latency_units.units(model, arch))
+        predicted = predict_ms(model, table["entries"], arch)
         rows.append({"name": name, "arch": arch, "predicted_ms": round(predicted, 6),
                      "measured_ms": round(measured, 6), "ratio": round(predicted / measured, 4)})
     return rows
@@ -113,9 +121,4 @@ class LatencyTable:
         self.entries = table["entries"]
 
     def predict(self, arch: dict) -> float:
-        total = 0.0
-        for unit in latency_units.units(self.model, arch):
-            if unit not in self.entries:
-                raise ConfigError(f"latency table {self.path!r} has no entry {unit!r}: rebuild it with dtrain-latency")
-            total += self.entries[unit]
-        return total
+        return predict_ms(self.model, self.entries, arch, where=f"latency table {self.path!r}")
