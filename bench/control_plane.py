@@ -24,13 +24,17 @@ a round is Sync(r) then Commit(r, ok=True). Measured:
       reply. Delay = the ``expire`` event's time - the end of that call
       (later if another call of that peer had started since);
       ratio = delay / ``--lease-timeout``.
+  (4) the gRPC floor (``_grpc_floor.py``, skip with ``--no-floor``): the
+      same rounds, peers and processes against a bare grpc.aio server that
+      only holds each call until all N peers called; its last-Sync latency,
+      side by side with the coordinator's.
 
 Targets at 128 peers: p99_quorum_latency_ms_128 < 50, death_detection_ratio_128
 <= 1.10. A missed target is reported (``met: false``); the exit status stays 0.
 
     python bench/control_plane.py [--peers 8,32,128] [--rounds 40] [--warmup 3]
                                   [--lease-timeout 2.0] [--heartbeat-interval S]
-                                  [--workers auto|K] [--json out.json]
+                                  [--workers auto|K] [--no-floor] [--json out.json]
 """
 
 from __future__ import annotations
@@ -54,6 +58,7 @@ from pathlib import Path
 from typing import Dict, List
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _grpc_floor  # noqa: E402
 from _common import format_table, positive_float, positive_int, target, write_json  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -106,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=_workers, default="auto",
                    help=f"processes for the regular peers (auto: one per {PEERS_PER_WORKER} peers); "
                         "the killed peer always runs in its own")
+    p.add_argument("--no-floor", action="store_true",
+                   help="skip the gRPC floor (the same rounds against a server that does nothing)")
     p.add_argument("--json", metavar="PATH", default=None, help="also write the results here")
     return p
 
@@ -337,6 +344,14 @@ def split_workers(n_regular: int, workers) -> int:
     return max(1, min(k, n_regular))
 
 
+def _groups(n: int, workers, ids=None) -> List[List[str]]:
+    """The regular peers (all but the victim, ``ids[0]``) split over the worker processes."""
+    ids = ids if ids is not None else [f"peer-{i:03d}" for i in range(n)]
+    regular = ids[1:]
+    k = split_workers(len(regular), workers)
+    return [regular[i::k] for i in range(k)]
+
+
 class PhaseError(RuntimeError):
     pass
 
@@ -372,10 +387,8 @@ def run_one(n: int, args, notes: List[str]) -> dict:
     try:
         coord, addr = start_coordinator(state_dir, lease, hb)
         ids = [f"peer-{i:03d}" for i in range(n)]
-        regular = ids[1:]
-        k = split_workers(len(regular), args.workers)
-        groups = [regular[i::k] for i in range(k)]
-        row["worker_processes"] = k + 1
+        groups = _groups(n, args.workers, ids)
+        row["worker_processes"] = len(groups) + 1
         # worker 0 is the victim, alone in its process
         specs = [(0, [VICTIM], dict(die=die, shared=shared))] + [(i + 1, g, {}) for i, g in enumerate(groups)]
         for wid, pids, extra in specs:
@@ -530,6 +543,13 @@ def main(argv=None) -> int:
         except RuntimeError as e:  # the coordinator did not start: nothing can be measured
             print(f"control_plane: error: {str(e).strip().splitlines()[0]}", file=sys.stderr)
             return 1
+        if not args.no_floor:
+            try:
+                groups = [1] + [len(g) for g in _groups(n, args.workers)]
+                floor = _grpc_floor.measure(n, groups, args.rounds, args.warmup)
+                row["floor_p50_ms"], row["floor_p99_ms"] = percentile(floor, 50), percentile(floor, 99)
+            except RuntimeError as e:
+                notes.append(f"{n} peers: gRPC floor failed: {str(e).splitlines()[0]}")
         row["wall_s"] = time.monotonic() - t0
         rows.append(row)
         print(f"  {n} peers done in {row['wall_s']:.1f}s", flush=True)
@@ -538,11 +558,11 @@ def main(argv=None) -> int:
     print()
     print(format_table(
         ["peers", "procs", "rounds", "rounds/s", "p50 ms", "p99 ms", "max ms", "form p50", "form p99",
-         "deliv p50", "coord CPU%", "coord ms/rnd", "peers CPU%"],
+         "deliv p50", "floor p50", "floor p99", "coord CPU%", "coord ms/rnd", "peers CPU%"],
         [[r.get(k, nan) for k in ("peers", "worker_processes", "rounds", "rounds_per_s", "p50_quorum_ms",
                                   "p99_quorum_ms", "max_quorum_ms", "formation_p50_ms", "formation_p99_ms",
-                                  "delivery_p50_ms", "coord_cpu_pct", "coord_cpu_ms_per_round",
-                                  "peers_cpu_pct")] for r in rows],
+                                  "delivery_p50_ms", "floor_p50_ms", "floor_p99_ms", "coord_cpu_pct",
+                                  "coord_cpu_ms_per_round", "peers_cpu_pct")] for r in rows],
         title="(1)+(2) rounds: every peer syncs, then votes ok; latency of the last Sync of each round"))
     print()
     print(format_table(
@@ -564,6 +584,10 @@ def main(argv=None) -> int:
     notes.append("latency: the Sync call that started last in each round, call start -> QUORUM reply; "
                  "form = that call's start -> the 'quorum' event's logged time, deliv = event -> reply "
                  "(event times have 1 ms resolution)")
+    if not args.no_floor:
+        notes.append("floor = the same Sync/Commit rounds, peers and processes against a bare grpc.aio server "
+                     "that only holds each call until all N peers called (bench/_grpc_floor.py): what gRPC "
+                     "Python itself costs here; the coordinator cannot be faster than that on this machine")
     notes.append(f"peers run as threads in worker processes (procs: one per {PEERS_PER_WORKER} peers unless "
                  "--workers says otherwise, plus one for the killed peer), so that one client process's GIL "
                  f"does not serialise a quorum's replies; peer and coordinator processes share the machine's "

@@ -364,3 +364,26 @@ def test_error_feedback_state_dict_round_trip():
         ef2.load_state_dict({"f0": torch.tensor([float("nan")])})
     with pytest.raises(ValueError, match="1-D float32"):
         ef2.load_state_dict({"f0": torch.zeros(2, 2)})
+
+
+@pytest.mark.parametrize("name", CODEC_NAMES)
+def test_encode_view_gives_the_same_bytes_as_encode(name):
+    codec = get_codec(name, block_size=32)
+    x = torch.linspace(-3, 3, 1000)
+    assert bytes(memoryview(codec.encode_view(x)).cast("B")) == codec.encode(x)
+
+
+def test_fp32_encode_view_is_the_tensor_memory_and_decode_keeps_a_handed_over_buffer():
+    codec = get_codec("fp32")
+    x = torch.linspace(-1, 1, 100)
+    view = codec.encode_view(x)
+    x[3] = 42.0  # the view is x's memory (no copy), valid only while x is unchanged
+    assert np.frombuffer(view, dtype="<f4")[3] == 42.0
+    buf = bytearray(codec.encode(x))
+    out = codec.decode(buf, 100)  # a writable buffer handed over: decoded in place
+    buf[0:4] = np.float32(7.0).tobytes()
+    assert float(out[0]) == 7.0
+    frozen = bytes(codec.encode(x))
+    out2 = codec.decode(frozen, 100)  # bytes: a new tensor (writable)
+    out2[0] = 1.0
+    assert codec.decode(frozen, 100)[0] == x[0]

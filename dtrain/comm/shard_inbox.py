@@ -59,11 +59,11 @@ import torch
 from ..outer.codec_api import Codec, CodecError
 from ..v1 import dtrain_pb2 as pb
 from .collective import CollectiveError
+from .shard_wire import GRPC_FRAME_BYTES, WireChunk
 from .state_transfer import MAX_CHUNK_BYTES
 
 log = logging.getLogger("dtrain.comm")
 
-GRPC_FRAME_BYTES = 5  # the gRPC message prefix: 1 flag byte + 4 length bytes
 Key = Tuple[int, int, str]  # (quorum_id, round, op)
 SlotId = Tuple[int, int, str]  # (phase, shard, sender)
 Refusal = Tuple[grpc.StatusCode, str]
@@ -86,9 +86,12 @@ def _field_len(value) -> int:
     return 1 + _varint_len(value) if value else 0
 
 
-def wire_size(chunk: pb.ShardChunk) -> int:
+def wire_size(chunk) -> int:
     """Bytes a chunk occupies in the gRPC stream: the serialized message plus its 5-byte frame.
-    Computed from the fields (equal to ``ByteSize()``, which would serialize the data to count it)."""
+    A received :class:`WireChunk` knows it; for a ``pb.ShardChunk`` it is computed from the fields
+    (equal to ``ByteSize()``, which would serialize the data to count it)."""
+    if isinstance(chunk, WireChunk):
+        return chunk.wire_bytes
     fields = (chunk.quorum_id, chunk.round, chunk.op, chunk.phase, chunk.shard, chunk.sender, chunk.codec,
               chunk.numel, chunk.total_bytes, chunk.offset, chunk.data)
     return sum(_field_len(v) for v in fields) + GRPC_FRAME_BYTES

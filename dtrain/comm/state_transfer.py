@@ -45,6 +45,7 @@ import grpc
 from ..control.auth import BlockingTokenInterceptor, auth_metadata, channel_options, make_channel, server_credentials
 from ..v1 import dtrain_pb2 as pb
 from ..v1 import dtrain_pb2_grpc as pb_grpc
+from . import shard_wire
 
 log = logging.getLogger("dtrain.comm")
 
@@ -261,6 +262,27 @@ class PeerServicer(pb_grpc.PeerServicer):
         return self.inbox.push(request_iterator, context)
 
 
+_HANDLER_KINDS = {(False, False): grpc.unary_unary_rpc_method_handler,
+                  (False, True): grpc.unary_stream_rpc_method_handler,
+                  (True, False): grpc.stream_unary_rpc_method_handler,
+                  (True, True): grpc.stream_stream_rpc_method_handler}
+
+
+def add_peer_service(servicer: PeerServicer, server: grpc.Server) -> None:
+    """Register every method of the ``Peer`` service (from the proto's descriptor), like the generated
+    ``add_PeerServicer_to_server``, except that ``PushShard`` requests are parsed by ``shard_wire.parse``
+    (the payload stays a view of the received bytes)."""
+    service = pb.DESCRIPTOR.services_by_name["Peer"]
+    handlers = {}
+    for m in service.methods:
+        request, reply = getattr(pb, m.input_type.name), getattr(pb, m.output_type.name)
+        parse = shard_wire.parse if m.name == "PushShard" else request.FromString
+        handlers[m.name] = _HANDLER_KINDS[(m.client_streaming, m.server_streaming)](
+            getattr(servicer, m.name), request_deserializer=parse, response_serializer=reply.SerializeToString)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
+    server.add_registered_method_handlers(service.full_name, handlers)
+
+
 def _add_health(server: grpc.Server) -> None:
     """The standard gRPC health service (no token needed), SERVING for the Peer service:
     what docker healthchecks and load balancers ask."""
@@ -278,7 +300,7 @@ def serve_peer(servicer: PeerServicer, host: str = "127.0.0.1", port: int = 0, t
     interceptors = [BlockingTokenInterceptor(token)] if token else []
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="peer-rpc"),
                          interceptors=interceptors, options=channel_options(MAX_MESSAGE_BYTES))
-    pb_grpc.add_PeerServicer_to_server(servicer, server)
+    add_peer_service(servicer, server)
     _add_health(server)
     bind = f"{host}:{port}"
     creds = server_credentials(tls) if tls is not None else None

@@ -29,9 +29,17 @@ class Codec(ABC):
     def encode(self, x: torch.Tensor) -> bytes:
         """Encode a 1-D float32 CPU tensor."""
 
+    def encode_view(self, x: torch.Tensor):
+        """``encode(x)`` as any bytes-like object; it may share memory with ``x`` (fp32 does: no copy),
+        so it is valid only while ``x`` is unchanged."""
+        return self.encode(x)
+
     @abstractmethod
     def decode(self, payload: bytes, numel: int) -> torch.Tensor:
-        """Decode to a new 1-D float32 CPU tensor of ``numel`` values; CodecError if invalid."""
+        """Decode to a 1-D float32 CPU tensor of ``numel`` values; CodecError if invalid.
+
+        The result is new memory, except that a codec may keep the memory of a WRITABLE payload
+        (a bytearray the caller hands over); bytes always give a new tensor."""
 
     @property
     def lossless(self) -> bool:

@@ -125,9 +125,12 @@ class _FloatCodec(Codec):
         return self._bytes * int(numel)
 
     def encode(self, x: torch.Tensor) -> bytes:
+        return bytes(self.encode_view(x))
+
+    def encode_view(self, x: torch.Tensor) -> memoryview:
         x = _check_input(self.name, x)
         if x.numel() == 0:
-            return b""
+            return memoryview(b"")
         a = _absmax(x)
         if not np.isfinite(a):
             raise _non_finite(self.name, x)
@@ -135,13 +138,15 @@ class _FloatCodec(Codec):
             raise CodecError(f"{self.name}.encode: max |x| = {a:.6g} overflows {self.name} "
                              f"(limit {self._limit})")
         bits = x.to(self._torch_dtype).view(self._bits_dtype).numpy()
-        return bits.astype(self._np_wire, copy=False).tobytes()
+        return memoryview(bits.astype(self._np_wire, copy=False)).cast("B")  # fp32 on little-endian: x itself
 
     def decode(self, payload, numel: int) -> torch.Tensor:
         view = _check_length(self.name, payload, numel, self.encoded_size(numel))
         if numel == 0:
             return torch.empty(0, dtype=torch.float32)
-        native = np.frombuffer(view, dtype=self._np_wire).astype("=" + self._np_wire[1:])
+        wire = np.frombuffer(view, dtype=self._np_wire)
+        # a writable payload is handed over: keep its memory when it already is native float32
+        native = wire if wire.dtype.isnative and wire.flags.writeable else wire.astype("=" + self._np_wire[1:])
         out = torch.from_numpy(native).view(self._torch_dtype)
         out = out if self._torch_dtype == torch.float32 else out.to(torch.float32)
         lo, hi = torch.aminmax(out)

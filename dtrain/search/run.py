@@ -70,6 +70,7 @@ def arch_summary(arch: dict) -> str:
 def run_search(cfg) -> dict:
     t0 = time.time()
     ctx = init_distributed(cfg.device)
+    clean = False
     try:
         src, data, scorer = prepare(cfg, ctx)
         budget = Budget(src.model, src.model_cfg, cfg.constraints)
@@ -88,9 +89,10 @@ def run_search(cfg) -> dict:
         out = _report(cfg, src, data, result, time.time() - t0)
         if leader:
             _write(cfg, src, result, out)
+        clean = True
         return out
     finally:
-        shutdown_distributed()
+        shutdown_distributed(barrier=clean)
 
 
 def _report(cfg, src, data, result, seconds: float) -> dict:

@@ -18,6 +18,7 @@ gloo on CPU, nccl on CUDA; RANK / WORLD_SIZE / LOCAL_RANK come from torchrun.
 from __future__ import annotations
 
 import datetime
+import logging
 import os
 from dataclasses import dataclass
 from typing import List, Sequence
@@ -25,6 +26,8 @@ from typing import List, Sequence
 import torch
 import torch.distributed as dist
 from torch import nn
+
+log = logging.getLogger("dtrain.train")
 
 
 @dataclass
@@ -72,9 +75,21 @@ def init_distributed(device_pref: str = "auto", timeout_s: float = 300.0) -> Dis
     return DistContext(rank, world, local, device, backend)
 
 
-def shutdown_distributed() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+def shutdown_distributed(barrier: bool = False, timeout_s: float = 60.0) -> None:
+    """Leave the process group. With ``barrier`` (a clean finish) every rank first waits for the
+    others, so that no rank tears gloo down while a peer rank still talks to it (gloo's threads
+    can abort the process when their peer vanishes mid-teardown)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if barrier:
+        try:
+            if dist.get_backend() == "gloo":
+                dist.monitored_barrier(timeout=datetime.timedelta(seconds=timeout_s))
+            else:
+                dist.barrier()
+        except RuntimeError as e:  # a rank already gone: tear down anyway
+            log.warning("final barrier failed: %s", e)
+    dist.destroy_process_group()
 
 
 def broadcast_module(model: nn.Module, src: int = 0) -> None:

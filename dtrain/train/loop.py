@@ -476,8 +476,9 @@ class Trainer:
             title += f"; unigram baseline {self.data.info['unigram_bpb']:.3f} bpb"
         return format_table(["subnet", "params", "MACs", f"val {metric}", f"test {metric}"], rows, title)
 
-    def close(self) -> None:
-        shutdown_distributed()
+    def close(self, clean: bool = False) -> None:
+        """Leave the process group; ``clean`` (training finished on this rank) waits for the other ranks."""
+        shutdown_distributed(barrier=clean)
 
 
 def _pct(v, metric):
@@ -489,7 +490,10 @@ def _pct(v, metric):
 def train(cfg: TrainConfig) -> dict:
     """Run one peer's training from a config; returns the summary record."""
     trainer = Trainer(cfg)
+    clean = False
     try:
-        return trainer.run()
+        summary = trainer.run()
+        clean = True
+        return summary
     finally:
-        trainer.close()
+        trainer.close(clean)
