@@ -344,9 +344,12 @@ def split_workers(n_regular: int, workers) -> int:
     return max(1, min(k, n_regular))
 
 
-def _groups(n: int, workers, ids=None) -> List[List[str]]:
+def peer_ids(n: int) -> List[str]:
+    return [f"peer-{i:03d}" for i in range(n)]
+
+
+def _groups(ids: List[str], workers) -> List[List[str]]:
     """The regular peers (all but the victim, ``ids[0]``) split over the worker processes."""
-    ids = ids if ids is not None else [f"peer-{i:03d}" for i in range(n)]
     regular = ids[1:]
     k = split_workers(len(regular), workers)
     return [regular[i::k] for i in range(k)]
@@ -386,8 +389,7 @@ def run_one(n: int, args, notes: List[str]) -> dict:
     row = {"peers": n}
     try:
         coord, addr = start_coordinator(state_dir, lease, hb)
-        ids = [f"peer-{i:03d}" for i in range(n)]
-        groups = _groups(n, args.workers, ids)
+        groups = _groups(peer_ids(n), args.workers)
         row["worker_processes"] = len(groups) + 1
         # worker 0 is the victim, alone in its process
         specs = [(0, [VICTIM], dict(die=die, shared=shared))] + [(i + 1, g, {}) for i, g in enumerate(groups)]
@@ -545,7 +547,7 @@ def main(argv=None) -> int:
             return 1
         if not args.no_floor:
             try:
-                groups = [1] + [len(g) for g in _groups(n, args.workers)]
+                groups = [1] + [len(g) for g in _groups(peer_ids(n), args.workers)]
                 floor = _grpc_floor.measure(n, groups, args.rounds, args.warmup)
                 row["floor_p50_ms"], row["floor_p99_ms"] = percentile(floor, 50), percentile(floor, 99)
             except RuntimeError as e:
@@ -587,7 +589,7 @@ def main(argv=None) -> int:
     if not args.no_floor:
         notes.append("floor = the same Sync/Commit rounds, peers and processes against a bare grpc.aio server "
                      "that only holds each call until all N peers called (bench/_grpc_floor.py): what gRPC "
-                     "Python itself costs here; the coordinator cannot be faster than that on this machine")
+                     "Python itself costs here; no coordinator answering unary calls can be faster on this machine")
     notes.append(f"peers run as threads in worker processes (procs: one per {PEERS_PER_WORKER} peers unless "
                  "--workers says otherwise, plus one for the killed peer), so that one client process's GIL "
                  f"does not serialise a quorum's replies; peer and coordinator processes share the machine's "
