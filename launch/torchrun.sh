@@ -195,7 +195,12 @@ children_of() {
   done
 }
 AGENT=
+PENDING=  # a signal that came before the agent's PID was known
 # shellcheck disable=SC2317  # the signal trap
+on_signal() {
+  if [[ -n $AGENT ]]; then leave "$1"; else PENDING=$1; fi
+}
+# shellcheck disable=SC2317  # called from the signal trap
 leave() {
   local kids
   kids=$(children_of "$AGENT")
@@ -207,14 +212,16 @@ leave() {
     kill -TERM "$AGENT" 2>/dev/null || true  # no workers yet: stop the agent itself
   fi
 }
+# traps first: a signal that comes while the agent starts must not kill this script and orphan the agent
+trap 'on_signal SIGTERM' TERM
+trap 'on_signal SIGINT' INT
 if command -v setsid >/dev/null; then
   setsid "${CMD[@]}" &
 else
   "${CMD[@]}" &
 fi
 AGENT=$!
-trap 'leave SIGTERM' TERM
-trap 'leave SIGINT' INT
+if [[ -n $PENDING ]]; then leave "$PENDING"; fi
 status=0
 while true; do
   wait "$AGENT" && status=0 || status=$?

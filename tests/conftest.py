@@ -67,6 +67,12 @@ def tiny_mbv3_cfg():
         depths=[1, 2], resolutions=[8, 12], dropout=0.1)
 
 
+def stop_servers(servers) -> None:
+    """Stop gRPC servers at once and wait until they are down, so no handler logs into pytest's closed capture."""
+    for done in [s.stop(0) for s in servers]:
+        done.wait(10)
+
+
 @pytest.fixture
 def served():
     """Start Peer gRPC servers (``served(servicer) -> address``) on 127.0.0.1:0; all stopped at teardown."""
@@ -82,6 +88,4 @@ def served():
     try:
         yield start
     finally:
-        # wait until every handler thread is done, so none logs into pytest's closed capture
-        for done in [s.stop(0) for s in servers]:
-            done.wait(10)
+        stop_servers(servers)

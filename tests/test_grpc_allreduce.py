@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import stop_servers
 from dtrain.comm.collective import CollectiveError, CollectiveResult, Group
 from dtrain.comm.grpc_allreduce import GrpcCollective, shard_bounds
 from dtrain.comm.shard_inbox import GRPC_FRAME_BYTES, ShardInbox
@@ -115,8 +116,7 @@ def cluster():
     finally:
         for c in collectives:
             c.close()
-        for s in servers:
-            s.stop(0)
+        stop_servers(servers)
 
 
 def run_all(calls, timeout: float = 30.0):
@@ -429,8 +429,7 @@ def inbox_server():
     finally:
         for ch in channels:
             ch.close()
-        for s in servers:
-            s.stop(0)
+        stop_servers(servers)
 
 
 MEMBERS = ("p0", "p1", "p2")
@@ -547,7 +546,7 @@ def test_memory_bound_and_missing_inbox(inbox_server):
         with make_channel(f"127.0.0.1:{port}", None, MAX_MESSAGE_BYTES) as ch:
             assert _push(pb_grpc.PeerStub(ch), [_chunk(0, GOOD)]) == grpc.StatusCode.FAILED_PRECONDITION
     finally:
-        server.stop(0)
+        stop_servers([server])
 
 
 # ---------------------------------------------------------------- (g) token and TLS

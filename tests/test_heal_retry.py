@@ -8,6 +8,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
+from conftest import stop_servers
 from dtrain.comm.state_transfer import PeerServicer, StateSnapshot, StateTransferError, fetch_state, serve_peer
 from dtrain.control.client import DonorInfo, HealOrder
 from dtrain.outer.global_state import GlobalState
@@ -32,7 +33,7 @@ def test_parallel_ranges_reassemble_any_payload(n, chunk, streams):
     try:
         got = fetch_state(f"127.0.0.1:{port}", SCHEMA, streams=streams, timeout=20)
     finally:
-        server.stop(0)
+        stop_servers([server])
     assert got.payload == data and got.round == 3
 
 

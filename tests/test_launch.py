@@ -127,10 +127,11 @@ def test_bad_values_are_refused(env, args, msg):
 # ---------------------------------------------------------------- stand-ins for the tools around the scripts
 
 FAKE_TORCHRUN = r"""#!/usr/bin/env bash
-# stand-in for torchrun: 2 workers that leave on SIGTERM; the agent exits 0 once they have (all give up after 30 s)
+# stand-in for torchrun: 2 workers that leave on SIGTERM; the agent exits 0 once they have (all give up after 30 s);
+# like torchrun, a signalled agent stops its workers and exits non-zero
 echo $$ > "$FAKE_DIR/agent.pid"
 echo "$@" > "$FAKE_DIR/agent.args"
-trap 'echo agent >> "$FAKE_DIR/termed"; exit 1' TERM INT
+trap 'echo agent >> "$FAKE_DIR/termed"; kill -TERM $(jobs -p) 2>/dev/null; exit 1' TERM INT
 for i in 1 2; do
   bash -c 'trap "echo worker$0 >> \"$FAKE_DIR/termed\"; exit 0" TERM
            echo $$ > "$FAKE_DIR/worker$0.pid"
@@ -226,6 +227,44 @@ def test_a_signal_reaches_the_workers_not_the_agent(fakes, tmp_path, sig):
     assert sorted(read(fakes / "termed").split()) == ["worker1", "worker2"]  # the agent was left alone
     assert read(fakes / "agent.args").split()[:4] == ["--standalone", "--nproc-per-node", "2", "-m"]
     assert "asking the workers to leave" in err
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_while_the_agent_starts_leaves_no_orphan(fakes, tmp_path, sig):
+    # the traps are set before the agent starts: a signal in that window must not kill the script and
+    # leave the agent (a session of its own) running; whenever it comes, everything ends promptly
+    for delay in (0.0, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1):
+        for name in ("agent.pid", "worker1.pid", "worker2.pid", "termed"):
+            (fakes / name).unlink(missing_ok=True)
+        p = start([LAUNCH, "run_dir=x"], clean_env(NPROC_PER_NODE=2, TORCHRUN=fakes / "torchrun", FAKE_DIR=fakes))
+        try:
+            time.sleep(delay)
+            os.kill(p.pid, sig)
+            try:
+                rc, out, err = finish(p, timeout=15)  # TimeoutExpired: the agent kept the pipes open
+            except subprocess.TimeoutExpired as e:
+                raise AssertionError(f"delay {delay}: the script did not end; stopped: {read(fakes / 'termed')!r}, "
+                                     f"stderr: {e.stderr!r}") from None
+            agent = fakes / "agent.pid"
+            deadline = time.monotonic() + 10
+            while agent.exists() and _ours_alive(fakes, agent) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert not (agent.exists() and _ours_alive(fakes, agent)), f"agent outlived the script (delay {delay})"
+        finally:
+            for name in ("agent.pid", "worker1.pid", "worker2.pid"):
+                kill_if_ours(fakes, fakes / name)
+
+
+def _ours_alive(fakes, pid_file) -> bool:
+    try:
+        pid = int(read(pid_file))
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            ours = f"FAKE_DIR={fakes}".encode() in f.read().split(b"\0")
+        with open(f"/proc/{pid}/stat") as f:
+            return ours and f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, ValueError):
+        return False
 
 
 def kill_if_ours(fakes, pid_file) -> None:
