@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import signal
 import subprocess
 import sys
 
@@ -12,6 +14,26 @@ from omegaconf import OmegaConf
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONF = os.path.join(REPO, "conf")
 VENV_BIN = os.path.dirname(sys.executable)
+
+def sigint_default() -> None:
+    """Popen ``preexec_fn`` for tests that send SIGINT: the child gets SIGINT's default action back. A shell
+    that starts a job in the background (``make test &``, some CI runners) hands SIGINT down ignored, and
+    a signal ignored at exec can be neither trapped by bash nor turned into KeyboardInterrupt by Python."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@pytest.fixture(autouse=True)
+def _root_logging_restored():
+    """Undo root-logger handlers a test installed (an in-process Hydra app adds a console handler on the
+    test's captured stdout): left behind, a later test's log line would hit that closed stream."""
+    root = logging.getLogger()
+    before, level = set(root.handlers), root.level
+    yield
+    for h in list(root.handlers):
+        if h not in before and not type(h).__module__.startswith("_pytest"):
+            root.removeHandler(h)
+    root.setLevel(level)
+
 
 # a small, fast mbv3 space for unit and integration tests
 FAST_MBV3 = [

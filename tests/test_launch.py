@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from conftest import REPO, VENV_BIN
+from conftest import REPO, VENV_BIN, sigint_default
 
 LAUNCH = os.path.join(REPO, "launch", "torchrun.sh")
 PEER_SH = os.path.join(REPO, "launch", "torchrun_peer.sh")
@@ -197,7 +197,7 @@ def wait_file(path, timeout=20.0) -> None:
 
 def start(argv, env) -> subprocess.Popen:
     return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=sigint_default)
 
 
 def finish(p, timeout=20.0):
