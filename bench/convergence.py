@@ -162,7 +162,8 @@ def main(argv=None) -> int:
             m = {k: sum(r[k] for r in runs) / len(runs)
                  for k in ("max", "min", "val_max", "val_min", "seconds", "rounds")}
             acc[name] = m
-            rows.append({"config": name, "outer": [o for o in overrides if o.startswith("outer.")], "peers": a.peers, "steps": a.steps, "batch": a.batch,
+            rows.append({"config": name, "outer": [o for o in overrides if o.startswith("outer.")],
+                         "peers": a.peers, "steps": a.steps, "batch": a.batch,
                          "samples": a.peers * a.steps * a.batch, "H": 1 if name == "ddp" else a.sync_every,
                          "rounds": int(m["rounds"]), "max_test_acc": m["max"], "min_test_acc": m["min"],
                          "max_val_acc": m["val_max"], "min_val_acc": m["val_min"],
