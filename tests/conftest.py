@@ -90,7 +90,7 @@ def tiny_mbv3_cfg():
 
 
 def stop_servers(servers) -> None:
-    """Stop gRPC servers at once and wait until they are down, so no handler logs into pytest's closed capture."""
+    """Stop gRPC servers at once (no grace) and wait until each is down."""
     for done in [s.stop(0) for s in servers]:
         done.wait(10)
 

@@ -248,34 +248,36 @@ def test_a_signal_while_the_agent_starts_leaves_no_orphan(fakes, tmp_path, sig):
                                      f"stderr: {e.stderr!r}") from None
             agent = fakes / "agent.pid"
             deadline = time.monotonic() + 10
-            while agent.exists() and _ours_alive(fakes, agent) and time.monotonic() < deadline:
+            while _our_pid(fakes, agent) is not None and time.monotonic() < deadline:
                 time.sleep(0.05)
-            assert not (agent.exists() and _ours_alive(fakes, agent)), f"agent outlived the script (delay {delay})"
+            assert _our_pid(fakes, agent) is None, f"agent outlived the script (delay {delay})"
         finally:
             for name in ("agent.pid", "worker1.pid", "worker2.pid"):
                 kill_if_ours(fakes, fakes / name)
 
 
-def _ours_alive(fakes, pid_file) -> bool:
+def _our_pid(fakes, pid_file):
+    """The PID in ``pid_file`` if that process still runs and is one of our stand-ins (its environment
+    names ``fakes``; a zombie does not count), else None."""
     try:
         pid = int(read(pid_file))
         with open(f"/proc/{pid}/environ", "rb") as f:
             ours = f"FAKE_DIR={fakes}".encode() in f.read().split(b"\0")
         with open(f"/proc/{pid}/stat") as f:
-            return ours and f.read().rsplit(")", 1)[1].split()[0] != "Z"
+            running = f.read().rsplit(")", 1)[1].split()[0] != "Z"
+        return pid if ours and running else None
     except (OSError, ValueError):
-        return False
+        return None
 
 
 def kill_if_ours(fakes, pid_file) -> None:
-    """SIGKILL the stand-in whose PID is in ``pid_file`` if it still runs (its environment names ``fakes``)."""
-    try:
-        pid = int(read(pid_file))
-        with open(f"/proc/{pid}/environ", "rb") as f:
-            if f"FAKE_DIR={fakes}".encode() in f.read().split(b"\0"):
-                os.kill(pid, signal.SIGKILL)
-    except (OSError, ValueError):
-        pass
+    """SIGKILL the stand-in whose PID is in ``pid_file`` if it still runs."""
+    pid = _our_pid(fakes, pid_file)
+    if pid is not None:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
 
 
 def slurm_env(fakes, tmp_path, **extra):
