@@ -125,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     from dtrain.comm.grpc_allreduce import MAX_STREAMS
-    from dtrain.comm.state_transfer import MAX_CHUNK_BYTES
+    from dtrain.wire.snapshot import MAX_CHUNK_BYTES
 
     if args.chunk_bytes is not None and args.chunk_bytes > MAX_CHUNK_BYTES:
         p.error(f"argument --chunk-bytes: at most {MAX_CHUNK_BYTES}, got {args.chunk_bytes}")
@@ -189,7 +189,7 @@ def worker_main(rank: int, k: int, sizes: List[float], plan, store_port: int, ba
         from dtrain.comm.gloo_allreduce import GlooCollective
         from dtrain.comm.grpc_allreduce import GrpcCollective
         from dtrain.comm.shard_inbox import ShardInbox
-        from dtrain.comm.state_transfer import PeerServicer, serve_peer
+        from dtrain.comm.peer_service import PeerServicer, serve_peer
         from dtrain.outer.codecs import get_codec
 
         me = f"peer-{rank}"

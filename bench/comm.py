@@ -1,6 +1,6 @@
 """Benchmark: bytes on the wire per inner step, ddp vs DiLoCo at H in {10, 50, 125, 250} x every codec.
 
-Measured with model-free DiLoCo peers (``python -m dtrain.outer.sim_peer``,
+Measured with model-free DiLoCo peers (``python -m dtrain.sim.model_free_peer``,
 the production outer-loop path: RoundEngine, codecs, the collectives) on
 loopback: one coordinator subprocess (``min_peers`` = k, a long grace window,
 so every round has all k members) and k sim-peer subprocesses (``--peers``,
@@ -122,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     from dtrain.comm.grpc_allreduce import MAX_STREAMS
-    from dtrain.comm.state_transfer import MAX_CHUNK_BYTES
+    from dtrain.wire.snapshot import MAX_CHUNK_BYTES
 
     if args.chunk_bytes is not None and args.chunk_bytes > MAX_CHUNK_BYTES:
         p.error(f"argument --chunk-bytes: at most {MAX_CHUNK_BYTES}, got {args.chunk_bytes}")
@@ -231,7 +231,7 @@ def _tail(path: str, n: int = 1500) -> str:
 
 
 def sim_peer_command(args, addr: str, peer_id: str, rounds: int, out: str, numel: int) -> List[str]:
-    argv = [sys.executable, "-m", "dtrain.outer.sim_peer", "--coordinator", addr, "--peer-id", peer_id,
+    argv = [sys.executable, "-m", "dtrain.sim.model_free_peer", "--coordinator", addr, "--peer-id", peer_id,
             "--rounds", str(rounds), "--out", out, "--numel", str(numel), "--codecs", ",".join(args.codecs),
             "--backends", ",".join(args.backends), "--deadline-s", "120", "--sync-timeout-s", "300",
             "--join-timeout", "120", "--rpc-timeout", "30"]

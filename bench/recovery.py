@@ -34,7 +34,7 @@ from _common import format_table, positive_float, positive_int, target, write_js
 SCHEMA = "b" * 64
 FETCH = """
 import sys, time
-from dtrain.comm.state_transfer import fetch_state
+from dtrain.comm.state_download import fetch_state
 t = time.perf_counter()
 s = fetch_state(sys.argv[1], sys.argv[2], streams=int(sys.argv[3]), timeout=600, chunk_timeout=60)
 print(time.perf_counter() - t, len(s.payload), flush=True)
@@ -52,7 +52,8 @@ def streams_list(text: str):
 
 
 def bench_transfer(a) -> list:
-    from dtrain.comm.state_transfer import PeerServicer, StateSnapshot, serve_peer
+    from dtrain.comm.peer_service import PeerServicer, serve_peer
+    from dtrain.wire.snapshot import StateSnapshot
     from dtrain.sim.wan import LinkSpec, WanEmulator
 
     payload = os.urandom(int(a.state_mb * 2 ** 20))

@@ -645,7 +645,7 @@ class SimSizeConfig:
     nproc_per_peer: List[int] = field(default_factory=lambda: [1])  # ranks of peer i: entry i mod len
     regions: List[str] = field(default_factory=list)  # region of peer i: entry i mod len
     coordinator_region: str = ""  # default: the first region
-    peer: str = "train"  # train (dtrain-train) | model_free (dtrain.outer.sim_peer, tests)
+    peer: str = "train"  # train (dtrain-train) | model_free (dtrain.sim.model_free_peer, tests)
     peer_args: List[str] = field(default_factory=list)  # extra overrides for every dtrain-train
     coordinator_args: List[str] = field(default_factory=list)  # extra overrides for dtrain-coordinator
     numel: int = 100000  # model_free: parameters

@@ -16,3 +16,11 @@ class DataError(ValueError):
 
 class ArchError(ValueError):
     """An architecture dict is not valid for its space. The message is one line."""
+
+
+def one_line(text, limit: int = 300) -> str:
+    """Any message (an exception, a multi-line string) as one line of at most ``limit`` characters."""
+    flat = " ".join(str(text).split())
+    if not flat and isinstance(text, BaseException):
+        flat = type(text).__name__
+    return flat[:limit]

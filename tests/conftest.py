@@ -101,7 +101,7 @@ def served():
     servers = []
 
     def start(servicer, token=""):
-        from dtrain.comm.state_transfer import serve_peer
+        from dtrain.comm.peer_service import serve_peer
 
         server, port = serve_peer(servicer, token=token)
         servers.append(server)

@@ -132,7 +132,7 @@ class CoordinatorProc(Proc):
 class PeerProc(Proc):
     def __init__(self, coordinator: str, peer_id: str, rounds: int, out: str, err_path: str, *extra: str,
                  step_s: float = 0.05):
-        argv = [sys.executable, "-m", "dtrain.control.sim_peer", "--coordinator", coordinator, "--peer-id", peer_id,
+        argv = [sys.executable, "-m", "dtrain.sim.control_peer", "--coordinator", coordinator, "--peer-id", peer_id,
                 "--rounds", str(rounds), "--out", out, "--step-s", str(step_s), *extra]
         super().__init__(argv, err_path)
         self.peer_id, self.out = peer_id, out

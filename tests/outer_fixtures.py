@@ -1,10 +1,10 @@
-"""Helpers for outer-loop integration tests: a coordinator (gloo_store=true) and ``dtrain.outer.sim_peer`` peers.
+"""Helpers for outer-loop integration tests: a coordinator (gloo_store=true) and ``dtrain.sim.model_free_peer`` peers.
 
 Start-up cost. Importing torch costs ~3 s of CPU per process, and these tests
 start a dozen processes on two cores. So processes are forked from a
 multiprocessing *forkserver* that has imported torch, the sim peer and the
 coordinator once (``PRELOAD``); a forked child runs the very same ``main`` as
-``python -m dtrain.outer.sim_peer`` / ``python -m dtrain.cli.coordinator``, in
+``python -m dtrain.sim.model_free_peer`` / ``python -m dtrain.cli.coordinator``, in
 its own session, with stdout/stderr in files. The forkserver is started once
 per pytest session (the ``forkserver`` fixture warms it up) and stopped and
 reaped at exit. ``DTRAIN_TEST_SPAWN=1`` starts plain subprocesses instead
@@ -37,7 +37,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COORD = dict(lease_timeout_s=1.5, heartbeat_interval_s=0.3, grace_s=0.3, commit_timeout_s=4.0, max_wait_s=2.0,
              gloo_store="true")
 ALL_CODECS = ("fp32", "fp16", "bf16", "int8", "int4")
-PRELOAD = ["torch", "torch.distributed", "grpc", "hydra", "omegaconf", "dtrain.outer.sim_peer",
+PRELOAD = ["torch", "torch.distributed", "grpc", "hydra", "omegaconf", "dtrain.sim.model_free_peer",
            "dtrain.comm.gloo_allreduce", "dtrain.comm.grpc_allreduce", "dtrain.control.server",
            "dtrain.cli.coordinator", "dtrain.cli.app", "dtrain.config"]
 
@@ -60,7 +60,7 @@ def _child_main(kind: str, argv: List[str], out_path: str, err_path: str) -> Non
     sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), line_buffering=True, write_through=True)
     rc = 0
     if kind == "peer":
-        from dtrain.outer.sim_peer import main
+        from dtrain.sim.model_free_peer import main
 
         rc = main(argv)
     else:
@@ -105,7 +105,7 @@ class Child:
         self.kind, self.argv, self.out_path, self.err_path = kind, argv, out_path, err_path
         self._popen = self._proc = None
         if os.environ.get("DTRAIN_TEST_SPAWN") == "1":
-            module = "dtrain.outer.sim_peer" if kind == "peer" else "dtrain.cli.coordinator"
+            module = "dtrain.sim.model_free_peer" if kind == "peer" else "dtrain.cli.coordinator"
             env = {**os.environ, "PYTHONUNBUFFERED": "1"}
             env.pop("DTRAIN_TOKEN", None)
             with open(out_path, "w") as out, open(err_path, "w") as err:

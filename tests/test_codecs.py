@@ -10,7 +10,7 @@ import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 from hypothesis.extra import numpy as hnp
 
-from dtrain.outer.codec_api import CodecError
+from dtrain.wire.codec import CodecError
 from dtrain.outer.codecs import CODEC_NAMES, get_codec
 from dtrain.outer.error_feedback import ErrorFeedback
 

@@ -31,7 +31,7 @@ import torch
 
 from dtrain.comm.collective import CollectiveError, Group
 from dtrain.comm.gloo_allreduce import GlooCollective
-from dtrain.outer.codec_api import Codec, CodecError
+from dtrain.wire.codec import Codec, CodecError
 
 try:
     from dtrain.outer.codecs import get_codec

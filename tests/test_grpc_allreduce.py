@@ -26,9 +26,10 @@ from conftest import stop_servers
 from dtrain.comm.collective import CollectiveError, CollectiveResult, Group
 from dtrain.comm.grpc_allreduce import GrpcCollective, shard_bounds
 from dtrain.comm.shard_inbox import GRPC_FRAME_BYTES, ShardInbox
-from dtrain.comm.state_transfer import MAX_MESSAGE_BYTES, PeerServicer, serve_peer
-from dtrain.control.auth import make_channel
-from dtrain.outer.codec_api import Codec, CodecError
+from dtrain.comm.peer_service import PeerServicer, serve_peer
+from dtrain.wire.snapshot import MAX_MESSAGE_BYTES
+from dtrain.wire.auth import make_channel
+from dtrain.wire.codec import Codec, CodecError
 from dtrain.v1 import dtrain_pb2 as pb
 from dtrain.v1 import dtrain_pb2_grpc as pb_grpc
 
@@ -278,8 +279,8 @@ import numpy as np, torch
 from dtrain.comm.collective import Group
 from dtrain.comm.grpc_allreduce import GrpcCollective
 from dtrain.comm.shard_inbox import ShardInbox
-from dtrain.comm.state_transfer import PeerServicer, serve_peer
-from dtrain.outer.codec_api import Codec
+from dtrain.comm.peer_service import PeerServicer, serve_peer
+from dtrain.wire.codec import Codec
 
 class SlowFP32(Codec):
     # sends its first slice at once, then stalls: the parent signals it mid-phase-1

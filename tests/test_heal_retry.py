@@ -9,10 +9,12 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from conftest import stop_servers
-from dtrain.comm.state_transfer import PeerServicer, StateSnapshot, StateTransferError, fetch_state, serve_peer
+from dtrain.comm.peer_service import PeerServicer, serve_peer
+from dtrain.comm.state_download import StateTransferError, fetch_state
+from dtrain.wire.snapshot import StateSnapshot
 from dtrain.control.client import DonorInfo, HealOrder
 from dtrain.outer.global_state import GlobalState
-from dtrain.outer.round_engine import RoundEngine
+from dtrain.peer.round_engine import RoundEngine
 
 SCHEMA = "s" * 64
 
@@ -95,7 +97,7 @@ def test_heal_retries_other_donors_after_corrupt_truncated_and_stalled_transfers
     published = []
     engine = RoundEngine(client, None, mine, published.append, "joiner", SCHEMA, transfer_timeout_s=20)
     # a short stall limit so the stalled donor is given up quickly
-    import dtrain.outer.round_engine as re_mod
+    import dtrain.peer.round_engine as re_mod
 
     orig = re_mod.fetch_state
     re_mod.fetch_state = lambda *a, **k: orig(*a, chunk_timeout=2.0, **k)

@@ -1,4 +1,4 @@
-"""Faults in the DiLoCo outer loop with real peer processes (``dtrain.outer.sim_peer``) and a coordinator.
+"""Faults in the DiLoCo outer loop with real peer processes (``dtrain.sim.model_free_peer``) and a coordinator.
 
 - a member SIGKILLed in the middle of a (slowed) grpc collective: the survivors' failed attempt ends within
   the deadline, nothing partial is applied, the round commits on a retry without the dead member;

@@ -1,4 +1,4 @@
-"""Bit parity of the DiLoCo outer loop across real peer processes (``dtrain.outer.sim_peer``).
+"""Bit parity of the DiLoCo outer loop across real peer processes (``dtrain.sim.model_free_peer``).
 
 Every codec x backend combination, with and without streaming fragments, with
 error feedback, k = 3 and k = 4: every round committed by several peers has

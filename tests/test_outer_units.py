@@ -11,7 +11,7 @@ from dtrain.config import ConfigError, OuterConfig
 from dtrain.outer.flat_params import FlatLayout
 from dtrain.outer.global_state import GlobalState, StateError
 from dtrain.outer.outer_opt import OuterNesterov
-from dtrain.train.optim_state import load_optimizer_flat_state, optimizer_flat_state
+from dtrain.peer.optim_state import load_optimizer_flat_state, optimizer_flat_state
 
 
 @pytest.mark.parametrize("nesterov", [True, False])
@@ -84,7 +84,7 @@ def test_global_state_snapshot_round_trip_and_refusals():
     other = GlobalState([("theta", torch.zeros(100))])
     with pytest.raises(StateError, match="tensors"):
         other.adopt(snap)
-    from dtrain.comm.state_transfer import StateSnapshot
+    from dtrain.wire.snapshot import StateSnapshot
 
     lying = StateSnapshot(snap.round, snap.payload, snap.meta_json, snap.blobs, state_hash="0" * 64)
     before = b.hash()

@@ -104,7 +104,7 @@ def _loss(step):
 
 
 def _round(r, step, t, members, compute, comm, wait, sent):
-    # the fields of OuterLoop._record_round (dtrain/train/outer_loop.py)
+    # the fields of OuterLoop._record_round (dtrain/peer/outer_loop.py)
     return {"kind": "round", "round": r, "quorum_id": r + 1, "quorum_size": len(members), "members": members,
             "state_hash": HASH[r + 1], "bytes_sent": sent, "bytes_recv": sent, "round_s": compute + comm + wait + 0.5,
             "compute_s": compute, "comm_s": comm, "wait_s": wait, "codec": "fp32", "attempts": 1, "step": step,

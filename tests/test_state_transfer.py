@@ -1,4 +1,4 @@
-"""Unit tests of the state transfer (dtrain.comm.state_transfer) over a real local gRPC server."""
+"""Unit tests of the state transfer (dtrain.comm.peer_service, dtrain.comm.state_download) over a real local gRPC server."""
 
 from __future__ import annotations
 
@@ -10,16 +10,9 @@ import time
 import grpc
 import pytest
 
-from dtrain.comm.state_transfer import (
-    MAX_CHUNK_BYTES,
-    PeerServicer,
-    StateSnapshot,
-    StateTransferError,
-    fetch_state,
-    ping,
-    serve_peer,
-    state_hash,
-)
+from dtrain.comm.peer_service import PeerServicer, serve_peer
+from dtrain.comm.state_download import StateTransferError, fetch_state, ping
+from dtrain.wire.snapshot import MAX_CHUNK_BYTES, StateSnapshot, state_hash
 from dtrain.v1 import dtrain_pb2 as pb
 from dtrain.v1 import dtrain_pb2_grpc as pb_grpc
 

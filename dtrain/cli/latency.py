@@ -24,7 +24,7 @@ def _task(cfg) -> int:
     device = pick_device(cfg.device, 0)
     if cfg.checkpoint:
         from ..search.source import resolve_checkpoint
-        from ..train.checkpoint import load_checkpoint
+        from ..checkpoint import load_checkpoint
         from ..config import model_config_from
 
         path, _ = resolve_checkpoint(cfg.checkpoint)

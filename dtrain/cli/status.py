@@ -17,7 +17,7 @@ PROG = "dtrain-status"
 
 
 def _task(cfg) -> int:
-    from ..control.auth import resolve_token
+    from ..wire.auth import resolve_token
     from ..control.status_view import StatusError, show
 
     tls = cfg.tls

@@ -59,7 +59,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
-from ..outer.codec_api import Codec, CodecError
+from ..errors import one_line
+from ..wire.codec import Codec, CodecError
 from .collective import Collective, CollectiveError, CollectiveResult, Group
 
 log = logging.getLogger("dtrain.comm")
@@ -269,7 +270,7 @@ class GlooCollective(Collective):
                 raise
             if isinstance(err, (RuntimeError, OSError, ValueError)):  # gloo, TCPStore (DistError: RuntimeError)
                 raise CollectiveError(f"gloo exchange failed (quorum {group.quorum_id}, op {group.op!r}, "
-                                      f"{how} group): {_one_line(err)}") from err
+                                      f"{how} group): {one_line(err)}") from err
             raise
         if entry is None:
             with self._lock:
@@ -372,7 +373,7 @@ class GlooCollective(Collective):
                 try:
                     dev = G.create_device(hostname=host, lazy_init=False)
                 except RuntimeError as e:  # not a local address (NAT, a name for another interface)
-                    log.info("gloo cannot listen on %s (%s); using its default device", host, _one_line(e))
+                    log.info("gloo cannot listen on %s (%s); using its default device", host, one_line(e))
             if dev is None:
                 dev = G.create_default_device(lazy_init=False)
         with self._lock:
@@ -394,8 +395,3 @@ def _drop_frames(err: BaseException) -> None:
         seen.add(id(err))
         err.__traceback__ = None
         err = err.__cause__ or err.__context__
-
-
-def _one_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return (text[0] if text else type(err).__name__)[:300]

@@ -70,13 +70,13 @@ from typing import Dict, List, Optional, Tuple
 import grpc
 import torch
 
-from ..control.auth import auth_metadata, make_channel
-from ..outer.codec_api import Codec, CodecError
+from ..wire.auth import auth_metadata, make_channel
+from ..wire.codec import Codec, CodecError
 from ..v1 import dtrain_pb2 as pb
 from .collective import Collective, CollectiveError, CollectiveResult, Group
 from .shard_inbox import Key, ShardInbox
 from .shard_wire import GRPC_FRAME_BYTES, frame
-from .state_transfer import DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES, MAX_MESSAGE_BYTES
+from ..wire.snapshot import DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES, MAX_MESSAGE_BYTES
 
 log = logging.getLogger("dtrain.comm")
 

@@ -56,11 +56,12 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import grpc
 import torch
 
-from ..outer.codec_api import Codec, CodecError
+from ..wire.codec import Codec, CodecError
 from ..v1 import dtrain_pb2 as pb
+from ..wire import varint
 from .collective import CollectiveError
 from .shard_wire import GRPC_FRAME_BYTES, WireChunk
-from .state_transfer import MAX_CHUNK_BYTES
+from ..wire.snapshot import MAX_CHUNK_BYTES
 
 log = logging.getLogger("dtrain.comm")
 
@@ -69,21 +70,13 @@ SlotId = Tuple[int, int, str]  # (phase, shard, sender)
 Refusal = Tuple[grpc.StatusCode, str]
 
 
-def _varint_len(v: int) -> int:
-    n = 1
-    while v >= 0x80:
-        v >>= 7
-        n += 1
-    return n
-
-
 def _field_len(value) -> int:
     """Serialized size of one proto3 field with a field number below 16 (one-byte tag);
     default values are not sent."""
     if isinstance(value, (bytes, str)):
         n = len(value.encode() if isinstance(value, str) else value)
-        return 1 + _varint_len(n) + n if n else 0
-    return 1 + _varint_len(value) if value else 0
+        return 1 + varint.size(n) + n if n else 0
+    return 1 + varint.size(value) if value else 0
 
 
 def wire_size(chunk) -> int:

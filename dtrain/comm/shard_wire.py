@@ -26,6 +26,7 @@ from __future__ import annotations
 from typing import Tuple
 
 from ..v1 import dtrain_pb2 as pb
+from ..wire import varint
 
 DATA_FIELD = 11
 _DATA_TAG = bytes([DATA_FIELD << 3 | 2])  # field 11, wire type 2 (length-delimited): 0x5a
@@ -36,37 +37,12 @@ class MalformedChunk(ValueError):
     """Bytes that do not parse as a ShardChunk."""
 
 
-def _varint(v: int) -> bytes:
-    out = bytearray()
-    while True:
-        b = v & 0x7F
-        v >>= 7
-        if v:
-            out.append(b | 0x80)
-        else:
-            out.append(b)
-            return bytes(out)
-
-
-def _read_varint(buf: memoryview, pos: int) -> Tuple[int, int]:
-    result, shift = 0, 0
-    while True:
-        if pos >= len(buf) or shift > 63:
-            raise MalformedChunk("truncated or over-long varint")
-        b = buf[pos]
-        pos += 1
-        result |= (b & 0x7F) << shift
-        if not b & 0x80:
-            return result, pos
-        shift += 7
-
-
 def frame(header: pb.ShardChunk, data) -> bytes:
     """The serialised ShardChunk ``header`` with ``data`` (bytes-like) as its payload."""
     view = memoryview(data).cast("B")
     if not view.nbytes:  # proto3 leaves a default (empty) field out
         return header.SerializeToString()
-    return b"".join((header.SerializeToString(), _DATA_TAG, _varint(view.nbytes), view))
+    return b"".join((header.SerializeToString(), _DATA_TAG, varint.encode(view.nbytes), view))
 
 
 class WireChunk:
@@ -80,6 +56,13 @@ class WireChunk:
         self.phase, self.shard, self.sender = header.phase, header.shard, header.sender
         self.codec, self.numel, self.total_bytes = header.codec, header.numel, header.total_bytes
         self.offset, self.data, self.wire_bytes = header.offset, data, wire_bytes
+
+
+def _read_varint(buf: memoryview, pos: int) -> Tuple[int, int]:
+    try:
+        return varint.decode(buf, pos)
+    except varint.VarintError as e:
+        raise MalformedChunk(str(e)) from None
 
 
 def parse(raw: bytes) -> WireChunk:

@@ -29,7 +29,7 @@ import grpc
 
 from ..v1 import dtrain_pb2 as pb
 from ..v1 import dtrain_pb2_grpc as pb_grpc
-from .auth import auth_metadata, make_channel
+from ..wire.auth import auth_metadata, make_channel
 
 log = logging.getLogger("dtrain.control")
 

@@ -20,7 +20,7 @@ from grpc_reflection.v1alpha import reflection
 
 from ..v1 import dtrain_pb2 as pb
 from ..v1 import dtrain_pb2_grpc as pb_grpc
-from .auth import TokenInterceptor, channel_options, resolve_token, server_credentials
+from ..wire.auth import TokenInterceptor, channel_options, resolve_token, server_credentials
 from .parse_guard import ParseGuardInterceptor
 from .quorum import Params, QuorumMachine
 from .service import CoordinatorService

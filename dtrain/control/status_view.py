@@ -15,10 +15,12 @@ import re
 
 import grpc
 
+from ..errors import one_line
+
 from ..obs.table import format_table
 from ..v1 import dtrain_pb2 as pb
 from ..v1 import dtrain_pb2_grpc as pb_grpc
-from .auth import auth_metadata, make_channel
+from ..wire.auth import auth_metadata, make_channel
 
 HASH_PREFIX = 12
 _TLS_WORDS = re.compile(r"ssl|tls|handshake|certificate|x509|alpn|verification|wrong version number", re.I)
@@ -26,10 +28,6 @@ _TLS_WORDS = re.compile(r"ssl|tls|handshake|certificate|x509|alpn|verification|w
 
 class StatusError(RuntimeError):
     """The Status call failed; the message is one line naming the address."""
-
-
-def _one_line(text: str) -> str:
-    return " ".join(str(text).split())
 
 
 def _core_reason(details: str) -> str:
@@ -42,7 +40,7 @@ def _core_reason(details: str) -> str:
 def describe_rpc_error(address: str, err: grpc.RpcError, tls_on: bool, timeout_s: float) -> str:
     """One line saying what went wrong talking to the coordinator at ``address``."""
     code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
-    details = _core_reason(_one_line(err.details() if hasattr(err, "details") else err)) or code.name
+    details = _core_reason(one_line(err.details() if hasattr(err, "details") else err)) or code.name
     if code == grpc.StatusCode.UNAUTHENTICATED:
         return (f"coordinator at {address} refused the token ({details}): "
                 "set auth.token=... or DTRAIN_TOKEN to the run's token")
@@ -68,7 +66,7 @@ def fetch_status(address: str, tls=None, token: str = "", timeout_s: float = 5.0
     try:
         channel = make_channel(address, tls, max_message_bytes)
     except ValueError as e:  # unreadable TLS files
-        raise StatusError(f"cannot connect to coordinator at {address}: {_one_line(e)}") from None
+        raise StatusError(f"cannot connect to coordinator at {address}: {one_line(e)}") from None
     try:
         stub = pb_grpc.CoordinatorStub(channel)
         return stub.Status(pb.StatusRequest(), timeout=timeout_s, metadata=auth_metadata(token))
@@ -102,7 +100,7 @@ def status_dict(r: pb.StatusReply, address: str = "") -> dict:
     }
 
 
-def _short(h: str) -> str:
+def _hash_column(h: str) -> str:
     return h[:HASH_PREFIX] if h else "-"
 
 
@@ -110,11 +108,11 @@ def render(d: dict) -> str:
     """Header line, members table, last-commits table (from :func:`status_dict`)."""
     where = f"coordinator {d['coordinator']} | " if d.get("coordinator") else ""
     header = (f"{where}committed round {d['committed_round']} | quorum {d['quorum_id']} | "
-              f"phase {d['phase'] or '-'} | min_peers {d['min_peers']} | schema {_short(d['schema_hash'])}")
+              f"phase {d['phase'] or '-'} | min_peers {d['min_peers']} | schema {_hash_column(d['schema_hash'])}")
     # numbers go in as strings: format_table would abbreviate large ints (12345 -> 12.35k)
     members = [[m["peer_id"], m["address"], m["region"] or "-", str(m["world_size"]), m["state"],
                 str(m["round"]), f"{m['lease_age_ms'] / 1000:.1f}"] for m in d["members"]]
-    commits = [[str(c["round"]), str(c["quorum_id"]), ",".join(c["members"]), _short(c["state_hash"]), c["time"]]
+    commits = [[str(c["round"]), str(c["quorum_id"]), ",".join(c["members"]), _hash_column(c["state_hash"]), c["time"]]
                for c in d["commits"]]
     parts = [header, ""]
     if members:

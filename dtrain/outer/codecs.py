@@ -68,7 +68,7 @@ from typing import Dict, List, Tuple, Type
 import numpy as np
 import torch
 
-from dtrain.outer.codec_api import Codec, CodecError
+from dtrain.wire.codec import Codec, CodecError
 
 CODEC_NAMES: Tuple[str, ...] = ("fp32", "fp16", "bf16", "int8", "int4")
 

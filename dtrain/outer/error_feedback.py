@@ -30,7 +30,7 @@ from typing import Dict, Iterator, Mapping, Optional
 
 import torch
 
-from dtrain.outer.codec_api import Codec
+from dtrain.wire.codec import Codec
 
 
 def _check_vec(what: str, t: torch.Tensor) -> None:

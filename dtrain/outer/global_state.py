@@ -4,7 +4,7 @@ S_r = (round r, named flat float32 tensors in a fixed order): ``theta`` (the
 global parameters), ``velocity`` (the outer optimizer's momentum) and, for the
 ``ddp`` baseline, the inner optimizer's state. Its bytes are the tensors laid
 end to end (little-endian float32); its **state hash** is the sha256 of those
-bytes (``dtrain.comm.state_transfer.state_hash``), so the hash peers report
+bytes (``dtrain.wire.snapshot.state_hash``), so the hash peers report
 to the coordinator and the hash a joiner checks after a transfer are one and
 the same. The schedule and sampler positions follow from the round number.
 The tensors live on the CPU (pinned when CUDA is present, for fast copies).
@@ -18,7 +18,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from ..comm.state_transfer import BlobMeta, StateSnapshot, state_hash
+from ..wire.snapshot import BlobMeta, StateSnapshot, state_hash
 
 
 def _cpu_f32(t: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,7 @@ from ..data import build_data
 from ..obs.table import format_table, human
 from ..train.distributed import init_distributed, shutdown_distributed
 from ..train.evaluate import calibration_batches
-from ..train.loop import check_model_data
+from ..train.model_data import check_model_data
 from ..train.seeds import derive_seed
 from .budget import Budget
 from .evolution import EvolutionarySearch

@@ -42,7 +42,7 @@ class Source:
 
 
 def _load(path: str) -> dict:
-    from ..train.checkpoint import load_checkpoint
+    from ..checkpoint import load_checkpoint
 
     try:
         return load_checkpoint(path)

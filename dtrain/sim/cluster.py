@@ -3,7 +3,7 @@
     Simulation(cfg).run() -> summary dict (also ${run_dir}/summary.json)
 
 Peers are ``dtrain-train`` processes (a torchrun job when the peer has several
-ranks) or, for fast protocol tests, model-free ``dtrain.outer.sim_peer``
+ranks) or, for fast protocol tests, model-free ``dtrain.sim.model_free_peer``
 processes. Each peer's gRPC traffic goes through its egress proxy in the WAN
 emulator (``grpc_proxy``), so every peer-to-peer and peer-to-coordinator path
 is an emulated link. The run ends when the coordinator has committed
@@ -131,7 +131,7 @@ class Simulation:
         peer_dir = os.path.join(self.run_dir, f"peer-{peer_id}")
         os.makedirs(peer_dir, exist_ok=True)
         if s.peer == "model_free":
-            return [sys.executable, "-m", "dtrain.outer.sim_peer", "--coordinator", self.coord_address(),
+            return [sys.executable, "-m", "dtrain.sim.model_free_peer", "--coordinator", self.coord_address(),
                     "--peer-id", peer_id, "--rounds", str(s.rounds), "--out", os.path.join(peer_dir, "metrics.jsonl"),
                     "--numel", str(s.numel), "--step-s", str(s.step_s), "--port", str(port),
                     "--join-timeout", "120", "--sync-timeout-s", "120", "--deadline-s", "20",

@@ -29,17 +29,18 @@ import torch.distributed as dist
 
 from ..config import ConfigError, TrainConfig
 from ..data import build_data
-from ..data.base import DataBundle, DataError
+from ..data.base import DataError
 from ..obs.metrics import MetricsWriter
 from ..obs.progress import Progress
 from ..obs.table import format_table, human
 from ..supernet import build_supernet
 from ..supernet.calibrate import batch_norms
-from .checkpoint import load_checkpoint, save_checkpoint
+from ..checkpoint import load_checkpoint, save_checkpoint
 from .distributed import (DistContext, GradientSync, broadcast_module, init_distributed,
                           shutdown_distributed)
 from .evaluate import calibration_batches, evaluate_arch
 from .lr_schedule import WarmupCosine
+from .model_data import check_model_data, check_task
 from .optim import build_optimizer
 from .sampler import BatchSampler, shard
 from .sandwich import sandwich_backward
@@ -50,40 +51,6 @@ from .state_hash import param_hash
 log = logging.getLogger("dtrain")
 
 CHECKPOINT_VERSION = 1
-
-
-def data_task(data_cfg) -> str:
-    """The task a data config provides, known before loading anything."""
-    if data_cfg.name == "text":
-        return "lm"
-    if data_cfg.name == "synthetic":
-        return data_cfg.task
-    return "classification"
-
-
-def check_task(model, model_cfg, data_cfg) -> None:
-    task = data_task(data_cfg)
-    if model.task != task:
-        raise DataError(f"model.space={model_cfg.space!r} does {model.task} but data {data_cfg.name!r} "
-                        f"is {task}: pick a matching pair (e.g. model=mbv3_tiny data=digits, "
-                        f"model=gpt_tiny data=text)")
-
-
-def check_model_data(model, data: DataBundle, model_cfg) -> None:
-    """One-line errors when the model cannot consume the data."""
-    if model.task != data.task:
-        raise DataError(f"model.space={model_cfg.space!r} does a {model.task} task but data "
-                        f"{data.name!r} is {data.task}: pick a matching model and data")
-    if data.task == "classification":
-        if model_cfg.num_classes != data.num_classes:
-            raise DataError(f"model.num_classes={model_cfg.num_classes} but data {data.name!r} has "
-                            f"{data.num_classes} classes: set model.num_classes={data.num_classes}")
-        if model_cfg.in_channels != data.input_shape[0]:
-            raise DataError(f"model.in_channels={model_cfg.in_channels} but data {data.name!r} has "
-                            f"{data.input_shape[0]} channels: set model.in_channels={data.input_shape[0]}")
-    elif model_cfg.vocab_size < data.num_classes:
-        raise DataError(f"model.vocab_size={model_cfg.vocab_size} is smaller than the data's "
-                        f"vocabulary of {data.num_classes}")
 
 
 def resolve_eval_archs(names: List[str], space, seed: int) -> List[Tuple[str, dict]]:
@@ -155,7 +122,7 @@ class Trainer:
         self.stop_everywhere = False
         self.outer = None
         if c.outer.name != "none":
-            from .outer_loop import OuterLoop
+            from ..peer.outer_loop import OuterLoop
 
             self.outer = OuterLoop(self)
         self.metrics: Optional[MetricsWriter] = None

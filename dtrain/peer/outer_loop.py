@@ -38,17 +38,17 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from ..comm.state_transfer import PeerServicer, serve_peer
-from ..control.auth import resolve_token
+from ..comm.peer_service import PeerServicer, serve_peer
+from ..wire.auth import resolve_token
 from ..control.client import ControlError, CoordinatorClient, Stopping
-from ..control.schema import schema_hash
+from ..wire.schema import schema_hash
 from ..outer.codecs import get_codec
 from ..outer.error_feedback import ErrorFeedback
 from ..outer.flat_params import FlatLayout
 from ..outer.global_state import GlobalState
 from ..outer.outer_opt import OuterNesterov
-from ..outer.round_engine import RoundEngine, RoundOutcome
-from .checkpoint import load_checkpoint, save_checkpoint
+from .round_engine import RoundEngine, RoundOutcome
+from ..checkpoint import load_checkpoint, save_checkpoint
 from .optim_state import load_optimizer_flat_state, optimizer_flat_state
 
 log = logging.getLogger("dtrain")

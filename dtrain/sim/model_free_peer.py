@@ -1,6 +1,6 @@
 """A model-free DiLoCo peer: the real outer loop without the supernet (tests, benchmarks).
 
-    python -m dtrain.outer.sim_peer --coordinator HOST:PORT --peer-id p1 --rounds 8 --out p1.jsonl
+    python -m dtrain.sim.model_free_peer --coordinator HOST:PORT --peer-id p1 --rounds 8 --out p1.jsonl
            [--numel 100000] [--codecs fp32,int8] [--backends grpc,gloo] [--fragments 2]
            [--error-feedback] [--poison-round R] [--step-s 0.0] [--deadline-s 10]
            [--wait-peers N] [--rounds-file F] [--slow-push-s S [--slow-round R]] [--trace]
@@ -53,15 +53,15 @@ import torch
 
 from ..comm.collective import Collective, CollectiveError, CollectiveResult, Group
 from ..comm.grpc_allreduce import GrpcCollective
-from ..comm.state_transfer import PeerServicer, serve_peer
+from ..comm.peer_service import PeerServicer, serve_peer
 from ..control.client import ControlError, CoordinatorClient, HealOrder
-from ..control.schema import schema_hash
-from .codec_api import Codec, CodecError
-from .codecs import get_codec
-from .error_feedback import ErrorFeedback
-from .global_state import GlobalState
-from .outer_opt import OuterNesterov
-from .round_engine import RoundEngine, RoundOutcome
+from ..wire.schema import schema_hash
+from ..wire.codec import Codec, CodecError
+from ..outer.codecs import get_codec
+from ..outer.error_feedback import ErrorFeedback
+from ..outer.global_state import GlobalState
+from ..outer.outer_opt import OuterNesterov
+from ..peer.round_engine import RoundEngine, RoundOutcome
 
 log = logging.getLogger("dtrain.outer")
 
@@ -320,7 +320,7 @@ class SimPeer:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m dtrain.outer.sim_peer", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m dtrain.sim.model_free_peer", description=__doc__.splitlines()[0])
     p.add_argument("--coordinator", required=True)
     p.add_argument("--peer-id", required=True)
     p.add_argument("--rounds", type=int, default=5)

@@ -7,7 +7,7 @@ from typing import Any, Dict
 
 import torch
 
-from ..atomic_io import atomic_write
+from .atomic_io import atomic_write
 
 
 def save_checkpoint(path: str, state: Dict[str, Any]) -> None:

@@ -1,6 +1,6 @@
 """A model-free peer for tests and benchmarks: the full round protocol with a fake, deterministic state.
 
-    python -m dtrain.control.sim_peer --coordinator HOST:PORT --peer-id p1 --rounds 10 --out p1.jsonl
+    python -m dtrain.sim.control_peer --coordinator HOST:PORT --peer-id p1 --rounds 10 --out p1.jsonl
 
 It serves the Peer service (state transfer) on 127.0.0.1:0, joins, renews its
 lease, then loops: sleep ``--step-s`` (the inner steps), Sync, and
@@ -12,7 +12,7 @@ lease, then loops: sleep ``--step-s`` (the inner steps), Sync, and
   (rounds as 8-byte big-endian), so every peer holds identical bytes;
   on RETRY: sync the same round again.
 The state of round 0 is ``expand(sha256("dtrain-sim-peer\\0" + schema))``; the
-state hash is ``sha256(payload)`` (see :mod:`dtrain.comm.state_transfer`); the
+state hash is ``sha256(payload)`` (see :mod:`dtrain.wire.snapshot`); the
 schema hash covers ``--schema`` and ``--state-bytes``.
 
 ``--rounds N`` stops the peer once it holds S_N (N rounds committed in the
@@ -38,10 +38,12 @@ import threading
 import time
 from typing import Optional, TextIO
 
-from ..comm.state_transfer import (DEFAULT_CHUNK_BYTES, PeerServicer, StateSnapshot, StateTransferError, fetch_state,
-                                   serve_peer)
-from .client import ControlError, CoordinatorClient, HealOrder
-from .schema import schema_hash as make_schema_hash
+from ..errors import one_line
+from ..comm.peer_service import PeerServicer, serve_peer
+from ..comm.state_download import StateTransferError, fetch_state
+from ..wire.snapshot import DEFAULT_CHUNK_BYTES, StateSnapshot
+from ..control.client import ControlError, CoordinatorClient, HealOrder
+from ..wire.schema import schema_hash as make_schema_hash
 
 log = logging.getLogger("dtrain.sim_peer")
 
@@ -194,12 +196,8 @@ class SimPeer:
         self.server.stop(0)
 
 
-def _one_line(e: ControlError) -> str:
-    return " ".join(str(e).split())
-
-
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m dtrain.control.sim_peer",
+    p = argparse.ArgumentParser(prog="python -m dtrain.sim.control_peer",
                                 description="A model-free dtrain peer (tests and benchmarks).")
     p.add_argument("--coordinator", required=True, help="HOST:PORT of the coordinator")
     p.add_argument("--peer-id", required=True)
@@ -246,7 +244,7 @@ def main(argv=None) -> int:
             peer.leave()
             return rc
         except ControlError as e:
-            print(f"sim_peer {a.peer_id}: error: {_one_line(e)}", file=sys.stderr, flush=True)
+            print(f"sim_peer {a.peer_id}: error: {one_line(e)}", file=sys.stderr, flush=True)
             return 1
         finally:
             peer.close()

@@ -26,9 +26,9 @@ from typing import List, Optional
 import torch
 
 from ..comm.collective import Collective, CollectiveError, Group
-from ..comm.state_transfer import StateTransferError, fetch_state
+from ..comm.state_download import StateTransferError, fetch_state
 from ..control.client import CoordinatorClient, HealOrder
-from .global_state import GlobalState, StateError
+from ..outer.global_state import GlobalState, StateError
 
 log = logging.getLogger("dtrain.outer")
 
