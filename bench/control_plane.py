@@ -246,6 +246,7 @@ def _make_client_class():
 def _drive(client, total_a: int, records: list, a_done, stop: threading.Event, errors: list, counters: dict):
     """One peer's rounds: Sync(r), Commit(r, ok), forever until ``stop``; rounds < total_a are recorded."""
     from dtrain.control.client import HealOrder
+    from dtrain.wire.outcomes import CommitDecision
 
     r, reported = 0, False
     try:
@@ -258,7 +259,7 @@ def _drive(client, total_a: int, records: list, a_done, stop: threading.Event, e
             t1m, t1w = time.monotonic(), time.time()
             if isinstance(ans, HealOrder):
                 raise RuntimeError(f"{client.peer_id}: told to heal at round {r}: {ans.reason}")
-            ok = client.commit(r, ans.quorum_id, True, timeout=300)
+            ok = client.commit(r, ans.quorum_id, True, timeout=300) is CommitDecision.COMMIT
             t2m = time.monotonic()
             if r < total_a:
                 records.append((client.peer_id, r, t0m, t0w, t1m, t1w, t2m, ans.quorum_id, len(ans.members), ok))

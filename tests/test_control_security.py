@@ -33,6 +33,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from dtrain.config import TLSConfig
 from dtrain.control import certs
 from dtrain.wire.auth import make_channel
+from dtrain.wire.outcomes import CommitDecision
 from dtrain.control.client import CoordinatorClient, NotAuthenticated
 from dtrain.v1 import dtrain_pb2 as pb
 from dtrain.v1 import dtrain_pb2_grpc as pb_grpc
@@ -607,7 +608,7 @@ def test_dtrain_status(coordinators, tmp_path, capsys, monkeypatch):
             t.start()
         for t in threads:
             t.join(30)
-        assert results == {"peer-a": True, "peer-b": True}
+        assert results == {"peer-a": CommitDecision.COMMIT, "peer-b": CommitDecision.COMMIT}
 
         cwd = tmp_path / "cwd"
         cwd.mkdir()

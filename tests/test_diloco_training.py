@@ -13,6 +13,7 @@ import time
 
 import pytest
 
+import fault_plugin
 from conftest import FAST_MBV3, REPO
 
 pytestmark = pytest.mark.timeout(300)
@@ -173,7 +174,7 @@ def test_round_committed_just_before_its_only_member_dies_is_not_lost(cluster):
     tmp_path, coordinator, peer = cluster
     address = coordinator("min_peers=1", "grace_s=0.2")
     args = ("outer=diloco", "outer.sync_every=2", "steps=8")
-    p = peer("solo", address, *args, extra_env={"DTRAIN_FAULT_EXIT_AFTER_COMMIT": "1"})
+    p = peer("solo", address, *args, extra_env={"DTRAIN_FAULT_PLUGIN": fault_plugin.PLUGIN, "DTRAIN_FAULT_EXIT_AFTER_COMMIT": "1"})
     assert p.wait(120) == 137, (tmp_path / "solo.log").read_text()[-3000:]
     state = json.load(open(tmp_path / "coord" / "state.json"))
     assert state["committed_round"] == 2

@@ -15,6 +15,7 @@ from dtrain.wire.snapshot import StateSnapshot
 from dtrain.control.client import DonorInfo, HealOrder
 from dtrain.outer.global_state import GlobalState
 from dtrain.peer.round_engine import RoundEngine
+from dtrain.wire.outcomes import RoundOutcome
 
 SCHEMA = "s" * 64
 
@@ -95,7 +96,8 @@ def test_heal_retries_other_donors_after_corrupt_truncated_and_stalled_transfers
     client = ScriptedClient(donors)
     mine = good_state(round_=1)
     published = []
-    engine = RoundEngine(client, None, mine, published.append, "joiner", SCHEMA, transfer_timeout_s=20)
+    engine = RoundEngine(client, None, mine, lambda: published.append(mine.hash()), "joiner", SCHEMA,
+                         transfer_timeout_s=20)
     # a short stall limit so the stalled donor is given up quickly
     import dtrain.peer.round_engine as re_mod
 
@@ -106,10 +108,10 @@ def test_heal_retries_other_donors_after_corrupt_truncated_and_stalled_transfers
         out = engine.exchange(torch.zeros(10))
     finally:
         re_mod.fetch_state = orig
-    assert out.kind == "heal" and out.heal["donor"] == "good"
+    assert out.outcome is RoundOutcome.HEAL and out.heal is not None and out.heal.donor == "good"
     assert client.syncs == 4  # three failed downloads, each followed by a new sync (a new donor)
     assert mine.hash() == truth.hash() and mine.round == truth.round
-    assert published and published[-1] is mine
+    assert published == [truth.hash()]  # published once, after the good download
     assert time.monotonic() - t0 < 30
 
 

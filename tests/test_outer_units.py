@@ -93,12 +93,21 @@ def test_global_state_snapshot_round_trip_and_refusals():
     assert b.hash() == before  # a refused state changes nothing
 
 
-def test_global_state_hash_tracks_changes():
-    s = GlobalState([("theta", torch.zeros(10))])
+def test_global_state_hash_tracks_every_change():
+    s = GlobalState([("theta", torch.zeros(10)), ("velocity", torch.zeros(10))], round=3)
     h = s.hash()
-    s.tensors["theta"][0] = 1.0
-    s.changed()
-    assert s.hash() != h
+    nxt = s.outer_step(torch.ones(4), (2, 6), OuterNesterov(0.7, 0.9))
+    assert s.hash() == h and s.round == 3  # computing S_{r+1} leaves S_r as it was
+    assert nxt.round == 4 and nxt.hash() != h
+    assert torch.equal(nxt.tensors["theta"][:2], torch.zeros(2)) and torch.equal(nxt.tensors["theta"][6:], torch.zeros(4))
+    s.install(nxt)
+    assert s.round == 4 and s.hash() == nxt.hash() == GlobalState(list(nxt.tensors.items()), round=4).hash()
+    s.replace({"theta": torch.ones(10), "velocity": torch.zeros(10)}, round=9)
+    assert s.round == 9 and s.hash() == GlobalState([("theta", torch.ones(10)), ("velocity", torch.zeros(10))]).hash()
+    with pytest.raises(StateError):
+        s.replace({"theta": torch.ones(11), "velocity": torch.zeros(11)}, round=1)
+    with pytest.raises(StateError):
+        s.install(GlobalState([("theta", torch.zeros(10))], round=1))
 
 
 @pytest.mark.parametrize("name", ["adamw", "sgd"])

@@ -18,6 +18,7 @@ from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
+from dtrain.wire.outcomes import CommitDecision, MemberState, SyncOutcome
 from dtrain.control.quorum import (
     CommitAnswer,
     Params,
@@ -70,9 +71,9 @@ def commit_all(m: QuorumMachine, q: QuorumInfo, now: float, ok: bool = True, inc
 def full_round(m: QuorumMachine, pids, now: float) -> QuorumInfo:
     answers = sync_all(m, pids, now)
     q = answers[pids[0]].quorum
-    assert q is not None and all(a.outcome == "quorum" and a.quorum == q for a in answers.values())
+    assert q is not None and all(a.outcome is SyncOutcome.QUORUM and a.quorum == q for a in answers.values())
     decisions = commit_all(m, q, now)
-    assert all(d.decision == "commit" for d in decisions.values())
+    assert all(d.decision is CommitDecision.COMMIT for d in decisions.values())
     return q
 
 
@@ -215,13 +216,13 @@ def test_full_round_with_three_peers():
     assert m.sync("b", "inc1", 0, H(0), 0.2) is None
     assert m.phase == "collecting"
     ans = m.sync("c", "inc1", 0, H(0), 0.3)  # everyone expected has synced: no grace wait
-    assert ans is not None and ans.outcome == "quorum" and ans.round == 0
+    assert ans is not None and ans.outcome is SyncOutcome.QUORUM and ans.round == 0
     q = ans.quorum
     assert q.ids == ("b", "c", "a")  # ring order: by region, then peer id
     assert q.members[0] == ("b", "b.example:7000", 1, "eu")
     assert q.round == 0 and q.state_hash == H(0) and q.commit_timeout == 30.0 and q.quorum_id == 1
     assert m.phase == "voting"
-    assert m.take_sync_answer("a", 0) == SyncAnswer("quorum", 0, quorum=q)
+    assert m.take_sync_answer("a", 0) == SyncAnswer(SyncOutcome.QUORUM, 0, quorum=q)
     assert m.take_sync_answer("a", 0) is None  # handed over once
     assert m.take_sync_answer("b", 1) is None  # wrong round
     assert m.take_sync_answer("b", 0).quorum == q
@@ -229,10 +230,10 @@ def test_full_round_with_three_peers():
     assert m.commit("b", "inc1", 0, q.quorum_id, True, 1.1) is None
     assert m.take_commit_answer("a", 0, q.quorum_id) is None
     c = m.commit("c", "inc1", 0, q.quorum_id, True, 1.2)
-    assert c == CommitAnswer("commit", 0, q.quorum_id)
+    assert c == CommitAnswer(CommitDecision.COMMIT, 0, q.quorum_id)
     assert m.take_commit_answer("a", 0, q.quorum_id + 1) is None  # wrong quorum
-    assert m.take_commit_answer("a", 0, q.quorum_id).decision == "commit"
-    assert m.take_commit_answer("b", 0, q.quorum_id).decision == "commit"
+    assert m.take_commit_answer("a", 0, q.quorum_id).decision is CommitDecision.COMMIT
+    assert m.take_commit_answer("b", 0, q.quorum_id).decision is CommitDecision.COMMIT
     assert m.committed_round == 1 and m.phase == "collecting"
     rec = m.history[-1]
     assert (rec.round, rec.quorum_id, rec.members, rec.state_hash) == (0, 1, ["b", "c", "a"], H(0))
@@ -245,9 +246,9 @@ def test_first_sync_makes_a_joiner_active():
     m = machine()
     join(m, "a")
     join(m, "b")
-    assert m.members["a"].state == "joining"
+    assert m.members["a"].state is MemberState.JOINING
     m.sync("a", "inc1", 0, H(0), 0.1)
-    assert m.members["a"].state == "active" and m.members["b"].state == "joining"
+    assert m.members["a"].state is MemberState.ACTIVE and m.members["b"].state is MemberState.JOINING
     assert m.status(0.2)["members"][0]["state"] == "active"
 
 
@@ -291,7 +292,7 @@ def test_no_quorum_below_min_peers_even_when_everybody_synced():
     assert m.phase == "collecting"
     join(m, "c", now=2.5)
     ans = m.sync("c", "inc1", 0, H(0), 2.6)
-    assert ans.outcome == "quorum" and ans.quorum.ids == ("a", "b", "c")
+    assert ans.outcome is SyncOutcome.QUORUM and ans.quorum.ids == ("a", "b", "c")
 
 
 def test_two_of_four_is_not_a_majority():
@@ -324,9 +325,9 @@ def test_not_ok_vote_retries_everyone_and_next_quorum_gets_new_id():
     q = _voting(m, ["a", "b", "c"])
     assert m.commit("a", "inc1", 0, q.quorum_id, True, 1.0) is None
     r = m.commit("b", "inc1", 0, q.quorum_id, False, 1.1, reason="collective timed out")
-    assert r.decision == "retry" and "collective timed out" in r.reason
-    assert m.take_commit_answer("a", 0, q.quorum_id).decision == "retry"
-    assert m.take_commit_answer("c", 0, q.quorum_id).decision == "retry"
+    assert r.decision is CommitDecision.RETRY and "collective timed out" in r.reason
+    assert m.take_commit_answer("a", 0, q.quorum_id).decision is CommitDecision.RETRY
+    assert m.take_commit_answer("c", 0, q.quorum_id).decision is CommitDecision.RETRY
     assert m.committed_round == 0 and m.phase == "collecting"
     # c's answer was handed over: asking again with that quorum is stale
     refused("ABORTED", m.commit, "c", "inc1", 0, q.quorum_id, True, 1.2)
@@ -339,7 +340,7 @@ def test_retry_answer_is_kept_for_a_member_that_asks_later():
     q = _voting(m, ["a", "b"])
     m.commit("a", "inc1", 0, q.quorum_id, False, 1.0)
     r = m.commit("b", "inc1", 0, q.quorum_id, True, 1.5)
-    assert r.decision == "retry"
+    assert r.decision is CommitDecision.RETRY
 
 
 def test_commit_deadline_passing_retries():
@@ -352,7 +353,7 @@ def test_commit_deadline_passing_retries():
     m.poll(11.0)
     assert m.phase == "collecting"
     a = m.take_commit_answer("a", 0, q.quorum_id)
-    assert a.decision == "retry" and "deadline" in a.reason and "b" in a.reason
+    assert a.decision is CommitDecision.RETRY and "deadline" in a.reason and "b" in a.reason
     assert kinds(m.drain_events())[-1] == "retry"
 
 
@@ -360,7 +361,7 @@ def test_vote_after_the_deadline_is_a_retry_even_before_poll():
     m = machine(min_peers=2, commit_timeout=10.0, lease_timeout=100.0)
     q = _voting(m, ["a", "b"], now=0.0)
     m.commit("a", "inc1", 0, q.quorum_id, True, 5.0)
-    assert m.commit("b", "inc1", 0, q.quorum_id, True, 10.5).decision == "retry"
+    assert m.commit("b", "inc1", 0, q.quorum_id, True, 10.5).decision is CommitDecision.RETRY
     assert m.committed_round == 0
 
 
@@ -372,8 +373,8 @@ def test_member_lease_expiring_while_voting_retries_before_the_deadline():
     assert m.next_deadline() == pytest.approx(5.0)  # c's lease
     m.poll(5.01)
     assert "c" not in m.members and m.phase == "collecting"
-    assert m.take_commit_answer("a", 0, q.quorum_id).decision == "retry"
-    assert m.take_commit_answer("b", 0, q.quorum_id).decision == "retry"
+    assert m.take_commit_answer("a", 0, q.quorum_id).decision is CommitDecision.RETRY
+    assert m.take_commit_answer("b", 0, q.quorum_id).decision is CommitDecision.RETRY
     assert m.take_commit_answer("c", 0, q.quorum_id) is None
     assert kinds(m.drain_events())[-2:] == ["expire", "retry"]
 
@@ -384,11 +385,11 @@ def test_member_leaving_while_voting_retries():
     m.commit("a", "inc1", 0, q.quorum_id, True, 1.0)
     m.leave("c", "inc1", 1.5, reason="spot instance reclaimed")
     a = m.take_commit_answer("a", 0, q.quorum_id)
-    assert a.decision == "retry" and "spot instance reclaimed" in a.reason
+    assert a.decision is CommitDecision.RETRY and "spot instance reclaimed" in a.reason
     # the others form the next attempt without c
     q2 = _voting(m, ["a", "b"], now=2.0)
     assert q2.quorum_id > q.quorum_id
-    assert all(d.decision == "commit" for d in commit_all(m, q2, 2.5).values())
+    assert all(d.decision is CommitDecision.COMMIT for d in commit_all(m, q2, 2.5).values())
 
 
 def test_a_non_member_leaving_while_voting_changes_nothing():
@@ -404,9 +405,9 @@ def test_member_syncing_again_during_voting_retries_and_joins_next_attempt():
     q = _voting(m, ["a", "b"])
     m.commit("a", "inc1", 0, q.quorum_id, True, 1.0)
     assert m.sync("b", "inc1", 0, H(0), 1.1) is None  # b gave up on the collective
-    assert m.take_commit_answer("a", 0, q.quorum_id).decision == "retry"
+    assert m.take_commit_answer("a", 0, q.quorum_id).decision is CommitDecision.RETRY
     ans = m.sync("a", "inc1", 0, H(0), 1.2)
-    assert ans.outcome == "quorum" and ans.quorum.quorum_id > q.quorum_id
+    assert ans.outcome is SyncOutcome.QUORUM and ans.quorum.quorum_id > q.quorum_id
     assert m.take_sync_answer("b", 0).quorum == ans.quorum
 
 
@@ -417,8 +418,8 @@ def test_an_uncollected_retry_is_not_handed_out_for_the_next_quorum():
     q2 = m.sync("b", "inc1", 0, H(0), 1.1).quorum
     assert q2.quorum_id > q1.quorum_id
     assert m.commit("a", "inc1", 0, q2.quorum_id, True, 1.2) is None  # not q1's RETRY
-    assert m.commit("b", "inc1", 0, q2.quorum_id, True, 1.3).decision == "commit"
-    assert m.take_commit_answer("a", 0, q2.quorum_id).decision == "commit"
+    assert m.commit("b", "inc1", 0, q2.quorum_id, True, 1.3).decision is CommitDecision.COMMIT
+    assert m.take_commit_answer("a", 0, q2.quorum_id).decision is CommitDecision.COMMIT
     assert m.take_commit_answer("a", 0, q1.quorum_id) is None
 
 
@@ -471,7 +472,7 @@ def test_state_hash_mismatch_heals_the_minority_from_the_majority():
     ans_b = m.sync("b", "inc1", 0, H(0), 0.3)
     assert ans_b.quorum.ids == ("a", "b") and ans_b.quorum.state_hash == H(0)
     heal = m.take_sync_answer("c", 0)
-    assert heal.outcome == "heal" and heal.donor.peer_id in ("a", "b")
+    assert heal.outcome is SyncOutcome.HEAL and heal.donor.peer_id in ("a", "b")
     assert heal.donor.address == f"{heal.donor.peer_id}.example:7000"
     assert heal.donor.state_hash == H(0) and heal.donor.round == 0
     assert "differs" in heal.reason
@@ -506,7 +507,7 @@ def test_peer_behind_is_told_to_heal_from_a_holder():
     r = join(m, "j", now=0.3, round=0, state_hash=H(0))
     assert r.must_heal and r.committed_round == 2 and r.donor.peer_id in ("a", "b") and r.donor.round == 2
     ans = m.sync("j", "inc1", 0, H(0), 0.4)
-    assert ans.outcome == "heal" and ans.round == 0 and ans.donor.peer_id in ("a", "b")
+    assert ans.outcome is SyncOutcome.HEAL and ans.round == 0 and ans.donor.peer_id in ("a", "b")
     assert "behind" in ans.reason
 
 
@@ -519,12 +520,12 @@ def test_peer_behind_waits_when_no_holder_exists():
     r = join(m2, "j", now=1.0, round=0)
     assert r.must_heal and r.donor is None
     ans = m2.sync("j", "inc1", 0, H(0), 1.1)
-    assert ans.outcome == "wait" and ans.donor is None and "no up-to-date donor" in ans.reason
+    assert ans.outcome is SyncOutcome.WAIT and ans.donor is None and "no up-to-date donor" in ans.reason
     # an up-to-date peer re-joins and forms round 1: now j can heal
     join(m2, "a", now=1.2, round=1)
-    assert m2.sync("a", "inc1", 1, H(1), 1.3).outcome == "quorum"
+    assert m2.sync("a", "inc1", 1, H(1), 1.3).outcome is SyncOutcome.QUORUM
     ans = m2.sync("j", "inc1", 0, H(0), 1.4)
-    assert ans.outcome == "heal" and ans.donor.peer_id == "a"
+    assert ans.outcome is SyncOutcome.HEAL and ans.donor.peer_id == "a"
 
 
 def test_donors_are_spread_across_holders():
@@ -556,7 +557,7 @@ def test_late_sync_during_voting_is_healed_after_the_commit():
     assert m.sync("c", "inc1", 0, H(0), 1.5) is None  # late: the quorum is already voting
     commit_all(m, q, 2.0)
     heal = m.take_sync_answer("c", 0)
-    assert heal.outcome == "heal" and heal.donor.peer_id in ("a", "b") and heal.donor.round == 1
+    assert heal.outcome is SyncOutcome.HEAL and heal.donor.peer_id in ("a", "b") and heal.donor.round == 1
     assert "committed without this peer" in heal.reason
 
 
@@ -581,7 +582,7 @@ def test_a_joiner_that_must_heal_does_not_hold_up_quorums():
     full_round(m, ["a", "b"], 0.1)
     r = join(m, "j", now=1.0, round=0)
     assert r.must_heal
-    assert m.sync("j", "inc1", 0, H(0), 1.1).outcome == "heal"
+    assert m.sync("j", "inc1", 0, H(0), 1.1).outcome is SyncOutcome.HEAL
     # j is waited for only while the grace window is open, and does not count for the majority
     for p in "ab":
         assert m.sync(p, "inc1", 1, H(1), 1.2) is None
@@ -591,7 +592,7 @@ def test_a_joiner_that_must_heal_does_not_hold_up_quorums():
     commit_all(m, q, 3.3)
     # one member and one healer: the member alone still commits (the healer does not count)
     m.leave("b", "inc1", 3.4)
-    assert m.sync("a", "inc1", 2, H(2), 3.5).outcome == "quorum"
+    assert m.sync("a", "inc1", 2, H(2), 3.5).outcome is SyncOutcome.QUORUM
 
 
 def test_a_healer_quicker_than_a_round_enters_at_the_next_boundary():
@@ -600,11 +601,11 @@ def test_a_healer_quicker_than_a_round_enters_at_the_next_boundary():
         join(m, p)
     full_round(m, ["a", "b"], 0.1)
     join(m, "j", now=1.0, round=0)
-    assert m.sync("j", "inc1", 0, H(0), 1.1).outcome == "heal"
+    assert m.sync("j", "inc1", 0, H(0), 1.1).outcome is SyncOutcome.HEAL
     for p in "ab":
         assert m.sync(p, "inc1", 1, H(1), 1.2) is None  # waiting for the healer
     ans = m.sync("j", "inc1", 1, H(1), 1.5)  # healed within the grace window
-    assert ans.outcome == "quorum" and ans.quorum.ids == ("a", "b", "j")
+    assert ans.outcome is SyncOutcome.QUORUM and ans.quorum.ids == ("a", "b", "j")
 
 
 def test_a_healer_counts_again_once_it_syncs_the_current_round():
@@ -618,7 +619,7 @@ def test_a_healer_counts_again_once_it_syncs_the_current_round():
     q = m.take_sync_answer("a", 1).quorum
     assert q.ids == ("a", "b")
     commit_all(m, q, 1.4)
-    assert m.sync("j", "inc1", 1, H(1), 1.5).outcome == "heal"  # behind again: S_2 now
+    assert m.sync("j", "inc1", 1, H(1), 1.5).outcome is SyncOutcome.HEAL  # behind again: S_2 now
     full_round_after = sync_all(m, ["a", "b"], 1.6)
     assert full_round_after == {"a": None, "b": None}
     ans = m.sync("j", "inc1", 2, H(2), 1.7)  # healed in time: the quorum of round 2 includes it
@@ -694,11 +695,11 @@ def test_commit_is_idempotent_also_after_a_restart():
     q = _voting(m, ["a", "b"])
     commit_all(m, q, 1.0)
     again = m.commit("a", "inc1", 0, q.quorum_id, True, 1.5)
-    assert again.decision == "commit" and again.round == 0 and again.quorum_id == q.quorum_id
+    assert again.decision is CommitDecision.COMMIT and again.round == 0 and again.quorum_id == q.quorum_id
     m2 = QuorumMachine(m.p, snapshot=json.loads(json.dumps(m.snapshot())))
     # members are soft state: not re-joined yet, still told the decision
     a = m2.commit("b", "inc1", 0, q.quorum_id, True, 2.0)
-    assert a.decision == "commit"
+    assert a.decision is CommitDecision.COMMIT
     refused("ABORTED", m.commit, "a", "inc1", 0, q.quorum_id + 7, True, 1.6)
 
 
@@ -732,7 +733,7 @@ def test_restart_keeps_the_durable_state():
     ans = m2.sync("a", "inc1", 3, H(3), 2.1)
     assert ans.quorum.quorum_id > m.quorum_id
     refused("ABORTED", m2.commit, "a", "inc1", 3, m.quorum_id, True, 2.2)
-    assert m2.commit("a", "inc1", 3, ans.quorum.quorum_id, True, 2.3).decision == "commit"
+    assert m2.commit("a", "inc1", 3, ans.quorum.quorum_id, True, 2.3).decision is CommitDecision.COMMIT
 
 
 def test_restart_with_a_peer_whose_state_disagrees_with_the_recorded_hash():
@@ -751,7 +752,7 @@ def test_history_is_bounded():
     for i in range(5):
         full_round(m, ["a"], 0.1 * i)
     assert [r.round for r in m.history] == [2, 3, 4]
-    assert m.commit("a", "inc1", 4, 1, True, 1.0).decision == "commit"
+    assert m.commit("a", "inc1", 4, 1, True, 1.0).decision is CommitDecision.COMMIT
     refused("ABORTED", m.commit, "a", "inc1", 0, 1, True, 1.0)  # beyond the history: unknown
 
 
@@ -881,7 +882,7 @@ def test_a_dead_peer_holds_a_round_up_for_at_most_its_lease_plus_one_retry():
             kind, qq = pending[x]
             if kind == "commit":
                 a = m.take_commit_answer(x, qq.round, qq.quorum_id)
-                if a is not None and a.decision == "retry":
+                if a is not None and a.decision is CommitDecision.RETRY:
                     pending[x] = ("sync", None)
                     s = m.sync(x, "inc1", 1, H(1), t)
                     if s is not None:
@@ -895,7 +896,7 @@ def test_a_dead_peer_holds_a_round_up_for_at_most_its_lease_plus_one_retry():
             if kind == "vote":
                 pending[x] = ("commit", qq)
                 a = m.commit(x, "inc1", 1, qq.quorum_id, True, t)
-                if a is not None and a.decision == "commit":
+                if a is not None and a.decision is CommitDecision.COMMIT:
                     committed_at = t
         if m.committed_round == 2 and committed_at is None:
             committed_at = t
@@ -1020,27 +1021,27 @@ class ProtocolMachine(RuleBasedStateMachine):
     def _on_sync_answer(self, p: ModelPeer, round: int, a: SyncAnswer):
         assert a.round == round
         p.waiting_sync = None
-        if a.outcome == "quorum":
+        if a.outcome is SyncOutcome.QUORUM:
             q = a.quorum
             assert p.pid in q.ids and q.round == round
             assert self.quorums.get((q.round, q.quorum_id), q.ids) == q.ids
             p.quorum, p.waiting_commit = q, False
-        elif a.outcome == "heal":
+        elif a.outcome is SyncOutcome.HEAL:
             d = a.donor
             assert d.peer_id != p.pid and d.round >= p.round
             p.round = d.round  # fetched S_d.round from the donor
             p.quorum, p.waiting_commit = None, False
         else:
-            assert a.outcome == "wait" and a.donor is None
+            assert a.outcome is SyncOutcome.WAIT and a.donor is None
 
     def _on_commit_answer(self, p: ModelPeer, a: CommitAnswer):
         q = p.quorum
         assert (a.round, a.quorum_id) == (q.round, q.quorum_id)
-        if a.decision == "commit":
+        if a.decision is CommitDecision.COMMIT:
             assert self.committed.setdefault(a.round, a.quorum_id) == a.quorum_id, "round committed twice"
             p.round = max(p.round, a.round + 1)
         else:
-            assert a.decision == "retry"
+            assert a.decision is CommitDecision.RETRY
             assert self.committed.get(a.round) != a.quorum_id, "a committed quorum was told to retry"
         p.quorum, p.waiting_commit = None, False
 

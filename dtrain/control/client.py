@@ -29,6 +29,8 @@ import grpc
 
 from ..v1 import dtrain_pb2 as pb
 from ..v1 import dtrain_pb2_grpc as pb_grpc
+from ..wire.outcomes import (CommitDecision, SyncOutcome, UnknownOutcome, commit_decision_from_proto,
+                             sync_outcome_from_proto)
 from ..wire.auth import auth_metadata, make_channel
 
 log = logging.getLogger("dtrain.control")
@@ -148,6 +150,20 @@ class HealOrder:
     donor: DonorInfo
     committed_round: int
     reason: str
+
+
+def _sync_outcome(reply: pb.SyncReply) -> SyncOutcome:
+    try:
+        return sync_outcome_from_proto(reply.outcome)
+    except UnknownOutcome as e:
+        raise ControlError(f"the coordinator sent {e}") from None
+
+
+def _decision(reply: pb.CommitReply) -> CommitDecision:
+    try:
+        return commit_decision_from_proto(reply.decision)
+    except UnknownOutcome as e:
+        raise ControlError(f"the coordinator sent {e}") from None
 
 
 def _donor(d: pb.Donor) -> Optional[DonorInfo]:
@@ -330,8 +346,8 @@ class CoordinatorClient:
             return pb.SyncRequest(peer_id=self.peer_id, incarnation=self.incarnation, round=round,
                                   state_hash=state_hash, wait_ms=wait_ms)
 
-        r = self._retrying("Sync", req, timeout, lambda r: r.outcome in (pb.SyncReply.QUORUM, pb.SyncReply.HEAL))
-        if r.outcome == pb.SyncReply.HEAL:
+        r = self._retrying("Sync", req, timeout, lambda r: _sync_outcome(r) is not SyncOutcome.WAIT)
+        if _sync_outcome(r) is SyncOutcome.HEAL:
             return HealOrder(_donor(r.donor), r.committed_round, r.reason)
         q = r.quorum
         return QuorumView(q.quorum_id, q.round,
@@ -339,18 +355,18 @@ class CoordinatorClient:
                           q.state_hash, q.commit_timeout_ms / 1000.0, q.store_address)
 
     def commit(self, round: int, quorum_id: int, ok: bool, reason: str = "",
-               timeout: Optional[float] = None) -> bool:
-        """Vote on round ``round`` of quorum ``quorum_id``: True = COMMIT, False = RETRY."""
+               timeout: Optional[float] = None) -> CommitDecision:
+        """Vote on round ``round`` of quorum ``quorum_id``: COMMIT or RETRY (a stale vote is a RETRY)."""
         def req(wait_ms):
             return pb.CommitRequest(peer_id=self.peer_id, incarnation=self.incarnation, round=round,
                                     quorum_id=quorum_id, ok=ok, reason=reason, wait_ms=wait_ms)
 
         try:
-            r = self._retrying("Commit", req, timeout, lambda r: r.decision != pb.CommitReply.WAIT)
+            r = self._retrying("Commit", req, timeout, lambda r: _decision(r) is not CommitDecision.WAIT)
         except StaleRound as e:
             log.info("commit of round %d quorum %d is stale: %s", round, quorum_id, e)
-            return False
-        return r.decision == pb.CommitReply.COMMIT
+            return CommitDecision.RETRY
+        return _decision(r)
 
     def report(self, round: int, quorum_id: int, culprit: str, reason: str) -> bool:
         """Report a quorum member that sent garbage; True when the coordinator excluded it."""

@@ -69,6 +69,8 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional, Set, Tuple
 
+from ..wire.outcomes import CommitDecision, MemberState, SyncOutcome
+
 _PEER_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
 _ADDRESS = re.compile(r"[A-Za-z0-9._\-\[\]:]{1,250}:[0-9]{1,5}")
 _LABEL = re.compile(r"[A-Za-z0-9._-]{0,64}")  # region
@@ -107,7 +109,7 @@ class Member:
     region: str
     last_seen: float
     joined_at: float
-    state: str = "joining"  # joining | active
+    state: MemberState = MemberState.JOINING
     round: int = 0
     state_hash: str = ""
     needs_heal: bool = False  # joined behind or told to heal: not expected until it syncs the current round
@@ -140,7 +142,7 @@ class QuorumInfo:
 
 @dataclass(frozen=True)
 class SyncAnswer:
-    outcome: str  # quorum | heal | wait
+    outcome: SyncOutcome
     round: int  # the round the answered sync was for
     quorum: Optional[QuorumInfo] = None
     donor: Optional[Donor] = None
@@ -149,7 +151,7 @@ class SyncAnswer:
 
 @dataclass(frozen=True)
 class CommitAnswer:
-    decision: str  # commit | retry
+    decision: CommitDecision  # COMMIT | RETRY
     round: int
     quorum_id: int
     reason: str = ""
@@ -208,7 +210,7 @@ class QuorumMachine:
         self.grace_spent = False  # a formation attempt ran after the grace window: no timer needed
         self.late: Dict[str, str] = {}  # synced while a quorum of the same round was voting
         self.voting: Optional[_Voting] = None
-        self.last_quorum: Optional[Tuple[frozenset, int, str]] = None  # (ids, epoch, decision)
+        self.last_quorum: Optional[Tuple[frozenset, int, CommitDecision]] = None  # (ids, epoch, decision)
         self._sync_answers: Dict[str, SyncAnswer] = {}
         self._commit_answers: Dict[str, CommitAnswer] = {}
         self.posted: Set[str] = set()
@@ -413,9 +415,9 @@ class QuorumMachine:
         self.holders.discard(peer_id)
         donor = self._pick_donor(exclude=peer_id)
         if donor is None:
-            return SyncAnswer("wait", round, reason=f"{why}; no up-to-date donor yet")
+            return SyncAnswer(SyncOutcome.WAIT, round, reason=f"{why}; no up-to-date donor yet")
         self.healing[peer_id] = donor.round
-        return SyncAnswer("heal", round, donor=donor, reason=why)
+        return SyncAnswer(SyncOutcome.HEAL, round, donor=donor, reason=why)
 
     # ------------------------------------------------------------------ sync
     def sync(self, peer_id: str, incarnation: str, round: int, state_hash: str, now: float) -> Optional[SyncAnswer]:
@@ -445,8 +447,8 @@ class QuorumMachine:
             self._try_form(now)  # it is no longer expected
             return answer
         m.needs_heal = False
-        if m.state != "active":
-            m.state = "active"
+        if m.state is not MemberState.ACTIVE:
+            m.state = MemberState.ACTIVE
             self.epoch += 1
             self._event("active", peer_id=peer_id, round=int(round))
         if self.voting is not None:  # (also when the retry above formed a quorum from late syncs)
@@ -504,7 +506,7 @@ class QuorumMachine:
             return
         ids = frozenset(matching)
         keep = (self.last_quorum is not None and self.last_quorum[0] == ids
-                and self.last_quorum[1] == self.epoch and self.last_quorum[2] == "commit")
+                and self.last_quorum[1] == self.epoch and self.last_quorum[2] is CommitDecision.COMMIT)
         if not keep or self.quorum_id == 0:
             self.quorum_id += 1
             self.dirty = True
@@ -520,7 +522,7 @@ class QuorumMachine:
         self.voting = _Voting(q, now + self.p.commit_timeout)
         self._event("quorum", quorum_id=q.quorum_id, round=q.round, members=list(q.ids), state_hash=ref)
         for pid in matching:
-            self._post_sync(pid, SyncAnswer("quorum", q.round, quorum=q))
+            self._post_sync(pid, SyncAnswer(SyncOutcome.QUORUM, q.round, quorum=q))
         for pid in sorted(present - ids):
             self._post_sync(pid, self._heal(pid, q.round, f"state hash {self.syncs[pid][:12]}... differs "
                                                           f"from the majority's {ref[:12]}..."))
@@ -545,7 +547,7 @@ class QuorumMachine:
             if m is not None and m.incarnation == incarnation:
                 self._touch(m, now)
                 self.take_commit_answer(peer_id, round, quorum_id)
-            return CommitAnswer("commit", round, quorum_id, "already committed")
+            return CommitAnswer(CommitDecision.COMMIT, round, quorum_id, "already committed")
         self._member(peer_id, incarnation, now)
         ready = self.take_commit_answer(peer_id, round, quorum_id)
         if ready is not None:
@@ -592,14 +594,14 @@ class QuorumMachine:
         self.donor_load = {}
         self.excluded = {pid: r for pid, r in self.excluded.items() if r >= self.committed_round}
         self.last_failed = None
-        self.last_quorum = (frozenset(q.ids), self.epoch, "commit")
+        self.last_quorum = (frozenset(q.ids), self.epoch, CommitDecision.COMMIT)
         self.voting = None
         self.syncs, self.first_sync_at = {}, None  # (empty: syncs during voting go to ``late``)
         self.dirty = True
         for pid in q.ids:
             if pid in self.members:
                 self.members[pid].round = self.committed_round
-            self._post_commit(pid, CommitAnswer("commit", q.round, q.quorum_id))
+            self._post_commit(pid, CommitAnswer(CommitDecision.COMMIT, q.round, q.quorum_id))
         self._event("commit", round=q.round, quorum_id=q.quorum_id, members=list(q.ids), state_hash=q.state_hash)
         late, self.late = self.late, {}
         for pid in sorted(late):
@@ -613,11 +615,11 @@ class QuorumMachine:
         q = v.quorum
         self.last_failed = q
         self._drop_answers_of(q)
-        self.last_quorum = (frozenset(q.ids), self.epoch, "retry")
+        self.last_quorum = (frozenset(q.ids), self.epoch, CommitDecision.RETRY)
         self.voting = None
         for pid in q.ids:
             if pid in self.members:
-                self._post_commit(pid, CommitAnswer("retry", q.round, q.quorum_id, reason))
+                self._post_commit(pid, CommitAnswer(CommitDecision.RETRY, q.round, q.quorum_id, reason))
         self._event("retry", round=q.round, quorum_id=q.quorum_id, reason=reason)
         late, self.late = self.late, {}
         self.syncs = {pid: h for pid, h in late.items() if pid in self.members}
@@ -658,7 +660,7 @@ class QuorumMachine:
             "schema_hash": self.schema_hash,
             "min_peers": self.p.min_peers,
             "members": [{"peer_id": m.peer_id, "address": m.address, "region": m.region,
-                         "world_size": m.world_size, "round": m.round, "state": m.state,
+                         "world_size": m.world_size, "round": m.round, "state": m.state.value,
                          "state_hash": m.state_hash, "lease_age": max(0.0, now - m.last_seen)}
                         for m in sorted(self.members.values(), key=lambda m: m.peer_id)],
             "commits": [_record_dict(r) for r in self.history[-20:]],

@@ -24,13 +24,12 @@ import grpc
 
 from ..v1 import dtrain_pb2 as pb
 from ..v1 import dtrain_pb2_grpc as pb_grpc
+from ..wire.outcomes import CommitDecision, SyncOutcome, commit_decision_to_proto, sync_outcome_to_proto
 from .quorum import CommitAnswer, Donor, QuorumMachine, Refusal, SyncAnswer
 from .state_store import StateStore
 
 log = logging.getLogger("dtrain.control")
 
-_OUTCOME = {"quorum": pb.SyncReply.QUORUM, "heal": pb.SyncReply.HEAL, "wait": pb.SyncReply.WAIT}
-_DECISION = {"commit": pb.CommitReply.COMMIT, "retry": pb.CommitReply.RETRY}
 
 
 def _wake(fut: asyncio.Future) -> None:
@@ -157,9 +156,9 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
     # ------------------------------------------------------------------ rounds
     def _sync_reply(self, a: Optional[SyncAnswer]) -> pb.SyncReply:
         if a is None:
-            return pb.SyncReply(outcome=pb.SyncReply.WAIT, reason="no quorum yet",
+            return pb.SyncReply(outcome=sync_outcome_to_proto(SyncOutcome.WAIT), reason="no quorum yet",
                                 committed_round=self.m.committed_round)
-        reply = pb.SyncReply(outcome=_OUTCOME[a.outcome], reason=a.reason, committed_round=self.m.committed_round)
+        reply = pb.SyncReply(outcome=sync_outcome_to_proto(a.outcome), reason=a.reason, committed_round=self.m.committed_round)
         if a.quorum is not None:
             reply.quorum.CopyFrom(self._quorum_message(a.quorum))
         if a.donor is not None:
@@ -186,9 +185,9 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
 
     def _commit_reply(self, a: Optional[CommitAnswer], req: pb.CommitRequest) -> pb.CommitReply:
         if a is None:
-            return pb.CommitReply(decision=pb.CommitReply.WAIT, round=req.round, quorum_id=req.quorum_id,
+            return pb.CommitReply(decision=commit_decision_to_proto(CommitDecision.WAIT), round=req.round, quorum_id=req.quorum_id,
                                   committed_round=self.m.committed_round, reason="votes still missing")
-        return pb.CommitReply(decision=_DECISION[a.decision], round=a.round, quorum_id=a.quorum_id,
+        return pb.CommitReply(decision=commit_decision_to_proto(a.decision), round=a.round, quorum_id=a.quorum_id,
                               committed_round=self.m.committed_round, reason=a.reason)
 
     async def Commit(self, req: pb.CommitRequest, context) -> pb.CommitReply:

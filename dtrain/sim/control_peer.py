@@ -39,6 +39,7 @@ import time
 from typing import Optional, TextIO
 
 from ..errors import one_line
+from ..wire.outcomes import CommitDecision
 from ..comm.peer_service import PeerServicer, serve_peer
 from ..comm.state_download import StateTransferError, fetch_state
 from ..wire.snapshot import DEFAULT_CHUNK_BYTES, StateSnapshot
@@ -130,8 +131,8 @@ class SimPeer:
                 if self.stop.is_set():
                     return None
 
-    def _commit(self, rnd: int, qid: int, ok: bool, reason: str) -> Optional[bool]:
-        """Vote; True = COMMIT, False = RETRY, None = no decision before a stop."""
+    def _commit(self, rnd: int, qid: int, ok: bool, reason: str) -> Optional[CommitDecision]:
+        """Vote; COMMIT, RETRY, or None = no decision before a stop."""
         stop_seen: Optional[float] = None
         while True:
             try:
@@ -176,7 +177,7 @@ class SimPeer:
                 decision = self._commit(rnd, ans.quorum_id, ok, "" if ok else "--fail-commit-at")
                 if decision is None:
                     break
-                if not decision:
+                if decision is CommitDecision.RETRY:
                     self.record("retry", round=rnd, quorum_id=ans.quorum_id, members=ans.ids)
                     continue
                 new = StateSnapshot(rnd + 1, outer_step(self.snapshot.payload, rnd, a.state_bytes),

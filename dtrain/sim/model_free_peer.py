@@ -41,6 +41,7 @@ an ``attempt`` record when a collective starts.
 from __future__ import annotations
 
 import argparse
+from dataclasses import asdict
 import hashlib
 import json
 import logging
@@ -61,7 +62,8 @@ from ..outer.codecs import get_codec
 from ..outer.error_feedback import ErrorFeedback
 from ..outer.global_state import GlobalState
 from ..outer.outer_opt import OuterNesterov
-from ..peer.round_engine import RoundEngine, RoundOutcome
+from ..peer.round_engine import RoundEngine
+from ..wire.outcomes import RoundOutcome
 
 log = logging.getLogger("dtrain.outer")
 
@@ -217,8 +219,8 @@ class SimPeer:
         self.out = open(a.out, "a", encoding="utf-8")
         self.stop = None
 
-    def publish(self, state: GlobalState) -> None:
-        self.servicer.set_snapshot(state.snapshot({"sim": True}))
+    def publish(self) -> None:
+        self.servicer.set_snapshot(self.state.snapshot({"sim": True}))
 
     def record(self, kind: str, **fields) -> None:
         self.out.write(json.dumps({"kind": kind, "peer": self.a.peer_id, "time": time.time(), **fields}) + "\n")
@@ -262,15 +264,15 @@ class SimPeer:
 
     def run(self) -> int:
         a = self.a
-        self.publish(self.state)
+        self.publish()
         info = self.client.join(timeout=a.join_timeout)
         self.client.start_heartbeat()
         if a.wait_peers > 0:
             self.wait_for_peers(a.wait_peers, a.join_timeout)
         if info.must_heal and info.donor is not None:
-            out = RoundOutcome("heal", self.state.round)
-            if self.engine._heal(HealOrder(info.donor, info.committed_round, "joined behind"), out):
-                self.record("heal", round=out.round, state_hash=self.state.hash(), **(out.heal or {}))
+            out = self.engine.heal(HealOrder(info.donor, info.committed_round, "joined behind"))
+            if out is not None:
+                self.record("heal", round=out.round, state_hash=self.state.hash(), **asdict(out.heal))
         while self.state.round < self.target_rounds() and self.stop is None:
             r = self.state.round
             time.sleep(a.step_s)
@@ -288,17 +290,15 @@ class SimPeer:
             real = self.collective(backend, codec_name)
             timed = TimedCollective(real, on_start=self._on_attempt if a.trace else None)
             self.engine.collective = PoisonedCollective(timed, real, not a.poison_honest) if poison else timed
-            out = self.engine.exchange(payload, op=f"f{f}")
-            if out.kind == "heal":
+            out = self.engine.exchange(payload, f"f{f}",
+                                       lambda rnd, qid, mean, span=(lo, hi): self.state.outer_step(mean, span, self.opt))
+            if out.outcome is RoundOutcome.HEAL:
                 if self.ef:
                     self.ef.reset()
-                self.record("heal", round=out.round, state_hash=self.state.hash(), **(out.heal or {}))
+                self.record("heal", round=out.round, state_hash=self.state.hash(), **asdict(out.heal))
                 continue
-            theta, v = self.state.tensors["theta"], self.state.tensors["velocity"]
-            self.opt.step(theta[lo:hi], v[lo:hi], out.mean, round=out.round)
-            self.state.round = out.round + 1
-            self.state.changed()
-            self.publish(self.state)
+            self.state.install(out.next_state)
+            self.publish()
             self.record("round", round=out.round, quorum_id=out.quorum_id, members=out.members,
                         state_hash=self.state.hash(), bytes_sent=out.bytes_sent, bytes_recv=out.bytes_recv,
                         comm_s=out.comm_s, wait_s=out.wait_s, attempts=out.attempts, codec=codec_name,

@@ -39,6 +39,9 @@ from ..checkpoint import load_checkpoint, save_checkpoint
 from .distributed import (DistContext, GradientSync, broadcast_module, init_distributed,
                           shutdown_distributed)
 from .evaluate import calibration_batches, evaluate_arch
+from ..peer.factory import build_outer_component
+from ..peer.round_event import RoundEvent
+from ..wire.outcomes import RoundOutcome
 from .lr_schedule import WarmupCosine
 from .model_data import check_model_data, check_task
 from .optim import build_optimizer
@@ -120,11 +123,9 @@ class Trainer:
         self.stall_s = 0.0  # time inner steps waited for an overlapped exchange
         self.stop_requested: Optional[str] = None  # set by SIGTERM / SIGINT
         self.stop_everywhere = False
-        self.outer = None
-        if c.outer.name != "none":
-            from ..peer.outer_loop import OuterLoop
-
-            self.outer = OuterLoop(self)
+        self.outer = build_outer_component(c, self.model, self.optimizer, is_leader=ctx.is_leader,
+                                           world_size=ctx.world_size, distributed=ctx.enabled,
+                                           run_dir=self.run_dir, should_stop=lambda: self.stop_requested is not None)
         self.metrics: Optional[MetricsWriter] = None
         self.ckpt_path = os.path.join(self.run_dir, "checkpoints", "latest.pt")
 
@@ -170,10 +171,9 @@ class Trainer:
             "model_config": json.dumps(dataclasses.asdict(self.cfg.model), sort_keys=True),
             "peer_id": self.cfg.peer_id,
         }
-        if self.outer is not None and self.ctx.is_leader:
-            o = self.outer
-            st["outer"] = {"round": o.state.round, "tensors": dict(o.state.tensors),
-                           "error_feedback": o.ef.state_dict() if o.ef is not None else {}}
+        outer = self.outer.state_dict() if self.outer is not None else {}
+        if outer:
+            st["outer"] = outer
         return st
 
     def save(self) -> None:
@@ -191,16 +191,11 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.sampler.load_state_dict(state["sampler"])
         self.step = int(state["step"])
-        if self.outer is not None and self.ctx.is_leader and "outer" in state:
-            o, saved = self.outer, state["outer"]
-            if sorted(saved["tensors"]) != sorted(o.state.tensors):
-                raise ConfigError(f"resume=true but {path} holds another outer state "
-                                  f"({sorted(saved['tensors'])}): use the same outer.* settings")
-            o.state.tensors = {k: saved["tensors"][k].float().cpu() for k in o.state.tensors}
-            o.state.round = int(saved["round"])
-            o.state.changed()
-            if o.ef is not None and saved.get("error_feedback"):
-                o.ef.load_state_dict(saved["error_feedback"])
+        if self.outer is not None and "outer" in state:
+            try:
+                self.outer.load_state_dict(state["outer"])
+            except ConfigError as e:
+                raise ConfigError(f"resume=true but {path}: {e}") from None
 
     # -- one step ------------------------------------------------------------------------
     def micro_batches(self, indices: torch.Tensor):
@@ -227,9 +222,9 @@ class Trainer:
         synced = self.grad_sync.sync([losses[n] for n in names] + [float(self.stop_requested is not None)])
         self.stop_everywhere = synced[-1] > 0
         losses = dict(zip(names, synced[:-1]))
-        if self.outer is not None and self.outer.ddp:
-            self.outer.reduce_gradients()
-            if self.outer.ddp_healed:  # the adopted state replaces this step
+        if self.outer is not None:
+            event = self._on_round(self.outer.before_optimizer_step(self.step))
+            if event.outcome in (RoundOutcome.HEAL, RoundOutcome.STOP):  # the adopted state replaces this step
                 self.optimizer.zero_grad(set_to_none=True)
                 return losses
         if c.optim.grad_clip > 0:
@@ -238,8 +233,8 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         self.step += 1
-        if self.outer is not None and self.outer.ddp:
-            self.outer.after_ddp_step()
+        if self.outer is not None:
+            self._on_round(self.outer.after_optimizer_step(self.step))
         return losses
 
     def jump_to_step(self, step: int) -> None:
@@ -247,8 +242,20 @@ class Trainer:
         self.step = int(step)
         self.scheduler.load_state_dict({"step_num": self.step})
 
-    def record(self, rec: dict) -> None:
-        self._record(rec)
+    def _on_round(self, event: RoundEvent) -> RoundEvent:
+        """Act on what a round boundary did: the trainer alone moves its step, checkpoints, records and
+        stops."""
+        if event.outcome is RoundOutcome.HEAL:
+            self.jump_to_step(event.step)
+        self.stall_s += event.stall_s
+        if event.checkpoint:
+            self.save()  # S_{r+1} (or the adopted S_R) on disk: a restart continues from here
+        for rec in event.records:
+            self._record(rec)
+        if event.outcome is RoundOutcome.STOP:  # the leader abandoned a round to shut down: every rank leaves
+            self.stop_requested = self.stop_requested or "SIGTERM"
+            self.stop_everywhere = True
+        return event
 
     # -- evaluation -------------------------------------------------------------------------
     def evaluate(self, split_name: str = "val") -> List[dict]:
@@ -283,7 +290,7 @@ class Trainer:
         self._log_start(resumed)
         restore_signals = self._install_signal_handlers()
         if self.outer is not None:
-            self.outer.start()
+            self._on_round(self.outer.start(self.step))
         stop = min(c.steps, c.stop_at) if c.stop_at else c.steps
         bar = Progress(stop, c.logger.progress, self.ctx.is_leader, start=self.step)
         t_last, n_last = time.perf_counter(), self.step
@@ -295,7 +302,7 @@ class Trainer:
                 if self.stop_everywhere:
                     break
                 if self.outer is not None:
-                    self.outer.after_step()
+                    self._on_round(self.outer.after_step(self.step))
                     if self.stop_everywhere:  # the leader abandoned a round wait to shut down
                         break
                 if self.step % c.log_every == 0 or self.step == stop:
@@ -315,10 +322,10 @@ class Trainer:
             restore_signals()
         if self.outer is not None:
             if self.stop_requested is None:
-                self.outer.finish()
+                self._on_round(self.outer.finish(self.step))
             self.outer.close(leave=True, reason=self.stop_requested or "finished")
             if self.stop_requested is None:
-                self._use_global_model()
+                self.outer.use_global_parameters()
         self.save()
         if self.stop_requested is not None:
             if self.ctx.is_leader:
@@ -330,7 +337,7 @@ class Trainer:
         finished = self.step >= c.steps
         summary = {"kind": "summary", "step": self.step, "finished": finished,
                    "world_size": self.ctx.world_size, **self._rank_parity(),
-                   "grad_allreduce_calls": self.grad_sync.calls,
+                   "grad_allreduce_calls": self.grad_sync.calls, "stall_s": self.stall_s,
                    "grad_buckets": len(self.grad_sync.buckets) if self.ctx.enabled else 0}
         if finished or c.stop_at:
             val = self.evaluate("val")
@@ -361,16 +368,6 @@ class Trainer:
 
         old = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
         return lambda: [signal.signal(sig, h) for sig, h in old.items()]
-
-    def _use_global_model(self) -> None:
-        """DiLoCo: the run's result is the global model (local parameters differ by < H steps)."""
-        if self.outer is None or self.outer.ddp:
-            return
-        if self.ctx.is_leader:
-            self.outer.layout.load(self.model, self.outer.state.tensors["theta"])
-        if self.ctx.enabled:
-            for p in self.model.parameters():
-                dist.broadcast(p.data, 0)
 
     def _rank_parity(self) -> dict:
         """Parameter hash of every rank: they must all agree (one optimizer, same gradients)."""

@@ -1,0 +1,255 @@
+"""DiLoCo rounds in a training peer: the outer-loop component of ``outer.name=diloco``.
+
+Every ``P = sync_every / fragments`` inner steps the peer runs one round, for
+fragment ``f = round mod fragments``:
+
+    delta_f  = theta_global[f] - theta_local[f]            (the pseudo-gradient)
+    payload  = delta_f   (+ error feedback, on the codec's grid)
+    S_{r+1}  = exchange(payload): sync, all-reduce mean, prepare, commit   (``round_engine``)
+               prepare: S_{r+1} = outer Nesterov step of S_r with the mean (``GlobalState.outer_step``),
+                        written to disk before the vote when ``outer.durable_commit``
+    theta_local[f] <- theta_global[f]                       (tau = 0)
+    theta_local[f] <- alpha * theta_local[f] + (1 - alpha) * theta_global[f]   (tau > 0)
+
+With ``overlap_steps = tau > 0`` the exchange runs in a background thread
+while inner steps go on, and its result is applied tau steps later (tau = 1
+is the one-step-delayed "eager" update). If the coordinator says HEAL, the
+peer adopts the donor's global state, sets theta_local to it, and continues
+from the inner step of the state's round (``RoundEvent.step``).
+
+Schedule, known to every rank: round exchanges start when ``step % P == 0``;
+with tau = 0 they are applied at once, else at ``step % P == tau``. Only the
+leader (rank 0) talks to the network; the other ranks wait in the broadcast
+of each boundary's event (``rank_broadcast``).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import os
+import time
+from typing import Callable, Optional, Tuple
+
+import torch
+
+from .. import faults
+from ..config import ConfigError, TrainConfig
+from ..control.client import Stopping
+from ..outer.codecs import get_codec
+from ..outer.error_feedback import ErrorFeedback
+from ..outer.flat_params import FlatLayout
+from ..outer.global_state import GlobalState, StateError
+from ..outer.outer_opt import OuterNesterov
+from ..wire.outcomes import RoundOutcome
+from .component import OuterComponent
+from .durable_commit import DurableCommit
+from .rank_broadcast import share_event
+from .records import RoundClock, heal_record, round_record
+from .round_engine import ExchangeResult
+from .round_event import RoundEvent
+from .session import ExchangeSettings, PeerSession, run_schema_hash
+
+log = logging.getLogger("dtrain")
+
+
+class DilocoLoop(OuterComponent):
+    def __init__(self, cfg: TrainConfig, model: torch.nn.Module, *, is_leader: bool, world_size: int,
+                 distributed: bool, run_dir: str, should_stop: Callable[[], bool]):
+        outer = cfg.outer
+        self.outer_cfg, self.model = outer, model
+        self.layout = FlatLayout(model, outer.fragments)
+        self.fragments = len(self.layout.fragments)
+        self.period = outer.sync_every // outer.fragments
+        self.tau = outer.overlap_steps
+        self.is_leader, self.distributed = is_leader, distributed
+        self.pending: Optional[Tuple[concurrent.futures.Future, int]] = None  # (exchange, fragment)
+        self.clock = RoundClock()
+        if not is_leader:
+            return
+        self.codec = get_codec(outer.codec, outer.block_size)
+        self.error_feedback = ErrorFeedback() if outer.error_feedback else None
+        self.outer_opt = OuterNesterov(outer.lr, outer.momentum, outer.nesterov, outer.lr_schedule,
+                                       total_rounds=max(1, cfg.steps // self.period))
+        theta = self.layout.flatten(model)
+        self.state = GlobalState([("theta", theta), ("velocity", torch.zeros_like(theta))])
+        self.schema = run_schema_hash(cfg)
+        self.durable = (DurableCommit(os.path.join(run_dir, "checkpoints", "next_global.pt"), self.schema)
+                        if outer.durable_commit else None)
+        settings = ExchangeSettings(outer.backend, outer.streams, int(outer.chunk_mb * 2 ** 20), outer.deadline_s,
+                                    outer.sync_timeout_s)
+        self.session = PeerSession(cfg.peer_id, cfg.control, self.schema, self.state, self.codec, settings,
+                                   world_size=world_size, should_stop=should_stop)
+        self.join_timeout_s = cfg.control.join_timeout_s
+        self.executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="outer") if self.tau else None
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self, step: int) -> RoundEvent:
+        """Join the run; adopt a state persisted before a committed vote, or heal when behind."""
+        event = RoundEvent(step=step)
+        if self.is_leader:
+            recovered = self._recover()
+            if recovered is not None:
+                event = recovered
+            healed = self.session.join()
+            if healed is not None:
+                event = self._adopt(healed, event)
+        return self._share(event)
+
+    def finish(self, step: int) -> RoundEvent:
+        """Every rank, at the end of training: apply an exchange still in flight (overlap)."""
+        if not self.tau:
+            return RoundEvent(step=step)
+        event = RoundEvent(step=step)
+        if self.is_leader and self.pending is not None:
+            event = self._finish_pending(step)
+        return self._share(event)
+
+    def use_global_parameters(self) -> None:
+        """The run's result is the global model (local parameters differ by < H steps)."""
+        if self.is_leader:
+            self.layout.load(self.model, self.state.tensors["theta"])
+        if self.distributed:
+            share_event(RoundEvent(RoundOutcome.COMMIT), self.model.parameters(), self.is_leader)
+
+    def close(self, leave: bool = True, reason: str = "finished") -> None:
+        if not self.is_leader:
+            return
+        if self.pending is not None:
+            self.pending[0].cancel()
+        if self.executor is not None:
+            self.executor.shutdown(wait=False, cancel_futures=True)
+        self.session.close(leave, reason)
+
+    def state_dict(self) -> dict:
+        if not self.is_leader:
+            return {}
+        ef = self.error_feedback
+        return {"round": self.state.round, "tensors": dict(self.state.tensors),
+                "error_feedback": ef.state_dict() if ef is not None else {}}
+
+    def load_state_dict(self, saved: dict) -> None:
+        if not self.is_leader or not saved:
+            return
+        try:
+            self.state.replace(saved["tensors"], int(saved["round"]))
+        except StateError as e:
+            raise ConfigError(f"the checkpoint holds another outer state ({e}): use the same outer.* and "
+                              "model.* settings or a new run_dir") from None
+        if self.error_feedback is not None and saved.get("error_feedback"):
+            self.error_feedback.load_state_dict(saved["error_feedback"])
+
+    # ------------------------------------------------------------------ rounds
+    def after_step(self, step: int) -> RoundEvent:
+        """Every rank, after each inner step: run, finish or apply this step's round (see the docstring)."""
+        if self.tau == 0:
+            if step % self.period:
+                return RoundEvent(step=step)
+            event = RoundEvent(step=step)
+            if self.is_leader:
+                fragment = self.state.round % self.fragments
+                self.clock.exchange_starts()
+                try:
+                    result = self.session.engine.exchange(self._payload(fragment), f"f{fragment}",
+                                                          self._prepare)
+                    event = self._apply(result, fragment, step)
+                except Stopping as e:
+                    log.info("%s", e)
+                    event = RoundEvent(RoundOutcome.STOP, step)
+            return self._share(event)
+        if step % self.period == 0 and self.is_leader and self.pending is None:
+            self._launch()
+        if step % self.period == self.tau and step > self.tau:
+            event = RoundEvent(step=step)
+            if self.is_leader and self.pending is not None:
+                event = self._finish_pending(step)
+            return self._share(event)
+        return RoundEvent(step=step)
+
+    def _payload(self, fragment: int) -> torch.Tensor:
+        lo, hi = self.layout.fragments[fragment]
+        delta = self.state.tensors["theta"][lo:hi] - self.layout.fragment_of(self.model, fragment)
+        if self.error_feedback is not None:
+            return self.error_feedback.quantize_with_feedback(f"f{fragment}", delta, self.codec)
+        return delta
+
+    def _prepare(self, round: int, quorum_id: int, mean: torch.Tensor) -> GlobalState:
+        """Before the vote on ``round``: S_{round+1}, computed once; on disk first with durable commit."""
+        nxt = self.state.outer_step(mean, self.layout.fragments[round % self.fragments], self.outer_opt)
+        if self.durable is not None:
+            self.durable.persist(nxt, quorum_id, self.state.hash())
+        return nxt
+
+    def _launch(self) -> None:
+        fragment = self.state.round % self.fragments
+        payload = self._payload(fragment)
+        self.clock.exchange_starts()
+        assert self.executor is not None
+        future = self.executor.submit(self.session.engine.exchange, payload, f"f{fragment}", self._prepare)
+        self.pending = (future, fragment)
+
+    def _finish_pending(self, step: int) -> RoundEvent:
+        assert self.pending is not None
+        future, fragment = self.pending
+        self.pending = None
+        t0 = time.perf_counter()
+        try:
+            result = future.result()
+        except Stopping as e:
+            log.info("%s", e)
+            return RoundEvent(RoundOutcome.STOP, step)
+        stall_s = time.perf_counter() - t0
+        event = self._apply(result, fragment, step)
+        event.stall_s = stall_s
+        return event
+
+    def _apply(self, result: ExchangeResult, fragment: int, step: int) -> RoundEvent:
+        """Leader: install a committed round's S_{r+1} (or take a heal) and update the local model."""
+        if result.outcome is RoundOutcome.HEAL:
+            return self._adopt(result, RoundEvent(step=step))
+        faults.point("after_commit", round=result.round)
+        assert result.next_state is not None, "a committed DiLoCo round carries the state prepared for it"
+        self.session.install(result.next_state)
+        new_global = self.state.tensors["theta"][slice(*self.layout.fragments[fragment])]
+        if self.tau:
+            local = self.layout.fragment_of(self.model, fragment)
+            alpha = self.outer_cfg.alpha
+            new_local = local.mul(alpha).add_(new_global, alpha=1 - alpha)
+        else:
+            new_local = new_global
+        self.layout.load_fragment(self.model, new_local, fragment)
+        every = self.outer_cfg.checkpoint_every_rounds
+        return RoundEvent(RoundOutcome.COMMIT, step,
+                          records=[round_record(result, self.state, self.clock, self.outer_cfg.codec, step)],
+                          checkpoint=bool(every) and self.state.round % every == 0)
+
+    def _adopt(self, result: ExchangeResult, event: RoundEvent) -> RoundEvent:
+        """After a heal: local parameters <- global ones; continue from the state's round."""
+        self.layout.load(self.model, self.state.tensors["theta"])
+        if self.error_feedback is not None:
+            self.error_feedback.reset()
+        event.outcome, event.step = RoundOutcome.HEAL, self.state.round * self.period
+        event.records.append(heal_record(result, self.state, self.clock))
+        # the adopted S_R on disk: this peer can restart (or restart the cluster) from it
+        event.checkpoint = bool(self.outer_cfg.checkpoint_every_rounds)
+        return event
+
+    def _recover(self) -> Optional[RoundEvent]:
+        """Durable commit: continue from S_{r+1} persisted before a vote that committed."""
+        if self.durable is None:
+            return None
+        nxt = self.durable.recover(self.state, lambda: self.session.client.status().commits, self.join_timeout_s)
+        if nxt is None:
+            return None
+        self.state.install(nxt)
+        result = ExchangeResult(RoundOutcome.HEAL, nxt.round)
+        event = self._adopt(result, RoundEvent())
+        event.records[-1].update(donor=self.session.peer_id,
+                                 reason="state written before the vote of a committed round")
+        return event
+
+    def _share(self, event: RoundEvent) -> RoundEvent:
+        """Leader -> other ranks (when there are any): the boundary's outcome, step and parameters."""
+        if self.distributed:
+            return share_event(event, self.model.parameters(), self.is_leader)
+        return event

@@ -1,0 +1,36 @@
+"""What a round boundary tells the trainer: the one value the outer-loop components hand back.
+
+The trainer alone owns its stop flags, checkpoints, step counter and metrics;
+a component never writes them. After each hook it gets a :class:`RoundEvent`
+and acts on it:
+
+- ``outcome``: NONE (no round here), COMMIT, HEAL, or STOP (the leader gave
+  up a wait to shut down: every rank leaves the loop);
+- ``step``: the inner step to continue from (a HEAL moves it to the adopted
+  state's round; otherwise the step the hook was called at);
+- ``stall_s``: seconds the inner steps waited for an overlapped exchange;
+- ``records``: metrics records to write, in order (the leader's only);
+- ``checkpoint``: write a checkpoint now (a committed round's S_{r+1}, or an
+  adopted state, must be on disk before training goes on).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List
+
+from ..wire.outcomes import RoundOutcome
+
+
+@dataclass
+class RoundEvent:
+    outcome: RoundOutcome = RoundOutcome.NONE
+    step: int = 0
+    stall_s: float = 0.0
+    records: List[dict] = field(default_factory=list)
+    checkpoint: bool = False
+
+    @property
+    def changed_parameters(self) -> bool:
+        """The local parameters were replaced (new global state): the other ranks must take them."""
+        return self.outcome in (RoundOutcome.COMMIT, RoundOutcome.HEAL)
