@@ -33,6 +33,11 @@ def _task(cfg) -> int:
     except CertsError as e:
         raise ConfigError(str(e)) from None
     except OSError as e:  # an existing file, or an unwritable out_dir
+        from .app import output_error
+
+        unwritable = output_error(e, outputs(cfg))
+        if unwritable:
+            raise ConfigError(unwritable) from None
         msg = str(e) if isinstance(e, FileExistsError) else f"cannot write to {cfg.out_dir!r}: {e.strerror or e}"
         print(f"{PROG}: error: {msg}", file=sys.stderr, flush=True)
         return 1
@@ -44,11 +49,15 @@ def _task(cfg) -> int:
     return 0
 
 
+def outputs(cfg):
+    return [("out_dir", cfg.out_dir, "dir")]
+
+
 def main(argv=None) -> None:
     from .app import run_app
 
     register_configs()
-    run_app(PROG, "certs", _task, argv)
+    run_app(PROG, "certs", _task, argv, outputs=outputs)
 
 
 if __name__ == "__main__":

@@ -15,11 +15,15 @@ def _task(cfg) -> int:
     return serve(cfg)
 
 
+def outputs(cfg):
+    return [("state_dir", cfg.state_dir, "dir")]
+
+
 def main(argv=None) -> None:
     from .app import run_app
 
     register_configs()
-    run_app("dtrain-coordinator", "coordinator", _task, argv)
+    run_app("dtrain-coordinator", "coordinator", _task, argv, outputs=outputs)
 
 
 if __name__ == "__main__":

@@ -49,11 +49,15 @@ def _task(cfg) -> int:
     return 0
 
 
+def outputs(cfg):
+    return [("out", cfg.out, "file")]
+
+
 def main(argv=None) -> None:
     from .app import run_app
 
     register_configs()
-    run_app("dtrain-latency", "latency", _task, argv)
+    run_app("dtrain-latency", "latency", _task, argv, outputs=outputs)
 
 
 if __name__ == "__main__":

@@ -27,11 +27,20 @@ def _task(cfg) -> int:
     return 0
 
 
+def outputs(cfg):
+    """out_dir; its default (run_dir/report) only once run_dir is a directory (else run_dir's own error)."""
+    if cfg.out_dir:
+        return [("out_dir", cfg.out_dir, "dir")]
+    if cfg.run_dir and os.path.isdir(cfg.run_dir):
+        return [("out_dir", os.path.join(cfg.run_dir, "report"), "dir")]
+    return []
+
+
 def main(argv=None) -> None:
     from .app import run_app
 
     register_configs()
-    run_app(PROG, "report", _task, argv)
+    run_app(PROG, "report", _task, argv, outputs=outputs)
 
 
 if __name__ == "__main__":

@@ -16,11 +16,15 @@ def _task(cfg) -> int:
     return 0
 
 
+def outputs(cfg):
+    return [("out_dir", cfg.out_dir, "dir")]
+
+
 def main(argv=None) -> None:
     from .app import run_app
 
     register_configs()
-    run_app("dtrain-search", "search", _task, argv)
+    run_app("dtrain-search", "search", _task, argv, outputs=outputs)
 
 
 if __name__ == "__main__":

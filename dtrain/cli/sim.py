@@ -23,11 +23,15 @@ def _task(cfg) -> int:
     return 0 if summary["ok"] else 1
 
 
+def outputs(cfg):
+    return [("run_dir", cfg.run_dir, "dir")]
+
+
 def main(argv=None) -> None:
     from .app import run_app
 
     register_configs()
-    run_app("dtrain-sim", "sim", _task, argv)
+    run_app("dtrain-sim", "sim", _task, argv, outputs=outputs)
 
 
 if __name__ == "__main__":

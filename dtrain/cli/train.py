@@ -17,11 +17,15 @@ def _task(cfg) -> int:
     return 0
 
 
+def outputs(cfg):
+    return [("run_dir", cfg.run_dir, "dir")]
+
+
 def main(argv=None) -> None:
     from .app import run_app
 
     register_configs()
-    run_app("dtrain-train", "train", _task, argv)
+    run_app("dtrain-train", "train", _task, argv, outputs=outputs)
 
 
 if __name__ == "__main__":
