@@ -1,10 +1,38 @@
 """Typed configuration: the dataclasses behind the Hydra tree in ``conf/``.
 
-Every key a user can set lives here with its type; ``conf/*.yaml`` fills in the
-values. Hydra merges the YAML and the shell overrides onto these schemas, so an
-unknown key or a value of the wrong type fails at composition. Value checks
-(ranges, allowed names) live in ``__post_init__`` and raise :class:`ConfigError`
-with one line naming the key, the bad value and what is allowed.
+Every key a user can set lives here with its type and its default. Hydra merges
+``conf/*.yaml`` and the shell overrides onto these schemas, so an unknown key or
+a value of the wrong type fails at composition. Value checks (ranges, allowed
+names) live in ``__post_init__`` and raise :class:`ConfigError` with one line
+naming the key, the bad value and what is allowed.
+
+Every default is stated once, here:
+
+- A dataclass field holds the default of its key: what a console script gives
+  when nothing chooses otherwise. Where a nested block needs other values than
+  its class gives, the parent's field says so in its ``default_factory``
+  (``ExportConfig.eval``, ``WanConfig.local``, ``SimConfig.chaos``): still
+  once, still here.
+- A console script's primary config (``conf/<app>.yaml``) holds its defaults
+  list (the schema, the default option of each group), Hydra's settings and the
+  values a dataclass cannot hold: interpolations (``runs/${now:...}``,
+  ``${oc.env:DTRAIN_TOKEN,""}``). No other value.
+- A group option (``conf/<group>/<option>.yaml``) or a preset
+  (``conf/experiment/``) states only what that choice changes (``optim/sgd``:
+  its lr, ``model/mbv3_tiny``: its size), never a value it would have anyway;
+  the default option of a group the dataclass has a default for (``optim:
+  adamw``, ``outer: none``, ...) changes nothing.
+- Choice lists come from one registry each: search spaces from
+  :data:`MODEL_CONFIGS`, data sources from :data:`DATA_CONFIGS` (each keyed by
+  its config's ``space`` / ``name``), outer codecs from
+  :data:`dtrain.outer.codec_names.CODEC_NAMES`. The checks here, the builders
+  (``dtrain.supernet.SUPERNETS``, ``dtrain.data.DATA_SOURCES``,
+  ``dtrain.outer.codecs``) and the README's configuration reference (a field's
+  ``metadata["choices"]``) derive from them.
+
+``tests/test_config_defaults.py`` composes every console script's default
+config and fails on a YAML value that disagrees with its dataclass default or
+restates a default.
 
 ``OmegaConf.to_object(cfg)`` turns a composed config into these objects (that
 is what runs the checks); :func:`model_config_from` and friends accept plain
@@ -20,6 +48,7 @@ from typing import Any, Dict, List, Optional
 from omegaconf import MISSING
 
 from .errors import ConfigError  # noqa: F401  (re-exported: raised here)
+from .outer.codec_names import CODEC_NAMES
 
 
 
@@ -88,7 +117,7 @@ class MBV3Config:
     progressive_order: List[str] = field(default_factory=lambda: ["kernel", "depth", "expand"])
 
     def __post_init__(self) -> None:
-        _check_choice("model.space", self.space, ("mbv3",))
+        _check_choice("model.space", self.space, (MBV3Config.space,))
         _check(self.in_channels > 0, "model.in_channels", self.in_channels, "must be > 0")
         _check(self.num_classes > 1, "model.num_classes", self.num_classes, "must be > 1")
         _check(self.width_mult > 0, "model.width_mult", self.width_mult, "must be > 0")
@@ -135,7 +164,7 @@ class GPTConfig:
     progressive_order: List[str] = field(default_factory=lambda: ["mlp_ratio", "heads", "depth", "embed"])
 
     def __post_init__(self) -> None:
-        _check_choice("model.space", self.space, ("gpt",))
+        _check_choice("model.space", self.space, (GPTConfig.space,))
         _check(self.vocab_size > 1, "model.vocab_size", self.vocab_size, "must be > 1")
         _check(self.block_size > 0, "model.block_size", self.block_size, "must be > 0")
         for key in ("depths", "embed_dims", "heads", "mlp_ratios"):
@@ -150,7 +179,8 @@ class GPTConfig:
                     lambda d: d in GPT_DIMS, "dimensions among " + ", ".join(GPT_DIMS))
 
 
-MODEL_CONFIGS = {"mbv3": MBV3Config, "gpt": GPTConfig}
+# the search spaces, by name: model.space -> its config (dtrain.supernet.SUPERNETS builds each)
+MODEL_CONFIGS = {cls.space: cls for cls in (MBV3Config, GPTConfig)}
 
 
 # --------------------------------------------------------------------------- data
@@ -166,7 +196,7 @@ class DigitsConfig:
     test_fraction: float = 0.2
 
     def __post_init__(self) -> None:
-        _check_choice("data.name", self.name, ("digits",))
+        _check_choice("data.name", self.name, (DigitsConfig.name,))
         _check_fractions(self.val_fraction, self.test_fraction)
 
 
@@ -181,7 +211,7 @@ class TextConfig:
     max_bytes: int = 0  # 0: the whole corpus
 
     def __post_init__(self) -> None:
-        _check_choice("data.name", self.name, ("text",))
+        _check_choice("data.name", self.name, (TextConfig.name,))
         _check_fractions(self.val_fraction, self.test_fraction)
         _check(self.max_bytes >= 0, "data.max_bytes", self.max_bytes, "must be >= 0")
 
@@ -196,7 +226,7 @@ class CIFAR10Config:
     split_seed: int = 0
 
     def __post_init__(self) -> None:
-        _check_choice("data.name", self.name, ("cifar10",))
+        _check_choice("data.name", self.name, (CIFAR10Config.name,))
         _check_fractions(self.val_fraction, 0.0)
 
 
@@ -212,7 +242,7 @@ class SyntheticConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _check_choice("data.name", self.name, ("synthetic",))
+        _check_choice("data.name", self.name, (SyntheticConfig.name,))
         _check_choice("data.task", self.task, ("classification", "lm"))
         _check(self.num_samples > 0, "data.num_samples", self.num_samples, "must be > 0")
         _check_list("data.shape", self.shape, lambda s: s > 0, "positive integers")
@@ -225,8 +255,8 @@ def _check_fractions(val: float, test: float) -> None:
     _check(val + test < 1, "data.val_fraction+data.test_fraction", val + test, "must be < 1")
 
 
-DATA_CONFIGS = {"digits": DigitsConfig, "text": TextConfig, "cifar10": CIFAR10Config,
-                "synthetic": SyntheticConfig}
+# the data sources, by name: data.name -> its config (dtrain.data.DATA_SOURCES loads each)
+DATA_CONFIGS = {cls.name: cls for cls in (DigitsConfig, TextConfig, CIFAR10Config, SyntheticConfig)}
 
 
 # --------------------------------------------------------------------------- training
@@ -281,7 +311,7 @@ class OptimConfig:
     eps: float = 1e-8
     momentum: float = 0.9  # sgd
     nesterov: bool = True  # sgd
-    warmup_steps: int = 100
+    warmup_steps: int = 30
     min_lr_ratio: float = 0.0  # cosine ends at lr * min_lr_ratio
     grad_clip: float = 1.0  # global norm; 0 disables
 
@@ -435,7 +465,7 @@ class OuterConfig:
     momentum: float = 0.9
     nesterov: bool = True
     lr_schedule: str = "constant"  # constant | cosine (over the run's rounds)
-    codec: str = "fp32"  # fp32 | fp16 | bf16 | int8 | int4
+    codec: str = field(default="fp32", metadata={"choices": CODEC_NAMES})
     block_size: int = 128  # int8 / int4 scale blocks
     error_feedback: bool = False  # add what quantisation dropped to the next round's pseudo-gradient
     backend: str = "grpc"  # grpc | gloo
@@ -455,7 +485,7 @@ class OuterConfig:
         _check(self.lr > 0, "outer.lr", self.lr, "must be > 0")
         _check(0 <= self.momentum < 1, "outer.momentum", self.momentum, "must be in [0, 1)")
         _check_choice("outer.lr_schedule", self.lr_schedule, ("constant", "cosine"))
-        _check_choice("outer.codec", self.codec, ("fp32", "fp16", "bf16", "int8", "int4"))
+        _check_choice("outer.codec", self.codec, CODEC_NAMES)
         _check(self.block_size >= 1, "outer.block_size", self.block_size, "must be >= 1")
         _check_choice("outer.backend", self.backend, ("grpc", "gloo"))
         _check(self.streams >= 1, "outer.streams", self.streams, "must be >= 1")
@@ -502,8 +532,8 @@ class ControlConfig:
 class TrainConfig:
     """``dtrain-train``: one peer training the supernet (one process or torchrun ranks)."""
 
-    model: Any = MISSING  # MBV3Config | GPTConfig, chosen by the model group
-    data: Any = MISSING  # DigitsConfig | TextConfig | CIFAR10Config | SyntheticConfig
+    model: Any = field(default=MISSING, metadata={"choices": tuple(MODEL_CONFIGS)})  # model.space
+    data: Any = field(default=MISSING, metadata={"choices": tuple(DATA_CONFIGS)})  # data.name
     sandwich: SandwichConfig = field(default_factory=SandwichConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
@@ -513,15 +543,15 @@ class TrainConfig:
     peer_id: str = "peer0"
     run_dir: str = MISSING
     resume: bool = False  # continue from ${run_dir}/checkpoints/latest.pt
-    steps: int = 1000  # optimizer steps; the LR and shrinking schedules span them
+    steps: int = 300  # optimizer steps; the LR and shrinking schedules span them
     stop_at: int = 0  # stop early at this step (e.g. a time-limited allocation); 0: run all steps
     batch_size: int = 64  # samples per step for the whole peer (split across ranks)
     grad_accum: int = 1  # micro-batches per rank and step
-    eval_every: int = 500  # 0: only at the end
-    eval_batch_size: int = 256
+    eval_every: int = 150  # 0: only at the end
+    eval_batch_size: int = 512
     eval_archs: List[str] = field(default_factory=lambda: ["max", "min"])
-    log_every: int = 10  # step records in metrics.jsonl
-    checkpoint_every: int = 500  # 0: only at the end
+    log_every: int = 20  # step records in metrics.jsonl
+    checkpoint_every: int = 150  # 0: only at the end
     calib_batches: int = 8  # BN recalibration: batches of the cached calibration set
     calib_batch_size: int = 64
     bucket_mb: float = 25.0  # gradient all-reduce bucket size (several ranks)
@@ -579,10 +609,11 @@ class WanConfig:
     """The user-space WAN emulator between simulated nodes (dtrain.sim.wan)."""
 
     enabled: bool = True
-    latency_ms: float = 40.0  # one-way, between regions (on every link when sim.regions is empty)
+    latency_ms: float = 80.0  # one-way, between regions (on every link when sim.regions is empty)
     jitter_ms: float = 5.0
     bandwidth_mbit: float = 100.0  # 0: unlimited
-    local: WanLinkConfig = field(default_factory=WanLinkConfig)  # inside one region
+    local: WanLinkConfig = field(  # inside one region
+        default_factory=lambda: WanLinkConfig(latency_ms=1.0, bandwidth_mbit=1000.0))
     pairs: Dict[str, List[float]] = field(default_factory=dict)  # "eu-us": [latency_ms, jitter_ms, bandwidth_mbit]
     reset_every_s: List[float] = field(default_factory=list)  # [X, Y]: reset a random link every X-Y s
     stall_every_s: List[float] = field(default_factory=list)  # [X, Y]: stall a random link every X-Y s
@@ -640,13 +671,14 @@ class SimSizeConfig:
     """How many peers, how long, and what each peer runs."""
 
     peers: int = 3
-    rounds: int = 12  # committed rounds to run to
+    rounds: int = 15  # committed rounds to run to
     inner_steps: int = 10  # H: every peer's outer.sync_every
     nproc_per_peer: List[int] = field(default_factory=lambda: [1])  # ranks of peer i: entry i mod len
-    regions: List[str] = field(default_factory=list)  # region of peer i: entry i mod len
+    regions: List[str] = field(default_factory=lambda: ["eu", "us"])  # region of peer i: entry i mod len
     coordinator_region: str = ""  # default: the first region
     peer: str = "train"  # train (dtrain-train) | model_free (dtrain.sim.model_free_peer, tests)
-    peer_args: List[str] = field(default_factory=list)  # extra overrides for every dtrain-train
+    peer_args: List[str] = field(default_factory=lambda: [  # extra overrides for every dtrain-train
+        "batch_size=32", "eval_every=0", "log_every=5", "checkpoint_every=0", "calib_batches=4"])
     coordinator_args: List[str] = field(default_factory=list)  # extra overrides for dtrain-coordinator
     numel: int = 100000  # model_free: parameters
     step_s: float = 0.2  # model_free: seconds of "inner steps" per round
@@ -676,7 +708,8 @@ class SimConfig:
     resume: bool = False  # start again on run_dir (whole-cluster restart)
     sim: SimSizeConfig = field(default_factory=SimSizeConfig)
     wan: WanConfig = field(default_factory=WanConfig)
-    chaos: ChaosConfig = field(default_factory=ChaosConfig)
+    # `make demo`: one peer SIGKILLed 15 s after the first commit, a new one joining 10 s later
+    chaos: ChaosConfig = field(default_factory=lambda: ChaosConfig(kill_at_s=[15.0], join_at_s=[25.0]))
 
 
 # --------------------------------------------------------------------------- search, export, latency, report

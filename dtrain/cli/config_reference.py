@@ -2,8 +2,10 @@
 
 For each console script, its config is composed from ``conf/`` exactly as the
 script composes it; every leaf key is listed with its type (from the
-dataclass in ``dtrain/config.py``), its default (from the composed YAML) and
-the comment written beside the field in ``config.py``. Config groups list
+dataclass in ``dtrain/config.py``), its default (the composed config: the
+dataclass's default unless a chosen group option changes it) and the comment
+written beside the field in ``config.py`` (plus the registry's names for a
+field with ``metadata["choices"]``). Config groups list
 their options (the files under ``conf/<group>/``).
 
     python -m dtrain.cli.config_reference            # print the markdown
@@ -43,12 +45,17 @@ START, END = "<!-- config-reference:start -->", "<!-- config-reference:end -->"
 
 
 def _field_comments(cls) -> Dict[str, str]:
-    """field name -> the comment written beside it in the dataclass source."""
+    """field name -> the comment written beside it in the dataclass source, then the names of the
+    registry its value comes from (``metadata["choices"]``: codecs, spaces, data sources)."""
     out = {}
     for line in inspect.getsource(cls).splitlines():
         m = re.match(r"^    (\w+): [^#]*?(?:\s+#\s*(.*))?$", line)
         if m and m.group(2):
             out[m.group(1)] = m.group(2).strip()
+    for f in dataclasses.fields(cls):
+        if "choices" in f.metadata:
+            names = " | ".join(map(str, f.metadata["choices"]))
+            out[f.name] = f"{out[f.name]}: {names}" if out.get(f.name) else names
     return out
 
 

@@ -108,20 +108,14 @@ def standardise(train: torch.Tensor, *others: torch.Tensor):
 
 def build_data(cfg, seq_len: Optional[int] = None) -> DataBundle:
     """The data bundle for a data config (dataclass). ``seq_len`` is needed for lm data."""
-    name = cfg.name
-    if name == "digits":
-        from .digits import load_digits
-        return load_digits(cfg)
-    if name == "text":
-        from .text import load_text
-        return load_text(cfg, _need_seq_len(seq_len, name))
-    if name == "cifar10":
-        from .cifar10 import load_cifar10
-        return load_cifar10(cfg)
-    if name == "synthetic":
-        from .synthetic import load_synthetic
-        return load_synthetic(cfg, seq_len)
-    raise DataError(f"data.name={name!r} is not allowed: choose one of digits, text, cifar10, synthetic")
+    from . import DATA_SOURCES  # the registry of data sources
+    from ..config import DATA_CONFIGS, data_config_from
+
+    cfg = data_config_from(cfg)  # a dataclass as it is; a dict or an OmegaConf node checked
+    load = DATA_SOURCES.get(type(cfg))
+    if load is None:
+        raise DataError(f"data.name={cfg.name!r} is not allowed: choose one of " + ", ".join(DATA_CONFIGS))
+    return load(cfg, seq_len)
 
 
 def _need_seq_len(seq_len, name):

@@ -70,7 +70,7 @@ import torch
 
 from dtrain.wire.codec import Codec, CodecError
 
-CODEC_NAMES: Tuple[str, ...] = ("fp32", "fp16", "bf16", "int8", "int4")
+from dtrain.outer.codec_names import CODEC_NAMES  # noqa: F401  (re-exported: the codec names, in order)
 
 _MIN_SCALE_U16 = 0x0100  # uf16 pattern of 2^-126 (smallest normal float32)
 _INF_SCALE_U16 = 0xFF00  # exponent all ones: inf / NaN
@@ -357,9 +357,10 @@ class Int4Codec(_BlockCodec):
         return out
 
 
-_CODECS: Dict[str, Type[Codec]] = {
-    "fp32": FP32Codec, "fp16": FP16Codec, "bf16": BF16Codec, "int8": Int8Codec, "int4": Int4Codec,
-}
+# name -> class, for exactly the names of dtrain.outer.codec_names (the list config validation uses)
+_CODECS: Dict[str, Type[Codec]] = {c.name: c for c in (FP32Codec, FP16Codec, BF16Codec, Int8Codec, Int4Codec)}
+if tuple(_CODECS) != CODEC_NAMES:  # pragma: no cover - a codec added to one list and not the other
+    raise ImportError(f"dtrain.outer.codecs implements {tuple(_CODECS)}, codec_names lists {CODEC_NAMES}")
 
 
 def get_codec(name: str, block_size: int = 128) -> Codec:

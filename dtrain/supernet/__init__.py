@@ -9,22 +9,36 @@
 
 from __future__ import annotations
 
+from typing import Callable, Dict
+
+from ..config import MODEL_CONFIGS, GPTConfig, MBV3Config, model_config_from
 from .base import Supernet
 from .space import ArchError, SearchSpace
 
 
-def build_supernet(model_cfg) -> Supernet:
-    """The supernet for a ``model`` config: a dict, an OmegaConf node or its dataclass."""
-    from ..config import model_config_from
+def _mbv3(cfg: MBV3Config) -> Supernet:
+    from .mbv3_net import MBV3Supernet
 
-    cfg = model_config_from(model_cfg)
-    if cfg.space == "mbv3":
-        from .mbv3_net import MBV3Supernet
+    return MBV3Supernet(cfg)
 
-        return MBV3Supernet(cfg)
+
+def _gpt(cfg: GPTConfig) -> Supernet:
     from .gpt_net import GPTSupernet
 
     return GPTSupernet(cfg)
 
 
-__all__ = ["build_supernet", "Supernet", "SearchSpace", "ArchError"]
+# space config -> supernet; the space names are dtrain.config.MODEL_CONFIGS' (the one list)
+SUPERNETS: Dict[type, Callable[..., Supernet]] = {MBV3Config: _mbv3, GPTConfig: _gpt}
+if set(SUPERNETS) != set(MODEL_CONFIGS.values()):  # pragma: no cover - a space added to one list only
+    raise ImportError(f"dtrain.supernet builds {sorted(c.__name__ for c in SUPERNETS)}, "
+                      f"dtrain.config.MODEL_CONFIGS lists {sorted(MODEL_CONFIGS)}")
+
+
+def build_supernet(model_cfg) -> Supernet:
+    """The supernet for a ``model`` config: a dict, an OmegaConf node or its dataclass."""
+    cfg = model_config_from(model_cfg)
+    return SUPERNETS[type(cfg)](cfg)
+
+
+__all__ = ["build_supernet", "Supernet", "SearchSpace", "ArchError", "SUPERNETS"]
