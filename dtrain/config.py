@@ -25,7 +25,7 @@ Every default is stated once, here:
 - Choice lists come from one registry each: search spaces from
   :data:`MODEL_CONFIGS`, data sources from :data:`DATA_CONFIGS` (each keyed by
   its config's ``space`` / ``name``), outer codecs from
-  :data:`dtrain.outer.codec_names.CODEC_NAMES`. The checks here, the builders
+  :data:`CODEC_NAMES`. The checks here, the builders
   (``dtrain.supernet.SUPERNETS``, ``dtrain.data.DATA_SOURCES``,
   ``dtrain.outer.codecs``) and the README's configuration reference (a field's
   ``metadata["choices"]``) derive from them.
@@ -43,12 +43,15 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from omegaconf import MISSING
 
 from .errors import ConfigError  # noqa: F401  (re-exported: raised here)
-from .outer.codec_names import CODEC_NAMES
+
+# the outer loop's wire codecs, by name: the one list (``dtrain.outer.codecs`` maps each to its class and
+# refuses to import when the two differ)
+CODEC_NAMES: Tuple[str, ...] = ("fp32", "fp16", "bf16", "int8", "int4")
 
 
 

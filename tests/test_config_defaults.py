@@ -283,7 +283,7 @@ def test_config_validation_imports_no_torch():
 def test_codec_names_come_from_one_list():
     from dtrain.config import ConfigError, OuterConfig
     from dtrain.outer import codecs
-    from dtrain.outer.codec_names import CODEC_NAMES
+    from dtrain.config import CODEC_NAMES
 
     assert codecs.CODEC_NAMES is CODEC_NAMES
     assert tuple(codecs._CODECS) == CODEC_NAMES
@@ -325,7 +325,7 @@ def test_data_source_names_come_from_one_list():
 def test_the_reference_lists_the_registries():
     from dtrain.cli.config_reference import render
     from dtrain.config import DATA_CONFIGS, MODEL_CONFIGS
-    from dtrain.outer.codec_names import CODEC_NAMES
+    from dtrain.config import CODEC_NAMES
 
     doc = render()
     assert "| `outer.codec` | `str` | `fp32` | " + " \\| ".join(CODEC_NAMES) + " |" in doc

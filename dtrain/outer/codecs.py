@@ -70,7 +70,7 @@ import torch
 
 from dtrain.wire.codec import Codec, CodecError
 
-from dtrain.outer.codec_names import CODEC_NAMES  # noqa: F401  (re-exported: the codec names, in order)
+from ..config import CODEC_NAMES  # noqa: F401  (re-exported: the codec names, in order)
 
 _MIN_SCALE_U16 = 0x0100  # uf16 pattern of 2^-126 (smallest normal float32)
 _INF_SCALE_U16 = 0xFF00  # exponent all ones: inf / NaN
@@ -357,10 +357,10 @@ class Int4Codec(_BlockCodec):
         return out
 
 
-# name -> class, for exactly the names of dtrain.outer.codec_names (the list config validation uses)
+# name -> class, for exactly the names of dtrain.config.CODEC_NAMES (the list config validation uses)
 _CODECS: Dict[str, Type[Codec]] = {c.name: c for c in (FP32Codec, FP16Codec, BF16Codec, Int8Codec, Int4Codec)}
 if tuple(_CODECS) != CODEC_NAMES:  # pragma: no cover - a codec added to one list and not the other
-    raise ImportError(f"dtrain.outer.codecs implements {tuple(_CODECS)}, codec_names lists {CODEC_NAMES}")
+    raise ImportError(f"dtrain.outer.codecs implements {tuple(_CODECS)}, dtrain.config lists {CODEC_NAMES}")
 
 
 def get_codec(name: str, block_size: int = 128) -> Codec:
