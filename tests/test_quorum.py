@@ -516,7 +516,7 @@ def test_peer_behind_waits_when_no_holder_exists():
     for p in "ab":
         join(m, p)
     full_round(m, ["a", "b"], 0.1)
-    m2 = QuorumMachine(m.p, snapshot=m.snapshot())  # restart: nobody is known to hold S_1
+    m2 = QuorumMachine(m.params, snapshot=m.snapshot())  # restart: nobody is known to hold S_1
     r = join(m2, "j", now=1.0, round=0)
     assert r.must_heal and r.donor is None
     ans = m2.sync("j", "inc1", 0, H(0), 1.1)
@@ -696,7 +696,7 @@ def test_commit_is_idempotent_also_after_a_restart():
     commit_all(m, q, 1.0)
     again = m.commit("a", "inc1", 0, q.quorum_id, True, 1.5)
     assert again.decision is CommitDecision.COMMIT and again.round == 0 and again.quorum_id == q.quorum_id
-    m2 = QuorumMachine(m.p, snapshot=json.loads(json.dumps(m.snapshot())))
+    m2 = QuorumMachine(m.params, snapshot=json.loads(json.dumps(m.snapshot())))
     # members are soft state: not re-joined yet, still told the decision
     a = m2.commit("b", "inc1", 0, q.quorum_id, True, 2.0)
     assert a.decision is CommitDecision.COMMIT
@@ -723,7 +723,7 @@ def test_restart_keeps_the_durable_state():
         full_round(m, ["a"], 0.1 * i)
     m.sync("a", "inc1", 3, H(3), 1.0)  # round 3 is voting at the crash
     snap = json.loads(json.dumps(m.snapshot()))
-    m2 = QuorumMachine(m.p, snapshot=snap)
+    m2 = QuorumMachine(m.params, snapshot=snap)
     assert (m2.committed_round, m2.quorum_id, m2.schema_hash, m2.known_hash) == (3, m.quorum_id, SCHEMA, H(3))
     assert [(r.round, r.quorum_id, r.members) for r in m2.history] == \
         [(r.round, r.quorum_id, r.members) for r in m.history]
@@ -741,7 +741,7 @@ def test_restart_with_a_peer_whose_state_disagrees_with_the_recorded_hash():
     join(m, "a")
     full_round(m, ["a"], 0.0)
     m.sync("a", "inc1", 1, H(1), 0.5)
-    m2 = QuorumMachine(m.p, snapshot=m.snapshot())
+    m2 = QuorumMachine(m.params, snapshot=m.snapshot())
     assert join(m2, "b", now=1.0, round=1, state_hash="other").must_heal
     assert not join(m2, "a", now=1.0, round=1).must_heal
 
@@ -940,11 +940,11 @@ class CheckedMachine(QuorumMachine):
         if self.voting is not None and self.voting is not before:
             q = self.voting.quorum
             ids = set(q.ids)
-            assert len(ids) >= self.p.min_peers, (q, expected)
+            assert len(ids) >= self.params.min_peers, (q, expected)
             assert 2 * len(ids) > len(expected), (q, expected)
             assert ids <= expected and ids <= set(self.members)
             for pid in expected | ids:
-                assert now - self.members[pid].last_seen <= self.p.lease_timeout, (pid, now)
+                assert now - self.members[pid].last_seen <= self.params.lease_timeout, (pid, now)
             assert q.round == self.committed_round
             assert list(q.ids) == sorted(q.ids, key=lambda p: (self.members[p].region, p))
             self.formations.append((now, q, expected))
@@ -973,9 +973,9 @@ class ProtocolMachine(RuleBasedStateMachine):
     @initialize()
     def start(self):
         self.now = 0.0
-        self.m = CheckedMachine(SP)
-        self.persisted = self.m.snapshot()
-        self.m.dirty = False
+        self.machine = CheckedMachine(SP)
+        self.persisted = self.machine.snapshot()
+        self.machine.dirty = False
         self.gen = 0
         self.peers: Dict[str, ModelPeer] = {p: ModelPeer(p, self._new_inc()) for p in PEERS}
         self.max_qid = 0
@@ -993,7 +993,7 @@ class ProtocolMachine(RuleBasedStateMachine):
     # ------------------------------------------------------------------ plumbing
     def _after_call(self):
         """What the service does after each call: hand answers to held calls, then check."""
-        m = self.m
+        m = self.machine
         for pid in PEERS:  # after a call, nobody whose lease expired is still a member
             if pid in m.members:
                 assert self.now - m.members[pid].last_seen <= SP.lease_timeout
@@ -1050,8 +1050,8 @@ class ProtocolMachine(RuleBasedStateMachine):
     def join(self, i, fresh):
         p = self.peers[PEERS[i]]
         inc = self._new_inc() if fresh else p.inc
-        held = self.m.members.get(p.pid)
-        res, err = self._call(p, self.m.join, p.pid, inc, f"{p.pid}.net:7000", SCHEMA, 1, REGIONS[p.pid],
+        held = self.machine.members.get(p.pid)
+        res, err = self._call(p, self.machine.join, p.pid, inc, f"{p.pid}.net:7000", SCHEMA, 1, REGIONS[p.pid],
                               p.round, H(p.round), self.now)
         if err is not None:
             assert err.code == "ALREADY_EXISTS", err.message
@@ -1062,25 +1062,25 @@ class ProtocolMachine(RuleBasedStateMachine):
                 p.old_incs.append(p.inc)
                 p.inc, p.quorum, p.waiting_sync, p.waiting_commit = inc, None, None, False
             p.joined = True
-            assert res.committed_round == self.m.committed_round
+            assert res.committed_round == self.machine.committed_round
             if res.must_heal and res.donor is not None:
-                assert res.donor.peer_id != p.pid and res.donor.peer_id in self.m.members
+                assert res.donor.peer_id != p.pid and res.donor.peer_id in self.machine.members
                 p.round = res.donor.round
                 p.quorum, p.waiting_sync, p.waiting_commit = None, None, False
             elif not res.must_heal:
-                assert p.round == self.m.committed_round
+                assert p.round == self.machine.committed_round
         self._after_call()
 
     @rule(i=st.integers(0, len(PEERS) - 1))
     def heartbeat(self, i):
         p = self.peers[PEERS[i]]
-        held = self.m.members.get(p.pid)
+        held = self.machine.members.get(p.pid)
         live = (held is not None and held.incarnation == p.inc
                 and self.now - held.last_seen <= SP.lease_timeout)
-        res, err = self._call(p, self.m.heartbeat, p.pid, p.inc, self.now)
+        res, err = self._call(p, self.machine.heartbeat, p.pid, p.inc, self.now)
         assert (err is None) == live, err
         if err is None:
-            assert res == (self.m.committed_round, self.m.quorum_id)
+            assert res == (self.machine.committed_round, self.machine.quorum_id)
         self._after_call()
 
     @rule(i=st.integers(0, len(PEERS) - 1))
@@ -1089,7 +1089,7 @@ class ProtocolMachine(RuleBasedStateMachine):
         if not p.old_incs:
             return
         with pytest.raises(Refusal) as e:
-            self.m.heartbeat(p.pid, p.old_incs[-1], self.now)
+            self.machine.heartbeat(p.pid, p.old_incs[-1], self.now)
         assert e.value.code == "PERMISSION_DENIED"
         self._after_call()
 
@@ -1129,7 +1129,7 @@ class ProtocolMachine(RuleBasedStateMachine):
             return
         r = p.round
         p.quorum, p.waiting_commit = None, False  # a peer syncing again gives up on its quorum
-        res, err = self._call(p, self.m.sync, p.pid, p.inc, r, f"bad-{p.pid}" if wrong else H(r), self.now)
+        res, err = self._call(p, self.machine.sync, p.pid, p.inc, r, f"bad-{p.pid}" if wrong else H(r), self.now)
         if err is not None:
             assert err.code == "PERMISSION_DENIED", err.message
         elif res is None:
@@ -1144,12 +1144,12 @@ class ProtocolMachine(RuleBasedStateMachine):
         q = p.quorum
         if q is None:
             return
-        res, err = self._call(p, self.m.commit, p.pid, p.inc, q.round, q.quorum_id, ok, self.now)
+        res, err = self._call(p, self.machine.commit, p.pid, p.inc, q.round, q.quorum_id, ok, self.now)
         if err is None:
             self.votes.setdefault((q.round, q.quorum_id), {})[p.pid] = ok
         if err is not None:
             assert err.code in ("ABORTED", "PERMISSION_DENIED"), err.message
-            if q.round >= self.m.committed_round - SP.history:  # still in the history: idempotent
+            if q.round >= self.machine.committed_round - SP.history:  # still in the history: idempotent
                 assert self.committed.get(q.round) != q.quorum_id
             p.quorum, p.waiting_commit = None, False
         elif res is None:
@@ -1168,34 +1168,34 @@ class ProtocolMachine(RuleBasedStateMachine):
     @rule(i=st.integers(0, len(PEERS) - 1))
     def leave(self, i):
         p = self.peers[PEERS[i]]
-        self.m.leave(p.pid, p.inc, self.now, reason="test")
-        assert p.pid not in self.m.members or self.m.members[p.pid].incarnation != p.inc
+        self.machine.leave(p.pid, p.inc, self.now, reason="test")
+        assert p.pid not in self.machine.members or self.machine.members[p.pid].incarnation != p.inc
         p.joined, p.quorum, p.waiting_sync, p.waiting_commit = False, None, None, False
         self._after_call()
 
     @rule()
     def poll(self):
-        self.m.poll(self.now)
+        self.machine.poll(self.now)
         self._after_call()
 
     @rule()
     def restart_coordinator(self):
         self._check_events()
-        old = self.m
-        self.m = CheckedMachine(SP, snapshot=json.loads(json.dumps(self.persisted)))
-        assert (self.m.committed_round, self.m.quorum_id, self.m.schema_hash) == \
+        old = self.machine
+        self.machine = CheckedMachine(SP, snapshot=json.loads(json.dumps(self.persisted)))
+        assert (self.machine.committed_round, self.machine.quorum_id, self.machine.schema_hash) == \
             (old.committed_round, old.quorum_id, old.schema_hash)
-        assert [(r.round, r.quorum_id) for r in self.m.history] == [(r.round, r.quorum_id) for r in old.history]
-        assert not self.m.members and not self.m.dirty
+        assert [(r.round, r.quorum_id) for r in self.machine.history] == [(r.round, r.quorum_id) for r in old.history]
+        assert not self.machine.members and not self.machine.dirty
         for p in self.peers.values():  # held calls fail; peers keep their state and their quorum
             p.joined, p.waiting_sync, p.waiting_commit = False, None, False
 
     def teardown(self):
         # liveness after any history: when every peer behaves (joins again, syncs, votes ok, calls
         # again while held), the next round commits within a lease, a commit timeout and a grace
-        start, t0 = self.m.committed_round, self.now
+        start, t0 = self.machine.committed_round, self.now
         limit = SP.lease_timeout + SP.commit_timeout + SP.grace + 5.0
-        while self.m.committed_round == start:
+        while self.machine.committed_round == start:
             assert self.now - t0 <= limit, f"no commit within {limit}s of healthy operation"
             for pid in PEERS:
                 self._act(self.peers[pid])
@@ -1207,7 +1207,7 @@ class ProtocolMachine(RuleBasedStateMachine):
 
     # ------------------------------------------------------------------ invariants
     def _check_events(self):
-        for ev in self.m.drain_events():
+        for ev in self.machine.drain_events():
             if ev["event"] == "quorum":
                 key, ids = (ev["round"], ev["quorum_id"]), tuple(ev["members"])
                 assert key not in self.quorums, f"quorum {key} formed twice"
@@ -1233,7 +1233,7 @@ class ProtocolMachine(RuleBasedStateMachine):
 
     @invariant()
     def protocol_is_safe(self):
-        m = self.m
+        m = self.machine
         self._check_events()
         assert m.quorum_id >= self.max_qid, "quorum id went down"
         self.max_qid = m.quorum_id

@@ -176,17 +176,17 @@ class Backoff:
     """Exponential backoff with full jitter: sleep U(0, min(cap, base * 2^n))."""
 
     def __init__(self, base: float = 0.05, cap: float = 2.0):
-        self.base, self.cap, self.n = base, cap, 0
+        self.base, self.cap, self.attempts = base, cap, 0
 
     def sleep(self, until: Optional[float] = None) -> None:
-        delay = random.uniform(0, min(self.cap, self.base * (2 ** self.n)))
-        self.n += 1
+        delay = random.uniform(0, min(self.cap, self.base * (2 ** self.attempts)))
+        self.attempts += 1
         if until is not None:
             delay = max(0.0, min(delay, until - time.monotonic()))
         time.sleep(delay)
 
     def reset(self) -> None:
-        self.n = 0
+        self.attempts = 0
 
 
 # ---------------------------------------------------------------- the client

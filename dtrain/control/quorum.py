@@ -190,7 +190,7 @@ class _Voting:
 
 class QuorumMachine:
     def __init__(self, params: Params, snapshot: Optional[dict] = None):
-        self.p = params
+        self.params = params
         self.members: Dict[str, Member] = {}
         self.committed_round = 0
         self.known_hash = ""  # H(S_committed_round) where a quorum established it
@@ -286,7 +286,7 @@ class QuorumMachine:
                           "start the coordinator on the run's state_dir")
         old = self.members.get(peer_id)
         if old is not None and old.incarnation != incarnation:
-            left = self.p.lease_timeout - (now - old.last_seen)
+            left = self.params.lease_timeout - (now - old.last_seen)
             raise Refusal("ALREADY_EXISTS", f"peer id {peer_id!r} is held by a live peer (incarnation "
                                             f"{old.incarnation!r}); its lease expires in {max(left, 0):.1f}s")
         if not self.schema_hash:
@@ -356,7 +356,7 @@ class QuorumMachine:
         return True
 
     def expire(self, now: float) -> List[str]:
-        gone, lease = [], self.p.lease_timeout
+        gone, lease = [], self.params.lease_timeout
         while self._leases and now - self._leases[0][0] > lease:
             seen, pid = heapq.heappop(self._leases)
             m = self.members.get(pid)
@@ -364,7 +364,7 @@ class QuorumMachine:
                 gone.append(pid)
         gone.sort()
         if gone:
-            self._remove(gone, now, "expire", f"lease expired ({self.p.lease_timeout:g}s without a call)")
+            self._remove(gone, now, "expire", f"lease expired ({self.params.lease_timeout:g}s without a call)")
         return gone
 
     def _remove(self, peer_ids: List[str], now: float, kind: str, reason: str) -> None:
@@ -502,7 +502,7 @@ class QuorumMachine:
         else:
             ref = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[0][0]
         matching = sorted(pid for pid in present if self.syncs[pid] == ref)
-        if len(matching) < self.p.min_peers or 2 * len(matching) <= len(active):
+        if len(matching) < self.params.min_peers or 2 * len(matching) <= len(active):
             return
         ids = frozenset(matching)
         keep = (self.last_quorum is not None and self.last_quorum[0] == ids
@@ -517,9 +517,9 @@ class QuorumMachine:
         q = QuorumInfo(self.quorum_id, self.committed_round,
                        tuple((pid, self.members[pid].address, self.members[pid].world_size,
                               self.members[pid].region) for pid in ordered),
-                       ref, self.p.commit_timeout)
+                       ref, self.params.commit_timeout)
         self.holders |= set(matching)
-        self.voting = _Voting(q, now + self.p.commit_timeout)
+        self.voting = _Voting(q, now + self.params.commit_timeout)
         self._event("quorum", quorum_id=q.quorum_id, round=q.round, members=list(q.ids), state_hash=ref)
         for pid in matching:
             self._post_sync(pid, SyncAnswer(SyncOutcome.QUORUM, q.round, quorum=q))
@@ -530,9 +530,9 @@ class QuorumMachine:
 
     def _wait_until(self, healers: Set[str], present: Set[str]) -> float:
         """When the time-based wait of a round ends: grace, or heal_grace while a healer is missing."""
-        wait = self.p.grace
+        wait = self.params.grace
         if healers - present:
-            wait = max(wait, self.p.heal_grace)
+            wait = max(wait, self.params.heal_grace)
         return self.first_sync_at + wait
 
     # ------------------------------------------------------------------ commit
@@ -587,7 +587,7 @@ class QuorumMachine:
         self._drop_answers_of(q)
         self.history.append(CommitRecord(q.round, q.quorum_id, list(q.ids), q.state_hash,
                                          wall if wall is not None else _time.time()))
-        del self.history[:max(0, len(self.history) - self.p.history)]
+        del self.history[:max(0, len(self.history) - self.params.history)]
         self.committed_round = q.round + 1
         self.known_hash = ""
         self.holders = {pid for pid in q.ids if pid in self.members}
@@ -639,7 +639,7 @@ class QuorumMachine:
             if m is not None and m.last_seen == seen:
                 break
             heapq.heappop(self._leases)
-        times = [self._leases[0][0] + self.p.lease_timeout] if self._leases else []
+        times = [self._leases[0][0] + self.params.lease_timeout] if self._leases else []
         if self.voting is not None:
             times.append(self.voting.deadline)
         if self.syncs and self.first_sync_at is not None and not self.grace_spent:
@@ -658,7 +658,7 @@ class QuorumMachine:
             "quorum_id": self.quorum_id,
             "phase": self.phase,
             "schema_hash": self.schema_hash,
-            "min_peers": self.p.min_peers,
+            "min_peers": self.params.min_peers,
             "members": [{"peer_id": m.peer_id, "address": m.address, "region": m.region,
                          "world_size": m.world_size, "round": m.round, "state": m.state.value,
                          "state_hash": m.state_hash, "lease_age": max(0.0, now - m.last_seen)}

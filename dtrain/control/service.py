@@ -46,7 +46,7 @@ def _donor_pb(d: Optional[Donor]) -> Optional[pb.Donor]:
 class CoordinatorService(pb_grpc.CoordinatorServicer):
     def __init__(self, machine: QuorumMachine, store: Optional[StateStore], max_wait_s: float,
                  clock: Callable[[], float] = time.monotonic, store_address: str = ""):
-        self.m, self.store, self.max_wait_s, self.clock = machine, store, max_wait_s, clock
+        self.machine, self.store, self.max_wait_s, self.clock = machine, store, max_wait_s, clock
         self._waiters: Dict[str, asyncio.Future] = {}  # peer -> the future its held call awaits
         self._wake_timer = asyncio.Event()
         self._timer_target: Optional[float] = None
@@ -68,18 +68,18 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
 
     def _after(self) -> None:
         """Persist (before any answer leaves), log events, wake the calls that got answers."""
-        if self.m.dirty:
+        if self.machine.dirty:
             if self.store is not None:
-                self.store.save(self.m.snapshot())
-            self.m.dirty = False
-        for ev in self.m.drain_events():
+                self.store.save(self.machine.snapshot())
+            self.machine.dirty = False
+        for ev in self.machine.drain_events():
             rec = self.store.append_event(ev) if self.store is not None else ev
             log.info(json.dumps(rec))
-        for pid in self.m.drain_posted():
+        for pid in self.machine.drain_posted():
             fut = self._waiters.get(pid)
             if fut is not None:
                 _wake(fut)
-        nxt = self.m.next_deadline()
+        nxt = self.machine.next_deadline()
         if nxt is not None and (self._timer_target is None or nxt < self._timer_target):
             self._wake_timer.set()
 
@@ -112,12 +112,12 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
                 timer.cancel()
                 if self._waiters.get(peer_id) is fut:
                     del self._waiters[peer_id]
-            if peer_id not in self.m.members:  # removed meanwhile: answer now, the peer re-joins
+            if peer_id not in self.machine.members:  # removed meanwhile: answer now, the peer re-joins
                 return take()
 
     async def _tick_forever(self) -> None:
         while True:
-            nxt = self.m.next_deadline()
+            nxt = self.machine.next_deadline()
             self._timer_target = nxt
             delay = 1.0 if nxt is None else min(1.0, max(0.0, nxt - self.clock()) + 0.001)
             try:
@@ -126,16 +126,16 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
                 pass
             self._wake_timer.clear()
             try:
-                self.m.poll(self.clock())
+                self.machine.poll(self.clock())
                 self._after()
             except Exception:  # never let the timer die: leases and deadlines depend on it
                 log.exception("coordinator timer: poll failed")
 
     # ------------------------------------------------------------------ membership
     async def Join(self, req: pb.JoinRequest, context) -> pb.JoinReply:
-        r = await self._call(context, self.m.join, req.peer_id, req.incarnation, req.address, req.schema_hash,
+        r = await self._call(context, self.machine.join, req.peer_id, req.incarnation, req.address, req.schema_hash,
                              req.world_size, req.region, req.round, req.state_hash, now=self.clock())
-        p = self.m.p
+        p = self.machine.params
         reply = pb.JoinReply(lease_timeout_ms=int(p.lease_timeout * 1000),
                              heartbeat_interval_ms=int(p.heartbeat_interval * 1000),
                              committed_round=r.committed_round, committed_state_hash=r.committed_state_hash,
@@ -145,20 +145,20 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         return reply
 
     async def Heartbeat(self, req: pb.HeartbeatRequest, context) -> pb.HeartbeatReply:
-        rnd, qid = await self._call(context, self.m.heartbeat, req.peer_id, req.incarnation, now=self.clock())
+        rnd, qid = await self._call(context, self.machine.heartbeat, req.peer_id, req.incarnation, now=self.clock())
         return pb.HeartbeatReply(committed_round=rnd, quorum_id=qid,
-                                 lease_timeout_ms=int(self.m.p.lease_timeout * 1000))
+                                 lease_timeout_ms=int(self.machine.params.lease_timeout * 1000))
 
     async def Leave(self, req: pb.LeaveRequest, context) -> pb.LeaveReply:
-        await self._call(context, self.m.leave, req.peer_id, req.incarnation, now=self.clock(), reason=req.reason)
+        await self._call(context, self.machine.leave, req.peer_id, req.incarnation, now=self.clock(), reason=req.reason)
         return pb.LeaveReply()
 
     # ------------------------------------------------------------------ rounds
     def _sync_reply(self, a: Optional[SyncAnswer]) -> pb.SyncReply:
         if a is None:
             return pb.SyncReply(outcome=sync_outcome_to_proto(SyncOutcome.WAIT), reason="no quorum yet",
-                                committed_round=self.m.committed_round)
-        reply = pb.SyncReply(outcome=sync_outcome_to_proto(a.outcome), reason=a.reason, committed_round=self.m.committed_round)
+                                committed_round=self.machine.committed_round)
+        reply = pb.SyncReply(outcome=sync_outcome_to_proto(a.outcome), reason=a.reason, committed_round=self.machine.committed_round)
         if a.quorum is not None:
             reply.quorum.CopyFrom(self._quorum_message(a.quorum))
         if a.donor is not None:
@@ -176,39 +176,39 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         return cached[2]
 
     async def Sync(self, req: pb.SyncRequest, context) -> pb.SyncReply:
-        ans = await self._call(context, self.m.sync, req.peer_id, req.incarnation, req.round, req.state_hash,
+        ans = await self._call(context, self.machine.sync, req.peer_id, req.incarnation, req.round, req.state_hash,
                                now=self.clock())
         if ans is None:
-            ans = await self._wait_for(req.peer_id, lambda: self.m.take_sync_answer(req.peer_id, req.round),
+            ans = await self._wait_for(req.peer_id, lambda: self.machine.take_sync_answer(req.peer_id, req.round),
                                        req.wait_ms)
         return self._sync_reply(ans)
 
     def _commit_reply(self, a: Optional[CommitAnswer], req: pb.CommitRequest) -> pb.CommitReply:
         if a is None:
             return pb.CommitReply(decision=commit_decision_to_proto(CommitDecision.WAIT), round=req.round, quorum_id=req.quorum_id,
-                                  committed_round=self.m.committed_round, reason="votes still missing")
+                                  committed_round=self.machine.committed_round, reason="votes still missing")
         return pb.CommitReply(decision=commit_decision_to_proto(a.decision), round=a.round, quorum_id=a.quorum_id,
-                              committed_round=self.m.committed_round, reason=a.reason)
+                              committed_round=self.machine.committed_round, reason=a.reason)
 
     async def Commit(self, req: pb.CommitRequest, context) -> pb.CommitReply:
-        ans = await self._call(context, self.m.commit, req.peer_id, req.incarnation, req.round, req.quorum_id,
+        ans = await self._call(context, self.machine.commit, req.peer_id, req.incarnation, req.round, req.quorum_id,
                                req.ok, now=self.clock(), reason=req.reason)
         if ans is None:
             ans = await self._wait_for(
-                req.peer_id, lambda: self.m.take_commit_answer(req.peer_id, req.round, req.quorum_id), req.wait_ms)
+                req.peer_id, lambda: self.machine.take_commit_answer(req.peer_id, req.round, req.quorum_id), req.wait_ms)
         return self._commit_reply(ans, req)
 
     async def Report(self, req: pb.ReportRequest, context) -> pb.ReportReply:
-        excluded = await self._call(context, self.m.report, req.peer_id, req.incarnation, req.round,
+        excluded = await self._call(context, self.machine.report, req.peer_id, req.incarnation, req.round,
                                     req.quorum_id, req.culprit, req.reason, now=self.clock())
         return pb.ReportReply(excluded=excluded)
 
     # ------------------------------------------------------------------ status
     async def Status(self, req: pb.StatusRequest, context) -> pb.StatusReply:
-        s = self.m.status(self.clock())
+        s = self.machine.status(self.clock())
         return pb.StatusReply(
             committed_round=s["committed_round"], quorum_id=s["quorum_id"], schema_hash=s["schema_hash"],
-            min_peers=s["min_peers"], phase=s["phase"], lease_timeout_ms=int(self.m.p.lease_timeout * 1000),
+            min_peers=s["min_peers"], phase=s["phase"], lease_timeout_ms=int(self.machine.params.lease_timeout * 1000),
             members=[pb.MemberStatus(peer_id=m["peer_id"], address=m["address"], region=m["region"],
                                      world_size=m["world_size"], round=m["round"],
                                      lease_age_ms=int(m["lease_age"] * 1000), state=m["state"],

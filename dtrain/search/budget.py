@@ -17,7 +17,7 @@ LIMITS = (("max_macs", "macs"), ("max_params", "params"), ("max_latency_ms", "la
 
 class Budget:
     def __init__(self, model, model_cfg, constraints):
-        self.model, self.c = model, constraints
+        self.model, self.constraints = model, constraints
         self.latency = (LatencyTable(constraints.latency_table, model, model_cfg)
                         if constraints.latency_table else None)
         self._cache: dict = {}
@@ -32,7 +32,7 @@ class Budget:
 
     def violation(self, cost: dict) -> Optional[str]:
         for limit, key in LIMITS:
-            cap = getattr(self.c, limit)
+            cap = getattr(self.constraints, limit)
             if cap is not None and cost[key] is not None and cost[key] > cap:
                 return f"{key}={cost[key]:g} > constraints.{limit}={cap:g}"
         return None
@@ -44,5 +44,5 @@ class Budget:
         if why is not None:
             cost = self.cost(smallest)
             limit, key = next((lim, k) for lim, k in LIMITS if f"constraints.{lim}=" in why)
-            raise ConfigError(f"constraints.{limit}={getattr(self.c, limit):g} is not allowed: the smallest subnet "
+            raise ConfigError(f"constraints.{limit}={getattr(self.constraints, limit):g} is not allowed: the smallest subnet "
                               f"already has {key}={cost[key]:g}; raise the budget to at least that")

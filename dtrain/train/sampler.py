@@ -18,14 +18,14 @@ class BatchSampler:
     def __init__(self, n: int, batch_size: int, seed: int, purpose: str = "train"):
         if n <= 0:
             raise ValueError("cannot sample batches from an empty split")
-        self.n, self.batch_size, self.seed, self.purpose = n, batch_size, seed, purpose
+        self.size, self.batch_size, self.seed, self.purpose = n, batch_size, seed, purpose
         self.epoch, self.pos = 0, 0
         self._perm_epoch, self._perm = -1, None
 
     def _perm_for(self, epoch: int) -> torch.Tensor:
         if self._perm_epoch != epoch:
             g = torch.Generator().manual_seed(derive_seed(self.seed, self.purpose, epoch))
-            self._perm, self._perm_epoch = torch.randperm(self.n, generator=g), epoch
+            self._perm, self._perm_epoch = torch.randperm(self.size, generator=g), epoch
         return self._perm
 
     def next(self) -> torch.Tensor:
@@ -36,7 +36,7 @@ class BatchSampler:
             parts.append(take)
             need -= len(take)
             self.pos += len(take)
-            if self.pos >= self.n:
+            if self.pos >= self.size:
                 self.epoch, self.pos = self.epoch + 1, 0
         return torch.cat(parts)
 
