@@ -53,8 +53,16 @@ from pathlib import Path
 from typing import Dict, List, Tuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (format_table, member_count, positive_float, positive_int, ratio, summary,  # noqa: E402
-                     target, write_json)
+from _common import (  # noqa: E402
+    format_table,
+    member_count,
+    positive_float,
+    positive_int,
+    ratio,
+    summary,
+    target,
+    write_json,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run from a checkout without ``pip install -e``
@@ -188,8 +196,8 @@ def worker_main(rank: int, k: int, sizes: List[float], plan, store_port: int, ba
         from dtrain.comm.collective import Group
         from dtrain.comm.gloo_allreduce import GlooCollective
         from dtrain.comm.grpc_allreduce import GrpcCollective
-        from dtrain.comm.shard_inbox import ShardInbox
         from dtrain.comm.peer_service import PeerServicer, serve_peer
+        from dtrain.comm.shard_inbox import ShardInbox
         from dtrain.outer.codecs import get_codec
 
         me = f"peer-{rank}"

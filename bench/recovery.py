@@ -53,8 +53,8 @@ def streams_list(text: str):
 
 def bench_transfer(a) -> list:
     from dtrain.comm.peer_service import PeerServicer, serve_peer
-    from dtrain.wire.snapshot import StateSnapshot
     from dtrain.sim.wan import LinkSpec, WanEmulator
+    from dtrain.wire.snapshot import StateSnapshot
 
     payload = os.urandom(int(a.state_mb * 2 ** 20))
     svc = PeerServicer(SCHEMA, "donor")

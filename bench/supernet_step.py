@@ -35,8 +35,15 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (format_table, positive_int, ratio, summary, target,  # noqa: E402
-                     time_round_robin, write_json)
+from _common import (  # noqa: E402
+    format_table,
+    positive_int,
+    ratio,
+    summary,
+    target,
+    time_round_robin,
+    write_json,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run from a checkout without ``pip install -e``

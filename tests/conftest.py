@@ -53,7 +53,8 @@ FAST_TRAIN = ["batch_size=16", "eval_batch_size=128", "calib_batches=2", "calib_
 
 def compose(overrides=(), config_name="train"):
     """A TrainConfig (or another schema object) composed like the CLI does."""
-    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
     from dtrain.config import register_configs

@@ -11,7 +11,6 @@ import json
 import time
 
 import pytest
-
 from conftest import run_cli
 
 pytestmark = [pytest.mark.acceptance, pytest.mark.timeout(600)]

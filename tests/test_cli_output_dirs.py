@@ -12,7 +12,6 @@ import os
 import sys
 
 import pytest
-
 from conftest import REPO, run_cli
 
 FORBIDDEN = "/proc/forbidden/x"  # /proc refuses new entries, even to root
@@ -124,7 +123,17 @@ def _fails(capsys, main, argv, prog, *want):
 
 @pytest.mark.timeout(120)
 def test_every_output_key(tmp_path, capsys, monkeypatch):
-    from dtrain.cli import certs, coordinator, export, latency, report, search, sim, status, train
+    from dtrain.cli import (
+        certs,
+        coordinator,
+        export,
+        latency,
+        report,
+        search,
+        sim,
+        status,
+        train,
+    )
 
     monkeypatch.setattr(sys, "argv", ["dtrain"])
     monkeypatch.chdir(tmp_path)

@@ -6,8 +6,8 @@ import json
 import os
 
 import pytest
-
 from conftest import FAST_MBV3, run_cli
+
 from dtrain.cli.train import main
 
 pytestmark = pytest.mark.timeout(300)

@@ -7,12 +7,13 @@ import io
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from dtrain.wire.codec import CodecError
 from dtrain.outer.codecs import CODEC_NAMES, get_codec
 from dtrain.outer.error_feedback import ErrorFeedback
+from dtrain.wire.codec import CodecError
 
 QMAX = {"int8": 127, "int4": 7}
 BLOCK_CODECS = ("int8", "int4")

@@ -23,9 +23,8 @@ import subprocess
 import sys
 
 import pytest
-from omegaconf import DictConfig, ListConfig, OmegaConf
-
 from conftest import CONF, REPO
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 PRESET_APP = "train"  # `@package _global_` presets (conf/experiment/) apply to dtrain-train: `+experiment=...`
 
@@ -281,9 +280,8 @@ def test_config_validation_imports_no_torch():
 
 
 def test_codec_names_come_from_one_list():
-    from dtrain.config import ConfigError, OuterConfig
+    from dtrain.config import CODEC_NAMES, ConfigError, OuterConfig
     from dtrain.outer import codecs
-    from dtrain.config import CODEC_NAMES
 
     assert codecs.CODEC_NAMES is CODEC_NAMES
     assert tuple(codecs._CODECS) == CODEC_NAMES
@@ -324,8 +322,7 @@ def test_data_source_names_come_from_one_list():
 
 def test_the_reference_lists_the_registries():
     from dtrain.cli.config_reference import render
-    from dtrain.config import DATA_CONFIGS, MODEL_CONFIGS
-    from dtrain.config import CODEC_NAMES
+    from dtrain.config import CODEC_NAMES, DATA_CONFIGS, MODEL_CONFIGS
 
     doc = render()
     assert "| `outer.codec` | `str` | `fp32` | " + " \\| ".join(CODEC_NAMES) + " |" in doc

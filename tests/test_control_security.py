@@ -32,11 +32,11 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from dtrain.config import TLSConfig
 from dtrain.control import certs
-from dtrain.wire.auth import make_channel
-from dtrain.wire.outcomes import CommitDecision
 from dtrain.control.client import CoordinatorClient, NotAuthenticated
 from dtrain.v1 import dtrain_pb2 as pb
 from dtrain.v1 import dtrain_pb2_grpc as pb_grpc
+from dtrain.wire.auth import make_channel
+from dtrain.wire.outcomes import CommitDecision
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent

@@ -11,11 +11,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dtrain.config import CIFAR10Config, DigitsConfig, SyntheticConfig, TextConfig
-from dtrain.data.base import DataError, TensorSplit, WindowSplit, build_data, split_indices
+from dtrain.data import build_data
+from dtrain.data.base import DataError, TensorSplit, WindowSplit, split_indices
 from dtrain.data.cifar10 import load_cifar10, read_cifar10_binary, write_cifar10_binary
 from dtrain.data.digits import load_digits
 from dtrain.data.synthetic import load_synthetic
-from dtrain.data.text import DEFAULT_TEXT_FILES, default_text_paths, load_text, unigram_bits_per_byte
+from dtrain.data.text import (
+    DEFAULT_TEXT_FILES,
+    default_text_paths,
+    load_text,
+    unigram_bits_per_byte,
+)
 
 
 def _all(split):

@@ -11,9 +11,8 @@ import subprocess
 import sys
 import time
 
-import pytest
-
 import fault_plugin
+import pytest
 from conftest import FAST_MBV3, REPO
 
 pytestmark = pytest.mark.timeout(300)
@@ -132,8 +131,9 @@ def test_ddp_baseline_two_peers(cluster):
     seen = _assert_parity(rounds)
     assert len(seen) == 6  # one round per inner step
     # fp32 gradients: each member sends (k-1)/k of N values in each of the two phases
-    from dtrain.supernet import build_supernet
     from conftest import compose
+
+    from dtrain.supernet import build_supernet
 
     n = sum(p.numel() for p in build_supernet(compose(["run_dir=/tmp/x", *FAST_MBV3]).model).parameters())
     sent = rounds["d0"][1]["bytes_sent"]

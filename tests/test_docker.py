@@ -26,7 +26,6 @@ import urllib.parse
 
 import pytest
 import yaml
-
 from conftest import FAST_MBV3, REPO, VENV_BIN
 from control_fixtures import read_jsonl, wait_for
 

@@ -21,17 +21,17 @@ import grpc
 import numpy as np
 import pytest
 import torch
-
 from conftest import stop_servers
+
 from dtrain.comm.collective import CollectiveError, CollectiveResult, Group
 from dtrain.comm.grpc_allreduce import GrpcCollective, shard_bounds
-from dtrain.comm.shard_inbox import GRPC_FRAME_BYTES, ShardInbox
 from dtrain.comm.peer_service import PeerServicer, serve_peer
-from dtrain.wire.snapshot import MAX_MESSAGE_BYTES
-from dtrain.wire.auth import make_channel
-from dtrain.wire.codec import Codec, CodecError
+from dtrain.comm.shard_inbox import GRPC_FRAME_BYTES, ShardInbox
 from dtrain.v1 import dtrain_pb2 as pb
 from dtrain.v1 import dtrain_pb2_grpc as pb_grpc
+from dtrain.wire.auth import make_channel
+from dtrain.wire.codec import Codec, CodecError
+from dtrain.wire.snapshot import MAX_MESSAGE_BYTES
 
 try:
     from dtrain.outer.codecs import CODEC_NAMES, get_codec

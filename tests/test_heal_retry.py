@@ -6,16 +6,17 @@ import time
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
-
 from conftest import stop_servers
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from dtrain.comm.peer_service import PeerServicer, serve_peer
 from dtrain.comm.state_download import StateTransferError, fetch_state
-from dtrain.wire.snapshot import StateSnapshot
 from dtrain.control.client import DonorInfo, HealOrder
 from dtrain.outer.global_state import GlobalState
 from dtrain.peer.round_engine import RoundEngine
 from dtrain.wire.outcomes import RoundOutcome
+from dtrain.wire.snapshot import StateSnapshot
 
 SCHEMA = "s" * 64
 

@@ -13,7 +13,6 @@ import re
 from typing import Dict, Iterator, List, Tuple
 
 import pytest
-
 from conftest import REPO
 
 PACKAGE = os.path.join(REPO, "dtrain")

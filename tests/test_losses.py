@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from dtrain.config import SandwichConfig
 from dtrain.train.losses import alpha_divergence_loss, distill_loss, hard_loss, kd_loss

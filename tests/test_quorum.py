@@ -18,7 +18,6 @@ from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
-from dtrain.wire.outcomes import CommitDecision, MemberState, SyncOutcome
 from dtrain.control.quorum import (
     CommitAnswer,
     Params,
@@ -27,6 +26,7 @@ from dtrain.control.quorum import (
     Refusal,
     SyncAnswer,
 )
+from dtrain.wire.outcomes import CommitDecision, MemberState, SyncOutcome
 
 SCHEMA = "5c" * 32
 

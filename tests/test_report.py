@@ -11,8 +11,8 @@ import sys
 
 import pytest
 import torch
-
 from conftest import fast_cfg
+
 from dtrain.config import ConfigError
 from dtrain.obs import run_series
 from dtrain.obs.report import write_report

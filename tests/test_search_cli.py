@@ -12,7 +12,6 @@ import sys
 
 import pytest
 import torch
-
 from conftest import REPO, compose, fast_cfg
 
 pytestmark = pytest.mark.timeout(240)

@@ -7,7 +7,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dtrain.comm.shard_inbox import wire_size
-from dtrain.comm.shard_wire import GRPC_FRAME_BYTES, MalformedChunk, WireChunk, frame, parse
+from dtrain.comm.shard_wire import (
+    GRPC_FRAME_BYTES,
+    MalformedChunk,
+    WireChunk,
+    frame,
+    parse,
+)
 from dtrain.v1 import dtrain_pb2 as pb
 
 HEADER_FIELDS = ("quorum_id", "round", "op", "phase", "shard", "sender", "codec", "numel", "total_bytes", "offset")

@@ -14,7 +14,6 @@ import signal
 import time
 
 import pytest
-
 from conftest import FAST_MBV3, run_cli
 from sim_fixtures import SimRun, alive, run_sim, started_pids
 

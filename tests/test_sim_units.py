@@ -9,13 +9,13 @@ import threading
 import time
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from dtrain.config import ChaosConfig, WanConfig
 from dtrain.sim.chaos import build_schedule
 from dtrain.sim.summary import summarize
 from dtrain.sim.wan import LinkSpec, WanEmulator
-
 
 # ---------------------------------------------------------------- WAN emulator
 
@@ -232,6 +232,7 @@ def test_summary_flags_every_violation(tmp_path, case):
 
 def test_links_follow_regions_and_pairs(tmp_path):
     from conftest import compose
+
     from dtrain.sim.cluster import Simulation
 
     cfg = compose([f"run_dir={tmp_path}", "sim.regions=[eu,us,asia]", "+wan.pairs.asia-eu=[120,10,50]",

@@ -12,9 +12,9 @@ import pytest
 
 from dtrain.comm.peer_service import PeerServicer, serve_peer
 from dtrain.comm.state_download import StateTransferError, fetch_state, ping
-from dtrain.wire.snapshot import MAX_CHUNK_BYTES, StateSnapshot, state_hash
 from dtrain.v1 import dtrain_pb2 as pb
 from dtrain.v1 import dtrain_pb2_grpc as pb_grpc
+from dtrain.wire.snapshot import MAX_CHUNK_BYTES, StateSnapshot, state_hash
 
 SCHEMA = "a" * 64
 

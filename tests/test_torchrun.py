@@ -10,7 +10,6 @@ import sys
 
 import pytest
 import torch
-
 from conftest import FAST_MBV3, REPO
 
 pytestmark = pytest.mark.timeout(420)

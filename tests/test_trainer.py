@@ -7,10 +7,10 @@ import os
 
 import pytest
 import torch
-
 from conftest import fast_cfg
-from dtrain.obs.metrics import read_metrics
+
 from dtrain import checkpoint as ckpt_mod
+from dtrain.obs.metrics import read_metrics
 from dtrain.train.loop import Trainer, train
 
 pytestmark = pytest.mark.timeout(300)

@@ -15,7 +15,6 @@ from importlib.metadata import entry_points
 
 import pytest
 import torch
-
 from conftest import REPO
 
 pytestmark = pytest.mark.timeout(420)

@@ -34,7 +34,11 @@ Output = Tuple[str, str, str]
 
 
 def _user_errors() -> tuple:
-    from ..errors import ArchError, ConfigError, DataError  # no torch import for a bad argument
+    from ..errors import (  # no torch import for a bad argument
+        ArchError,
+        ConfigError,
+        DataError,
+    )
 
     return (ConfigError, DataError, ArchError)
 
@@ -72,7 +76,11 @@ def describe_error(ex: BaseException) -> str:
 
 
 def _describe_omegaconf(ex) -> str:
-    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, MissingMandatoryValue
+    from omegaconf.errors import (
+        ConfigAttributeError,
+        ConfigKeyError,
+        MissingMandatoryValue,
+    )
 
     key = getattr(ex, "full_key", None) or ""
     first = str(getattr(ex, "msg", ex)).strip().splitlines()[0]

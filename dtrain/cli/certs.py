@@ -11,6 +11,7 @@ from __future__ import annotations
 import sys
 
 from ..config import ConfigError, register_configs
+from .app import output_error, run_app
 
 PROG = "dtrain-certs"
 
@@ -33,8 +34,6 @@ def _task(cfg) -> int:
     except CertsError as e:
         raise ConfigError(str(e)) from None
     except OSError as e:  # an existing file, or an unwritable out_dir
-        from .app import output_error
-
         unwritable = output_error(e, outputs(cfg))
         if unwritable:
             raise ConfigError(unwritable) from None
@@ -54,8 +53,6 @@ def outputs(cfg):
 
 
 def main(argv=None) -> None:
-    from .app import run_app
-
     register_configs()
     run_app(PROG, "certs", _task, argv, outputs=outputs)
 

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 from ..config import register_configs
+from .app import run_app
 
 
 def _task(cfg) -> int:
@@ -20,8 +21,6 @@ def outputs(cfg):
 
 
 def main(argv=None) -> None:
-    from .app import run_app
-
     register_configs()
     run_app("dtrain-export", "export", _task, argv, outputs=outputs)
 

@@ -6,12 +6,13 @@
 
 from __future__ import annotations
 
+import json
+
 from ..config import register_configs
+from .app import run_app
 
 
 def _task(cfg) -> int:
-    import json
-
     import torch
 
     from ..obs.table import format_table
@@ -23,9 +24,9 @@ def _task(cfg) -> int:
         torch.set_num_threads(cfg.threads)
     device = pick_device(cfg.device, 0)
     if cfg.checkpoint:
-        from ..search.source import resolve_checkpoint
         from ..checkpoint import load_checkpoint
         from ..config import model_config_from
+        from ..search.source import resolve_checkpoint
 
         path, _ = resolve_checkpoint(cfg.checkpoint)
         model_cfg = model_config_from(json.loads(load_checkpoint(path)["model_config"]))
@@ -54,8 +55,6 @@ def outputs(cfg):
 
 
 def main(argv=None) -> None:
-    from .app import run_app
-
     register_configs()
     run_app("dtrain-latency", "latency", _task, argv, outputs=outputs)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 
 from ..config import register_configs
+from .app import run_app
 
 PROG = "dtrain-report"
 
@@ -37,8 +38,6 @@ def outputs(cfg):
 
 
 def main(argv=None) -> None:
-    from .app import run_app
-
     register_configs()
     run_app(PROG, "report", _task, argv, outputs=outputs)
 

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 from ..config import register_configs
+from .app import run_app
 
 
 def _task(cfg) -> int:
@@ -21,8 +22,6 @@ def outputs(cfg):
 
 
 def main(argv=None) -> None:
-    from .app import run_app
-
     register_configs()
     run_app("dtrain-search", "search", _task, argv, outputs=outputs)
 

@@ -11,6 +11,7 @@ was lost, or the run did not reach ``sim.rounds``; 2 for config mistakes.
 from __future__ import annotations
 
 from ..config import register_configs
+from .app import run_app
 
 
 def _task(cfg) -> int:
@@ -28,8 +29,6 @@ def outputs(cfg):
 
 
 def main(argv=None) -> None:
-    from .app import run_app
-
     register_configs()
     run_app("dtrain-sim", "sim", _task, argv, outputs=outputs)
 

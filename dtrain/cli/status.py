@@ -12,13 +12,14 @@ import os
 import sys
 
 from ..config import ConfigError, register_configs
+from .app import run_app
 
 PROG = "dtrain-status"
 
 
 def _task(cfg) -> int:
-    from ..wire.auth import resolve_token
     from ..control.status_view import StatusError, show
+    from ..wire.auth import resolve_token
 
     tls = cfg.tls
     for key in ("ca", "cert", "key"):
@@ -42,8 +43,6 @@ def _task(cfg) -> int:
 
 def main(argv=None) -> None:
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")  # gRPC core would log TLS handshake failures on stderr
-    from .app import run_app
-
     register_configs()
     run_app(PROG, "status", _task, argv)
 

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 from ..config import register_configs
+from .app import run_app
 
 
 def _task(cfg) -> int:
@@ -22,8 +23,6 @@ def outputs(cfg):
 
 
 def main(argv=None) -> None:
-    from .app import run_app
-
     register_configs()
     run_app("dtrain-train", "train", _task, argv, outputs=outputs)
 

@@ -70,13 +70,13 @@ from typing import Dict, List, Optional, Tuple
 import grpc
 import torch
 
+from ..v1 import dtrain_pb2 as pb
 from ..wire.auth import auth_metadata, make_channel
 from ..wire.codec import Codec, CodecError
-from ..v1 import dtrain_pb2 as pb
+from ..wire.snapshot import DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES, MAX_MESSAGE_BYTES
 from .collective import Collective, CollectiveError, CollectiveResult, Group
 from .shard_inbox import Key, ShardInbox
 from .shard_wire import GRPC_FRAME_BYTES, frame
-from ..wire.snapshot import DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES, MAX_MESSAGE_BYTES
 
 log = logging.getLogger("dtrain.comm")
 

@@ -31,7 +31,13 @@ import grpc
 from ..v1 import dtrain_pb2 as pb
 from ..v1 import dtrain_pb2_grpc as pb_grpc
 from ..wire.auth import BlockingTokenInterceptor, channel_options, server_credentials
-from ..wire.snapshot import DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES, MAX_MESSAGE_BYTES, StateSnapshot, short_hash
+from ..wire.snapshot import (
+    DEFAULT_CHUNK_BYTES,
+    MAX_CHUNK_BYTES,
+    MAX_MESSAGE_BYTES,
+    StateSnapshot,
+    short_hash,
+)
 from . import shard_wire
 
 log = logging.getLogger("dtrain.comm")

@@ -56,12 +56,12 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import grpc
 import torch
 
-from ..wire.codec import Codec, CodecError
 from ..v1 import dtrain_pb2 as pb
 from ..wire import varint
+from ..wire.codec import Codec, CodecError
+from ..wire.snapshot import MAX_CHUNK_BYTES
 from .collective import CollectiveError
 from .shard_wire import GRPC_FRAME_BYTES, WireChunk
-from ..wire.snapshot import MAX_CHUNK_BYTES
 
 log = logging.getLogger("dtrain.comm")
 

@@ -21,7 +21,14 @@ import grpc
 from ..v1 import dtrain_pb2 as pb
 from ..v1 import dtrain_pb2_grpc as pb_grpc
 from ..wire.auth import auth_metadata, make_channel
-from ..wire.snapshot import MAX_CHUNK_BYTES, MAX_MESSAGE_BYTES, BlobMeta, StateSnapshot, short_hash, state_hash
+from ..wire.snapshot import (
+    MAX_CHUNK_BYTES,
+    MAX_MESSAGE_BYTES,
+    BlobMeta,
+    StateSnapshot,
+    short_hash,
+    state_hash,
+)
 
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 

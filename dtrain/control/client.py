@@ -29,9 +29,14 @@ import grpc
 
 from ..v1 import dtrain_pb2 as pb
 from ..v1 import dtrain_pb2_grpc as pb_grpc
-from ..wire.outcomes import (CommitDecision, SyncOutcome, UnknownOutcome, commit_decision_from_proto,
-                             sync_outcome_from_proto)
 from ..wire.auth import auth_metadata, make_channel
+from ..wire.outcomes import (
+    CommitDecision,
+    SyncOutcome,
+    UnknownOutcome,
+    commit_decision_from_proto,
+    sync_outcome_from_proto,
+)
 
 log = logging.getLogger("dtrain.control")
 

@@ -66,8 +66,9 @@ from __future__ import annotations
 import functools
 import heapq
 import re
+import time
 from dataclasses import asdict, dataclass, field
-from typing import Dict, List, Optional, Set, Tuple
+from typing import Callable, Dict, List, Optional, Set, Tuple
 
 from ..wire.outcomes import CommitDecision, MemberState, SyncOutcome
 
@@ -189,8 +190,10 @@ class _Voting:
 
 
 class QuorumMachine:
-    def __init__(self, params: Params, snapshot: Optional[dict] = None):
+    def __init__(self, params: Params, snapshot: Optional[dict] = None,
+                 wall_clock: Callable[[], float] = time.time):
         self.params = params
+        self.wall_clock = wall_clock  # unix seconds for the commit history (for humans); injected like `now`
         self.members: Dict[str, Member] = {}
         self.committed_round = 0
         self.known_hash = ""  # H(S_committed_round) where a quorum established it
@@ -579,14 +582,12 @@ class QuorumMachine:
             if a is not None and a.quorum is not None and a.quorum.quorum_id == q.quorum_id:
                 del self._sync_answers[pid]
 
-    def _decide_commit(self, now: float, wall: Optional[float] = None) -> None:
-        import time as _time
-
+    def _decide_commit(self, now: float) -> None:
         v = self.voting
         q = v.quorum
         self._drop_answers_of(q)
         self.history.append(CommitRecord(q.round, q.quorum_id, list(q.ids), q.state_hash,
-                                         wall if wall is not None else _time.time()))
+                                         self.wall_clock()))
         del self.history[:max(0, len(self.history) - self.params.history)]
         self.committed_round = q.round + 1
         self.known_hash = ""

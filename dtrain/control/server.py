@@ -10,6 +10,7 @@ until SIGTERM / SIGINT. The standard gRPC health service answers SERVING for
 from __future__ import annotations
 
 import asyncio
+import datetime
 import logging
 import signal
 from typing import Optional
@@ -20,7 +21,12 @@ from grpc_reflection.v1alpha import reflection
 
 from ..v1 import dtrain_pb2 as pb
 from ..v1 import dtrain_pb2_grpc as pb_grpc
-from ..wire.auth import TokenInterceptor, channel_options, resolve_token, server_credentials
+from ..wire.auth import (
+    TokenInterceptor,
+    channel_options,
+    resolve_token,
+    server_credentials,
+)
 from .parse_guard import ParseGuardInterceptor
 from .quorum import Params, QuorumMachine
 from .service import CoordinatorService
@@ -93,8 +99,6 @@ class CoordinatorServer:
 
         torch's TCPStore has no authentication: the token and TLS do not cover it, so
         serve it only where every host that can reach its port is trusted."""
-        import datetime
-
         import torch.distributed as dist
 
         self._tcp_store = dist.TCPStore(self.cfg.host, self.cfg.gloo_store_port, is_master=True,

@@ -24,7 +24,12 @@ import grpc
 
 from ..v1 import dtrain_pb2 as pb
 from ..v1 import dtrain_pb2_grpc as pb_grpc
-from ..wire.outcomes import CommitDecision, SyncOutcome, commit_decision_to_proto, sync_outcome_to_proto
+from ..wire.outcomes import (
+    CommitDecision,
+    SyncOutcome,
+    commit_decision_to_proto,
+    sync_outcome_to_proto,
+)
 from .quorum import CommitAnswer, Donor, QuorumMachine, Refusal, SyncAnswer
 from .state_store import StateStore
 

@@ -16,7 +16,6 @@ import re
 import grpc
 
 from ..errors import one_line
-
 from ..obs.table import format_table
 from ..v1 import dtrain_pb2 as pb
 from ..v1 import dtrain_pb2_grpc as pb_grpc

@@ -22,8 +22,6 @@ import torch
 from ..errors import DataError  # noqa: F401  (re-exported: raised here)
 
 
-
-
 class Split:
     """Base class of a split."""
 
@@ -104,21 +102,3 @@ def standardise(train: torch.Tensor, *others: torch.Tensor):
     mean = train.mean(dim=(0, 2, 3), keepdim=True)
     std = train.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6)
     return [(t - mean) / std for t in (train, *others)]
-
-
-def build_data(cfg, seq_len: Optional[int] = None) -> DataBundle:
-    """The data bundle for a data config (dataclass). ``seq_len`` is needed for lm data."""
-    from . import DATA_SOURCES  # the registry of data sources
-    from ..config import DATA_CONFIGS, data_config_from
-
-    cfg = data_config_from(cfg)  # a dataclass as it is; a dict or an OmegaConf node checked
-    load = DATA_SOURCES.get(type(cfg))
-    if load is None:
-        raise DataError(f"data.name={cfg.name!r} is not allowed: choose one of " + ", ".join(DATA_CONFIGS))
-    return load(cfg, seq_len)
-
-
-def _need_seq_len(seq_len, name):
-    if not seq_len:
-        raise DataError(f"data {name!r} is language modelling: it needs a model with block_size")
-    return seq_len

@@ -7,6 +7,11 @@ train statistics.
 
 from __future__ import annotations
 
+import gzip
+import importlib.util
+import os
+
+import numpy as np
 import torch
 
 from ..config import DigitsConfig
@@ -19,12 +24,6 @@ def _read_digits():
     The file is read directly (what ``sklearn.datasets.load_digits`` reads) so
     that a process does not pay for importing scikit-learn; if the file is not
     where it was, scikit-learn's loader is used."""
-    import gzip
-    import importlib.util
-    import os
-
-    import numpy as np
-
     spec = importlib.util.find_spec("sklearn")
     if spec is None:
         raise DataError("data 'digits' needs scikit-learn (its digits file ships inside it): pip install scikit-learn")
@@ -33,7 +32,9 @@ def _read_digits():
         with gzip.open(path, "rt") as f:
             data = np.loadtxt(f, delimiter=",", dtype=np.float64)
         return data[:, :-1].reshape(-1, 8, 8), data[:, -1].astype(np.int64)
-    from sklearn.datasets import load_digits as _sk_load_digits  # pragma: no cover - older layouts
+    from sklearn.datasets import (
+        load_digits as _sk_load_digits,  # pragma: no cover - older layouts
+    )
 
     raw = _sk_load_digits()
     return raw.images, raw.target

@@ -15,6 +15,9 @@ import os
 import shutil
 import tempfile
 
+from .report import render_plots
+from .run_reader import load_run
+
 log = logging.getLogger("dtrain")
 
 
@@ -50,9 +53,6 @@ class WandbSink:
 
     def log_report(self) -> int:
         """Log the report's figures of this run dir as images; the number logged."""
-        from .report import render_plots
-        from .run_reader import load_run
-
         tmp = tempfile.mkdtemp(prefix="dtrain-report-")
         try:
             plots = render_plots(load_run(self.run_dir), tmp, dpi=100)

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 from ..comm.collective import Collective
+from ..comm.gloo_allreduce import GlooCollective
+from ..comm.grpc_allreduce import GrpcCollective
 from ..comm.peer_service import PeerServicer, serve_peer
 from ..comm.shard_inbox import ShardInbox
 from ..config import ControlConfig, TrainConfig
@@ -49,12 +51,8 @@ def build_collective(codec: Codec, settings: ExchangeSettings, peer_id: str, con
                      token: str, inbox: ShardInbox) -> Collective:
     """The outer collective of ``settings.backend`` for this peer."""
     if settings.backend == "gloo":
-        from ..comm.gloo_allreduce import GlooCollective  # torch.distributed: only for peers that use it
-
         wildcard = control.host in ("0.0.0.0", "::", "")
         return GlooCollective(codec, hostname=None if wildcard else control.host)
-    from ..comm.grpc_allreduce import GrpcCollective
-
     tls = control.tls if control.tls.client_enabled else None
     return GrpcCollective(codec, peer_id, token=token, tls=tls, chunk_bytes=settings.chunk_bytes,
                           streams=settings.streams, inbox=inbox)

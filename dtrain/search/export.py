@@ -28,8 +28,10 @@ from torch import nn
 
 from ..atomic_io import atomic_write, atomic_write_bytes
 from ..config import ConfigError
+from ..obs.table import format_table, human
 from ..train.distributed import DistContext, pick_device
 from ..train.evaluate import evaluate_arch
+from .run import prepare
 
 
 class ResizedInput(nn.Module):
@@ -150,8 +152,6 @@ def _save_onnx(module: nn.Module, example: torch.Tensor, out_dir: str, task: str
 
 
 def run_export(cfg) -> dict:
-    from .run import prepare
-
     ctx = DistContext(device=pick_device(cfg.device, 0))
     want_onnx = onnx_wanted(cfg.onnx)  # before any work: a missing package is a config mistake
     src, data, scorer = prepare(cfg, ctx)
@@ -192,8 +192,6 @@ def run_export(cfg) -> dict:
 
 
 def _print(doc: dict, out_dir: str) -> None:
-    from ..obs.table import format_table, human
-
     m = doc["metrics"]
     lm = "bpb_supernet" in m
     rows = [["in the supernet (calibrated)", f"{100 * m['accuracy_supernet']:.2f}"],

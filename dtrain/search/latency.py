@@ -13,6 +13,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import random
 import statistics
 import time
 from typing import Callable, Optional
@@ -81,8 +82,6 @@ def check_table(model, table: dict, device: torch.device, n: int, warmup: int, r
     """Time ``n`` whole extracted subnets (largest, smallest, then seeded random ones) and set
     each beside the table's prediction: how far the sum of units is from the real thing
     (the sum leaves out what glues units together: residual adds, memory format changes)."""
-    import random
-
     space = model.space
     archs = [("largest", space.max()), ("smallest", space.min())]
     rng = random.Random(seed)

@@ -17,7 +17,9 @@ import time
 import torch
 
 from ..atomic_io import atomic_write_bytes
+from ..config import ConfigError
 from ..data import build_data
+from ..obs.pareto_plot import plot_pareto
 from ..obs.table import format_table, human
 from ..train.distributed import init_distributed, shutdown_distributed
 from ..train.evaluate import calibration_batches
@@ -40,7 +42,6 @@ def prepare(cfg, ctx):
     check_model_data(src.model, data, src.model_cfg)
     split = getattr(data, cfg.eval.split)
     if len(split) == 0:
-        from ..config import ConfigError
 
         raise ConfigError(f"eval.split={cfg.eval.split!r} is empty for data {data.name!r}: choose val or test")
     calib = calibration_batches(data.train, cfg.eval.calib_batches, cfg.eval.calib_batch_size,
@@ -116,8 +117,6 @@ def _report(cfg, src, data, result, seconds: float) -> dict:
 
 
 def _write(cfg, src, result, out: dict) -> None:
-    from ..obs.pareto_plot import plot_pareto
-
     os.makedirs(cfg.out_dir, exist_ok=True)
     atomic_write_bytes(os.path.join(cfg.out_dir, "pareto.json"), (json.dumps(out, indent=1) + "\n").encode())
     lines = [json.dumps({k: v for k, v in c.items() if k != "key"}) for c in result.candidates]

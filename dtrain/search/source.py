@@ -28,7 +28,11 @@ import json
 import os
 from typing import Any, Optional, Tuple
 
+from ..checkpoint import load_checkpoint
 from ..config import ConfigError, data_config_from, model_config_from
+from ..outer.flat_params import FlatLayout
+from ..outer.global_state import GlobalState
+from ..supernet import build_supernet
 
 
 @dataclasses.dataclass
@@ -42,8 +46,6 @@ class Source:
 
 
 def _load(path: str) -> dict:
-    from ..checkpoint import load_checkpoint
-
     try:
         return load_checkpoint(path)
     except Exception as ex:  # truncated / not a torch file / unpicklable object
@@ -52,8 +54,6 @@ def _load(path: str) -> dict:
 
 
 def _global_hash(outer: dict) -> str:
-    from ..outer.global_state import GlobalState
-
     return GlobalState(list(outer["tensors"].items()), round=int(outer["round"])).hash()
 
 
@@ -122,9 +122,6 @@ def _run_config(ckpt: str) -> Optional[dict]:
 
 def load_source(path: str, device="cpu", data: Any = None) -> Source:
     """The supernet of ``path`` (see the module docstring), on ``device``, in eval mode."""
-    from ..outer.flat_params import FlatLayout
-    from ..supernet import build_supernet
-
     ckpt, info = resolve_checkpoint(path)
     state = _load(ckpt)
     if "model" not in state or "model_config" not in state:

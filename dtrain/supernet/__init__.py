@@ -13,23 +13,12 @@ from typing import Callable, Dict
 
 from ..config import MODEL_CONFIGS, GPTConfig, MBV3Config, model_config_from
 from .base import Supernet
+from .gpt_net import GPTSupernet
+from .mbv3_net import MBV3Supernet
 from .space import ArchError, SearchSpace
 
-
-def _mbv3(cfg: MBV3Config) -> Supernet:
-    from .mbv3_net import MBV3Supernet
-
-    return MBV3Supernet(cfg)
-
-
-def _gpt(cfg: GPTConfig) -> Supernet:
-    from .gpt_net import GPTSupernet
-
-    return GPTSupernet(cfg)
-
-
 # space config -> supernet; the space names are dtrain.config.MODEL_CONFIGS' (the one list)
-SUPERNETS: Dict[type, Callable[..., Supernet]] = {MBV3Config: _mbv3, GPTConfig: _gpt}
+SUPERNETS: Dict[type, Callable[..., Supernet]] = {MBV3Config: MBV3Supernet, GPTConfig: GPTSupernet}
 if set(SUPERNETS) != set(MODEL_CONFIGS.values()):  # pragma: no cover - a space added to one list only
     raise ImportError(f"dtrain.supernet builds {sorted(c.__name__ for c in SUPERNETS)}, "
                       f"dtrain.config.MODEL_CONFIGS lists {sorted(MODEL_CONFIGS)}")

@@ -15,7 +15,6 @@ so the small kernels can drift from being a pure crop of the large one.
 
 from __future__ import annotations
 
-
 from typing import List
 
 import torch

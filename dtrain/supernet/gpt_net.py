@@ -21,6 +21,7 @@ projections that write into the residual stream (GPT-2).
 from __future__ import annotations
 
 import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -33,8 +34,6 @@ from .elastic_linear import ElasticLinear
 from .elastic_norm import ElasticLayerNorm
 from .gpt_cost import gpt_cost
 from .gpt_space import GPTSpace
-
-
 
 
 class ElasticMLP(nn.Module):

@@ -10,6 +10,8 @@ the last BN of every residual block starts with gamma = 0.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -217,6 +219,4 @@ def resize(x: torch.Tensor, r: int) -> torch.Tensor:
 
 
 def _clone_module(m: nn.Module) -> nn.Module:
-    import copy
-
     return copy.deepcopy(m)

@@ -19,8 +19,6 @@ from typing import Iterable, Optional
 from ..errors import ArchError  # noqa: F401  (re-exported: raised here)
 
 
-
-
 class SearchSpace(ABC):
     """Base class of the search spaces."""
 

@@ -27,6 +27,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..config import ConfigError
+
 log = logging.getLogger("dtrain.train")
 
 
@@ -52,7 +54,6 @@ def pick_device(pref: str, local_rank: int) -> torch.device:
         return torch.device("cpu")
     if pref.startswith("cuda"):
         if not torch.cuda.is_available():
-            from ..config import ConfigError
 
             raise ConfigError(f"device={pref!r} is not allowed: CUDA is not available here, use device=cpu or auto")
         return torch.device(pref if ":" in pref else f"cuda:{local_rank}")

@@ -21,27 +21,34 @@ import dataclasses
 import json
 import logging
 import os
+import signal
+import threading
 import time
 from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 
+from ..checkpoint import load_checkpoint, save_checkpoint
 from ..config import ConfigError, TrainConfig
 from ..data import build_data
 from ..data.base import DataError
 from ..obs.metrics import MetricsWriter
 from ..obs.progress import Progress
 from ..obs.table import format_table, human
-from ..supernet import build_supernet
-from ..supernet.calibrate import batch_norms
-from ..checkpoint import load_checkpoint, save_checkpoint
-from .distributed import (DistContext, GradientSync, broadcast_module, init_distributed,
-                          shutdown_distributed)
-from .evaluate import calibration_batches, evaluate_arch
 from ..peer.factory import build_outer_component
 from ..peer.round_event import RoundEvent
+from ..supernet import build_supernet
+from ..supernet.calibrate import batch_norms
 from ..wire.outcomes import RoundOutcome
+from .distributed import (
+    DistContext,
+    GradientSync,
+    broadcast_module,
+    init_distributed,
+    shutdown_distributed,
+)
+from .evaluate import calibration_batches, evaluate_arch
 from .lr_schedule import WarmupCosine
 from .model_data import check_model_data, check_task
 from .optim import build_optimizer
@@ -355,9 +362,6 @@ class Trainer:
 
     def _install_signal_handlers(self):
         """SIGTERM / SIGINT: finish the current step, leave the run, checkpoint, exit 0."""
-        import signal
-        import threading
-
         if threading.current_thread() is not threading.main_thread():
             return lambda: None
 

@@ -10,21 +10,20 @@ another hash, and the coordinator and the other peers refuse it at the door
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from typing import Any, Optional
 
+from ..v1 import dtrain_pb2
+
 
 def proto_digest() -> str:
-    from ..v1 import dtrain_pb2
-
     return hashlib.sha256(dtrain_pb2.DESCRIPTOR.serialized_pb).hexdigest()
 
 
 def schema_hash(model_config: Optional[Any] = None) -> str:
     """Hash of the wire contract and the model config (a dict or a dataclass)."""
-    import dataclasses
-
     if dataclasses.is_dataclass(model_config):
         model_config = dataclasses.asdict(model_config)
     blob = json.dumps(model_config, sort_keys=True, separators=(",", ":"), default=str)
