@@ -7,7 +7,9 @@
         QUORUM: mean = allreduce_mean(payload) over the members (deadline)
                 a member that sent garbage is reported (it is excluded)
                 next = prepare(r, qid, mean): S_{r+1}, computed once (and, with durable
-                       commit, persisted) before the vote; an OSError votes not ok
+                       commit, persisted) before the vote; an OSError votes not ok, and so
+                       does VoteNotOk (prepare refuses S_{r+1}, e.g. the model-free peer's
+                       --fail-commit-at)
                 Commit(r, qid, ok)
                   COMMIT -> the caller installs ``next``: S_r -> S_{r+1}    -> COMMIT
                   RETRY  -> keep the payload, Sync round r again
@@ -38,6 +40,10 @@ log = logging.getLogger("dtrain.outer")
 
 # prepare(round, quorum_id, mean) -> S_{round+1}; called after a good collective, before the vote
 Prepare = Callable[[int, int, torch.Tensor], Optional[GlobalState]]
+
+
+class VoteNotOk(Exception):
+    """Raised by ``prepare``: this peer will not take S_{r+1}; it votes not ok, the message is the reason."""
 
 
 @dataclass
@@ -108,6 +114,9 @@ class RoundEngine:
                 except OSError as e:
                     ok, reason = False, f"cannot persist the next state: {e}"[:200]
                     log.error("round %d: %s", ans.round, reason)
+                except VoteNotOk as e:
+                    ok, reason = False, str(e)[:200]
+                    log.warning("round %d quorum %d: voting not ok: %s", ans.round, ans.quorum_id, reason)
             t2 = time.perf_counter()
             decision = self.client.commit(ans.round, ans.quorum_id, ok, reason, timeout=self.sync_timeout_s)
             out.wait_s += time.perf_counter() - t2
