@@ -136,7 +136,10 @@ class RoundEngine:
         t0 = time.perf_counter()
         try:
             snap = fetch_state(donor.address, self.schema_hash, min_round=donor.round, token=self.token,
-                               tls=self.tls, timeout=self.transfer_timeout_s)
+                               tls=self.tls, timeout=self.transfer_timeout_s, requester=self.peer_id)
+            if donor.state_hash and snap.round == donor.round and snap.state_hash != donor.state_hash:
+                raise StateError(f"the donor's state hashes to {snap.state_hash[:12]}..., the coordinator "
+                                 f"knows S_{donor.round} as {donor.state_hash[:12]}...")
             self.state.adopt(snap)
         except (StateTransferError, StateError) as e:
             log.warning("heal from %s at %s failed: %s", donor.peer_id, donor.address, e)
