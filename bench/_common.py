@@ -20,7 +20,7 @@ def _int_at_least(text: str, low: int, why: str = "") -> int:
     try:
         v = int(text)
     except ValueError:
-        raise _arg_error(f"expected an integer >= {low}, got {text!r}")
+        raise _arg_error(f"expected an integer >= {low}, got {text!r}") from None
     if v < low:
         raise _arg_error(f"expected an integer >= {low}{why}, got {v}")
     return v
@@ -36,7 +36,7 @@ def positive_float(text: str) -> float:
     try:
         v = float(text)
     except ValueError:
-        raise _arg_error(f"expected a number > 0, got {text!r}")
+        raise _arg_error(f"expected a number > 0, got {text!r}") from None
     if not v > 0:
         raise _arg_error(f"expected a number > 0, got {text!r}")
     return v

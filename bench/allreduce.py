@@ -80,7 +80,7 @@ def _sizes(text: str) -> List[float]:
     try:
         vals = [float(t) for t in text.split(",") if t.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated sizes in MiB > 0, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected comma-separated sizes in MiB > 0, got {text!r}") from None
     if not vals or any(not (math.isfinite(v) and v > 0) for v in vals):
         raise argparse.ArgumentTypeError(f"expected comma-separated sizes in MiB > 0, got {text!r}")
     if any(int(v * MIB) // 4 < 1 for v in vals):
@@ -100,7 +100,7 @@ def _non_negative_int(text: str) -> int:
     try:
         v = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
     if v < 0:
         raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {v}")
     return v
@@ -253,7 +253,7 @@ def _collect(outq, want, kind: str, deadline: float, procs) -> Dict[int, object]
         except queue.Empty:
             dead = [p.name for p in procs if not p.is_alive() and p.exitcode not in (0, None)]
             if dead:
-                raise RuntimeError(f"member process(es) {dead} died")
+                raise RuntimeError(f"member process(es) {dead} died") from None
             continue
         if tag == "error":
             raise RuntimeError(f"member {rank} failed: {payload.strip().splitlines()[-1]}\n{payload}")

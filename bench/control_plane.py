@@ -77,7 +77,7 @@ def _peer_list(text: str) -> List[int]:
     try:
         vals = [int(t) for t in text.split(",") if t.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 2, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 2, got {text!r}") from None
     if not vals or any(v < 2 for v in vals):
         raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 2 (one peer of each "
                                          f"count is killed), got {text!r}")
@@ -88,7 +88,7 @@ def _non_negative_int(text: str) -> int:
     try:
         v = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
     if v < 0:
         raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {v}")
     return v

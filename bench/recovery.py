@@ -26,7 +26,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import format_table, positive_float, positive_int, target, write_json  # noqa: E402
@@ -45,7 +44,7 @@ def streams_list(text: str):
     try:
         out = [int(x) for x in text.split(",")]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 1, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 1, got {text!r}") from None
     if not out or min(out) < 1:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 1, got {text!r}")
     return out
@@ -101,10 +100,10 @@ def bench_crash(a) -> dict:
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         if r.returncode != 0:
             raise SystemExit(f"dtrain-sim failed:\n{r.stdout[-2000:]}")
-        events = [json.loads(l) for l in open(os.path.join(run_dir, "events.jsonl"))]
+        events = [json.loads(line) for line in open(os.path.join(run_dir, "events.jsonl"))]
         kill = next(e["time"] for e in events if e["event"] == "kill")
-        commits = sorted(json.loads(l)["time"] for l in open(os.path.join(run_dir, "coordinator", "events.jsonl"))
-                         if '"commit"' in l)
+        commits = sorted(json.loads(line)["time"] for line in open(os.path.join(run_dir, "coordinator", "events.jsonl"))
+                         if '"commit"' in line)
         summary = json.load(open(os.path.join(run_dir, "summary.json")))
     before = [b - x for x, b in zip(commits, commits[1:]) if b < kill]
     round_s = statistics.median(before) if before else float("nan")

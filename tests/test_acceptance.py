@@ -11,6 +11,7 @@ import json
 import time
 
 import pytest
+
 from conftest import run_cli
 
 pytestmark = [pytest.mark.acceptance, pytest.mark.timeout(600)]

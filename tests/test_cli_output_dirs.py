@@ -12,6 +12,7 @@ import os
 import sys
 
 import pytest
+
 from conftest import REPO, run_cli
 
 FORBIDDEN = "/proc/forbidden/x"  # /proc refuses new entries, even to root

@@ -6,9 +6,10 @@ import json
 import os
 
 import pytest
-from conftest import FAST_MBV3, run_cli
 
 from dtrain.cli.train import main
+
+from conftest import FAST_MBV3, run_cli
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -23,8 +23,9 @@ import subprocess
 import sys
 
 import pytest
-from conftest import CONF, REPO
 from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from conftest import CONF, REPO
 
 PRESET_APP = "train"  # `@package _global_` presets (conf/experiment/) apply to dtrain-train: `+experiment=...`
 

@@ -557,8 +557,8 @@ def test_reflection_can_be_switched_off(coordinators):
         stub = reflection_pb2_grpc.ServerReflectionStub(ch)
         req = reflection_pb2.ServerReflectionRequest(list_services="")
         for token in (TOKEN, None):
-            assert _code(lambda: list(stub.ServerReflectionInfo(iter([req]), metadata=_md(token), timeout=5))) \
-                == Code.UNIMPLEMENTED
+            assert _code(lambda token=token: list(stub.ServerReflectionInfo(iter([req]), metadata=_md(token),
+                                                                            timeout=5))) == Code.UNIMPLEMENTED
         assert _code(pb_grpc.CoordinatorStub(ch).Status, pb.StatusRequest(), metadata=_md(TOKEN),
                      timeout=5) == Code.OK
     assert _serving(c.address)

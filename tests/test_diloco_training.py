@@ -11,8 +11,9 @@ import subprocess
 import sys
 import time
 
-import fault_plugin
 import pytest
+
+import fault_plugin
 from conftest import FAST_MBV3, REPO
 
 pytestmark = pytest.mark.timeout(300)
@@ -79,7 +80,7 @@ def _rounds(tmp_path, names):
 
 def _assert_parity(rounds):
     seen = {}
-    for name, rs in rounds.items():
+    for rs in rounds.values():
         for r, rec in rs.items():
             assert ROUND_FIELDS <= set(rec), set(ROUND_FIELDS) - set(rec)
             seen.setdefault(r, set()).add(rec["state_hash"])
@@ -131,9 +132,9 @@ def test_ddp_baseline_two_peers(cluster):
     seen = _assert_parity(rounds)
     assert len(seen) == 6  # one round per inner step
     # fp32 gradients: each member sends (k-1)/k of N values in each of the two phases
-    from conftest import compose
-
     from dtrain.supernet import build_supernet
+
+    from conftest import compose
 
     n = sum(p.numel() for p in build_supernet(compose(["run_dir=/tmp/x", *FAST_MBV3]).model).parameters())
     sent = rounds["d0"][1]["bytes_sent"]
@@ -174,7 +175,8 @@ def test_round_committed_just_before_its_only_member_dies_is_not_lost(cluster):
     tmp_path, coordinator, peer = cluster
     address = coordinator("min_peers=1", "grace_s=0.2")
     args = ("outer=diloco", "outer.sync_every=2", "steps=8")
-    p = peer("solo", address, *args, extra_env={"DTRAIN_FAULT_PLUGIN": fault_plugin.PLUGIN, "DTRAIN_FAULT_EXIT_AFTER_COMMIT": "1"})
+    p = peer("solo", address, *args,
+             extra_env={"DTRAIN_FAULT_PLUGIN": fault_plugin.PLUGIN, "DTRAIN_FAULT_EXIT_AFTER_COMMIT": "1"})
     assert p.wait(120) == 137, (tmp_path / "solo.log").read_text()[-3000:]
     state = json.load(open(tmp_path / "coord" / "state.json"))
     assert state["committed_round"] == 2

@@ -26,6 +26,7 @@ import urllib.parse
 
 import pytest
 import yaml
+
 from conftest import FAST_MBV3, REPO, VENV_BIN
 from control_fixtures import read_jsonl, wait_for
 
@@ -276,7 +277,7 @@ def test_roles_as_processes_certs_coordinator_two_peers(tmp_path, procs, monkeyp
 
     wait_for(progress, 110, "a committed round on both peers", interval=0.2)
     assert peer_healthy, "peer a's data plane never answered its healthcheck"
-    for pid, p in peers.items():
+    for p in peers.values():
         assert p.wait(60) == 0, procs.stderr(p)[-3000:]
     ra, rb = rounds("a"), rounds("b")
     assert len(ra) == len(rb) == 3

@@ -21,7 +21,6 @@ import grpc
 import numpy as np
 import pytest
 import torch
-from conftest import stop_servers
 
 from dtrain.comm.collective import CollectiveError, CollectiveResult, Group
 from dtrain.comm.grpc_allreduce import GrpcCollective, shard_bounds
@@ -32,6 +31,8 @@ from dtrain.v1 import dtrain_pb2_grpc as pb_grpc
 from dtrain.wire.auth import make_channel
 from dtrain.wire.codec import Codec, CodecError
 from dtrain.wire.snapshot import MAX_MESSAGE_BYTES
+
+from conftest import stop_servers
 
 try:
     from dtrain.outer.codecs import CODEC_NAMES, get_codec

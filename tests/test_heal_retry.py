@@ -6,7 +6,6 @@ import time
 
 import pytest
 import torch
-from conftest import stop_servers
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -17,6 +16,8 @@ from dtrain.outer.global_state import GlobalState
 from dtrain.peer.round_engine import RoundEngine
 from dtrain.wire.outcomes import RoundOutcome
 from dtrain.wire.snapshot import StateSnapshot
+
+from conftest import stop_servers
 
 SCHEMA = "s" * 64
 
@@ -93,7 +94,8 @@ def test_heal_retries_other_donors_after_corrupt_truncated_and_stalled_transfers
         svc = cls(SCHEMA, name, chunk_bytes=64 << 10)
         svc.set_snapshot(truth.snapshot())
         addresses[name] = served(svc)
-    donors = [DonorInfo(n, addresses[n], truth.round, truth.hash()) for n in ("corrupt", "truncating", "stalling", "good")]
+    donors = [DonorInfo(n, addresses[n], truth.round, truth.hash())
+              for n in ("corrupt", "truncating", "stalling", "good")]
     client = ScriptedClient(donors)
     mine = good_state(round_=1)
     published = []

@@ -10,9 +10,10 @@ from __future__ import annotations
 import ast
 import os
 import re
-from typing import Dict, Iterator, List, Tuple
+from typing import Dict, Iterator, List, Mapping, Optional, Tuple
 
 import pytest
+
 from conftest import REPO
 
 PACKAGE = os.path.join(REPO, "dtrain")
@@ -92,11 +93,11 @@ def _read(path: str) -> str:
         return f.read()
 
 
-def violations(extra: Dict[str, str] = {}) -> List[str]:
+def violations(extra: Optional[Mapping[str, str]] = None) -> List[str]:
     """Every import that breaks the table; ``extra`` adds files (path -> source) to check."""
     bad = []
     sources = {path: _read(path) for path in _dtrain_files()}
-    for path, source in {**sources, **extra}.items():
+    for path, source in {**sources, **(extra or {})}.items():
         parts = _module_parts(path)
         if len(parts) < 2:  # dtrain/__init__.py
             continue

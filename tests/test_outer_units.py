@@ -99,7 +99,8 @@ def test_global_state_hash_tracks_every_change():
     nxt = s.outer_step(torch.ones(4), (2, 6), OuterNesterov(0.7, 0.9))
     assert s.hash() == h and s.round == 3  # computing S_{r+1} leaves S_r as it was
     assert nxt.round == 4 and nxt.hash() != h
-    assert torch.equal(nxt.tensors["theta"][:2], torch.zeros(2)) and torch.equal(nxt.tensors["theta"][6:], torch.zeros(4))
+    assert torch.equal(nxt.tensors["theta"][:2], torch.zeros(2))
+    assert torch.equal(nxt.tensors["theta"][6:], torch.zeros(4))
     s.install(nxt)
     assert s.round == 4 and s.hash() == nxt.hash() == GlobalState(list(nxt.tensors.items()), round=4).hash()
     s.replace({"theta": torch.ones(10), "velocity": torch.zeros(10)}, round=9)

@@ -11,12 +11,13 @@ import sys
 
 import pytest
 import torch
-from conftest import fast_cfg
 
 from dtrain.config import ConfigError
 from dtrain.obs import run_series
 from dtrain.obs.report import write_report
 from dtrain.obs.run_reader import load_run, read_jsonl
+
+from conftest import fast_cfg
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -12,6 +12,7 @@ import sys
 
 import pytest
 import torch
+
 from conftest import REPO, compose, fast_cfg
 
 pytestmark = pytest.mark.timeout(240)

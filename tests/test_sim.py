@@ -14,6 +14,7 @@ import signal
 import time
 
 import pytest
+
 from conftest import FAST_MBV3, run_cli
 from sim_fixtures import SimRun, alive, run_sim, started_pids
 
@@ -61,7 +62,7 @@ def test_stopped_peer_rejoins_and_terminated_peer_leaves(tmp_path, sig):
     run = run_sim(tmp_path, [*MODEL_FREE, "sim.rounds=10", "chaos.kill_at_s=[1]", f"chaos.signal={sig}",
                              *extra], timeout=120)
     try:
-        s = check_run(run, 10)
+        check_run(run, 10)
         victim = next(e["peer"] for e in run.events() if e["event"] == "kill")
         removed = [e for e in run.coordinator_events() if e.get("peer_id") == victim
                    and e["event"] in ("leave", "expire")]
@@ -69,7 +70,8 @@ def test_stopped_peer_rejoins_and_terminated_peer_leaves(tmp_path, sig):
         if sig == "TERM":  # left at once with Leave (no lease wait), exit status 0
             assert removed and removed[0]["event"] == "leave"
             assert exits[victim] == 0
-            rounds_after = [json.loads(line) for line in open(os.path.join(run.run_dir, "peer-" + victim, "metrics.jsonl"))]
+            with open(os.path.join(run.run_dir, "peer-" + victim, "metrics.jsonl")) as f:
+                rounds_after = [json.loads(line) for line in f]
             assert [r["kind"] for r in rounds_after][-2:] == ["done", "leave"]
         else:  # its lease expired while stopped; resumed, it re-joined (healing if it was behind) and took part
             assert removed and removed[0]["event"] == "expire"
@@ -156,6 +158,6 @@ def test_bad_sim_settings_get_one_line_errors(tmp_path):
     for arg, key in (("chaos.signal=HUP", "chaos.signal"),):  # more bad values: test_sim_units
         r = run_cli(["dtrain-sim", f"run_dir={tmp_path / 'x'}", arg], timeout=60)
         assert r.returncode == 2, r.stderr
-        lines = [l for l in r.stderr.strip().splitlines() if l]
+        lines = [line for line in r.stderr.strip().splitlines() if line]
         assert len(lines) == 1 and key in lines[0], r.stderr
     assert not (tmp_path / "x").exists()

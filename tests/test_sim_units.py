@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import socket
 import threading
 import time
@@ -71,7 +70,8 @@ def connect_via(proxy_url: str, target: str) -> socket.socket:
 
 @pytest.fixture
 def wan():
-    spec = {("eu", "us"): LinkSpec(latency_ms=60, bandwidth_mbit=40), ("us", "eu"): LinkSpec(latency_ms=60, bandwidth_mbit=40)}
+    spec = {("eu", "us"): LinkSpec(latency_ms=60, bandwidth_mbit=40),
+            ("us", "eu"): LinkSpec(latency_ms=60, bandwidth_mbit=40)}
     w = WanEmulator(lambda a, b: spec.get((a, b), LinkSpec()), seed=0, buffer_bytes=1 << 20)
     sink = EchoSink()
     urls = {"a": w.add_node("a", "eu"), "c": w.add_node("c", "eu")}
@@ -231,9 +231,9 @@ def test_summary_flags_every_violation(tmp_path, case):
 
 
 def test_links_follow_regions_and_pairs(tmp_path):
-    from conftest import compose
-
     from dtrain.sim.cluster import Simulation
+
+    from conftest import compose
 
     cfg = compose([f"run_dir={tmp_path}", "sim.regions=[eu,us,asia]", "+wan.pairs.asia-eu=[120,10,50]",
                    "wan.latency_ms=80", "wan.jitter_ms=5", "wan.bandwidth_mbit=100", "wan.local.latency_ms=1"],

@@ -1,4 +1,5 @@
-"""Unit tests of the state transfer (dtrain.comm.peer_service, dtrain.comm.state_download) over a real local gRPC server."""
+"""Unit tests of the state transfer (dtrain.comm.peer_service, dtrain.comm.state_download) over a real local
+gRPC server."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import time
 import grpc
 import pytest
 
-from dtrain.comm.peer_service import PeerServicer, serve_peer
+from dtrain.comm.peer_service import PeerServicer
 from dtrain.comm.state_download import StateTransferError, fetch_state, ping
 from dtrain.v1 import dtrain_pb2 as pb
 from dtrain.v1 import dtrain_pb2_grpc as pb_grpc

@@ -10,6 +10,7 @@ import sys
 
 import pytest
 import torch
+
 from conftest import FAST_MBV3, REPO
 
 pytestmark = pytest.mark.timeout(420)

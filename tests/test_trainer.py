@@ -7,11 +7,12 @@ import os
 
 import pytest
 import torch
-from conftest import fast_cfg
 
 from dtrain import checkpoint as ckpt_mod
 from dtrain.obs.metrics import read_metrics
 from dtrain.train.loop import Trainer, train
+
+from conftest import fast_cfg
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -15,13 +15,15 @@ from importlib.metadata import entry_points
 
 import pytest
 import torch
+
 from conftest import REPO
 
 pytestmark = pytest.mark.timeout(420)
 
 # appended to the README's commands: the same pipeline, small enough for the test suite
 FASTER = {
-    "dtrain-train": ["steps=10", "batch_size=32", "eval_every=0", "threads=1", "logger.progress=off", "calib_batches=2"],
+    "dtrain-train": ["steps=10", "batch_size=32", "eval_every=0", "threads=1", "logger.progress=off",
+                     "calib_batches=2"],
     "dtrain-latency": ["repeats=2", "warmup=0", "threads=1"],
     "dtrain-search": ["evolution.population=4", "evolution.parents=2", "evolution.generations=2",
                       "predictor.warmup=4", "predictor.epochs=30", "eval.calib_batches=2", "threads=1"],
@@ -96,7 +98,8 @@ def test_readme_walkthrough(tmp_path, monkeypatch, capsys):
         "print(repr(acc))\n")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     p = subprocess.run([sys.executable, "-I", "-c", script, str(run / "export" / "model.ts"), str(tmp_path / "test.pt"),
-                        str(tmp_path / "logits.pt")], capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)
+                        str(tmp_path / "logits.pt")], capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                       env=env)
     assert p.returncode == 0, p.stderr[-2000:]
     torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), want, atol=1e-5, rtol=1e-5)
     assert float(p.stdout.strip()) == doc["metrics"]["accuracy_supernet"] == doc["metrics"]["accuracy_export"]

@@ -113,7 +113,7 @@ class GlooCollective(Collective):
         self.groups_built = 0
         self._lock = threading.Lock()
         self._groups: Dict[str, _Entry] = {}  # op -> the group of the current quorum
-        self._stores: Dict[str, object] = {}  # store address -> TCPStore client
+        self._stores: Dict[str, dist.TCPStore] = {}  # store address -> TCPStore client
         self._attempts: Dict[tuple, int] = {}  # (store, quorum id, op, round) -> builds so far
         self._device = None
 
@@ -231,6 +231,8 @@ class GlooCollective(Collective):
                 total = part  # decode returns a new tensor
             else:
                 total.add_(part)
+        if total is None:  # one payload per member, this one included: only an empty group gets here
+            raise CollectiveError(f"no payloads to average in a group of {group.size}")
         return total.div_(group.size)
 
     # ------------------------------------------------------------ groups
@@ -305,7 +307,7 @@ class GlooCollective(Collective):
             self._groups.pop(group.op, None)
             self._stores.pop(group.store_address, None)  # reconnect too: the store may have gone
 
-    def _store(self, address: str, left: float):
+    def _store(self, address: str, left: float) -> dist.TCPStore:
         with self._lock:
             store = self._stores.get(address)
         if store is None:
@@ -341,7 +343,9 @@ class GlooCollective(Collective):
             bad = next(r for r, m in enumerate(metas) if m != ref)
             raise CollectiveError(f"member {ids[bad]!r} has (codec, numel, members) {metas[bad]!r}, "
                                   f"the others {ref!r}", culprit=ids[bad])
-        opts = dist.ProcessGroupGloo._Options()
+        # torch's stubs (torch/_C/_distributed_c10d.pyi) omit ProcessGroupGloo._Options, the bound class that
+        # has _devices and _threads (the stubs' ProcessGroupGloo.Options is Backend.Options at runtime)
+        opts = dist.ProcessGroupGloo._Options()  # pyright: ignore[reportAttributeAccessIssue]
         opts._timeout = _timedelta(left())
         opts._threads = 1
         opts._devices = [self._gloo_device(group)]
@@ -388,7 +392,7 @@ def _finite(t: torch.Tensor) -> bool:
     return bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))
 
 
-def _drop_frames(err: BaseException) -> None:
+def _drop_frames(err: Optional[BaseException]) -> None:
     """Forget the tracebacks of ``err`` and its causes (their frames reference the process group)."""
     seen = set()
     while err is not None and id(err) not in seen:

@@ -134,8 +134,10 @@ class _Pushes:
         if not call.cancelled():
             e = call.exception()
             if e is not None:
-                code = e.code() if hasattr(e, "code") else None
-                details = e.details() if hasattr(e, "details") else str(e)
+                if isinstance(e, grpc.Call):  # an RPC that ended with a status: an RpcError that is also a Call
+                    code, details = e.code(), e.details()
+                else:
+                    code, details = None, str(e)
                 name = code.name if code is not None else type(e).__name__
                 err = CollectiveError(f"phase-{phase} push to {dest!r} ({address}) failed: {name}: {details}")
                 # the destination's collective is over (it failed): a second-hand failure
@@ -194,11 +196,13 @@ class GrpcCollective(Collective):
         self.inbox = inbox if inbox is not None else ShardInbox()
         self._metadata = auth_metadata(token)
         self._lock = threading.Lock()
-        self._channels: "OrderedDict[Tuple[str, int], Tuple[grpc.Channel, object]]" = OrderedDict()
+        # (address, lane) -> (channel, its PushShard callable)
+        self._channels: "OrderedDict[Tuple[str, int], Tuple[grpc.Channel, grpc.StreamUnaryMultiCallable]]" = (
+            OrderedDict())
 
     # ------------------------------------------------------------ channels
 
-    def _push_call(self, address: str, lane: int):
+    def _push_call(self, address: str, lane: int) -> grpc.StreamUnaryMultiCallable:
         """``Peer.PushShard`` on the channel of (address, lane), taking already serialised chunks."""
         with self._lock:
             entry = self._channels.get((address, lane))

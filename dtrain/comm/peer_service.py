@@ -81,7 +81,7 @@ class PeerServicer(pb_grpc.PeerServicer):
         while len(self._transfers) > self.max_transfers:
             self._transfers.popitem(last=False)
 
-    def _check_schema(self, schema: str, context, what: str) -> None:
+    def _check_schema(self, schema: str, context: grpc.ServicerContext, what: str) -> None:
         if schema != self.schema_hash:
             msg = (f"schema hash {short_hash(schema)} differs from this peer's {short_hash(self.schema_hash)}: "
                    "the requester runs other code or another model config")
@@ -89,7 +89,7 @@ class PeerServicer(pb_grpc.PeerServicer):
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, msg)
 
     # -- RPCs
-    def Ping(self, request: pb.PingRequest, context) -> pb.PingReply:
+    def Ping(self, request: pb.PingRequest, context: grpc.ServicerContext) -> pb.PingReply:
         if request.schema_hash:
             self._check_schema(request.schema_hash, context, "Ping")
         snap = self.snapshot
@@ -97,7 +97,7 @@ class PeerServicer(pb_grpc.PeerServicer):
             return pb.PingReply(peer_id=self.peer_id)
         return pb.PingReply(peer_id=self.peer_id, round=snap.round, state_hash=snap.state_hash)
 
-    def GetStateHeader(self, request: pb.StateRequest, context) -> pb.StateHeader:
+    def GetStateHeader(self, request: pb.StateRequest, context: grpc.ServicerContext) -> pb.StateHeader:
         self._check_schema(request.schema_hash, context, "GetStateHeader")
         wait = self.min_round_wait_s
         left = context.time_remaining()
@@ -135,7 +135,7 @@ class PeerServicer(pb_grpc.PeerServicer):
             self._transfers.move_to_end(transfer_id)
             return entry[0]
 
-    def StreamState(self, request: pb.StateChunkRequest, context) -> Iterable[pb.StateChunk]:
+    def StreamState(self, request: pb.StateChunkRequest, context: grpc.ServicerContext) -> Iterable[pb.StateChunk]:
         snap = self._pinned(request.transfer_id)
         if snap is None:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT,
@@ -156,7 +156,7 @@ class PeerServicer(pb_grpc.PeerServicer):
             pos += n
             self._pinned(request.transfer_id)  # keeps a long transfer alive
 
-    def PushShard(self, request_iterator, context) -> pb.PushAck:
+    def PushShard(self, request_iterator, context: grpc.ServicerContext) -> pb.PushAck:
         if self.inbox is None:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                           "this peer runs no grpc outer collective (no shard inbox)")
@@ -181,7 +181,8 @@ def add_peer_service(servicer: PeerServicer, server: grpc.Server) -> None:
         handlers[m.name] = _HANDLER_KINDS[(m.client_streaming, m.server_streaming)](
             getattr(servicer, m.name), request_deserializer=parse, response_serializer=reply.SerializeToString)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
-    server.add_registered_method_handlers(service.full_name, handlers)
+    # grpcio >= 1.62 has it; pyright's bundled typeshed stubs for grpcio do not list it on grpc.Server
+    server.add_registered_method_handlers(service.full_name, handlers)  # pyright: ignore[reportAttributeAccessIssue]
 
 
 def _add_health(server: grpc.Server) -> None:
@@ -198,7 +199,7 @@ def _add_health(server: grpc.Server) -> None:
 def serve_peer(servicer: PeerServicer, host: str = "127.0.0.1", port: int = 0, token: str = "", tls=None,
                max_workers: int = 8) -> Tuple[grpc.Server, int]:
     """Start a thread-pool gRPC server for ``servicer``; returns (server, bound port)."""
-    interceptors = [BlockingTokenInterceptor(token)] if token else []
+    interceptors: List[grpc.ServerInterceptor] = [BlockingTokenInterceptor(token)] if token else []
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="peer-rpc"),
                          interceptors=interceptors, options=channel_options(MAX_MESSAGE_BYTES))
     add_peer_service(servicer, server)

@@ -58,7 +58,7 @@ import torch
 
 from ..v1 import dtrain_pb2 as pb
 from ..wire import varint
-from ..wire.codec import Codec, CodecError
+from ..wire.codec import BytesLike, Codec, CodecError
 from ..wire.snapshot import MAX_CHUNK_BYTES
 from .collective import CollectiveError
 from .shard_wire import GRPC_FRAME_BYTES, WireChunk
@@ -175,10 +175,11 @@ class ShardInbox:
                 if g.second_hand is not None and now >= g.second_hand_at:
                     raise g.second_hand
                 mine = {sid: s for sid, s in g.slots.items() if sid[0] == phase}
-                missing = [sid for sid, s in mine.items() if s.value is None]
-                if not missing:
-                    return {(sid[1], sid[2]): s.value for sid, s in mine.items()}
+                decoded = {(sid[1], sid[2]): s.value for sid, s in mine.items() if s.value is not None}
+                if len(decoded) == len(mine):
+                    return decoded
                 if now >= deadline:
+                    missing = [sid for sid, s in mine.items() if s.value is None]
                     what = ", ".join(f"{sid[2]} ({mine[sid].got}/{mine[sid].total} bytes)" for sid in missing)
                     raise CollectiveError(f"collective {_key_str(key)}: deadline passed in phase {phase}, "
                                           f"missing the shards of {what}")
@@ -310,6 +311,9 @@ class ShardInbox:
                                     f"collective {_key_str(g.key)} already failed on this peer: {g.error}")
             g.bytes_recv += wire_size(chunk)
             slot = g.slots.get((chunk.phase, chunk.shard, sender))
+            if slot is None:
+                return self._fault(g, sender, f"phase {chunk.phase} shard {chunk.shard} is not a shard it should "
+                                              "send here")
             why = self._check(g, slot, chunk)
             if why is not None:
                 return self._fault(g, sender, why)
@@ -326,9 +330,7 @@ class ShardInbox:
         return self._decode(g, slot, sender, payload)
 
     @staticmethod
-    def _check(g: _Group, slot: Optional[_Slot], chunk: pb.ShardChunk) -> Optional[str]:
-        if slot is None:
-            return f"phase {chunk.phase} shard {chunk.shard} is not a shard it should send here"
+    def _check(g: _Group, slot: _Slot, chunk: pb.ShardChunk) -> Optional[str]:
         if chunk.codec != g.codec.name:
             return f"codec {chunk.codec!r}, expected {g.codec.name!r}"
         if chunk.numel != slot.numel:
@@ -369,7 +371,7 @@ class ShardInbox:
             self._cond.notify_all()
         return grpc.StatusCode.INVALID_ARGUMENT, msg
 
-    def _decode(self, g: _Group, slot: _Slot, sender: str, payload: bytes) -> Optional[Refusal]:
+    def _decode(self, g: _Group, slot: _Slot, sender: str, payload: BytesLike) -> Optional[Refusal]:
         """Decode a complete slot outside the lock; a refused payload fails the group naming its sender."""
         try:
             value = g.codec.decode(payload, slot.numel)

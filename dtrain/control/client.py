@@ -23,7 +23,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple, TypeVar
 
 import grpc
 
@@ -39,6 +39,8 @@ from ..wire.outcomes import (
 )
 
 log = logging.getLogger("dtrain.control")
+
+R = TypeVar("R")  # the reply message type of one RPC
 
 
 # ---------------------------------------------------------------- errors
@@ -317,7 +319,7 @@ class CoordinatorClient:
 
     # -- rounds ---------------------------------------------------------------------------
     def _retrying(self, method: str, make_request: Callable[[int], object], timeout: Optional[float],
-                  done: Callable[[object], bool]):
+                  done: Callable[[R], bool]) -> R:
         """Call ``method`` until ``done(reply)``; rides out restarts and re-joins."""
         deadline = None if timeout is None else time.monotonic() + timeout
         backoff = Backoff()
@@ -330,7 +332,7 @@ class CoordinatorClient:
             wait_ms = max(1, int(min(5.0, left if left is not None else 5.0) * 1000))
             try:
                 reply = self._rpc(method, make_request(wait_ms), timeout=wait_ms / 1000.0 + self.rpc_timeout)
-            except (CoordinatorUnavailable,) as e:
+            except CoordinatorUnavailable as e:
                 log.debug("%s: %s", method, e)
                 backoff.sleep(deadline)
                 continue
@@ -351,9 +353,12 @@ class CoordinatorClient:
             return pb.SyncRequest(peer_id=self.peer_id, incarnation=self.incarnation, round=round,
                                   state_hash=state_hash, wait_ms=wait_ms)
 
-        r = self._retrying("Sync", req, timeout, lambda r: _sync_outcome(r) is not SyncOutcome.WAIT)
+        r: pb.SyncReply = self._retrying("Sync", req, timeout, lambda r: _sync_outcome(r) is not SyncOutcome.WAIT)
         if _sync_outcome(r) is SyncOutcome.HEAL:
-            return HealOrder(_donor(r.donor), r.committed_round, r.reason)
+            donor = _donor(r.donor)
+            if donor is None:  # a HEAL without a donor leaves the peer nothing to copy from
+                raise ControlError("the coordinator sent HEAL without a donor")
+            return HealOrder(donor, r.committed_round, r.reason)
         q = r.quorum
         return QuorumView(q.quorum_id, q.round,
                           tuple((m.peer_id, m.address, m.world_size, m.region) for m in q.members),
@@ -367,7 +372,8 @@ class CoordinatorClient:
                                     quorum_id=quorum_id, ok=ok, reason=reason, wait_ms=wait_ms)
 
         try:
-            r = self._retrying("Commit", req, timeout, lambda r: _decision(r) is not CommitDecision.WAIT)
+            r: pb.CommitReply = self._retrying("Commit", req, timeout,
+                                               lambda r: _decision(r) is not CommitDecision.WAIT)
         except StaleRound as e:
             log.info("commit of round %d quorum %d is stale: %s", round, quorum_id, e)
             return CommitDecision.RETRY

@@ -67,7 +67,7 @@ import functools
 import heapq
 import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Set, Tuple
 
 from ..wire.outcomes import CommitDecision, MemberState, SyncOutcome
@@ -269,8 +269,8 @@ class QuorumMachine:
         if not _TOKENISH.fullmatch(incarnation or ""):
             raise Refusal("INVALID_ARGUMENT", "incarnation must be 1-64 letters, digits, '.', '_' or '-'")
         if not _LABEL.fullmatch(region or ""):
-            raise Refusal("INVALID_ARGUMENT", f"region={(region or '')[:80]!r} is not allowed: up to 64 letters, digits, "
-                                              "'.', '_' or '-'")
+            raise Refusal("INVALID_ARGUMENT", f"region={(region or '')[:80]!r} is not allowed: up to 64 letters, "
+                                              "digits, '.', '_' or '-'")
         if len(state_hash or "") > MAX_HASH or len(schema_hash or "") > MAX_HASH:
             raise Refusal("INVALID_ARGUMENT", f"hashes are at most {MAX_HASH} characters")
         if world_size < 1:
@@ -494,7 +494,8 @@ class QuorumMachine:
         present = {pid for pid in self.syncs
                    if pid in self.members and self.excluded.get(pid) != self.committed_round}
         healers = {pid for pid, r in self.healing.items() if r == self.committed_round and pid in self.members}
-        if not (active | healers) <= present and (self.first_sync_at is None or now < self._wait_until(healers, present)):
+        if not (active | healers) <= present and (self.first_sync_at is None
+                                                  or now < self._wait_until(self.first_sync_at, healers, present)):
             return
         self.grace_spent = True  # from now on only events (syncs, removals) can make it form
         counts: Dict[str, int] = {}
@@ -531,12 +532,14 @@ class QuorumMachine:
                                                           f"from the majority's {ref[:12]}..."))
         self.syncs, self.first_sync_at = {}, None
 
-    def _wait_until(self, healers: Set[str], present: Set[str]) -> float:
-        """When the time-based wait of a round ends: grace, or heal_grace while a healer is missing."""
+    def _wait_until(self, first_sync_at: float, healers: Set[str], present: Set[str]) -> float:
+        """When the time-based wait of a round ends: grace, or heal_grace while a healer is missing.
+
+        ``first_sync_at``: ``self.first_sync_at``, passed by callers that have checked it is set."""
         wait = self.params.grace
         if healers - present:
             wait = max(wait, self.params.heal_grace)
-        return self.first_sync_at + wait
+        return first_sync_at + wait
 
     # ------------------------------------------------------------------ commit
     def _committed_by(self, round: int, quorum_id: int) -> bool:
@@ -567,7 +570,7 @@ class QuorumMachine:
             why = (reason or "no reason given")[:MAX_REASON]
             self._decide_retry(now, f"member {peer_id!r} voted not ok: {why}")
         elif len(v.votes) == len(v.quorum.ids):  # votes come only from members; a not-ok one decided above
-            self._decide_commit(now)
+            self._decide_commit(now, v)
         return self.take_commit_answer(peer_id, round, quorum_id)
 
     def take_commit_answer(self, peer_id: str, round: int, quorum_id: int) -> Optional[CommitAnswer]:
@@ -582,8 +585,8 @@ class QuorumMachine:
             if a is not None and a.quorum is not None and a.quorum.quorum_id == q.quorum_id:
                 del self._sync_answers[pid]
 
-    def _decide_commit(self, now: float) -> None:
-        v = self.voting
+    def _decide_commit(self, now: float, v: _Voting) -> None:
+        """Commit the vote ``v`` (``self.voting``, whose votes are all in and ok)."""
         q = v.quorum
         self._drop_answers_of(q)
         self.history.append(CommitRecord(q.round, q.quorum_id, list(q.ids), q.state_hash,
@@ -645,7 +648,7 @@ class QuorumMachine:
             times.append(self.voting.deadline)
         if self.syncs and self.first_sync_at is not None and not self.grace_spent:
             healers = {pid for pid, r in self.healing.items() if r == self.committed_round and pid in self.members}
-            times.append(self._wait_until(healers, set(self.syncs)))
+            times.append(self._wait_until(self.first_sync_at, healers, set(self.syncs)))
         return min(times) if times else None
 
     # ------------------------------------------------------------------ status

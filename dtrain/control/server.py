@@ -43,11 +43,13 @@ def params_from(cfg) -> Params:
                   commit_timeout=cfg.commit_timeout_s, history=cfg.history, schema_hash=cfg.schema_hash)
 
 
-class HealthServicer(health.aio.HealthServicer):
+# pyright's bundled typeshed stubs for grpcio-health-checking lack ``health.aio`` (grpc_health.v1._async) and
+# ``HealthListResponse``; both exist in the installed package.
+class HealthServicer(health.aio.HealthServicer):  # pyright: ignore[reportAttributeAccessIssue]
     """The standard health service, with the List method the upstream one leaves out."""
 
     async def List(self, request, context):
-        return health_pb2.HealthListResponse(statuses={
+        return health_pb2.HealthListResponse(statuses={  # pyright: ignore[reportAttributeAccessIssue]
             name: health_pb2.HealthCheckResponse(status=status) for name, status in self._server_status.items()})
 
 

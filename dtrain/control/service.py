@@ -18,7 +18,7 @@ import asyncio
 import json
 import logging
 import time
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, ParamSpec, Tuple, TypeVar
 
 import grpc
 
@@ -35,6 +35,8 @@ from .state_store import StateStore
 
 log = logging.getLogger("dtrain.control")
 
+P = ParamSpec("P")
+T = TypeVar("T")
 
 
 def _wake(fut: asyncio.Future) -> None:
@@ -42,9 +44,7 @@ def _wake(fut: asyncio.Future) -> None:
         fut.set_result(None)
 
 
-def _donor_pb(d: Optional[Donor]) -> Optional[pb.Donor]:
-    if d is None:
-        return None
+def _donor_pb(d: Donor) -> pb.Donor:
     return pb.Donor(peer_id=d.peer_id, address=d.address, round=d.round, state_hash=d.state_hash)
 
 
@@ -88,7 +88,8 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         if nxt is not None and (self._timer_target is None or nxt < self._timer_target):
             self._wake_timer.set()
 
-    async def _call(self, context, fn, *args, **kwargs):
+    async def _call(self, context: grpc.aio.ServicerContext, fn: Callable[P, T], *args: P.args,
+                    **kwargs: P.kwargs) -> T:
         try:
             return fn(*args, **kwargs)
         except Refusal as r:
@@ -97,7 +98,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         finally:
             self._after()
 
-    async def _wait_for(self, peer_id: str, take: Callable[[], Optional[object]], wait_ms: int):
+    async def _wait_for(self, peer_id: str, take: Callable[[], Optional[T]], wait_ms: int) -> Optional[T]:
         timeout = min(self.max_wait_s, wait_ms / 1000.0)  # wait_ms=0: answer at once
         deadline = self.clock() + timeout
         while True:
@@ -163,7 +164,8 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         if a is None:
             return pb.SyncReply(outcome=sync_outcome_to_proto(SyncOutcome.WAIT), reason="no quorum yet",
                                 committed_round=self.machine.committed_round)
-        reply = pb.SyncReply(outcome=sync_outcome_to_proto(a.outcome), reason=a.reason, committed_round=self.machine.committed_round)
+        reply = pb.SyncReply(outcome=sync_outcome_to_proto(a.outcome), reason=a.reason,
+                             committed_round=self.machine.committed_round)
         if a.quorum is not None:
             reply.quorum.CopyFrom(self._quorum_message(a.quorum))
         if a.donor is not None:
@@ -190,8 +192,9 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
 
     def _commit_reply(self, a: Optional[CommitAnswer], req: pb.CommitRequest) -> pb.CommitReply:
         if a is None:
-            return pb.CommitReply(decision=commit_decision_to_proto(CommitDecision.WAIT), round=req.round, quorum_id=req.quorum_id,
-                                  committed_round=self.machine.committed_round, reason="votes still missing")
+            return pb.CommitReply(decision=commit_decision_to_proto(CommitDecision.WAIT), round=req.round,
+                                  quorum_id=req.quorum_id, committed_round=self.machine.committed_round,
+                                  reason="votes still missing")
         return pb.CommitReply(decision=commit_decision_to_proto(a.decision), round=a.round, quorum_id=a.quorum_id,
                               committed_round=self.machine.committed_round, reason=a.reason)
 
@@ -200,7 +203,8 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
                                req.ok, now=self.clock(), reason=req.reason)
         if ans is None:
             ans = await self._wait_for(
-                req.peer_id, lambda: self.machine.take_commit_answer(req.peer_id, req.round, req.quorum_id), req.wait_ms)
+                req.peer_id, lambda: self.machine.take_commit_answer(req.peer_id, req.round, req.quorum_id),
+                req.wait_ms)
         return self._commit_reply(ans, req)
 
     async def Report(self, req: pb.ReportRequest, context) -> pb.ReportReply:

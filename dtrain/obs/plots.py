@@ -77,7 +77,7 @@ def plot_loss(run: Run, path: str, dpi: int) -> Optional[str]:
         ax.grid(alpha=0.3)
         ax.set_title("loss of the sandwich's subnets")
     else:
-        present = [(n, l) for n, l in SUBNETS if any(n in g for g in series.values())]
+        present = [(n, label) for n, label in SUBNETS if any(n in g for g in series.values())]
         colors = _peer_colors(list(series))
         fig, axes = _subplots(1, len(present), figsize=(4.2 * len(present), 4), sharex=True, squeeze=False)
         for ax, (name, label) in zip(axes[0], present):
@@ -106,7 +106,7 @@ def plot_accuracy(run: Run, path: str, dpi: int) -> Optional[str]:
     color = {a: cmap(i % 10) for i, a in enumerate(archs)}
     several = len({p for p, _, _ in series}) > 1
     labelled = set()
-    for (peer, split, arch), pts in sorted(series.items()):
+    for (_peer, split, arch), pts in sorted(series.items()):
         xs, ys = zip(*pts)
         if metric == "acc":
             ys = [100 * y for y in ys]

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from typing import List, Sequence
+from typing import Sequence
 
 
-def format_table(headers: Sequence[str], rows: List[Sequence], title: str = "") -> str:
+def format_table(headers: Sequence[str], rows: Sequence[Sequence], title: str = "") -> str:
     cells = [[_fmt(c) for c in row] for row in rows]
     widths = [max(len(str(h)), *(len(r[i]) for r in cells)) if cells else len(str(h))
               for i, h in enumerate(headers)]

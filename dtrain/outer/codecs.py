@@ -138,7 +138,7 @@ class _FloatCodec(Codec):
             raise CodecError(f"{self.name}.encode: max |x| = {a:.6g} overflows {self.name} "
                              f"(limit {self._limit})")
         bits = x.to(self._torch_dtype).view(self._bits_dtype).numpy()
-        return memoryview(bits.astype(self._np_wire, copy=False)).cast("B")  # fp32 on little-endian: x itself
+        return bits.astype(self._np_wire, copy=False).data.cast("B")  # fp32 on little-endian: x itself
 
     def decode(self, payload, numel: int) -> torch.Tensor:
         view = _check_length(self.name, payload, numel, self.encoded_size(numel))
@@ -249,7 +249,6 @@ class _BlockCodec(Codec):
         buf = torch.empty(min(x.numel(), chunk_rows * self.block_size), dtype=torch.float32)
         start, row = 0, 0
         for p in parts:
-            width = p.shape[1]
             for r in range(0, p.shape[0], chunk_rows):
                 blk = p[r:r + chunk_rows]
                 y = buf[:blk.numel()].view(blk.shape)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Callable, List, Optional
+from typing import Callable, Iterable, Optional
 
 from ..checkpoint import load_checkpoint, save_checkpoint
 from ..control.client import ControlError
@@ -35,7 +35,7 @@ class DurableCommit:
         save_checkpoint(self.path, {"round": nxt.round, "tensors": dict(nxt.tensors), "state_hash": nxt.hash(),
                                     "quorum_id": int(quorum_id), "from_hash": base_hash, "schema": self.schema})
 
-    def recover(self, state: GlobalState, commits: Callable[[], List], wait_s: float) -> Optional[GlobalState]:
+    def recover(self, state: GlobalState, commits: Callable[[], Iterable], wait_s: float) -> Optional[GlobalState]:
         """The S_{r+1} written before a vote, when round r committed with that quorum; else None.
 
         ``commits()`` returns the coordinator's commit history (records with round, quorum_id and

@@ -44,5 +44,5 @@ class Budget:
         if why is not None:
             cost = self.cost(smallest)
             limit, key = next((lim, k) for lim, k in LIMITS if f"constraints.{lim}=" in why)
-            raise ConfigError(f"constraints.{limit}={getattr(self.constraints, limit):g} is not allowed: the smallest subnet "
-                              f"already has {key}={cost[key]:g}; raise the budget to at least that")
+            raise ConfigError(f"constraints.{limit}={getattr(self.constraints, limit):g} is not allowed: the smallest "
+                              f"subnet already has {key}={cost[key]:g}; raise the budget to at least that")

@@ -137,7 +137,7 @@ def onnx_wanted(mode: str) -> bool:
     except ImportError:
         if mode == "on":
             raise ConfigError("onnx=on is not allowed: the onnx package is not installed "
-                              "(pip install 'dtrain[onnx]'), or use onnx=auto / off")
+                              "(pip install 'dtrain[onnx]'), or use onnx=auto / off") from None
         return False
     return True
 

@@ -2,7 +2,8 @@
 
 An arch is a list of genes (``space.genes()``: one per scalar key and one per
 entry of each list key). Mutation redraws each gene with probability p from
-the key's choices (and changes one gene of a running block when that changed nothing); crossover takes each gene from one parent or the other with
+the key's choices (and changes one gene of a running block when that changed
+nothing); crossover takes each gene from one parent or the other with
 equal odds. Children are canonicalised by the space (entries of blocks that do
 not run are reset), so equivalent archs compare equal.
 

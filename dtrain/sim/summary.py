@@ -70,12 +70,14 @@ def summarize(run_dir: str, target_rounds: int, status: str = "ok", error: str =
     problems: List[str] = []
     for r, by_peer in sorted(after.items()):
         if len(set(by_peer.values())) > 1:
-            problems.append(f"round {r}: peers disagree: " + ", ".join(f"{p}={h[:12]}" for p, h in sorted(by_peer.items())))
+            problems.append(f"round {r}: peers disagree: "
+                            + ", ".join(f"{p}={h[:12]}" for p, h in sorted(by_peer.items())))
     for h in heals:
         r = int(h["round"])
         want = next(iter(set(after.get(r - 1, {}).values())), None)
         if want is not None and h.get("state_hash") and h["state_hash"] != want:
-            problems.append(f"heal of {h['peer']} to round {r}: adopted {h['state_hash'][:12]}, peers hold {want[:12]}")
+            problems.append(f"heal of {h['peer']} to round {r}: adopted {h['state_hash'][:12]}, "
+                            f"peers hold {want[:12]}")
     coord_events = read_jsonl(os.path.join(run_dir, "coordinator", "events.jsonl"))
     commits: Dict[int, dict] = {}
     for ev in coord_events:
@@ -83,11 +85,13 @@ def summarize(run_dir: str, target_rounds: int, status: str = "ok", error: str =
             continue
         r = int(ev["round"])
         if r in commits and commits[r].get("quorum_id") != ev.get("quorum_id"):
-            problems.append(f"round {r} committed twice (quorums {commits[r].get('quorum_id')} and {ev.get('quorum_id')})")
+            problems.append(f"round {r} committed twice "
+                            f"(quorums {commits[r].get('quorum_id')} and {ev.get('quorum_id')})")
         commits[r] = ev
         before = next(iter(set(after.get(r - 1, {}).values())), None) if r > 0 else None
         if before is not None and ev.get("state_hash") and ev["state_hash"] != before:
-            problems.append(f"round {r}: the coordinator committed from {ev['state_hash'][:12]}, peers held {before[:12]}")
+            problems.append(f"round {r}: the coordinator committed from {ev['state_hash'][:12]}, "
+                            f"peers held {before[:12]}")
     try:
         with open(os.path.join(run_dir, "coordinator", "state.json"), encoding="utf-8") as f:
             committed = int(json.load(f)["committed_round"])

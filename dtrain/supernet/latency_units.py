@@ -70,7 +70,8 @@ def _mbv3(model, batch: int):
         arch = dict(space.max(), resolution=r)
         net = model.extract(arch).eval()
         shapes = []
-        hooks = [b.register_forward_pre_hook(lambda m, a: shapes.append(tuple(a[0].shape))) for b in net.blocks]
+        hooks = [b.register_forward_pre_hook(lambda m, a, shapes=shapes: shapes.append(tuple(a[0].shape)))
+                 for b in net.blocks]
         x = torch.zeros(batch, model.cfg.in_channels, r, r, device=dev).contiguous(memory_format=torch.channels_last)
         with torch.no_grad():
             last = net.blocks(net.first(net.stem(x)))

@@ -10,8 +10,12 @@ same bytes on every machine.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import Union
 
 import torch
+
+# what ``decode`` reads: received bytes, a receive buffer handed over (bytearray), or a view (memoryview)
+BytesLike = Union[bytes, bytearray, memoryview]
 
 
 class CodecError(ValueError):
@@ -35,7 +39,7 @@ class Codec(ABC):
         return self.encode(x)
 
     @abstractmethod
-    def decode(self, payload: bytes, numel: int) -> torch.Tensor:
+    def decode(self, payload: BytesLike, numel: int) -> torch.Tensor:
         """Decode to a 1-D float32 CPU tensor of ``numel`` values; CodecError if invalid.
 
         The result is new memory, except that a codec may keep the memory of a WRITABLE payload

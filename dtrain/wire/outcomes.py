@@ -21,6 +21,7 @@ the wire edge; everything above them speaks the enums.
 from __future__ import annotations
 
 import enum
+from typing import Dict
 
 from ..v1 import dtrain_pb2 as pb
 
@@ -49,19 +50,21 @@ class RoundOutcome(enum.Enum):
     STOP = 3
 
 
-_SYNC = {SyncOutcome.QUORUM: pb.SyncReply.QUORUM, SyncOutcome.HEAL: pb.SyncReply.HEAL,
-         SyncOutcome.WAIT: pb.SyncReply.WAIT}
-_SYNC_BACK = {v: k for k, v in _SYNC.items()}
-_DECISION = {CommitDecision.COMMIT: pb.CommitReply.COMMIT, CommitDecision.RETRY: pb.CommitReply.RETRY,
-             CommitDecision.WAIT: pb.CommitReply.WAIT}
-_DECISION_BACK = {v: k for k, v in _DECISION.items()}
+_SYNC: Dict[SyncOutcome, pb.SyncReply.Outcome] = {
+    SyncOutcome.QUORUM: pb.SyncReply.QUORUM, SyncOutcome.HEAL: pb.SyncReply.HEAL, SyncOutcome.WAIT: pb.SyncReply.WAIT}
+# keyed by plain int: a reply's field may hold a value the enum has no name for (unspecified, or from a newer peer)
+_SYNC_BACK: Dict[int, SyncOutcome] = {v: k for k, v in _SYNC.items()}
+_DECISION: Dict[CommitDecision, pb.CommitReply.Decision] = {
+    CommitDecision.COMMIT: pb.CommitReply.COMMIT, CommitDecision.RETRY: pb.CommitReply.RETRY,
+    CommitDecision.WAIT: pb.CommitReply.WAIT}
+_DECISION_BACK: Dict[int, CommitDecision] = {v: k for k, v in _DECISION.items()}
 
 
 class UnknownOutcome(ValueError):
     """A proto enum value this vocabulary has no word for (unspecified, or from a newer peer)."""
 
 
-def sync_outcome_to_proto(outcome: SyncOutcome) -> int:
+def sync_outcome_to_proto(outcome: SyncOutcome) -> pb.SyncReply.Outcome:
     return _SYNC[outcome]
 
 
@@ -72,7 +75,7 @@ def sync_outcome_from_proto(value: int) -> SyncOutcome:
         raise UnknownOutcome(f"Sync outcome {value} is not one of QUORUM, HEAL, WAIT") from None
 
 
-def commit_decision_to_proto(decision: CommitDecision) -> int:
+def commit_decision_to_proto(decision: CommitDecision) -> pb.CommitReply.Decision:
     return _DECISION[decision]
 
 

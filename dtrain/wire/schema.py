@@ -25,6 +25,8 @@ def proto_digest() -> str:
 def schema_hash(model_config: Optional[Any] = None) -> str:
     """Hash of the wire contract and the model config (a dict or a dataclass)."""
     if dataclasses.is_dataclass(model_config):
+        if isinstance(model_config, type):  # as dataclasses.asdict itself would refuse it
+            raise TypeError(f"schema_hash takes a dataclass instance, not the class {model_config.__name__}")
         model_config = dataclasses.asdict(model_config)
     blob = json.dumps(model_config, sort_keys=True, separators=(",", ":"), default=str)
     h = hashlib.sha256()
