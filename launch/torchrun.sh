@@ -34,7 +34,9 @@
 # SIGTERM / SIGINT: the peer leaves the run gracefully (finishes its step, Leave, checkpoint, exit 0).
 # One process: it is exec'd, so it gets the signal itself. A torchrun job: the signal is passed to the
 # workers (the children of the torchrun agent), so that they leave and the agent then exits 0; the
-# agent runs in a session of its own, so Ctrl-C in a terminal does not reach it directly.
+# agent runs in a session of its own, so Ctrl-C in a terminal does not reach it directly. A signal that
+# comes before the agent has started all its workers stops the agent instead (it stops those it has
+# started and exits non-zero).
 #
 # Exit status: that of the peer; 2 for a bad option or environment value (one line on stderr).
 set -euo pipefail
@@ -85,31 +87,37 @@ if [[ -n ${NODE_RANK:-} ]]; then
 fi
 [[ $DRY_RUN == 0 || $DRY_RUN == 1 ]] || die "DRY_RUN='$DRY_RUN' is not allowed: 0 or 1"
 
-# the value of an override the user gave (key=value, +key=value, ++key=value); status 1 if none
+# Until the agent has started, this script runs no command substitution and no other command it waits
+# for: a SIGINT sent to this script alone while it waits for such a child that then exits normally is
+# dropped by bash (it takes the child to have handled it), trap or no trap, and the agent would then be
+# started and never stopped. Hence GIVEN below, not $(given ...).
+
+# the value of an override the user gave (key=value, +key=value, ++key=value) in GIVEN; status 1 if none
 given() {
   local a
+  GIVEN=
   for a in ${OVERRIDES[@]+"${OVERRIDES[@]}"}; do
     a=${a#+}; a=${a#+}
-    if [[ $a == "$1="* ]]; then printf '%s' "${a#*=}"; return 0; fi
+    if [[ $a == "$1="* ]]; then GIVEN=${a#*=}; return 0; fi
   done
   return 1
 }
 ADDED=()
-add() { given "$1" >/dev/null || ADDED+=("$1=$2"); }  # ours, unless the user set the key
+add() { given "$1" || ADDED+=("$1=$2"); }  # ours, unless the user set the key
 
 # ---------------------------------------------------------------- the peer's identity and run dir
 COORD=${DTRAIN_COORDINATOR:-}
 if [[ -n $COORD ]]; then
   is_hostport "$COORD" || die "DTRAIN_COORDINATOR='$COORD' is not allowed: host:port of the coordinator"
-  if ! given outer >/dev/null; then ADDED+=("outer=diloco"); fi
+  if ! given outer; then ADDED+=("outer=diloco"); fi
   add control.coordinator "$COORD"
 fi
-PEER_ID=$(given peer_id || true)
-PEER_ID=${PEER_ID:-${DTRAIN_PEER_ID:-}}
+given peer_id || true
+PEER_ID=${GIVEN:-${DTRAIN_PEER_ID:-}}
 if [[ -z $PEER_ID && -n $COORD ]]; then
   [[ $NNODES == 1 ]] \
     || die "DTRAIN_PEER_ID='' is not allowed for a $NNODES-node peer: give the peer's id (the same on every node)"
-  PEER_ID=${HOSTNAME:-$(uname -n)}
+  PEER_ID=${HOSTNAME:-$(uname -n)}  # bash sets HOSTNAME: uname only if the environment empties it
   PEER_ID=${PEER_ID%%.*}
   PEER_ID=${PEER_ID//[^A-Za-z0-9._-]/-}
 fi
@@ -118,12 +126,12 @@ if [[ -n $PEER_ID ]]; then
     || die "DTRAIN_PEER_ID='$PEER_ID' is not allowed: letters, digits, '-', '_' and '.' only"
   add peer_id "$PEER_ID"
 fi
-RUN_DIR=$(given run_dir || true)
-RUN_DIR=${RUN_DIR:-${DTRAIN_RUN_DIR:-}}
+given run_dir || true
+RUN_DIR=${GIVEN:-${DTRAIN_RUN_DIR:-}}
 if [[ -z $RUN_DIR && -n $COORD ]]; then RUN_DIR=runs/$PEER_ID; fi
 if [[ -n $RUN_DIR ]]; then
   add run_dir "$RUN_DIR"
-  if [[ -f $RUN_DIR/checkpoints/latest.pt ]] && ! given resume >/dev/null; then
+  if [[ -f $RUN_DIR/checkpoints/latest.pt ]] && ! given resume; then
     echo "$PROG: $RUN_DIR/checkpoints/latest.pt exists: resuming (resume=true)" >&2
     ADDED+=("resume=true")
   fi
@@ -184,14 +192,21 @@ if [[ ${CMD[0]} == "$DTRAIN_TRAIN" ]]; then
 fi
 
 # a torchrun job: keep the agent out of our process group and pass SIGTERM / SIGINT to its workers
+# the PIDs of the torchrun workers among the children of process $1 (torchrun gives each LOCAL_RANK), in
+# WORKERS (no command substitution: see GIVEN above)
 # shellcheck disable=SC2317  # called from the signal trap
-children_of() {
-  local f line rest ppid
+workers_of() {
+  local f line rest ppid pid kv
+  WORKERS=()
   for f in /proc/[0-9]*/stat; do
     { read -r line < "$f"; } 2>/dev/null || continue
     rest=${line##*) }
     read -r _ ppid _ <<< "$rest"
-    if [[ $ppid == "$1" ]]; then f=${f#/proc/}; echo "${f%/stat}"; fi
+    [[ $ppid == "$1" ]] || continue
+    pid=${f#/proc/}; pid=${pid%/stat}
+    { while IFS= read -r -d '' kv; do
+        if [[ $kv == LOCAL_RANK=* ]]; then WORKERS+=("$pid"); break; fi
+      done < "/proc/$pid/environ"; } 2>/dev/null || true
   done
 }
 AGENT=
@@ -200,16 +215,19 @@ PENDING=  # a signal that came before the agent's PID was known
 on_signal() {
   if [[ -n $AGENT ]]; then leave "$1"; else PENDING=$1; fi
 }
+# The workers leave on SIGTERM and the agent then exits 0, but only once all of them have: asking only
+# those already started would leave the agent waiting on the rest. So until the agent has started all
+# NPROC_PER_NODE workers, the agent itself is stopped: like torchrun, it stops those it has started.
 # shellcheck disable=SC2317  # called from the signal trap
 leave() {
-  local kids
-  kids=$(children_of "$AGENT")
-  echo "$PROG: $1: asking the workers to leave the run (${kids//$'\n'/ })" >&2
-  if [[ -n $kids ]]; then
-    # shellcheck disable=SC2086  # one PID per word
-    kill -TERM $kids 2>/dev/null || true
+  local WORKERS
+  workers_of "$AGENT"
+  if [[ ${#WORKERS[@]} -ge $NPROC_PER_NODE ]]; then
+    echo "$PROG: $1: asking the workers to leave the run (${WORKERS[*]})" >&2
+    kill -TERM "${WORKERS[@]}" 2>/dev/null || true
   else
-    kill -TERM "$AGENT" 2>/dev/null || true  # no workers yet: stop the agent itself
+    echo "$PROG: $1: ${#WORKERS[@]} of $NPROC_PER_NODE workers started: stopping the torchrun agent" >&2
+    kill -TERM "$AGENT" 2>/dev/null || true
   fi
 }
 # traps first: a signal that comes while the agent starts must not kill this script and orphan the agent

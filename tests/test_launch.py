@@ -127,13 +127,17 @@ def test_bad_values_are_refused(env, args, msg):
 # ---------------------------------------------------------------- stand-ins for the tools around the scripts
 
 FAKE_TORCHRUN = r"""#!/usr/bin/env bash
-# stand-in for torchrun: 2 workers that leave on SIGTERM; the agent exits 0 once they have (all give up after 30 s);
-# like torchrun, a signalled agent stops its workers and exits non-zero
+# stand-in for torchrun: 2 workers (LOCAL_RANK 0 and 1) that leave on SIGTERM; the agent exits 0 once they have (all
+# give up after 30 s); like torchrun, a signalled agent stops its workers and exits non-zero.
+# FAKE_GATE: the agent starts worker2 only once that file exists (meanwhile its only other child is a sleep)
 echo $$ > "$FAKE_DIR/agent.pid"
 echo "$@" > "$FAKE_DIR/agent.args"
 trap 'echo agent >> "$FAKE_DIR/termed"; kill -TERM $(jobs -p) 2>/dev/null; exit 1' TERM INT
 for i in 1 2; do
-  bash -c 'trap "echo worker$0 >> \"$FAKE_DIR/termed\"; exit 0" TERM
+  if [[ $i == 2 && -n ${FAKE_GATE:-} ]]; then
+    end=$((SECONDS + 30)); while [[ ! -e $FAKE_GATE && $SECONDS -lt $end ]]; do sleep 0.05; done
+  fi
+  LOCAL_RANK=$((i - 1)) bash -c 'trap "echo worker$0 >> \"$FAKE_DIR/termed\"; exit 0" TERM
            echo $$ > "$FAKE_DIR/worker$0.pid"
            end=$((SECONDS + 30)); while [[ $SECONDS -lt $end ]]; do sleep 0.05; done' "$i" &
 done
@@ -181,7 +185,10 @@ def fakes(tmp_path):
                        ("scancel", FAKE_SCANCEL), ("scontrol", FAKE_SCONTROL)]:
         (d / name).write_text(body)
         (d / name).chmod(0o755)
-    return d
+    yield d
+    # a torchrun agent runs in a session of its own: nothing of it outlives the test, whatever the test did
+    for name in ("agent.pid", "worker1.pid", "worker2.pid"):
+        kill_if_ours(d, d / name)
 
 
 def read(path) -> str:
@@ -206,7 +213,11 @@ def finish(p, timeout=20.0):
     finally:
         if p.poll() is None:
             os.killpg(p.pid, signal.SIGKILL)  # its session: the stand-ins it started too
-            p.communicate()
+            p.wait()
+        # not communicate(): a torchrun agent (a session of its own) that outlived the script would hold the
+        # pipes open until its workers give up, past the test's timeout
+        p.stdout.close()
+        p.stderr.close()
     return p.returncode, out, err
 
 
@@ -220,9 +231,6 @@ def test_a_signal_reaches_the_workers_not_the_agent(fakes, tmp_path, sig):
         os.kill(p.pid, sig)
     finally:
         rc, out, err = finish(p)
-        # the agent runs in a session of its own: make sure nothing of it outlives the test
-        for name in ("agent.pid", "worker1.pid", "worker2.pid"):
-            kill_if_ours(fakes, fakes / name)
     assert rc == 0, err
     assert sorted(read(fakes / "termed").split()) == ["worker1", "worker2"]  # the agent was left alone
     assert read(fakes / "agent.args").split()[:4] == ["--standalone", "--nproc-per-node", "2", "-m"]
@@ -254,6 +262,43 @@ def test_a_signal_while_the_agent_starts_leaves_no_orphan(fakes, tmp_path, sig):
         finally:
             for name in ("agent.pid", "worker1.pid", "worker2.pid"):
                 kill_if_ours(fakes, fakes / name)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_before_all_workers_started_stops_the_agent(fakes, tmp_path, sig):
+    # 1 of the 2 workers is up (the agent holds the other back): asking only that one to leave would leave
+    # the agent (and the script) waiting on the other; the agent is stopped instead, and it stops worker1
+    p = start([LAUNCH, "run_dir=x"], clean_env(NPROC_PER_NODE=2, TORCHRUN=fakes / "torchrun", FAKE_DIR=fakes,
+                                               FAKE_GATE=fakes / "gate"))
+    try:
+        wait_file(fakes / "worker1.pid")
+        time.sleep(0.1)  # worker1's trap is set before it writes its pid
+        os.kill(p.pid, sig)
+    finally:
+        rc, out, err = finish(p)
+    assert rc != 0 and "1 of 2 workers started: stopping the torchrun agent" in err, err
+    assert sorted(read(fakes / "termed").split()) == ["agent", "worker1"]
+    assert not (fakes / "worker2.pid").exists()
+
+
+def test_no_child_is_waited_for_before_the_agent_starts(tmp_path):
+    # bash drops a SIGINT sent to the script alone while it waits for a child that then exits normally (a
+    # $(...), a pipeline, an external command: it takes the child to have handled it), trap or no trap; the
+    # agent would then be started and never stopped. So up to the agent's start the script runs no such
+    # child: no command substitution in its trace (++), and no command but setsid on its PATH
+    if shutil.which("setsid") is None:
+        pytest.skip("no setsid here: the launcher starts the agent without it")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "setsid").symlink_to(shutil.which("setsid"))
+    env = clean_env(NPROC_PER_NODE=2, TORCHRUN=shutil.which("true"), DTRAIN_COORDINATOR="c:1", DTRAIN_PEER_ID="p",
+                    DTRAIN_DATA_PORT=7071, DTRAIN_ADVERTISE="h", DTRAIN_REGION="eu")
+    env["PATH"] = str(bin_dir)
+    p = subprocess.run([shutil.which("bash"), "-x", LAUNCH, "steps=1"], capture_output=True, text=True, timeout=30,
+                       env=env, cwd=tmp_path)
+    assert p.returncode == 0 and "\n+ setsid " in p.stderr, p.stderr
+    trace = "\n" + p.stderr.split("\n+ setsid ")[0]
+    assert "\n++" not in trace and "not found" not in trace, trace
 
 
 def _our_pid(fakes, pid_file):
