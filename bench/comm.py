@@ -92,7 +92,7 @@ def _int_list(text: str) -> List[int]:
     try:
         vals = [int(t) for t in text.split(",") if t.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 1, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 1, got {text!r}") from None
     if not vals or any(v < 1 for v in vals):
         raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 1, got {text!r}")
     return sorted(set(vals))
@@ -339,7 +339,7 @@ def per_step_rows(meas: Dict[Tuple[str, str], dict], args) -> List[dict]:
         base = meas[(backend, "fp32")]
         ddp_step = base["bytes_sent_mean"]
 
-        def row(mode: str, h: int, m: dict) -> dict:
+        def row(mode: str, h: int, m: dict, backend: str = backend, ddp_step: float = ddp_step) -> dict:
             measured = m["bytes_sent_mean"] / h
             return {"mode": mode, "H": h, "codec": m["codec"], "backend": backend,
                     "measured_bytes_per_step": measured,
@@ -394,8 +394,8 @@ def main(argv=None) -> int:
           _b(m["bytes_sent_min"]), _b(m["bytes_sent_max"]), _b(m["predicted_bytes"]), m["header_bytes"],
           m["comm_ms_median"]]
          for m in meas.values()],
-        title=f"one round, per member (mean over members and rounds; predicted = "
-              f"2(k-1)/k * encoded_size(N) for grpc)"))
+        title="one round, per member (mean over members and rounds; predicted = "
+              "2(k-1)/k * encoded_size(N) for grpc)"))
     print()
     print(format_table(
         ["mode", "H", "codec", "backend", "measured B/step", "predicted B/step", "overhead %", "vs ddp"],

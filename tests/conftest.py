@@ -11,6 +11,9 @@ import sys
 import pytest
 from omegaconf import OmegaConf
 
+# fixtures shared by several test modules (clusters of real processes, the preloaded forkserver)
+pytest_plugins = ["proc_fixtures", "control_fixtures", "outer_fixtures"]
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONF = os.path.join(REPO, "conf")
 VENV_BIN = os.path.dirname(sys.executable)

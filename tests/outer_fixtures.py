@@ -17,7 +17,7 @@ from typing import Dict, List, Sequence
 import pytest
 
 import fault_plugin
-from proc_fixtures import Cluster, Coordinator, Peer, check_parity, forkserver  # noqa: F401 (fixture)
+from proc_fixtures import Cluster, Coordinator, Peer, check_parity  # noqa: F401 (check_parity: re-exported)
 
 # coordinator parameters: quick leases, short grace, gloo store on
 COORD = dict(lease_timeout_s=1.5, heartbeat_interval_s=0.3, grace_s=0.3, commit_timeout_s=4.0, max_wait_s=2.0,

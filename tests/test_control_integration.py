@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from control_fixtures import FAST, STATE_BYTES, check_chain, check_parity, cluster, wait_for  # noqa: F401 (fixture)
+from control_fixtures import FAST, STATE_BYTES, check_chain, check_parity, wait_for
 
 
 def _stop_all(cl, peers, timeout=10.0):

@@ -24,8 +24,7 @@ import time
 
 import pytest
 
-from outer_fixtures import (check_against_coordinator, check_parity, fault_env, forkserver,  # noqa: F401
-                            outer_cluster, peer_flags)
+from outer_fixtures import check_against_coordinator, check_parity, fault_env, peer_flags
 from proc_fixtures import wait_for
 
 DEADLINE_S = 3.0
@@ -47,7 +46,7 @@ def _started(peer, rnd):
 
 @pytest.mark.timeout(60)
 def test_member_killed_mid_collective_fails_the_attempt_in_time_and_the_round_commits_without_it(
-        outer_cluster, forkserver):  # noqa: F811
+        outer_cluster, forkserver):
     R = 2
     # round R's first attempt is slow: 8 chunks of 2 KiB per push at 0.1 s each, ~0.8 s per phase
     flags = peer_flags(codecs="fp32", backends="grpc", numel=12_000, deadline_s=DEADLINE_S,
@@ -92,7 +91,7 @@ def test_member_killed_mid_collective_fails_the_attempt_in_time_and_the_round_co
 @pytest.mark.parametrize("codec,backend", [("fp32", "grpc"), ("int8", "grpc"), ("fp32", "gloo"), ("int8", "gloo")],
                          ids=["fp32-nan-grpc", "int8-scale-grpc", "fp32-nan-gloo", "int8-scale-gloo"])
 def test_garbage_sender_is_excluded_the_round_commits_without_it_and_it_heals(
-        outer_cluster, forkserver, codec, backend):  # noqa: F811
+        outer_cluster, forkserver, codec, backend):
     R = 2
     flags = peer_flags(codecs=codec, backends=backend, deadline_s=DEADLINE_S)
     coord, peers = _start(outer_cluster, flags, env={2: fault_env(poison_round=R)})
@@ -132,7 +131,7 @@ def test_garbage_sender_is_excluded_the_round_commits_without_it_and_it_heals(
 
 
 @pytest.mark.timeout(60)
-def test_gloo_groups_are_rebuilt_after_a_graceful_leave(outer_cluster, forkserver):  # noqa: F811
+def test_gloo_groups_are_rebuilt_after_a_graceful_leave(outer_cluster, forkserver):
     flags = peer_flags(codecs="fp32", backends="gloo", deadline_s=DEADLINE_S)
     coord, peers = _start(outer_cluster, flags)
     leaver, survivors = peers[1], [peers[0], peers[2]]
@@ -163,7 +162,7 @@ def test_gloo_groups_are_rebuilt_after_a_graceful_leave(outer_cluster, forkserve
 
 @pytest.mark.timeout(60)
 def test_member_stopped_mid_collective_is_expired_then_rejoins_heals_and_continues(
-        outer_cluster, forkserver):  # noqa: F811
+        outer_cluster, forkserver):
     R = 4  # codecs fp32,int8 x backends grpc,gloo: round 4 is fp32 over grpc, slowed in its first attempt
     flags = peer_flags(codecs="fp32,int8", backends="grpc,gloo", numel=12_000, deadline_s=DEADLINE_S,
                        extra=["--error-feedback", "--chunk-bytes", "2048", "--streams", "1", "--trace"])

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from outer_fixtures import (ALL_CODECS, check_against_coordinator, check_parity, forkserver,  # noqa: F401
-                            outer_cluster, peer_flags)
+from outer_fixtures import ALL_CODECS, check_against_coordinator, check_parity, peer_flags
 
 
 def _run(cl, n_peers: int, rounds: int, **flag_args):
@@ -24,7 +23,7 @@ def _run(cl, n_peers: int, rounds: int, **flag_args):
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("fragments", [1, 3], ids=["whole", "streaming3"])
-def test_every_codec_and_backend_commits_one_state_hash(outer_cluster, forkserver, fragments):  # noqa: F811
+def test_every_codec_and_backend_commits_one_state_hash(outer_cluster, forkserver, fragments):
     rounds = 2 * len(ALL_CODECS)  # round r: codec r mod 5, backend (r div 5) mod 2, fragment r mod F
     coord, peers = _run(outer_cluster, 3, rounds, codecs=",".join(ALL_CODECS), backends="grpc,gloo",
                         fragments=fragments, numel=3000)
@@ -49,7 +48,7 @@ def test_every_codec_and_backend_commits_one_state_hash(outer_cluster, forkserve
 
 
 @pytest.mark.timeout(60)
-def test_four_peers_have_parity_on_both_backends(outer_cluster, forkserver):  # noqa: F811
+def test_four_peers_have_parity_on_both_backends(outer_cluster, forkserver):
     rounds = 4  # one codec: backends alternate grpc, gloo, grpc, gloo
     coord, peers = _run(outer_cluster, 4, rounds, codecs="int8", backends="grpc,gloo", fragments=1, numel=3001)
     for p in peers:

@@ -23,7 +23,7 @@ def test_assignment_is_bounded_deterministic_and_follows_the_fastest(rates, plan
     got = assign_local_steps(rates, plan)
     assert got == assign_local_steps(dict(reversed(list(rates.items()))), plan)  # order of members is irrelevant
     assert set(got) == set(rates)
-    for pid, steps in got.items():
+    for steps in got.values():
         assert 0 <= steps <= plan.sync_every
         assert steps == 0 or steps >= max(1, plan.min_steps)
     fastest = max(rates.values())

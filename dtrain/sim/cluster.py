@@ -83,8 +83,8 @@ class Simulation:
     def link_of(self, a: str, b: str) -> LinkSpec:
         w = self.cfg.wan
         if a == b:
-            l = w.local
-            return LinkSpec(l.latency_ms, l.jitter_ms, l.bandwidth_mbit)
+            local = w.local
+            return LinkSpec(local.latency_ms, local.jitter_ms, local.bandwidth_mbit)
         pair = w.pairs.get(f"{a}-{b}") or w.pairs.get(f"{b}-{a}")
         if pair is not None:
             return LinkSpec(*(float(x) for x in pair))
