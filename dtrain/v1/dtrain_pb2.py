@@ -9,7 +9,6 @@ from google.protobuf import descriptor_pool as _descriptor_pool
 from google.protobuf import runtime_version as _runtime_version
 from google.protobuf import symbol_database as _symbol_database
 from google.protobuf.internal import builder as _builder
-
 _runtime_version.ValidateProtobufRuntimeVersion(
     _runtime_version.Domain.PUBLIC,
     7,
@@ -25,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x64train/v1/dtrain.proto\x12\tdtrain.v1\"\xa0\x01\n\x0bJoinRequest\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x13\n\x0bschema_hash\x18\x03 \x01(\t\x12\x12\n\nworld_size\x18\x04 \x01(\r\x12\x0e\n\x06region\x18\x05 \x01(\t\x12\x13\n\x0bincarnation\x18\x06 \x01(\t\x12\r\n\x05round\x18\x07 \x01(\x04\x12\x12\n\nstate_hash\x18\x08 \x01(\t\"L\n\x05\x44onor\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\x04\x12\x12\n\nstate_hash\x18\x04 \x01(\t\"\xd5\x01\n\tJoinReply\x12\x18\n\x10lease_timeout_ms\x18\x01 \x01(\r\x12\x1d\n\x15heartbeat_interval_ms\x18\x02 \x01(\r\x12\x17\n\x0f\x63ommitted_round\x18\x03 \x01(\x04\x12\x1c\n\x14\x63ommitted_state_hash\x18\x04 \x01(\t\x12\x11\n\tmust_heal\x18\x05 \x01(\x08\x12\x1f\n\x05\x64onor\x18\x06 \x01(\x0b\x32\x10.dtrain.v1.Donor\x12\x11\n\tquorum_id\x18\x07 \x01(\x04\x12\x11\n\tmin_peers\x18\x08 \x01(\r\"8\n\x10HeartbeatRequest\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x13\n\x0bincarnation\x18\x02 \x01(\t\"V\n\x0eHeartbeatReply\x12\x17\n\x0f\x63ommitted_round\x18\x01 \x01(\x04\x12\x11\n\tquorum_id\x18\x02 \x01(\x04\x12\x18\n\x10lease_timeout_ms\x18\x03 \x01(\r\"D\n\x0cLeaveRequest\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x13\n\x0bincarnation\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\x0c\n\nLeaveReply\"g\n\x0bSyncRequest\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x13\n\x0bincarnation\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\x04\x12\x12\n\nstate_hash\x18\x04 \x01(\t\x12\x0f\n\x07wait_ms\x18\x05 \x01(\r\"N\n\x06Member\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x12\n\nworld_size\x18\x03 \x01(\r\x12\x0e\n\x06region\x18\x04 \x01(\t\"\x94\x01\n\x06Quorum\x12\x11\n\tquorum_id\x18\x01 \x01(\x04\x12\r\n\x05round\x18\x02 \x01(\x04\x12\"\n\x07members\x18\x03 \x03(\x0b\x32\x11.dtrain.v1.Member\x12\x12\n\nstate_hash\x18\x04 \x01(\t\x12\x19\n\x11\x63ommit_timeout_ms\x18\x05 \x01(\r\x12\x15\n\rstore_address\x18\x06 \x01(\t\"\xeb\x01\n\tSyncReply\x12-\n\x07outcome\x18\x01 \x01(\x0e\x32\x1c.dtrain.v1.SyncReply.Outcome\x12!\n\x06quorum\x18\x02 \x01(\x0b\x32\x11.dtrain.v1.Quorum\x12\x1f\n\x05\x64onor\x18\x03 \x01(\x0b\x32\x10.dtrain.v1.Donor\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x17\n\x0f\x63ommitted_round\x18\x05 \x01(\x04\"B\n\x07Outcome\x12\x17\n\x13OUTCOME_UNSPECIFIED\x10\x00\x12\n\n\x06QUORUM\x10\x01\x12\x08\n\x04HEAL\x10\x02\x12\x08\n\x04WAIT\x10\x03\"\x84\x01\n\rCommitRequest\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x13\n\x0bincarnation\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\x04\x12\x11\n\tquorum_id\x18\x04 \x01(\x04\x12\n\n\x02ok\x18\x05 \x01(\x08\x12\x0e\n\x06reason\x18\x06 \x01(\t\x12\x0f\n\x07wait_ms\x18\x07 \x01(\r\"\xd2\x01\n\x0b\x43ommitReply\x12\x31\n\x08\x64\x65\x63ision\x18\x01 \x01(\x0e\x32\x1f.dtrain.v1.CommitReply.Decision\x12\r\n\x05round\x18\x02 \x01(\x04\x12\x11\n\tquorum_id\x18\x03 \x01(\x04\x12\x17\n\x0f\x63ommitted_round\x18\x04 \x01(\x04\x12\x0e\n\x06reason\x18\x05 \x01(\t\"E\n\x08\x44\x65\x63ision\x12\x18\n\x14\x44\x45\x43ISION_UNSPECIFIED\x10\x00\x12\n\n\x06\x43OMMIT\x10\x01\x12\t\n\x05RETRY\x10\x02\x12\x08\n\x04WAIT\x10\x03\"x\n\rReportRequest\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x13\n\x0bincarnation\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\x04\x12\x11\n\tquorum_id\x18\x04 \x01(\x04\x12\x0f\n\x07\x63ulprit\x18\x05 \x01(\t\x12\x0e\n\x06reason\x18\x06 \x01(\t\"\x1f\n\x0bReportReply\x12\x10\n\x08\x65xcluded\x18\x01 \x01(\x08\"\x0f\n\rStatusRequest\"\x9c\x01\n\x0cMemberStatus\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0e\n\x06region\x18\x03 \x01(\t\x12\x12\n\nworld_size\x18\x04 \x01(\r\x12\r\n\x05round\x18\x05 \x01(\x04\x12\x14\n\x0clease_age_ms\x18\x06 \x01(\r\x12\r\n\x05state\x18\x07 \x01(\t\x12\x12\n\nstate_hash\x18\x08 \x01(\t\"f\n\x0c\x43ommitRecord\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x11\n\tquorum_id\x18\x02 \x01(\x04\x12\x0f\n\x07members\x18\x03 \x03(\t\x12\x12\n\nstate_hash\x18\x04 \x01(\t\x12\x0f\n\x07unix_ms\x18\x05 \x01(\x03\"\xde\x01\n\x0bStatusReply\x12\x17\n\x0f\x63ommitted_round\x18\x01 \x01(\x04\x12\x11\n\tquorum_id\x18\x02 \x01(\x04\x12(\n\x07members\x18\x03 \x03(\x0b\x32\x17.dtrain.v1.MemberStatus\x12(\n\x07\x63ommits\x18\x04 \x03(\x0b\x32\x17.dtrain.v1.CommitRecord\x12\x13\n\x0bschema_hash\x18\x05 \x01(\t\x12\x11\n\tmin_peers\x18\x06 \x01(\r\x12\r\n\x05phase\x18\x07 \x01(\t\x12\x18\n\x10lease_timeout_ms\x18\x08 \x01(\r\"\"\n\x0bPingRequest\x12\x13\n\x0bschema_hash\x18\x01 \x01(\t\"?\n\tPingReply\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x04\x12\x12\n\nstate_hash\x18\x03 \x01(\t\"I\n\x0cStateRequest\x12\x13\n\x0bschema_hash\x18\x01 \x01(\t\x12\x11\n\trequester\x18\x02 \x01(\t\x12\x11\n\tmin_round\x18\x03 \x01(\x04\"X\n\nTensorMeta\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x04\x12\x0e\n\x06offset\x18\x04 \x01(\x04\x12\x0e\n\x06nbytes\x18\x05 \x01(\x04\"\xaa\x01\n\x0bStateHeader\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x04\x12\x12\n\nstate_hash\x18\x03 \x01(\t\x12\x13\n\x0btotal_bytes\x18\x04 \x01(\x04\x12&\n\x07tensors\x18\x05 \x03(\x0b\x32\x15.dtrain.v1.TensorMeta\x12\x13\n\x0b\x63hunk_bytes\x18\x06 \x01(\r\x12\x11\n\tmeta_json\x18\x07 \x01(\t\"H\n\x11StateChunkRequest\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0e\n\x06length\x18\x03 \x01(\x04\"*\n\nStateChunk\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"\xb9\x01\n\nShardChunk\x12\x11\n\tquorum_id\x18\x01 \x01(\x04\x12\r\n\x05round\x18\x02 \x01(\x04\x12\n\n\x02op\x18\x03 \x01(\t\x12\r\n\x05phase\x18\x04 \x01(\r\x12\r\n\x05shard\x18\x05 \x01(\r\x12\x0e\n\x06sender\x18\x06 \x01(\t\x12\r\n\x05\x63odec\x18\x07 \x01(\t\x12\r\n\x05numel\x18\x08 \x01(\x04\x12\x13\n\x0btotal_bytes\x18\t \x01(\x04\x12\x0e\n\x06offset\x18\n \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x0b \x01(\x0c\"\x18\n\x07PushAck\x12\r\n\x05\x62ytes\x18\x01 \x01(\x04\x32\xab\x03\n\x0b\x43oordinator\x12\x34\n\x04Join\x12\x16.dtrain.v1.JoinRequest\x1a\x14.dtrain.v1.JoinReply\x12\x43\n\tHeartbeat\x12\x1b.dtrain.v1.HeartbeatRequest\x1a\x19.dtrain.v1.HeartbeatReply\x12\x37\n\x05Leave\x12\x17.dtrain.v1.LeaveRequest\x1a\x15.dtrain.v1.LeaveReply\x12\x34\n\x04Sync\x12\x16.dtrain.v1.SyncRequest\x1a\x14.dtrain.v1.SyncReply\x12:\n\x06\x43ommit\x12\x18.dtrain.v1.CommitRequest\x1a\x16.dtrain.v1.CommitReply\x12:\n\x06Status\x12\x18.dtrain.v1.StatusRequest\x1a\x16.dtrain.v1.StatusReply\x12:\n\x06Report\x12\x18.dtrain.v1.ReportRequest\x1a\x16.dtrain.v1.ReportReply2\xff\x01\n\x04Peer\x12\x34\n\x04Ping\x12\x16.dtrain.v1.PingRequest\x1a\x14.dtrain.v1.PingReply\x12\x41\n\x0eGetStateHeader\x12\x17.dtrain.v1.StateRequest\x1a\x16.dtrain.v1.StateHeader\x12\x44\n\x0bStreamState\x12\x1c.dtrain.v1.StateChunkRequest\x1a\x15.dtrain.v1.StateChunk0\x01\x12\x38\n\tPushShard\x12\x15.dtrain.v1.ShardChunk\x1a\x12.dtrain.v1.PushAck(\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x64train/v1/dtrain.proto\x12\tdtrain.v1\"\xc3\x01\n\x0bJoinRequest\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x13\n\x0bschema_hash\x18\x03 \x01(\t\x12\x12\n\nworld_size\x18\x04 \x01(\r\x12\x0e\n\x06region\x18\x05 \x01(\t\x12\x13\n\x0bincarnation\x18\x06 \x01(\t\x12\r\n\x05round\x18\x07 \x01(\x04\x12\x12\n\nstate_hash\x18\x08 \x01(\t\x12!\n\x04plan\x18\t \x01(\x0b\x32\x13.dtrain.v1.WorkPlan\"V\n\x08WorkPlan\x12\x12\n\nsync_every\x18\x01 \x01(\r\x12\x11\n\tmin_steps\x18\x02 \x01(\r\x12\x10\n\x08\x62\x61lanced\x18\x03 \x01(\x08\x12\x11\n\ttolerance\x18\x04 \x01(\x02\"L\n\x05\x44onor\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\x04\x12\x12\n\nstate_hash\x18\x04 \x01(\t\"\xd5\x01\n\tJoinReply\x12\x18\n\x10lease_timeout_ms\x18\x01 \x01(\r\x12\x1d\n\x15heartbeat_interval_ms\x18\x02 \x01(\r\x12\x17\n\x0f\x63ommitted_round\x18\x03 \x01(\x04\x12\x1c\n\x14\x63ommitted_state_hash\x18\x04 \x01(\t\x12\x11\n\tmust_heal\x18\x05 \x01(\x08\x12\x1f\n\x05\x64onor\x18\x06 \x01(\x0b\x32\x10.dtrain.v1.Donor\x12\x11\n\tquorum_id\x18\x07 \x01(\x04\x12\x11\n\tmin_peers\x18\x08 \x01(\r\"8\n\x10HeartbeatRequest\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x13\n\x0bincarnation\x18\x02 \x01(\t\"V\n\x0eHeartbeatReply\x12\x17\n\x0f\x63ommitted_round\x18\x01 \x01(\x04\x12\x11\n\tquorum_id\x18\x02 \x01(\x04\x12\x18\n\x10lease_timeout_ms\x18\x03 \x01(\r\"D\n\x0cLeaveRequest\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x13\n\x0bincarnation\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\x0c\n\nLeaveReply\"\x9a\x01\n\x0bSyncRequest\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x13\n\x0bincarnation\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\x04\x12\x12\n\nstate_hash\x18\x04 \x01(\t\x12\x0f\n\x07wait_ms\x18\x05 \x01(\r\x12\x11\n\tstep_rate\x18\x06 \x01(\x01\x12\r\n\x05steps\x18\x07 \x01(\r\x12\x0f\n\x07samples\x18\x08 \x01(\x04\"\x95\x01\n\x06Member\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x12\n\nworld_size\x18\x03 \x01(\r\x12\x0e\n\x06region\x18\x04 \x01(\t\x12\r\n\x05steps\x18\x05 \x01(\r\x12\x0f\n\x07samples\x18\x06 \x01(\x04\x12\x12\n\nnext_steps\x18\x07 \x01(\r\x12\x11\n\tstep_rate\x18\x08 \x01(\x01\"\x94\x01\n\x06Quorum\x12\x11\n\tquorum_id\x18\x01 \x01(\x04\x12\r\n\x05round\x18\x02 \x01(\x04\x12\"\n\x07members\x18\x03 \x03(\x0b\x32\x11.dtrain.v1.Member\x12\x12\n\nstate_hash\x18\x04 \x01(\t\x12\x19\n\x11\x63ommit_timeout_ms\x18\x05 \x01(\r\x12\x15\n\rstore_address\x18\x06 \x01(\t\"\xeb\x01\n\tSyncReply\x12-\n\x07outcome\x18\x01 \x01(\x0e\x32\x1c.dtrain.v1.SyncReply.Outcome\x12!\n\x06quorum\x18\x02 \x01(\x0b\x32\x11.dtrain.v1.Quorum\x12\x1f\n\x05\x64onor\x18\x03 \x01(\x0b\x32\x10.dtrain.v1.Donor\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x17\n\x0f\x63ommitted_round\x18\x05 \x01(\x04\"B\n\x07Outcome\x12\x17\n\x13OUTCOME_UNSPECIFIED\x10\x00\x12\n\n\x06QUORUM\x10\x01\x12\x08\n\x04HEAL\x10\x02\x12\x08\n\x04WAIT\x10\x03\"\x84\x01\n\rCommitRequest\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x13\n\x0bincarnation\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\x04\x12\x11\n\tquorum_id\x18\x04 \x01(\x04\x12\n\n\x02ok\x18\x05 \x01(\x08\x12\x0e\n\x06reason\x18\x06 \x01(\t\x12\x0f\n\x07wait_ms\x18\x07 \x01(\r\"\xd2\x01\n\x0b\x43ommitReply\x12\x31\n\x08\x64\x65\x63ision\x18\x01 \x01(\x0e\x32\x1f.dtrain.v1.CommitReply.Decision\x12\r\n\x05round\x18\x02 \x01(\x04\x12\x11\n\tquorum_id\x18\x03 \x01(\x04\x12\x17\n\x0f\x63ommitted_round\x18\x04 \x01(\x04\x12\x0e\n\x06reason\x18\x05 \x01(\t\"E\n\x08\x44\x65\x63ision\x12\x18\n\x14\x44\x45\x43ISION_UNSPECIFIED\x10\x00\x12\n\n\x06\x43OMMIT\x10\x01\x12\t\n\x05RETRY\x10\x02\x12\x08\n\x04WAIT\x10\x03\"x\n\rReportRequest\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x13\n\x0bincarnation\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\x04\x12\x11\n\tquorum_id\x18\x04 \x01(\x04\x12\x0f\n\x07\x63ulprit\x18\x05 \x01(\t\x12\x0e\n\x06reason\x18\x06 \x01(\t\"\x1f\n\x0bReportReply\x12\x10\n\x08\x65xcluded\x18\x01 \x01(\x08\"\x0f\n\rStatusRequest\"\x9c\x01\n\x0cMemberStatus\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0e\n\x06region\x18\x03 \x01(\t\x12\x12\n\nworld_size\x18\x04 \x01(\r\x12\r\n\x05round\x18\x05 \x01(\x04\x12\x14\n\x0clease_age_ms\x18\x06 \x01(\r\x12\r\n\x05state\x18\x07 \x01(\t\x12\x12\n\nstate_hash\x18\x08 \x01(\t\"f\n\x0c\x43ommitRecord\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x11\n\tquorum_id\x18\x02 \x01(\x04\x12\x0f\n\x07members\x18\x03 \x03(\t\x12\x12\n\nstate_hash\x18\x04 \x01(\t\x12\x0f\n\x07unix_ms\x18\x05 \x01(\x03\"\xde\x01\n\x0bStatusReply\x12\x17\n\x0f\x63ommitted_round\x18\x01 \x01(\x04\x12\x11\n\tquorum_id\x18\x02 \x01(\x04\x12(\n\x07members\x18\x03 \x03(\x0b\x32\x17.dtrain.v1.MemberStatus\x12(\n\x07\x63ommits\x18\x04 \x03(\x0b\x32\x17.dtrain.v1.CommitRecord\x12\x13\n\x0bschema_hash\x18\x05 \x01(\t\x12\x11\n\tmin_peers\x18\x06 \x01(\r\x12\r\n\x05phase\x18\x07 \x01(\t\x12\x18\n\x10lease_timeout_ms\x18\x08 \x01(\r\"\"\n\x0bPingRequest\x12\x13\n\x0bschema_hash\x18\x01 \x01(\t\"?\n\tPingReply\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x04\x12\x12\n\nstate_hash\x18\x03 \x01(\t\"I\n\x0cStateRequest\x12\x13\n\x0bschema_hash\x18\x01 \x01(\t\x12\x11\n\trequester\x18\x02 \x01(\t\x12\x11\n\tmin_round\x18\x03 \x01(\x04\"X\n\nTensorMeta\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x04\x12\x0e\n\x06offset\x18\x04 \x01(\x04\x12\x0e\n\x06nbytes\x18\x05 \x01(\x04\"\xaa\x01\n\x0bStateHeader\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x04\x12\x12\n\nstate_hash\x18\x03 \x01(\t\x12\x13\n\x0btotal_bytes\x18\x04 \x01(\x04\x12&\n\x07tensors\x18\x05 \x03(\x0b\x32\x15.dtrain.v1.TensorMeta\x12\x13\n\x0b\x63hunk_bytes\x18\x06 \x01(\r\x12\x11\n\tmeta_json\x18\x07 \x01(\t\"H\n\x11StateChunkRequest\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0e\n\x06length\x18\x03 \x01(\x04\"*\n\nStateChunk\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"\xb9\x01\n\nShardChunk\x12\x11\n\tquorum_id\x18\x01 \x01(\x04\x12\r\n\x05round\x18\x02 \x01(\x04\x12\n\n\x02op\x18\x03 \x01(\t\x12\r\n\x05phase\x18\x04 \x01(\r\x12\r\n\x05shard\x18\x05 \x01(\r\x12\x0e\n\x06sender\x18\x06 \x01(\t\x12\r\n\x05\x63odec\x18\x07 \x01(\t\x12\r\n\x05numel\x18\x08 \x01(\x04\x12\x13\n\x0btotal_bytes\x18\t \x01(\x04\x12\x0e\n\x06offset\x18\n \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x0b \x01(\x0c\"\x18\n\x07PushAck\x12\r\n\x05\x62ytes\x18\x01 \x01(\x04\x32\xab\x03\n\x0b\x43oordinator\x12\x34\n\x04Join\x12\x16.dtrain.v1.JoinRequest\x1a\x14.dtrain.v1.JoinReply\x12\x43\n\tHeartbeat\x12\x1b.dtrain.v1.HeartbeatRequest\x1a\x19.dtrain.v1.HeartbeatReply\x12\x37\n\x05Leave\x12\x17.dtrain.v1.LeaveRequest\x1a\x15.dtrain.v1.LeaveReply\x12\x34\n\x04Sync\x12\x16.dtrain.v1.SyncRequest\x1a\x14.dtrain.v1.SyncReply\x12:\n\x06\x43ommit\x12\x18.dtrain.v1.CommitRequest\x1a\x16.dtrain.v1.CommitReply\x12:\n\x06Status\x12\x18.dtrain.v1.StatusRequest\x1a\x16.dtrain.v1.StatusReply\x12:\n\x06Report\x12\x18.dtrain.v1.ReportRequest\x1a\x16.dtrain.v1.ReportReply2\xff\x01\n\x04Peer\x12\x34\n\x04Ping\x12\x16.dtrain.v1.PingRequest\x1a\x14.dtrain.v1.PingReply\x12\x41\n\x0eGetStateHeader\x12\x17.dtrain.v1.StateRequest\x1a\x16.dtrain.v1.StateHeader\x12\x44\n\x0bStreamState\x12\x1c.dtrain.v1.StateChunkRequest\x1a\x15.dtrain.v1.StateChunk0\x01\x12\x38\n\tPushShard\x12\x15.dtrain.v1.ShardChunk\x1a\x12.dtrain.v1.PushAck(\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,67 +32,69 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'dtrain.v1.dtrain_pb2', _glo
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_JOINREQUEST']._serialized_start=38
-  _globals['_JOINREQUEST']._serialized_end=198
-  _globals['_DONOR']._serialized_start=200
-  _globals['_DONOR']._serialized_end=276
-  _globals['_JOINREPLY']._serialized_start=279
-  _globals['_JOINREPLY']._serialized_end=492
-  _globals['_HEARTBEATREQUEST']._serialized_start=494
-  _globals['_HEARTBEATREQUEST']._serialized_end=550
-  _globals['_HEARTBEATREPLY']._serialized_start=552
-  _globals['_HEARTBEATREPLY']._serialized_end=638
-  _globals['_LEAVEREQUEST']._serialized_start=640
-  _globals['_LEAVEREQUEST']._serialized_end=708
-  _globals['_LEAVEREPLY']._serialized_start=710
-  _globals['_LEAVEREPLY']._serialized_end=722
-  _globals['_SYNCREQUEST']._serialized_start=724
-  _globals['_SYNCREQUEST']._serialized_end=827
-  _globals['_MEMBER']._serialized_start=829
-  _globals['_MEMBER']._serialized_end=907
-  _globals['_QUORUM']._serialized_start=910
-  _globals['_QUORUM']._serialized_end=1058
-  _globals['_SYNCREPLY']._serialized_start=1061
-  _globals['_SYNCREPLY']._serialized_end=1296
-  _globals['_SYNCREPLY_OUTCOME']._serialized_start=1230
-  _globals['_SYNCREPLY_OUTCOME']._serialized_end=1296
-  _globals['_COMMITREQUEST']._serialized_start=1299
-  _globals['_COMMITREQUEST']._serialized_end=1431
-  _globals['_COMMITREPLY']._serialized_start=1434
-  _globals['_COMMITREPLY']._serialized_end=1644
-  _globals['_COMMITREPLY_DECISION']._serialized_start=1575
-  _globals['_COMMITREPLY_DECISION']._serialized_end=1644
-  _globals['_REPORTREQUEST']._serialized_start=1646
-  _globals['_REPORTREQUEST']._serialized_end=1766
-  _globals['_REPORTREPLY']._serialized_start=1768
-  _globals['_REPORTREPLY']._serialized_end=1799
-  _globals['_STATUSREQUEST']._serialized_start=1801
-  _globals['_STATUSREQUEST']._serialized_end=1816
-  _globals['_MEMBERSTATUS']._serialized_start=1819
-  _globals['_MEMBERSTATUS']._serialized_end=1975
-  _globals['_COMMITRECORD']._serialized_start=1977
-  _globals['_COMMITRECORD']._serialized_end=2079
-  _globals['_STATUSREPLY']._serialized_start=2082
-  _globals['_STATUSREPLY']._serialized_end=2304
-  _globals['_PINGREQUEST']._serialized_start=2306
-  _globals['_PINGREQUEST']._serialized_end=2340
-  _globals['_PINGREPLY']._serialized_start=2342
-  _globals['_PINGREPLY']._serialized_end=2405
-  _globals['_STATEREQUEST']._serialized_start=2407
-  _globals['_STATEREQUEST']._serialized_end=2480
-  _globals['_TENSORMETA']._serialized_start=2482
-  _globals['_TENSORMETA']._serialized_end=2570
-  _globals['_STATEHEADER']._serialized_start=2573
-  _globals['_STATEHEADER']._serialized_end=2743
-  _globals['_STATECHUNKREQUEST']._serialized_start=2745
-  _globals['_STATECHUNKREQUEST']._serialized_end=2817
-  _globals['_STATECHUNK']._serialized_start=2819
-  _globals['_STATECHUNK']._serialized_end=2861
-  _globals['_SHARDCHUNK']._serialized_start=2864
-  _globals['_SHARDCHUNK']._serialized_end=3049
-  _globals['_PUSHACK']._serialized_start=3051
-  _globals['_PUSHACK']._serialized_end=3075
-  _globals['_COORDINATOR']._serialized_start=3078
-  _globals['_COORDINATOR']._serialized_end=3505
-  _globals['_PEER']._serialized_start=3508
-  _globals['_PEER']._serialized_end=3763
+  _globals['_JOINREQUEST']._serialized_end=233
+  _globals['_WORKPLAN']._serialized_start=235
+  _globals['_WORKPLAN']._serialized_end=321
+  _globals['_DONOR']._serialized_start=323
+  _globals['_DONOR']._serialized_end=399
+  _globals['_JOINREPLY']._serialized_start=402
+  _globals['_JOINREPLY']._serialized_end=615
+  _globals['_HEARTBEATREQUEST']._serialized_start=617
+  _globals['_HEARTBEATREQUEST']._serialized_end=673
+  _globals['_HEARTBEATREPLY']._serialized_start=675
+  _globals['_HEARTBEATREPLY']._serialized_end=761
+  _globals['_LEAVEREQUEST']._serialized_start=763
+  _globals['_LEAVEREQUEST']._serialized_end=831
+  _globals['_LEAVEREPLY']._serialized_start=833
+  _globals['_LEAVEREPLY']._serialized_end=845
+  _globals['_SYNCREQUEST']._serialized_start=848
+  _globals['_SYNCREQUEST']._serialized_end=1002
+  _globals['_MEMBER']._serialized_start=1005
+  _globals['_MEMBER']._serialized_end=1154
+  _globals['_QUORUM']._serialized_start=1157
+  _globals['_QUORUM']._serialized_end=1305
+  _globals['_SYNCREPLY']._serialized_start=1308
+  _globals['_SYNCREPLY']._serialized_end=1543
+  _globals['_SYNCREPLY_OUTCOME']._serialized_start=1477
+  _globals['_SYNCREPLY_OUTCOME']._serialized_end=1543
+  _globals['_COMMITREQUEST']._serialized_start=1546
+  _globals['_COMMITREQUEST']._serialized_end=1678
+  _globals['_COMMITREPLY']._serialized_start=1681
+  _globals['_COMMITREPLY']._serialized_end=1891
+  _globals['_COMMITREPLY_DECISION']._serialized_start=1822
+  _globals['_COMMITREPLY_DECISION']._serialized_end=1891
+  _globals['_REPORTREQUEST']._serialized_start=1893
+  _globals['_REPORTREQUEST']._serialized_end=2013
+  _globals['_REPORTREPLY']._serialized_start=2015
+  _globals['_REPORTREPLY']._serialized_end=2046
+  _globals['_STATUSREQUEST']._serialized_start=2048
+  _globals['_STATUSREQUEST']._serialized_end=2063
+  _globals['_MEMBERSTATUS']._serialized_start=2066
+  _globals['_MEMBERSTATUS']._serialized_end=2222
+  _globals['_COMMITRECORD']._serialized_start=2224
+  _globals['_COMMITRECORD']._serialized_end=2326
+  _globals['_STATUSREPLY']._serialized_start=2329
+  _globals['_STATUSREPLY']._serialized_end=2551
+  _globals['_PINGREQUEST']._serialized_start=2553
+  _globals['_PINGREQUEST']._serialized_end=2587
+  _globals['_PINGREPLY']._serialized_start=2589
+  _globals['_PINGREPLY']._serialized_end=2652
+  _globals['_STATEREQUEST']._serialized_start=2654
+  _globals['_STATEREQUEST']._serialized_end=2727
+  _globals['_TENSORMETA']._serialized_start=2729
+  _globals['_TENSORMETA']._serialized_end=2817
+  _globals['_STATEHEADER']._serialized_start=2820
+  _globals['_STATEHEADER']._serialized_end=2990
+  _globals['_STATECHUNKREQUEST']._serialized_start=2992
+  _globals['_STATECHUNKREQUEST']._serialized_end=3064
+  _globals['_STATECHUNK']._serialized_start=3066
+  _globals['_STATECHUNK']._serialized_end=3108
+  _globals['_SHARDCHUNK']._serialized_start=3111
+  _globals['_SHARDCHUNK']._serialized_end=3296
+  _globals['_PUSHACK']._serialized_start=3298
+  _globals['_PUSHACK']._serialized_end=3322
+  _globals['_COORDINATOR']._serialized_start=3325
+  _globals['_COORDINATOR']._serialized_end=3752
+  _globals['_PEER']._serialized_start=3755
+  _globals['_PEER']._serialized_end=4010
 # @@protoc_insertion_point(module_scope)
