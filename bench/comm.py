@@ -7,7 +7,7 @@ so every round has all k members) and k sim-peer subprocesses (``--peers``,
 default 3) on a flat fp32 vector of N values (``--numel``; default: the
 parameter count of the default tiny supernet, ``conf/model/mbv3_tiny.yaml``
 built with ``dtrain.supernet.build_supernet``). Round r uses codec
-``codecs[r mod C]`` (sim_peer's schedule), so ``--rounds`` R rounds per codec
+``codecs[r mod C]`` (the model-free peer's schedule), so ``--rounds`` R rounds per codec
 is one run of R x C rounds.
 
 The bytes of a round are read from the collective's transport counters in the
@@ -111,9 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="codecs (all five; fp32 is always measured: it is the ddp baseline)")
     p.add_argument("--backends", type=_name_list(BACKENDS, "backends"), default=["grpc"],
                    help="collectives (grpc; gloo has no transport counters)")
-    p.add_argument("--chunk-bytes", type=positive_int, default=None, help="grpc chunk size (sim_peer's default)")
+    p.add_argument("--chunk-bytes", type=positive_int, default=None,
+                   help="grpc chunk size (the model-free peer's default)")
     p.add_argument("--streams", type=positive_int, default=None, help="grpc streams per destination "
-                                                                      "(sim_peer's default)")
+                                                                      "(the model-free peer's default)")
     p.add_argument("--timeout", type=positive_float, default=600.0,
                    help="give up on the sim peers after this many seconds (600)")
     p.add_argument("--json", metavar="PATH", default=None, help="also write the results here")

@@ -14,7 +14,8 @@ Points and wraps in the shipped code:
 ``after_commit``       point, ``round``: a DiLoCo round committed, before its
                        S_{r+1} is installed or anything is written after it
 ``collective``         wrap, ``round``, ``peer_id``: the collective the
-                       model-free peer runs a round with
+                       model-free peer runs round ``round`` with (called
+                       once per round, where the peer picks it)
 =====================  ========================================================
 
 A plugin is a Python file named by the environment variable

@@ -1,4 +1,5 @@
-"""Integration tests of the control plane: a real coordinator process and sim_peer processes on 127.0.0.1.
+"""Integration tests of the control plane: a real coordinator process and model-free peers without a data
+plane (``dtrain.sim.model_free_peer --backends none``, see ``control_fixtures``) on 127.0.0.1.
 
 Checks the invariants of DESIGN.md under churn: parity of state hashes,
 liveness when peers die / stop / leave, nothing lost across a coordinator
@@ -12,7 +13,7 @@ import time
 
 import pytest
 
-from control_fixtures import FAST, check_chain, check_parity, cluster, wait_for  # noqa: F401 (fixture)
+from control_fixtures import FAST, STATE_BYTES, check_chain, check_parity, cluster, wait_for  # noqa: F401 (fixture)
 
 
 def _stop_all(cl, peers, timeout=10.0):
@@ -91,13 +92,13 @@ def test_joiner_heals_from_a_donor_then_commits_with_parity(cluster):
     c = cluster.start_coordinator(min_peers=2)
     peers = [cluster.start_peer(f"p{i}", 40) for i in range(3)]
     wait_for(lambda: c.committed_round() >= 5, 20, "5 committed rounds")
-    joiner = cluster.start_peer("late", 40, "--chunk-bytes", "4096")  # 64 KiB state: a 16-chunk transfer
+    joiner = cluster.start_peer("late", 40, "--transfer-chunk-bytes", "4096")  # 64 KiB state: 16-chunk transfers
     codes = cluster.wait_exit(peers + [joiner], 40)
     assert codes == [0, 0, 0, 0], [p.stderr()[-500:] for p in peers + [joiner]]
     heals = joiner.records("heal")
     assert heals and heals[0]["round"] >= 5 and heals[0]["donor"] in ("p0", "p1", "p2")
     assert len(heals) <= 3, heals  # it enters the run instead of chasing it
-    assert heals[0]["bytes"] == 65536
+    assert heals[0]["bytes"] == STATE_BYTES == 65536
     check_parity(peers + [joiner])
     check_chain(joiner)
     after = joiner.hashes()

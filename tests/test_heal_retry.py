@@ -123,3 +123,21 @@ def test_fetch_reports_each_failure_clearly(served):
         svc.set_snapshot(truth.snapshot())
         with pytest.raises(StateTransferError, match=pattern):
             fetch_state(served(svc), SCHEMA, streams=3, timeout=20)
+
+
+def test_a_donor_whose_state_is_not_the_committed_one_is_refused(served):
+    """A donor serving a self-consistent state that is not the S_R the coordinator recorded (a forked or
+    stale peer) is not adopted: the healer asks again and takes the next donor's state."""
+    truth, forged = good_state(round_=4, n=20_000), good_state(round_=4, n=20_000)
+    forged.replace({"theta": forged.tensors["theta"] + 1, "velocity": forged.tensors["velocity"]}, round=4)
+    addresses = {}
+    for name, state in (("forked", forged), ("good", truth)):
+        svc = PeerServicer(SCHEMA, name, chunk_bytes=8 << 10)
+        svc.set_snapshot(state.snapshot())
+        addresses[name] = served(svc)
+    client = ScriptedClient([DonorInfo(n, addresses[n], 4, truth.hash()) for n in ("forked", "good")])
+    mine = good_state(round_=1, n=20_000)
+    engine = RoundEngine(client, None, mine, lambda: None, "joiner", SCHEMA, transfer_timeout_s=20)
+    out = engine.exchange(torch.zeros(10))
+    assert out.outcome is RoundOutcome.HEAL and out.heal is not None and out.heal.donor == "good"
+    assert client.syncs == 2 and mine.hash() == truth.hash()

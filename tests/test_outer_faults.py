@@ -9,6 +9,9 @@
   up at the deadline (a stopped peer refuses nothing), commit without it; after SIGCONT it re-joins, heals
   and continues.
 
+The slow pushes and the garbage come from the test suite's fault plugin (``fault_plugin``, settings in the
+peers' environment: ``fault_env``), through the model-free peer's ``collective`` wrap point.
+
 Every run ends with parity (one state hash per committed round across all peers) and agreement between the
 peers' round records and the coordinator's commit events. Peers run until the test writes the stop round
 into their ``--rounds-file`` (all stop at one round boundary).
@@ -21,18 +24,20 @@ import time
 
 import pytest
 
-from control_fixtures import wait_for
-from outer_fixtures import check_against_coordinator, check_parity, forkserver, outer_cluster, peer_flags  # noqa: F401
+from outer_fixtures import (check_against_coordinator, check_parity, fault_env, forkserver,  # noqa: F401
+                            outer_cluster, peer_flags)
+from proc_fixtures import wait_for
 
 DEADLINE_S = 3.0
 MARGIN_S = 1.0  # clean-up after the deadline (the gloo backstop alone allows 2 s, but is not hit here)
 
 
-def _start(cl, flags, n=3, extra=None):
-    """A coordinator (min_peers 2) and n peers p0..p{n-1}; ``extra``: peer index -> more flags."""
+def _start(cl, flags, n=3, env=None):
+    """A coordinator (min_peers 2) and n peers p0..p{n-1}; ``env``: peer index -> its fault settings
+    (``fault_env``)."""
     coord = cl.start_coordinator(min_peers=2)
     base = [*flags, "--wait-peers", str(n), "--rounds-file", cl.rounds_file, "--step-s", "0.05"]
-    peers = [cl.start_peer(f"p{i}", 10_000, *base, *(extra or {}).get(i, [])) for i in range(n)]
+    peers = [cl.start_peer(f"p{i}", 10_000, *base, env=(env or {}).get(i)) for i in range(n)]
     return coord, peers
 
 
@@ -46,9 +51,9 @@ def test_member_killed_mid_collective_fails_the_attempt_in_time_and_the_round_co
     R = 2
     # round R's first attempt is slow: 8 chunks of 2 KiB per push at 0.1 s each, ~0.8 s per phase
     flags = peer_flags(codecs="fp32", backends="grpc", numel=12_000, deadline_s=DEADLINE_S,
-                       extra=["--chunk-bytes", "2048", "--streams", "1", "--slow-push-s", "0.1",
-                              "--slow-round", str(R), "--trace"])
-    coord, peers = _start(outer_cluster, flags)
+                       extra=["--chunk-bytes", "2048", "--streams", "1", "--trace"])
+    slow = fault_env(slow_push_s=0.1, slow_round=R)
+    coord, peers = _start(outer_cluster, flags, env={i: slow for i in range(3)})
     victim = peers[1]
     survivors = [peers[0], peers[2]]
     wait_for(lambda: all(_started(p, R) for p in peers), 30.0, f"every peer in the collective of round {R}",
@@ -90,7 +95,7 @@ def test_garbage_sender_is_excluded_the_round_commits_without_it_and_it_heals(
         outer_cluster, forkserver, codec, backend):  # noqa: F811
     R = 2
     flags = peer_flags(codecs=codec, backends=backend, deadline_s=DEADLINE_S)
-    coord, peers = _start(outer_cluster, flags, extra={2: ["--poison-round", str(R)]})
+    coord, peers = _start(outer_cluster, flags, env={2: fault_env(poison_round=R)})
     bad, good = peers[2], peers[:2]
 
     def healed_and_back():
@@ -161,9 +166,9 @@ def test_member_stopped_mid_collective_is_expired_then_rejoins_heals_and_continu
         outer_cluster, forkserver):  # noqa: F811
     R = 4  # codecs fp32,int8 x backends grpc,gloo: round 4 is fp32 over grpc, slowed in its first attempt
     flags = peer_flags(codecs="fp32,int8", backends="grpc,gloo", numel=12_000, deadline_s=DEADLINE_S,
-                       extra=["--error-feedback", "--chunk-bytes", "2048", "--streams", "1", "--slow-push-s", "0.1",
-                              "--slow-round", str(R), "--trace"])
-    coord, peers = _start(outer_cluster, flags)
+                       extra=["--error-feedback", "--chunk-bytes", "2048", "--streams", "1", "--trace"])
+    slow = fault_env(slow_push_s=0.1, slow_round=R)
+    coord, peers = _start(outer_cluster, flags, env={i: slow for i in range(3)})
     victim, survivors = peers[2], peers[:2]
     ids = sorted(p.peer_id for p in survivors)
     wait_for(lambda: all(_started(p, R) for p in peers), 30.0, f"every peer in the collective of round {R}",

@@ -7,7 +7,9 @@
         QUORUM: mean = allreduce_mean(payload) over the members (deadline)
                 a member that sent garbage is reported (it is excluded)
                 next = prepare(r, qid, mean): S_{r+1}, computed once (and, with durable
-                       commit, persisted) before the vote; an OSError votes not ok
+                       commit, persisted) before the vote; an OSError votes not ok, and so
+                       does VoteNotOk (prepare refuses S_{r+1}, e.g. the model-free peer's
+                       --fail-commit-at)
                 Commit(r, qid, ok)
                   COMMIT -> the caller installs ``next``: S_r -> S_{r+1}    -> COMMIT
                   RETRY  -> keep the payload, Sync round r again
@@ -39,6 +41,10 @@ log = logging.getLogger("dtrain.outer")
 
 # prepare(round, quorum_id, mean) -> S_{round+1}; called after a good collective, before the vote
 Prepare = Callable[[int, int, torch.Tensor], Optional[GlobalState]]
+
+
+class VoteNotOk(Exception):
+    """Raised by ``prepare``: this peer will not take S_{r+1}; it votes not ok, the message is the reason."""
 
 
 @dataclass
@@ -119,6 +125,9 @@ class RoundEngine:
                 except OSError as e:
                     ok, reason = False, f"cannot persist the next state: {e}"[:200]
                     log.error("round %d: %s", ans.round, reason)
+                except VoteNotOk as e:
+                    ok, reason = False, str(e)[:200]
+                    log.warning("round %d quorum %d: voting not ok: %s", ans.round, ans.quorum_id, reason)
             t2 = time.perf_counter()
             decision = self.client.commit(ans.round, ans.quorum_id, ok, reason, timeout=self.sync_timeout_s)
             out.wait_s += time.perf_counter() - t2
@@ -145,7 +154,10 @@ class RoundEngine:
         t0 = time.perf_counter()
         try:
             snap = fetch_state(donor.address, self.schema_hash, min_round=donor.round, token=self.token,
-                               tls=self.tls, timeout=self.transfer_timeout_s)
+                               tls=self.tls, timeout=self.transfer_timeout_s, requester=self.peer_id)
+            if donor.state_hash and snap.round == donor.round and snap.state_hash != donor.state_hash:
+                raise StateError(f"the donor's state hashes to {snap.state_hash[:12]}..., the coordinator "
+                                 f"knows S_{donor.round} as {donor.state_hash[:12]}...")
             self.state.adopt(snap)
         except (StateTransferError, StateError) as e:
             log.warning("heal from %s at %s failed: %s", donor.peer_id, donor.address, e)

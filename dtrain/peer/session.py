@@ -10,7 +10,10 @@ baseline, the model-free peer of ``dtrain-sim`` and the benches):
     session.close(leave, reason)      Leave (or let the lease lapse), stop the server
 
 The session owns the :class:`GlobalState` object the engine syncs, heals and
-the caller commits into; ``publish`` serves its snapshot to joiners.
+the caller commits into; ``publish`` serves its snapshot to joiners. With
+``codec=None`` it builds no collective: the caller sets ``engine.collective``
+before each exchange (the model-free peer picks one per round).
+``transfer_chunk_bytes`` is the chunk size of the state it serves to joiners.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from ..outer.global_state import GlobalState
 from ..wire.auth import resolve_token
 from ..wire.codec import Codec
 from ..wire.schema import schema_hash
+from ..wire.snapshot import DEFAULT_CHUNK_BYTES
 from .round_engine import ExchangeResult, RoundEngine
 
 log = logging.getLogger("dtrain")
@@ -82,13 +86,13 @@ class PeerSession:
     def __init__(self, peer_id: str, control: ControlConfig, schema: str, state: GlobalState,
                  codec: Optional[Codec], settings: ExchangeSettings, world_size: int = 1,
                  should_stop: Optional[Callable[[], bool]] = None, meta: Optional[dict] = None,
-                 plan: Optional[WorkPlan] = None):
+                 plan: Optional[WorkPlan] = None, transfer_chunk_bytes: int = DEFAULT_CHUNK_BYTES):
         self.peer_id, self.control, self.schema, self.state = peer_id, control, schema, state
         self.meta = {"peer_id": peer_id, **(meta or {})}
         self.token = resolve_token(control.auth.token)
         client_tls = control.tls if control.tls.client_enabled else None
         self.inbox = ShardInbox()
-        self.servicer = PeerServicer(schema, peer_id, inbox=self.inbox)
+        self.servicer = PeerServicer(schema, peer_id, chunk_bytes=transfer_chunk_bytes, inbox=self.inbox)
         self.server, port = serve_peer(self.servicer, control.host, control.port, token=self.token,
                                        tls=control.tls if control.tls.server_enabled else None)
         self.address = control.advertise or f"{control.host}:{port}"

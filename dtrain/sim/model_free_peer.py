@@ -1,162 +1,119 @@
-"""A model-free DiLoCo peer: the real outer loop without the supernet (tests, benchmarks).
+"""The model-free peer: a real peer leader without the supernet (tests, benchmarks, ``dtrain-sim``).
 
     python -m dtrain.sim.model_free_peer --coordinator HOST:PORT --peer-id p1 --rounds 8 --out p1.jsonl
-           [--numel 100000] [--codecs fp32,int8] [--backends grpc,gloo] [--fragments 2]
-           [--error-feedback] [--poison-round R] [--step-s 0.0] [--deadline-s 10]
-           [--wait-peers N] [--rounds-file F] [--slow-push-s S [--slow-round R]] [--trace]
+           [--backends grpc,gloo | --backends none] [--codecs fp32,int8] [--fragments 2] [--numel 10000]
+           [--error-feedback] [--step-s 0.0] [--deadline-s 10] [--wait-peers N] [--rounds-file F]
+           [--fail-commit-at R] [--schema S] [--transfer-chunk-bytes B] [--trace] [--verbose]
 
-Everything but the inner steps is the production path: GlobalState, the
-RoundEngine (sync / collective / commit / retry / heal), the codecs, error
-feedback, the outer Nesterov optimizer, the Peer service (state transfer and
-the gRPC collective's inbox), the gloo backend. "Training" is replaced by a
-deterministic per-peer perturbation, theta_local = theta_global + noise(seed,
-peer, round), so peers hold different pseudo-gradients but every peer that
-commits a round must end with the same global state bits.
+Everything but the inner steps is the production path: the peer lifecycle of
+:class:`dtrain.peer.session.PeerSession` (serve the Peer service and the shard
+inbox, join and heal first when behind, renew the lease, install and publish
+each S_{r+1}, leave), its :class:`~dtrain.peer.round_engine.RoundEngine` (sync /
+collective / prepare / commit / retry / heal) with a ``prepare`` that returns
+``GlobalState.outer_step`` (the outer Nesterov step on S_r), the codecs, error
+feedback and the collectives. "Training" is replaced by a deterministic
+pseudo-gradient, so every peer that commits a round must end with the same
+state bits (the state hash in its ``round`` records).
 
-Round r uses codec ``codecs[r mod C]`` and backend ``backends[(r div C) mod B]``
-and fragment ``r mod F``, so one short run covers every combination.
-``--poison-round R`` makes this peer send garbage (NaN floats / invalid
-scales) in every attempt of round R, to test exclusion. By default it behaves
-like a hostile (or silently broken) sender: it does not notice its own
-garbage and votes ok whatever its collective saw, so only the receivers'
-reports can keep the garbage out; ``--poison-honest`` makes it notice (its
-own encoding is refused, it votes not ok). Once excluded it re-joins; when
-round R commits without it, it is behind and heals from a donor (a ``heal``
-record), then takes part again with clean payloads (the poison is tied to
-round R). Each committed round and heal is appended to ``--out`` as JSON.
+Two modes, by ``--backends``:
 
-Test knobs. ``--wait-peers N`` holds the first round until N peers have
-joined (so that a quorum of everyone forms from round 0). ``--slow-push-s S``
-sleeps S seconds before each shard chunk the ``grpc`` collective sends (only
-in the first attempt of round ``--slow-round``, when given), so that a
-collective lasts long enough to be interrupted. ``--rounds-file F``: once F
-exists, the number in it replaces ``--rounds``, so a test can stop every peer
-at the same round boundary (nobody is left waiting for a quorum). Round
-records carry ``attempt_log`` (one entry per collective attempt: quorum id,
-members, start/end wall time, seconds, ok, error, culprit) and
-``gloo_groups`` (gloo process groups built so far); ``--trace`` also writes
-an ``attempt`` record when a collective starts.
+- data plane (``grpc``, ``gloo`` or both): the pseudo-gradient of peer p in
+  round r is ``-noise(seed, p, r)``, different on every peer, and the mean goes
+  through the real collective. Round r uses codec ``codecs[r mod C]``, backend
+  ``backends[(r div C) mod B]`` and fragment ``r mod F``, so one short run
+  covers every combination.
+- ``none``: the control plane only, light enough for tests that start many
+  peers. There is no collective: every member's pseudo-gradient is
+  ``-noise(seed, r)``, a function of the seed and the round alone, the same on
+  every peer, so the quorum's mean is known without an exchange and the engine
+  runs with :class:`KnownMean` (the payload itself, no bytes moved). The
+  quorum still syncs, votes and commits, and each commit is the real outer
+  step on the GlobalState; heals are real state transfers. It does NOT
+  exercise the data plane (codecs, collectives, error feedback; ``--codecs``
+  does not apply, ``--error-feedback`` is refused).
+
+Knobs. ``--wait-peers N`` holds the first round until N peers have joined (a
+quorum of everyone from round 0). ``--rounds-file F``: once F exists, the
+number in it replaces ``--rounds``, so a test can stop every peer at the same
+round boundary. ``--fail-commit-at R`` votes not ok once, in the first attempt
+of round R (the round is retried with a new quorum id). A peer that healed
+syncs again at once (no inner steps): it enters the round in progress instead
+of chasing the others. Faults are injected only through
+``dtrain.faults.wrap("collective", collective, round=r, peer_id=...)``, called
+once per round where the peer picks its collective (see ``dtrain.faults``).
+
+Records: ``--out`` gets one JSON object per line (flushed), each with ``kind``,
+``peer_id`` and ``time``:
+
+- ``start``: ``round``/``state_hash`` of the state held before joining,
+  ``address``, ``committed_round`` (the coordinator's, at the join);
+- ``heal``: ``round``/``state_hash`` adopted, ``donor``, ``bytes``, ``seconds``, ``reason``;
+- ``attempt`` (``--trace`` only): a collective attempt starts: ``round``, ``quorum_id``, ``members``;
+- ``retry``: an attempt that did not commit: ``round``, ``quorum_id``, ``members``, ``error``
+  (the collective's, empty when the vote failed);
+- ``round``: ``round`` committed, ``quorum_id``, ``members``, ``state_hash`` (of S_{r+1}),
+  ``state_hash_before`` (of S_r), ``bytes_sent``, ``bytes_recv``, ``comm_s``, ``wait_s``,
+  ``attempts``, ``codec``, ``backend``, ``fragment``, ``numel``, ``gloo_groups`` (gloo process
+  groups built so far) and ``attempt_log`` (per collective attempt: quorum id, members, start/end
+  wall time, seconds, ok, error, culprit);
+- ``done``: the loop ended: ``round`` held, ``stop`` (the signal's name, or empty);
+- ``leave``: after the graceful Leave: ``reason``, ``round``; the last record.
+
+SIGTERM / SIGINT: finish the call in flight (a round whose collective or vote
+is under way still commits), leave, exit 0. A refusal by the coordinator
+(another schema, a duplicate peer id, a bad token ...) is one line on stderr
+and exit status 1, without a Leave.
 """
 
 from __future__ import annotations
 
 import argparse
-from dataclasses import asdict
+import dataclasses
 import hashlib
 import json
 import logging
 import signal
 import sys
+import threading
 import time
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Tuple
 
 import torch
 
+from .. import faults
 from ..comm.collective import Collective, CollectiveError, CollectiveResult, Group
-from ..comm.grpc_allreduce import GrpcCollective
-from ..comm.peer_service import PeerServicer, serve_peer
-from ..control.client import ControlError, CoordinatorClient, HealOrder
-from ..wire.schema import schema_hash
-from ..wire.codec import Codec, CodecError
+from ..config import AuthConfig, ControlConfig
+from ..control.client import ControlError, Stopping
+from ..errors import one_line
 from ..outer.codecs import get_codec
 from ..outer.error_feedback import ErrorFeedback
 from ..outer.global_state import GlobalState
 from ..outer.outer_opt import OuterNesterov
-from ..peer.round_engine import RoundEngine
+from ..peer.round_engine import ExchangeResult, VoteNotOk
+from ..peer.session import ExchangeSettings, PeerSession, build_collective
 from ..wire.outcomes import RoundOutcome
+from ..wire.schema import schema_hash
+from ..wire.snapshot import DEFAULT_CHUNK_BYTES
 
-log = logging.getLogger("dtrain.outer")
+log = logging.getLogger("dtrain.sim")
 
-
-class PoisonedCodec(Codec):
-    """Encodes garbage of the right length: NaN floats, or invalid int scales.
-
-    ``notice=False``: decoding garbage gives zeros instead of a CodecError, i.e. this peer does not notice
-    its own garbage (the others' codecs still refuse it)."""
-
-    def __init__(self, inner: Codec, notice: bool = True):
-        self.inner, self.name, self.notice = inner, inner.name, notice
-        self.block_size = getattr(inner, "block_size", 1)  # the grpc collective aligns shards on it
-
-    @property
-    def lossless(self) -> bool:  # the gloo collective picks its algorithm by it: same as everyone's
-        return self.inner.lossless
-
-    def encoded_size(self, numel: int) -> int:
-        return self.inner.encoded_size(numel)
-
-    def encode(self, x: torch.Tensor) -> bytes:
-        if self.inner.name == "fp32":
-            return torch.full((x.numel(),), float("nan")).numpy().tobytes()
-        return b"\xff" * self.inner.encoded_size(x.numel())
-
-    def decode(self, payload: bytes, numel: int) -> torch.Tensor:
-        try:
-            return self.inner.decode(payload, numel)
-        except CodecError:
-            if self.notice:
-                raise
-            return torch.zeros(numel)
+CODECS = ("fp32", "fp16", "bf16", "int8", "int4")
+BACKENDS = ("grpc", "gloo", "none")
 
 
-class PoisonedCollective(Collective):
-    """Sends garbage through this peer's own collective ``target``: NaN input (what gloo's native fp32 sum
-    sends) and, for the call, a :class:`PoisonedCodec` in place of its codec (what every other path
-    sends). The same collective object, so gloo reuses the quorum's process group as everyone else does.
+class KnownMean(Collective):
+    """``--backends none``: every member holds the same payload, so the mean is this member's payload.
 
-    ``hostile``: claims success whatever the collective saw, so the peer votes ok. The returned zeros are
-    never applied: the receivers refuse the garbage and vote not ok, so no quorum with it commits."""
+    Nothing is exchanged (no bytes, no deadline); the caller guarantees the payloads are identical."""
 
-    def __init__(self, inner: Collective, target: Collective, hostile: bool):
-        self.inner, self.target, self.name, self.hostile = inner, target, inner.name, hostile
+    name = "none"
 
     def allreduce_mean(self, flat: torch.Tensor, group: Group, deadline_s: float) -> CollectiveResult:
-        codec = self.target.codec
-        self.target.codec = PoisonedCodec(codec, notice=not self.hostile)
-        try:
-            return self.inner.allreduce_mean(torch.full_like(flat, float("nan")), group, deadline_s)
-        except CollectiveError as e:
-            if not self.hostile:
-                raise
-            log.warning("poisoned round %d: ignoring the failed collective and voting ok (%s)", group.round, e)
-            return CollectiveResult(torch.zeros_like(flat), 0, 0, 0.0)
-        finally:
-            self.target.codec = codec
-
-
-class SlowGrpcCollective(GrpcCollective):
-    """The grpc collective with a pause before every shard chunk it sends (``--slow-push-s``).
-
-    With ``slow_round`` >= 0 only the first attempt (quorum) of that round is slow, so that its retry
-    is as quick as any other round."""
-
-    def __init__(self, *args, slow_push_s: float = 0.0, slow_round: int = -1, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.slow_push_s, self.slow_round = slow_push_s, slow_round
-        self._slow_quorum: Optional[int] = None
-
-    def _is_slow(self, fields) -> bool:
-        if self.slow_push_s <= 0:
-            return False
-        if self.slow_round < 0:
-            return True
-        if fields["round"] != self.slow_round:
-            return False
-        with self._lock:
-            if self._slow_quorum is None:
-                self._slow_quorum = fields["quorum_id"]
-            return fields["quorum_id"] == self._slow_quorum
-
-    def _chunks(self, fields, payload, first, last, pushes):
-        slow = self._is_slow(fields)
-        for msg in super()._chunks(fields, payload, first, last, pushes):
-            if slow:
-                time.sleep(self.slow_push_s)
-            yield msg
+        return CollectiveResult(flat.clone(), 0, 0, 0.0)
 
 
 class TimedCollective(Collective):
-    """Wraps a collective: logs every attempt (members, wall times, outcome) for the round records."""
+    """Records every attempt of the collective it wraps (members, wall times, outcome) for the round records."""
 
     def __init__(self, inner: Collective, on_start=None):
         self.inner, self.name, self.on_start = inner, inner.name, on_start
@@ -167,7 +124,7 @@ class TimedCollective(Collective):
                  "start": time.time(), "ok": False, "error": "", "culprit": ""}
         self.log.append(entry)
         if self.on_start is not None:
-            self.on_start(entry)
+            self.on_start(self.log)
         t0 = time.perf_counter()
         try:
             result = self.inner.allreduce_mean(flat, group, deadline_s)
@@ -192,55 +149,61 @@ def fragments_of(numel: int, f: int) -> List[Tuple[int, int]]:
     return [(bounds[i], bounds[i + 1]) for i in range(f)]
 
 
-class SimPeer:
+def run_schema(a: argparse.Namespace) -> str:
+    """What the peers of a run must share: the state's shape and the round schedule."""
+    return schema_hash({"model_free": {"numel": a.numel, "fragments": a.fragments, "codecs": a.codecs,
+                                       "backends": a.backends, "block_size": a.block_size, "schema": a.schema}})
+
+
+class ModelFreePeer:
     def __init__(self, a: argparse.Namespace):
         self.a = a
-        self.schema = schema_hash({"sim_peer": a.numel, "fragments": a.fragments})
-        g = torch.Generator().manual_seed(a.seed)
-        theta = torch.randn(a.numel, generator=g)
+        self.stopping = threading.Event()
+        self.stop_reason = ""
+        theta = torch.randn(a.numel, generator=torch.Generator().manual_seed(a.seed))
         self.state = GlobalState([("theta", theta), ("velocity", torch.zeros(a.numel))])
         self.frags = fragments_of(a.numel, a.fragments)
-        self.codecs = a.codecs.split(",")
-        self.backends = a.backends.split(",")
+        self.codecs, self.backends = a.codecs.split(","), a.backends.split(",")
+        self.data_plane = self.backends != ["none"]
         self.opt = OuterNesterov(a.outer_lr, 0.9, True)
         self.ef = ErrorFeedback() if a.error_feedback else None
-        from ..comm.shard_inbox import ShardInbox
-
-        self.inbox = ShardInbox()
-        self.servicer = PeerServicer(self.schema, a.peer_id, inbox=self.inbox)
-        self.server, port = serve_peer(self.servicer, "127.0.0.1", a.port, token=a.token)
-        self.address = f"127.0.0.1:{port}"
-        self.client = CoordinatorClient(a.coordinator, a.peer_id, self.address, self.schema, token=a.token,
-                                        rpc_timeout=a.rpc_timeout,
-                                        state_fn=lambda: (self.state.round, self.state.hash()))
+        self.control = ControlConfig(coordinator=a.coordinator, host="127.0.0.1", port=a.port, region=a.region,
+                                     join_timeout_s=a.join_timeout, rpc_timeout_s=a.rpc_timeout,
+                                     transfer_timeout_s=a.transfer_timeout, auth=AuthConfig(a.token))
+        self.settings = ExchangeSettings(self.backends[0], a.streams, a.chunk_bytes, a.deadline_s, a.sync_timeout_s)
         self.collectives: Dict[Tuple[str, str], Collective] = {}
-        self.engine = RoundEngine(self.client, None, self.state, self.publish, a.peer_id, self.schema,
-                                  token=a.token, deadline_s=a.deadline_s, sync_timeout_s=a.sync_timeout_s)
+        self.failed_vote = False
         self.out = open(a.out, "a", encoding="utf-8")
-        self.stop = None
+        try:
+            self.session = PeerSession(a.peer_id, self.control, run_schema(a), self.state, None, self.settings,
+                                       should_stop=self.stopping.is_set, meta={"model_free": True},
+                                       transfer_chunk_bytes=a.transfer_chunk_bytes)
+        except BaseException:
+            self.out.close()
+            raise
 
-    def publish(self) -> None:
-        self.servicer.set_snapshot(self.state.snapshot({"sim": True}))
-
+    # -- records ----------------------------------------------------------------------------
     def record(self, kind: str, **fields) -> None:
-        self.out.write(json.dumps({"kind": kind, "peer": self.a.peer_id, "time": time.time(), **fields}) + "\n")
+        self.out.write(json.dumps({"kind": kind, "peer_id": self.a.peer_id, "time": time.time(), **fields}) + "\n")
         self.out.flush()
 
-    def collective(self, backend: str, codec_name: str):
-        key = (backend, codec_name)
-        if key not in self.collectives:
-            codec = get_codec(codec_name, self.a.block_size)
-            if backend == "gloo":
-                from ..comm.gloo_allreduce import GlooCollective
+    def _record_heal(self, out: ExchangeResult) -> None:
+        assert out.heal is not None
+        self.record("heal", round=out.round, state_hash=self.state.hash(), **dataclasses.asdict(out.heal))
 
-                self.collectives[key] = GlooCollective(codec)
-            else:
-                self.collectives[key] = SlowGrpcCollective(codec, self.a.peer_id, token=self.a.token,
-                                                           chunk_bytes=self.a.chunk_bytes, streams=self.a.streams,
-                                                           inbox=self.inbox, slow_push_s=self.a.slow_push_s,
-                                                           slow_round=self.a.slow_round)
-        return self.collectives[key]
+    def _record_retry(self, attempt: dict) -> None:
+        self.record("retry", round=attempt["round"], quorum_id=attempt["quorum_id"], members=attempt["members"],
+                    error=attempt["error"])
 
+    def _on_attempt(self, attempts: List[dict]) -> None:
+        """A collective attempt starts: the one before it in this exchange did not commit."""
+        if len(attempts) > 1:
+            self._record_retry(attempts[-2])
+        if self.a.trace:
+            e = attempts[-1]
+            self.record("attempt", round=e["round"], quorum_id=e["quorum_id"], members=e["members"])
+
+    # -- helpers ------------------------------------------------------------------------------
     def target_rounds(self) -> int:
         """--rounds, or the round count in --rounds-file once that file exists (a shared stop line)."""
         if self.a.rounds_file:
@@ -251,143 +214,212 @@ class SimPeer:
                 pass
         return self.a.rounds
 
+    def collective(self, backend: str, codec_name: str) -> Collective:
+        key = (backend, codec_name)
+        if key not in self.collectives:
+            if backend == "none":
+                self.collectives[key] = KnownMean()
+            else:
+                s = self.session
+                self.collectives[key] = build_collective(get_codec(codec_name, self.a.block_size),
+                                                         dataclasses.replace(self.settings, backend=backend),
+                                                         self.a.peer_id, self.control, s.token, s.inbox)
+        return self.collectives[key]
+
     def gloo_groups(self) -> int:
         """gloo process groups built so far, over every gloo collective of this peer."""
         return sum(getattr(c, "groups_built", 0) for c in self.collectives.values())
 
     def wait_for_peers(self, n: int, timeout: float) -> None:
         deadline = time.monotonic() + timeout
-        while len(self.client.status().members) < n and self.stop is None:
+        while len(self.session.client.status().members) < n and not self.stopping.is_set():
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{n} peers did not join within {timeout:g}s")
             time.sleep(0.05)
 
-    def run(self) -> int:
+    def payload(self, r: int, fragment: int, codec_name: str) -> torch.Tensor:
+        """This peer's pseudo-gradient of round r: theta_global - theta_local, theta_local = theta_global + noise."""
         a = self.a
-        self.publish()
-        info = self.client.join(timeout=a.join_timeout)
-        self.client.start_heartbeat()
+        lo, hi = self.frags[fragment]
+        seed = _seed(a.seed, a.peer_id, r) if self.data_plane else _seed(a.seed, r)
+        delta = -torch.randn(hi - lo, generator=torch.Generator().manual_seed(seed)) * a.noise
+        if self.ef is not None:
+            return self.ef.quantize_with_feedback(f"f{fragment}", delta, get_codec(codec_name, a.block_size))
+        return delta
+
+    # -- the run ------------------------------------------------------------------------------
+    def run(self) -> None:
+        a = self.a
+        start_round, start_hash = self.state.round, self.state.hash()
+        healed = self.session.join()
+        joined = self.session.client.joined
+        self.record("start", round=start_round, state_hash=start_hash, address=self.session.address,
+                    committed_round=joined.committed_round if joined is not None else 0)
+        if healed is not None:
+            self._record_heal(healed)
         if a.wait_peers > 0:
             self.wait_for_peers(a.wait_peers, a.join_timeout)
-        if info.must_heal and info.donor is not None:
-            out = self.engine.heal(HealOrder(info.donor, info.committed_round, "joined behind"))
-            if out is not None:
-                self.record("heal", round=out.round, state_hash=self.state.hash(), **asdict(out.heal))
-        while self.state.round < self.target_rounds() and self.stop is None:
-            r = self.state.round
-            time.sleep(a.step_s)
-            if self.stop is not None:  # a signal during the "inner steps": leave before the next round
+        skip_steps = healed is not None
+        while self.state.round < self.target_rounds() and not self.stopping.is_set():
+            if not skip_steps and self.stopping.wait(a.step_s):  # the "inner steps"; a signal: leave now
                 break
-            codec_name = self.codecs[r % len(self.codecs)]
+            skip_steps = False
+            r = self.state.round
+            codec_name = self.codecs[r % len(self.codecs)] if self.data_plane else "none"
             backend = self.backends[(r // len(self.codecs)) % len(self.backends)]
             f = r % len(self.frags)
-            lo, hi = self.frags[f]
-            noise = torch.randn(hi - lo, generator=torch.Generator().manual_seed(_seed(a.seed, a.peer_id, r))) * a.noise
-            delta = -noise  # theta_global - theta_local with theta_local = theta_global + noise
-            codec = get_codec(codec_name, a.block_size)
-            payload = self.ef.quantize_with_feedback(f"f{f}", delta, codec) if self.ef else delta
-            poison = r == a.poison_round
+            payload = self.payload(r, f, codec_name)
             real = self.collective(backend, codec_name)
-            timed = TimedCollective(real, on_start=self._on_attempt if a.trace else None)
-            self.engine.collective = PoisonedCollective(timed, real, not a.poison_honest) if poison else timed
-            out = self.engine.exchange(payload, f"f{f}",
-                                       lambda rnd, qid, mean, span=(lo, hi): self.state.outer_step(mean, span, self.opt))
+            timed = TimedCollective(faults.wrap("collective", real, round=r, peer_id=a.peer_id), self._on_attempt)
+            self.session.engine.collective = timed
+            before = self.state.hash()
+            try:
+                out = self.session.engine.exchange(payload, f"f{f}",
+                                                   lambda rnd, qid, mean, f=f: self._prepare(rnd, f, mean))
+            except Stopping as e:
+                log.info("%s", e)
+                if timed.log:
+                    self._record_retry(timed.log[-1])
+                break
             if out.outcome is RoundOutcome.HEAL:
-                if self.ef:
+                if timed.log:
+                    self._record_retry(timed.log[-1])
+                if self.ef is not None:
                     self.ef.reset()
-                self.record("heal", round=out.round, state_hash=self.state.hash(), **asdict(out.heal))
+                self._record_heal(out)
+                skip_steps = True
                 continue
-            self.state.install(out.next_state)
-            self.publish()
+            assert out.next_state is not None
+            self.session.install(out.next_state)
+            lo, hi = self.frags[f]
             self.record("round", round=out.round, quorum_id=out.quorum_id, members=out.members,
-                        state_hash=self.state.hash(), bytes_sent=out.bytes_sent, bytes_recv=out.bytes_recv,
-                        comm_s=out.comm_s, wait_s=out.wait_s, attempts=out.attempts, codec=codec_name,
-                        backend=backend, fragment=f, numel=hi - lo, gloo_groups=self.gloo_groups(),
-                        attempt_log=timed.log)
-        self.record("done", round=self.state.round, stop=self.stop or "")
-        return 0
+                        state_hash=self.state.hash(), state_hash_before=before, bytes_sent=out.bytes_sent,
+                        bytes_recv=out.bytes_recv, comm_s=out.comm_s, wait_s=out.wait_s, attempts=out.attempts,
+                        codec=codec_name, backend=backend, fragment=f, numel=hi - lo,
+                        gloo_groups=self.gloo_groups(), attempt_log=timed.log)
+        self.record("done", round=self.state.round, stop=self.stop_reason)
 
-    def _on_attempt(self, entry: dict) -> None:
-        self.record("attempt", round=entry["round"], quorum_id=entry["quorum_id"], members=entry["members"])
+    def _prepare(self, rnd: int, fragment: int, mean: torch.Tensor) -> GlobalState:
+        """Before the vote on ``rnd``: S_{rnd+1}; --fail-commit-at refuses it once."""
+        if rnd == self.a.fail_commit_at and not self.failed_vote:
+            self.failed_vote = True
+            raise VoteNotOk("--fail-commit-at")
+        return self.state.outer_step(mean, self.frags[fragment], self.opt)
 
-    def close(self, reason: str) -> None:
-        self.client.leave(reason)
-        self.client.close()
-        for c in self.collectives.values():
-            c.close()
-        self.server.stop(0)
-        self.out.close()
+    def close(self, leave: bool) -> None:
+        reason = self.stop_reason or "finished"
+        try:
+            self.session.close(leave, reason)
+            for c in self.collectives.values():
+                c.close()
+            if leave:
+                self.record("leave", reason=reason, round=self.state.round)
+        finally:
+            self.out.close()
+
+
+def _positive(kind):
+    def parse(text: str):
+        v = kind(text)
+        if not v > 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return v
+    return parse
+
+
+def _non_negative(kind):
+    def parse(text: str):
+        v = kind(text)
+        if v < 0:
+            raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+        return v
+    return parse
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m dtrain.sim.model_free_peer", description=__doc__.splitlines()[0])
-    p.add_argument("--coordinator", required=True)
+    p = argparse.ArgumentParser(prog="python -m dtrain.sim.model_free_peer",
+                                description="The model-free peer: a real peer leader without the supernet.")
+    p.add_argument("--coordinator", required=True, help="HOST:PORT of the coordinator")
     p.add_argument("--peer-id", required=True)
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--out", required=True)
-    p.add_argument("--numel", type=int, default=10_000)
-    p.add_argument("--codecs", default="fp32")
-    p.add_argument("--backends", default="grpc")
-    p.add_argument("--fragments", type=int, default=1)
-    p.add_argument("--block-size", type=int, default=128)
+    p.add_argument("--rounds", type=_non_negative(int), default=5, help="stop once the state of this round is held")
+    p.add_argument("--out", required=True, help="JSON-lines records (see the module docstring)")
+    p.add_argument("--numel", type=_positive(int), default=10_000, help="parameters (theta; velocity as many)")
+    p.add_argument("--backends", default="grpc",
+                   help="grpc,gloo: round r's collective (see the docstring); none: no data plane (identical "
+                        "pseudo-gradients on every peer, no exchange)")
+    p.add_argument("--codecs", default="fp32", help="round r's codec: codecs[r mod C] (data plane only)")
+    p.add_argument("--fragments", type=_positive(int), default=1)
+    p.add_argument("--block-size", type=_positive(int), default=128)
     p.add_argument("--error-feedback", action="store_true")
-    p.add_argument("--poison-round", type=int, default=-1,
-                   help="send garbage (NaN floats / invalid int scales) in every attempt of this round")
-    p.add_argument("--poison-honest", action="store_true",
-                   help="the poisoned peer notices its own garbage and votes not ok (default: it votes ok)")
-    p.add_argument("--step-s", type=float, default=0.0)
+    p.add_argument("--step-s", type=_non_negative(float), default=0.0, help="seconds of \"inner steps\" per round")
     p.add_argument("--noise", type=float, default=0.01)
     p.add_argument("--outer-lr", type=float, default=0.7)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--deadline-s", type=float, default=10.0)
-    p.add_argument("--sync-timeout-s", type=float, default=60.0)
-    p.add_argument("--rpc-timeout", type=float, default=5.0)
-    p.add_argument("--join-timeout", type=float, default=30.0)
-    p.add_argument("--chunk-bytes", type=int, default=1 << 20)
-    p.add_argument("--streams", type=int, default=2)
-    p.add_argument("--token", default="")
+    p.add_argument("--schema", default="sim", help="model config stand-in: peers of a run must agree")
+    p.add_argument("--deadline-s", type=_positive(float), default=10.0, help="collective deadline")
+    p.add_argument("--sync-timeout-s", type=_positive(float), default=60.0)
+    p.add_argument("--rpc-timeout", type=_positive(float), default=5.0)
+    p.add_argument("--join-timeout", type=_positive(float), default=30.0)
+    p.add_argument("--transfer-timeout", type=_positive(float), default=30.0, help="state transfer (heal) timeout")
+    p.add_argument("--transfer-chunk-bytes", type=_positive(int), default=DEFAULT_CHUNK_BYTES,
+                   help="chunk size of the state this peer serves to joiners")
+    p.add_argument("--chunk-bytes", type=_positive(int), default=1 << 20, help="grpc collective chunk size")
+    p.add_argument("--streams", type=_positive(int), default=2, help="grpc collective streams per destination")
+    p.add_argument("--token", default="", help="the run's token (default: $DTRAIN_TOKEN)")
+    p.add_argument("--region", default="")
+    p.add_argument("--port", type=int, default=0, help="data-plane port (0: the OS picks)")
     p.add_argument("--rounds-file", default="",
                    help="once this file exists, the round count it holds replaces --rounds (stop all peers "
                         "at one round boundary)")
-    p.add_argument("--wait-peers", type=int, default=0,
-                   help="hold the first round until this many peers have joined")
-    p.add_argument("--slow-push-s", type=float, default=0.0,
-                   help="grpc backend: sleep this long before sending each shard chunk")
-    p.add_argument("--slow-round", type=int, default=-1,
-                   help="--slow-push-s only in the first attempt of this round (-1: every round)")
-    p.add_argument("--port", type=int, default=0, help="data-plane port (0: the OS picks)")
+    p.add_argument("--wait-peers", type=int, default=0, help="hold the first round until this many peers have joined")
+    p.add_argument("--fail-commit-at", type=int, default=None, help="vote not ok once, in round R")
     p.add_argument("--trace", action="store_true", help="also record the start of every collective attempt")
+    p.add_argument("--verbose", action="store_true", help="log at INFO level")
     a = p.parse_args(argv)
     for name in a.codecs.split(","):
-        if name not in ("fp32", "fp16", "bf16", "int8", "int4"):
-            p.error(f"--codecs: {name!r} is not a codec (fp32, fp16, bf16, int8, int4)")
-    for name in a.backends.split(","):
-        if name not in ("grpc", "gloo"):
-            p.error(f"--backends: {name!r} is not a backend (grpc, gloo)")
-    if a.numel < a.fragments or a.fragments < 1:
+        if name not in CODECS:
+            p.error(f"--codecs: {name!r} is not a codec ({', '.join(CODECS)})")
+    backends = a.backends.split(",")
+    for name in backends:
+        if name not in BACKENDS:
+            p.error(f"--backends: {name!r} is not a backend ({', '.join(BACKENDS)})")
+    if "none" in backends and backends != ["none"]:
+        p.error("--backends: none (no data plane) cannot be mixed with grpc or gloo")
+    if backends == ["none"] and a.error_feedback:
+        p.error("--error-feedback needs a data plane: not with --backends none")
+    if a.numel < a.fragments:
         p.error("--fragments must be in 1..numel")
     return a
 
 
 def main(argv=None) -> int:
     a = parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format=f"[{a.peer_id}] %(levelname)s %(message)s")
+    logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING, stream=sys.stderr,
+                        format=f"[{a.peer_id}] %(levelname)s %(message)s")
     torch.set_num_threads(1)
-    peer = SimPeer(a)
+    try:
+        peer = ModelFreePeer(a)
+    except (OSError, ValueError) as e:  # a port in use, an unwritable --out, a bad --coordinator ...
+        print(f"model_free_peer {a.peer_id}: error: {one_line(e)}", file=sys.stderr, flush=True)
+        return 1
 
     def on_signal(signum, frame):
-        peer.stop = signal.Signals(signum).name
+        peer.stop_reason = peer.stop_reason or signal.Signals(signum).name
+        peer.stopping.set()
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    rc = 0
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, on_signal)
+    rc, leave = 0, True
     try:
-        rc = peer.run()
-    except (ControlError, TimeoutError) as e:
-        print(f"sim_peer {a.peer_id}: error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
+        peer.run()
+    except ControlError as e:  # a refusal: nothing to leave
+        print(f"model_free_peer {a.peer_id}: error: {one_line(e)}", file=sys.stderr, flush=True)
+        rc, leave = 1, False
+    except TimeoutError as e:
+        print(f"model_free_peer {a.peer_id}: error: {one_line(e)}", file=sys.stderr, flush=True)
         rc = 1
     finally:
-        peer.close(peer.stop or "finished")
+        peer.close(leave)
     return rc
 
 
