@@ -400,6 +400,8 @@ class CoordinatorConfig:
     lease_timeout_s: float = 5.0
     heartbeat_interval_s: float = 1.0  # told to peers at join
     grace_s: float = 1.0  # quorum forms this long after a round's first sync with those present
+    adaptive_grace: bool = True  # ... or longer, as late as members have been arriving (up to grace_cap_s)
+    grace_cap_s: float = 30.0
     heal_grace_s: float = 10.0  # ... or this long while a peer that healed (joined) to this round is missing
     commit_timeout_s: float = 30.0  # votes must arrive this long after the quorum formed
     max_wait_s: float = 10.0  # longest a Sync or Commit call is held before answering WAIT
@@ -423,6 +425,7 @@ class CoordinatorConfig:
         _check(self.heartbeat_interval_s < self.lease_timeout_s, "heartbeat_interval_s",
                self.heartbeat_interval_s, "must be shorter than lease_timeout_s")
         _check(self.history >= 1, "history", self.history, "must be >= 1")
+        _check(self.grace_cap_s >= self.grace_s, "grace_cap_s", self.grace_cap_s, f"must be >= grace_s={self.grace_s}")
 
 
 @dataclass
@@ -464,6 +467,10 @@ class OuterConfig:
 
     name: str = "none"  # none (one peer) | diloco | ddp (gradient all-reduce across peers every step)
     sync_every: int = 50  # H: inner steps per round (per fragment cycle with streaming)
+    local_steps: str = "fixed"  # fixed (every member trains H) | balanced (H_i from measured step rates)
+    min_local_steps: int = 1  # balanced: a member assigned fewer sits the round out (weight 0)
+    balance_tolerance: float = 0.1  # balanced: rates within this fraction of the fastest count as equal
+    weighting: str = "samples"  # samples (a member counts by the samples it trained) | uniform
     lr: float = 0.7  # outer Nesterov SGD (DiLoCo defaults)
     momentum: float = 0.9
     nesterov: bool = True
@@ -477,7 +484,8 @@ class OuterConfig:
     fragments: int = 1  # streaming DiLoCo: F fragments synced at staggered steps
     overlap_steps: int = 0  # tau: apply a round's result this many inner steps later (0: blocking)
     alpha: float = 0.5  # with overlap: local <- alpha * local + (1 - alpha) * global
-    deadline_s: float = 30.0  # the outer collective's deadline
+    deadline_s: float = 30.0  # the outer collective's deadline: at most this ...
+    deadline_min_s: float = 5.0  # ... at least this; in between, 4x the measured collective time
     sync_timeout_s: float = 600.0  # how long a peer waits for a quorum before giving up
     checkpoint_every_rounds: int = 1  # checkpoint after every K-th committed round (0: only checkpoint_every)
     durable_commit: bool = True  # diloco: write S_{r+1} to disk before voting on round r
@@ -485,6 +493,15 @@ class OuterConfig:
     def __post_init__(self) -> None:
         _check_choice("outer.name", self.name, ("none", "diloco", "ddp"))
         _check(self.sync_every >= 1, "outer.sync_every", self.sync_every, "must be >= 1")
+        _check_choice("outer.local_steps", self.local_steps, ("fixed", "balanced"))
+        _check(0 <= self.min_local_steps <= self.sync_every, "outer.min_local_steps", self.min_local_steps,
+               f"must be in [0, outer.sync_every={self.sync_every}]")
+        _check(0 <= self.balance_tolerance < 1, "outer.balance_tolerance", self.balance_tolerance, "must be in [0, 1)")
+        _check_choice("outer.weighting", self.weighting, ("samples", "uniform"))
+        _check(self.local_steps == "fixed" or (self.fragments == 1 and self.overlap_steps == 0),
+               "outer.local_steps", self.local_steps,
+               "balanced needs outer.fragments=1 and outer.overlap_steps=0 (streaming and overlap schedule "
+               "rounds by a shared step count, which balanced members do not have)")
         _check(self.lr > 0, "outer.lr", self.lr, "must be > 0")
         _check(0 <= self.momentum < 1, "outer.momentum", self.momentum, "must be in [0, 1)")
         _check_choice("outer.lr_schedule", self.lr_schedule, ("constant", "cosine"))
@@ -500,6 +517,7 @@ class OuterConfig:
                self.overlap_steps, f"must be in [0, sync_every/fragments={self.sync_every // self.fragments})")
         _check(0 <= self.alpha <= 1, "outer.alpha", self.alpha, "must be in [0, 1]")
         _check(self.deadline_s > 0, "outer.deadline_s", self.deadline_s, "must be > 0")
+        _check(self.deadline_min_s > 0, "outer.deadline_min_s", self.deadline_min_s, "must be > 0")
         _check(self.sync_timeout_s > 0, "outer.sync_timeout_s", self.sync_timeout_s, "must be > 0")
         _check(self.checkpoint_every_rounds >= 0, "outer.checkpoint_every_rounds", self.checkpoint_every_rounds,
                "must be >= 0")
@@ -560,6 +578,9 @@ class TrainConfig:
     bucket_mb: float = 25.0  # gradient all-reduce bucket size (several ranks)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     threads: int = 0  # torch intra-op threads; 0 keeps torch's default
+    # emulated slower hardware (dtrain-sim's sim.speed): every inner step lasts 1/emulated_speed of its natural
+    # time (the peer sleeps the difference); 1: off
+    emulated_speed: float = 1.0
 
     def __post_init__(self) -> None:
         if isinstance(self.model, dict):
@@ -589,6 +610,7 @@ class TrainConfig:
         _check(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
                "device", self.device, "auto, cpu, cuda or cuda:N")
         _check(self.threads >= 0, "threads", self.threads, "must be >= 0")
+        _check(0 < self.emulated_speed <= 1, "emulated_speed", self.emulated_speed, "must be in (0, 1]")
 
 
 # --------------------------------------------------------------------------- local simulation

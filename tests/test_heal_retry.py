@@ -79,7 +79,7 @@ class ScriptedClient:
     def __init__(self, donors):
         self.donors, self.syncs = list(donors), 0
 
-    def sync(self, round, state_hash, timeout=None):
+    def sync(self, round, state_hash, timeout=None, report=None):
         self.syncs += 1
         d = self.donors.pop(0)
         return HealOrder(d, d.round, "behind")

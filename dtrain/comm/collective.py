@@ -9,7 +9,9 @@ Every backend (``grpc``, ``gloo``) implements :class:`Collective`:
 - ``group``: who takes part, in ring order, and which exchange this is.
 - Returns the mean (a new tensor) and the payload bytes this member sent and
   received. The reduction order is fixed (members in ring order), so every
-  member ends with the same bits.
+  member ends with the same bits. With ``group.weights`` the mean is the
+  weighted one of ``dtrain.outer.weighting`` (all weights 1: the plain mean,
+  bit for bit).
 - Any member failing or missing ``deadline_s`` makes every member's call
   raise :class:`CollectiveError` within the deadline, and nothing is applied.
   A member that sent an invalid payload (wrong length, shape, dtype,
@@ -25,6 +27,8 @@ from typing import Optional, Tuple
 
 import torch
 
+from ..outer.weighting import total_weight
+
 
 @dataclass(frozen=True)
 class Group:
@@ -34,10 +38,19 @@ class Group:
     me: str
     op: str = "all"  # names the exchange within a round (e.g. "f0" for fragment 0)
     store_address: str = ""  # TCPStore host:port (gloo)
+    # each member's integer weight in the mean, in ring order (``dtrain.outer.weighting``); empty: all 1
+    weights: Tuple[int, ...] = ()
 
     @property
     def size(self) -> int:
         return len(self.members)
+
+    def weight(self, rank: int) -> int:
+        return self.weights[rank] if self.weights else 1
+
+    @property
+    def total_weight(self) -> int:
+        return total_weight(self.weights) if self.weights else len(self.members)
 
     @property
     def rank(self) -> int:

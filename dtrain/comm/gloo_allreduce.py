@@ -61,6 +61,7 @@ import torch.distributed as dist
 
 from ..errors import one_line
 from ..wire.codec import Codec, CodecError
+from ..outer.weighting import weighted_sum_into
 from .collective import Collective, CollectiveError, CollectiveResult, Group
 
 log = logging.getLogger("dtrain.comm")
@@ -173,8 +174,11 @@ class GlooCollective(Collective):
 
     def _sum_fp32(self, pg, x: torch.Tensor, group: Group, left: Callable[[], float]) -> torch.Tensor:
         buf = x.clone()
+        weight = group.weight(group.rank)
+        if weight != 1:
+            buf.mul_(weight)  # sum of w_i * x_i, then / sum of w_i (dtrain.outer.weighting)
         pg.allreduce(buf, dist.ReduceOp.SUM, _timedelta(left())).wait()
-        buf.div_(group.size)
+        buf.div_(group.total_weight)
         if _finite(buf):
             return buf
         # failure path only: who sent non-finite values? (one byte each, self-reported)
@@ -227,13 +231,14 @@ class GlooCollective(Collective):
                     or not _finite(part):
                 raise CollectiveError(f"member {peer!r}'s {self.codec.name} payload decodes to something other "
                                       f"than {n} finite float32 values", culprit=peer)
+            weight = group.weight(r)
             if total is None:
-                total = part  # decode returns a new tensor
+                total = part if weight == 1 else part.mul_(weight)  # decode returns a new tensor
             else:
-                total.add_(part)
+                weighted_sum_into(total, part, weight)
         if total is None:  # one payload per member, this one included: only an empty group gets here
             raise CollectiveError(f"no payloads to average in a group of {group.size}")
-        return total.div_(group.size)
+        return total.div_(group.total_weight)
 
     # ------------------------------------------------------------ groups
 

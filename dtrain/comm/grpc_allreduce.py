@@ -74,6 +74,7 @@ from ..v1 import dtrain_pb2 as pb
 from ..wire.auth import auth_metadata, make_channel
 from ..wire.codec import Codec, CodecError
 from ..wire.snapshot import DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES, MAX_MESSAGE_BYTES
+from ..outer.weighting import weighted_sum_into
 from .collective import Collective, CollectiveError, CollectiveResult, Group
 from .shard_inbox import Key, ShardInbox
 from .shard_wire import GRPC_FRAME_BYTES, frame
@@ -281,8 +282,8 @@ class GrpcCollective(Collective):
         slices = self.inbox.wait(key, 1, deadline)
         total = torch.zeros(n_r, dtype=torch.float32)
         for j in range(k):  # ring order: the same sum on every run
-            total.add_(mine if j == r else slices[(r, ids[j])])
-        total.div_(k)
+            weighted_sum_into(total, mine if j == r else slices[(r, ids[j])], group.weight(j))
+        total.div_(group.total_weight)
         mean_payload = self._encode(total, f"the mean of shard {r}")
         # phase 2: the encoded mean to every other member; I decode the same bytes
         for step in range(1, k):

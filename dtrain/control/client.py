@@ -29,6 +29,7 @@ import grpc
 
 from ..v1 import dtrain_pb2 as pb
 from ..v1 import dtrain_pb2_grpc as pb_grpc
+from .work_plan import WorkPlan
 from ..wire.auth import auth_metadata, make_channel
 from ..wire.outcomes import (
     CommitDecision,
@@ -146,10 +147,30 @@ class QuorumView:
     state_hash: str
     commit_timeout: float
     store_address: str = ""  # TCPStore for gloo collectives, when the coordinator serves one
+    work: Tuple[MemberWork, ...] = ()  # per member, ring order
 
     @property
     def ids(self) -> List[str]:
         return [m[0] for m in self.members]
+
+
+@dataclass(frozen=True)
+class MemberWork:
+    """A quorum member's work: what it trained in this round and what it is assigned for the next."""
+
+    steps: int
+    samples: int
+    next_steps: int
+    step_rate: float
+
+
+@dataclass(frozen=True)
+class SyncReport:
+    """What a member tells the coordinator with a Sync: its measured rate and the work of this round."""
+
+    step_rate: float = 0.0  # inner steps per second; 0: not measured yet
+    steps: int = 0
+    samples: int = 0
 
 
 @dataclass(frozen=True)
@@ -171,6 +192,13 @@ def _decision(reply: pb.CommitReply) -> CommitDecision:
         return commit_decision_from_proto(reply.decision)
     except UnknownOutcome as e:
         raise ControlError(f"the coordinator sent {e}") from None
+
+
+def _plan_pb(plan: Optional[WorkPlan]) -> Optional[pb.WorkPlan]:
+    if plan is None:
+        return None
+    return pb.WorkPlan(sync_every=plan.sync_every, min_steps=plan.min_steps, balanced=plan.balanced,
+                       tolerance=plan.tolerance)
 
 
 def _donor(d: pb.Donor) -> Optional[DonorInfo]:
@@ -203,11 +231,12 @@ class CoordinatorClient:
     def __init__(self, target: str, peer_id: str, address: str, schema_hash: str, world_size: int = 1,
                  region: str = "", token: str = "", tls=None, rpc_timeout: float = 10.0,
                  max_message_bytes: int = 4 * 2 ** 20,
-                 state_fn: Optional[Callable[[], Tuple[int, str]]] = None):
+                 state_fn: Optional[Callable[[], Tuple[int, str]]] = None, plan: Optional[WorkPlan] = None):
         self.target, self.peer_id, self.address = target, peer_id, address
         self.schema_hash, self.world_size, self.region = schema_hash, world_size, region
         self.rpc_timeout = rpc_timeout
         self.state_fn = state_fn or (lambda: (0, ""))
+        self.plan = plan  # the round plan declared at join (None: the coordinator's default, H = 1 fixed)
         self.incarnation = uuid.uuid4().hex
         self.should_stop: Optional[Callable[[], bool]] = None  # True: stop waiting for a quorum (Stopping)
         self._md = auth_metadata(token)
@@ -240,7 +269,7 @@ class CoordinatorClient:
             rnd, h = self.state_fn()
             req = pb.JoinRequest(peer_id=self.peer_id, address=self.address, schema_hash=self.schema_hash,
                                  world_size=self.world_size, region=self.region, incarnation=self.incarnation,
-                                 round=rnd, state_hash=h)
+                                 round=rnd, state_hash=h, plan=_plan_pb(self.plan))
             try:
                 r = self._rpc("Join", req)
             except (CoordinatorUnavailable, DuplicatePeer) as e:
@@ -347,11 +376,14 @@ class CoordinatorClient:
             if done(reply):
                 return reply
 
-    def sync(self, round: int, state_hash: str, timeout: Optional[float] = None):
-        """Report that this peer holds S_round; returns a QuorumView or a HealOrder."""
+    def sync(self, round: int, state_hash: str, timeout: Optional[float] = None,
+             report: SyncReport = SyncReport()):
+        """Report that this peer holds S_round (and its work in the round); returns a QuorumView or a
+        HealOrder."""
         def req(wait_ms):
             return pb.SyncRequest(peer_id=self.peer_id, incarnation=self.incarnation, round=round,
-                                  state_hash=state_hash, wait_ms=wait_ms)
+                                  state_hash=state_hash, wait_ms=wait_ms, step_rate=report.step_rate,
+                                  steps=report.steps, samples=report.samples)
 
         r: pb.SyncReply = self._retrying("Sync", req, timeout, lambda r: _sync_outcome(r) is not SyncOutcome.WAIT)
         if _sync_outcome(r) is SyncOutcome.HEAL:
@@ -362,7 +394,8 @@ class CoordinatorClient:
         q = r.quorum
         return QuorumView(q.quorum_id, q.round,
                           tuple((m.peer_id, m.address, m.world_size, m.region) for m in q.members),
-                          q.state_hash, q.commit_timeout_ms / 1000.0, q.store_address)
+                          q.state_hash, q.commit_timeout_ms / 1000.0, q.store_address,
+                          tuple(MemberWork(m.steps, m.samples, m.next_steps, m.step_rate) for m in q.members))
 
     def commit(self, round: int, quorum_id: int, ok: bool, reason: str = "",
                timeout: Optional[float] = None) -> CommitDecision:

@@ -65,12 +65,14 @@ from __future__ import annotations
 
 import functools
 import heapq
+import math
 import re
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Set, Tuple
 
 from ..wire.outcomes import CommitDecision, MemberState, SyncOutcome
+from .work_plan import WorkPlan, assign_local_steps
 
 _PEER_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
 _ADDRESS = re.compile(r"[A-Za-z0-9._\-\[\]:]{1,250}:[0-9]{1,5}")
@@ -79,6 +81,7 @@ _TOKENISH = re.compile(r"[A-Za-z0-9._-]{1,64}")  # incarnation
 MAX_HASH = 128
 PERSISTED_HISTORY = 32  # commits kept in state.json: enough to answer re-asked commits after a restart
 MAX_REASON = 200
+MAX_RATE = 1e9  # inner steps per second a member may report
 
 
 class Refusal(Exception):
@@ -99,6 +102,8 @@ class Params:
     commit_timeout: float = 30.0
     history: int = 1000
     schema_hash: str = ""  # pinned; empty: adopt (and persist) the first joiner's
+    adaptive_grace: bool = True  # the grace window follows how late members have been arriving
+    grace_cap: float = 30.0  # ... but never longer than this
 
 
 @dataclass
@@ -114,6 +119,10 @@ class Member:
     round: int = 0
     state_hash: str = ""
     needs_heal: bool = False  # joined behind or told to heal: not expected until it syncs the current round
+    plan: WorkPlan = field(default_factory=WorkPlan)  # the round plan it declared at join
+    step_rate: float = 0.0  # inner steps per second it reported with its last sync (0: not measured)
+    steps: int = 0  # inner steps it trained in the round it last synced
+    samples: int = 0  # samples it trained then: its weight in that round's mean
 
 
 @dataclass(frozen=True)
@@ -131,6 +140,9 @@ class QuorumInfo:
     members: Tuple[Tuple[str, str, int, str], ...]  # (peer_id, address, world_size, region), ring order
     state_hash: str
     commit_timeout: float
+    # per member, in ring order: (steps and samples it trained in this round, steps assigned to it for the
+    # next round, the rate that assignment came from)
+    work: Tuple[Tuple[int, int, int, float], ...] = ()
 
     @functools.cached_property
     def ids(self) -> Tuple[str, ...]:
@@ -187,6 +199,7 @@ class _Voting:
     quorum: QuorumInfo
     deadline: float
     votes: Dict[str, bool] = field(default_factory=dict)
+    first_sync_at: float = 0.0  # when the round's first sync arrived (late syncs are measured from it)
 
 
 class QuorumMachine:
@@ -211,6 +224,8 @@ class QuorumMachine:
         self.syncs: Dict[str, str] = {}  # collecting: peer -> hash synced for committed_round
         self.first_sync_at: Optional[float] = None
         self.grace_spent = False  # a formation attempt ran after the grace window: no timer needed
+        self.round_spread = 0.0  # this round: the latest sync's delay after its first (late syncs included)
+        self.spread_ema = 0.0  # moving average of round_spread over committed rounds (adaptive grace)
         self.late: Dict[str, str] = {}  # synced while a quorum of the same round was voting
         self.voting: Optional[_Voting] = None
         self.last_quorum: Optional[Tuple[frozenset, int, CommitDecision]] = None  # (ids, epoch, decision)
@@ -260,7 +275,7 @@ class QuorumMachine:
         heapq.heappush(self._leases, (now, m.peer_id))
 
     def join(self, peer_id: str, incarnation: str, address: str, schema_hash: str, world_size: int,
-             region: str, round: int, state_hash: str, now: float) -> JoinResult:
+             region: str, round: int, state_hash: str, now: float, plan: Optional[WorkPlan] = None) -> JoinResult:
         if not _PEER_ID.fullmatch(peer_id or ""):
             raise Refusal("INVALID_ARGUMENT", f"peer_id={peer_id!r} is not allowed: 1-128 letters, digits, "
                                               "'.', '_' or '-'")
@@ -297,13 +312,14 @@ class QuorumMachine:
             self.dirty = True
         if old is None:
             self.members[peer_id] = Member(peer_id, incarnation, address, int(world_size), region, now, now,
-                                           round=int(round), state_hash=state_hash)
+                                           round=int(round), state_hash=state_hash, plan=plan or WorkPlan())
             self._touch(self.members[peer_id], now)
             self.epoch += 1
             self._event("join", peer_id=peer_id, address=address, region=region, world_size=int(world_size),
                         round=int(round))
         else:
             old.address, old.world_size, old.region = address, int(world_size), region
+            old.plan = plan or WorkPlan()
             self._touch(old, now)
         up_to_date = int(round) == R and (state_hash == self.known_hash if self.known_hash else
                                           (R == 0 or bool(state_hash)))
@@ -423,9 +439,15 @@ class QuorumMachine:
         return SyncAnswer(SyncOutcome.HEAL, round, donor=donor, reason=why)
 
     # ------------------------------------------------------------------ sync
-    def sync(self, peer_id: str, incarnation: str, round: int, state_hash: str, now: float) -> Optional[SyncAnswer]:
+    def sync(self, peer_id: str, incarnation: str, round: int, state_hash: str, now: float,
+             step_rate: float = 0.0, steps: int = 0, samples: int = 0) -> Optional[SyncAnswer]:
+        """``step_rate``: the member's measured inner steps per second; ``steps`` / ``samples``: what it
+        trained in this round (its weight in the mean)."""
         self._advance(now)
         m = self._member(peer_id, incarnation, now)
+        if not (math.isfinite(step_rate) and 0 <= step_rate <= MAX_RATE) or steps < 0 or samples < 0:
+            raise Refusal("INVALID_ARGUMENT", f"peer {peer_id!r}: step_rate={step_rate!r} must be in "
+                                              f"[0, {MAX_RATE:g}], steps and samples >= 0")
         ready = self._sync_answers.get(peer_id)
         if ready is not None and ready.round == round:
             return self._sync_answers.pop(peer_id)
@@ -441,6 +463,7 @@ class QuorumMachine:
         if self.voting is not None and peer_id in self.voting.quorum.id_set:
             self._decide_retry(now, f"member {peer_id!r} synced again")
         m.round, m.state_hash = int(round), state_hash
+        m.step_rate, m.steps, m.samples = float(step_rate), int(steps), int(samples)
         if round < R:
             self.syncs.pop(peer_id, None)
             self.late.pop(peer_id, None)
@@ -454,7 +477,11 @@ class QuorumMachine:
             m.state = MemberState.ACTIVE
             self.epoch += 1
             self._event("active", peer_id=peer_id, round=int(round))
+        if self.first_sync_at is not None and round == R:
+            self.round_spread = max(self.round_spread, now - self.first_sync_at)
         if self.voting is not None:  # (also when the retry above formed a quorum from late syncs)
+            if self.voting.quorum.round == R:
+                self.round_spread = max(self.round_spread, now - self.voting.first_sync_at)
             self.late[peer_id] = state_hash
             self.syncs.pop(peer_id, None)
             return None
@@ -518,13 +545,19 @@ class QuorumMachine:
             self.known_hash = ref
             self.dirty = True
         ordered = sorted(matching, key=lambda pid: (self.members[pid].region, pid))
+        plan = self.members[ordered[0]].plan  # one plan per run (it is part of the schema hash)
+        assigned = assign_local_steps({pid: self.members[pid].step_rate for pid in ordered}, plan)
         q = QuorumInfo(self.quorum_id, self.committed_round,
                        tuple((pid, self.members[pid].address, self.members[pid].world_size,
                               self.members[pid].region) for pid in ordered),
-                       ref, self.params.commit_timeout)
+                       ref, self.params.commit_timeout,
+                       tuple((self.members[pid].steps, self.members[pid].samples, assigned[pid],
+                              self.members[pid].step_rate) for pid in ordered))
         self.holders |= set(matching)
-        self.voting = _Voting(q, now + self.params.commit_timeout)
-        self._event("quorum", quorum_id=q.quorum_id, round=q.round, members=list(q.ids), state_hash=ref)
+        self.voting = _Voting(q, now + self.params.commit_timeout, first_sync_at=self.first_sync_at or now)
+        self._event("quorum", quorum_id=q.quorum_id, round=q.round, members=list(q.ids), state_hash=ref,
+                    steps={pid: w[0] for pid, w in zip(q.ids, q.work)},
+                    next_steps={pid: w[2] for pid, w in zip(q.ids, q.work)})
         for pid in matching:
             self._post_sync(pid, SyncAnswer(SyncOutcome.QUORUM, q.round, quorum=q))
         for pid in sorted(present - ids):
@@ -532,11 +565,19 @@ class QuorumMachine:
                                                           f"from the majority's {ref[:12]}..."))
         self.syncs, self.first_sync_at = {}, None
 
+    def grace(self) -> float:
+        """The grace window: ``params.grace``, or, adaptive, long enough for how late members have been
+        arriving (twice the moving average of a round's spread between its first and last sync), capped
+        at ``params.grace_cap``."""
+        if not self.params.adaptive_grace:
+            return self.params.grace
+        return min(max(self.params.grace, 2.0 * self.spread_ema), max(self.params.grace, self.params.grace_cap))
+
     def _wait_until(self, first_sync_at: float, healers: Set[str], present: Set[str]) -> float:
         """When the time-based wait of a round ends: grace, or heal_grace while a healer is missing.
 
         ``first_sync_at``: ``self.first_sync_at``, passed by callers that have checked it is set."""
-        wait = self.params.grace
+        wait = self.grace()
         if healers - present:
             wait = max(wait, self.params.heal_grace)
         return first_sync_at + wait
@@ -601,6 +642,8 @@ class QuorumMachine:
         self.last_quorum = (frozenset(q.ids), self.epoch, CommitDecision.COMMIT)
         self.voting = None
         self.syncs, self.first_sync_at = {}, None  # (empty: syncs during voting go to ``late``)
+        self.spread_ema = 0.7 * self.spread_ema + 0.3 * self.round_spread if self.spread_ema else self.round_spread
+        self.round_spread = 0.0
         self.dirty = True
         for pid in q.ids:
             if pid in self.members:

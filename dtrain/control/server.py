@@ -40,7 +40,8 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Coordinator"].full_name
 def params_from(cfg) -> Params:
     return Params(min_peers=cfg.min_peers, lease_timeout=cfg.lease_timeout_s,
                   heartbeat_interval=cfg.heartbeat_interval_s, grace=cfg.grace_s, heal_grace=cfg.heal_grace_s,
-                  commit_timeout=cfg.commit_timeout_s, history=cfg.history, schema_hash=cfg.schema_hash)
+                  commit_timeout=cfg.commit_timeout_s, history=cfg.history, schema_hash=cfg.schema_hash,
+                  adaptive_grace=cfg.adaptive_grace, grace_cap=cfg.grace_cap_s)
 
 
 # pyright's bundled typeshed stubs for grpcio-health-checking lack ``health.aio`` (grpc_health.v1._async) and

@@ -32,6 +32,7 @@ from ..wire.outcomes import (
 )
 from .quorum import CommitAnswer, Donor, QuorumMachine, Refusal, SyncAnswer
 from .state_store import StateStore
+from .work_plan import WorkPlan
 
 log = logging.getLogger("dtrain.control")
 
@@ -42,6 +43,17 @@ T = TypeVar("T")
 def _wake(fut: asyncio.Future) -> None:
     if not fut.done():
         fut.set_result(None)
+
+
+def _work_plan(req: pb.JoinRequest) -> WorkPlan:
+    """The round plan a joiner declares; a peer that sends none (older clients, tools) gets H = 1, fixed."""
+    if not req.HasField("plan") or req.plan.sync_every < 1:
+        return WorkPlan()
+    p = req.plan
+    try:
+        return WorkPlan(p.sync_every, p.min_steps, p.balanced, p.tolerance)
+    except ValueError as e:
+        raise Refusal("INVALID_ARGUMENT", str(e)) from None
 
 
 def _donor_pb(d: Donor) -> pb.Donor:
@@ -139,8 +151,9 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
 
     # ------------------------------------------------------------------ membership
     async def Join(self, req: pb.JoinRequest, context) -> pb.JoinReply:
-        r = await self._call(context, self.machine.join, req.peer_id, req.incarnation, req.address, req.schema_hash,
-                             req.world_size, req.region, req.round, req.state_hash, now=self.clock())
+        r = await self._call(context, lambda: self.machine.join(
+            req.peer_id, req.incarnation, req.address, req.schema_hash, req.world_size, req.region, req.round,
+            req.state_hash, now=self.clock(), plan=_work_plan(req)))
         p = self.machine.params
         reply = pb.JoinReply(lease_timeout_ms=int(p.lease_timeout * 1000),
                              heartbeat_interval_ms=int(p.heartbeat_interval * 1000),
@@ -177,14 +190,15 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         if cached is None or cached[:2] != (q.quorum_id, q.round):
             msg = pb.Quorum(quorum_id=q.quorum_id, round=q.round, state_hash=q.state_hash,
                             commit_timeout_ms=int(q.commit_timeout * 1000), store_address=self.store_address,
-                            members=[pb.Member(peer_id=i, address=a, world_size=w, region=g)
-                                     for i, a, w, g in q.members])
+                            members=[pb.Member(peer_id=i, address=a, world_size=w, region=g, steps=work[0],
+                                               samples=work[1], next_steps=work[2], step_rate=work[3])
+                                     for (i, a, w, g), work in zip(q.members, q.work or [(0, 0, 0, 0.0)] * len(q.members))])
             self._quorum_pb = cached = (q.quorum_id, q.round, msg)
         return cached[2]
 
     async def Sync(self, req: pb.SyncRequest, context) -> pb.SyncReply:
         ans = await self._call(context, self.machine.sync, req.peer_id, req.incarnation, req.round, req.state_hash,
-                               now=self.clock())
+                               now=self.clock(), step_rate=req.step_rate, steps=req.steps, samples=req.samples)
         if ans is None:
             ans = await self._wait_for(req.peer_id, lambda: self.machine.take_sync_answer(req.peer_id, req.round),
                                        req.wait_ms)

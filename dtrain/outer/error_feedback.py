@@ -18,6 +18,17 @@ Because the codecs' grids are fixed points (re-encoding x̂ gives the same
 bytes), x̂_t can be handed to the collective, which encodes it again without
 further loss.
 
+Weighted rounds (``outer.weighting=samples``): member i's x̂_t enters the mean
+with weight w_t (the samples it trained in round t), so what the quantisation
+dropped counted w_t * (v_t - x̂_t) there. The residual is kept in those
+weighted units and divided by the next round's own weight when compensating:
+
+    v_t     = x_t + e_t / w_t,     e_{t+1} = w_t * (v_t - x̂_t)
+
+so sum_t w_t * x̂_t tracks sum_t w_t * x_t the same way. With w = 1 (and
+whenever the weight does not change) it is exactly the rule above. A round
+in which the member sits out (w = 0) sends nothing and leaves e unchanged.
+
 When an exchange can fail, use the two-step form: ``v = compensate(name, x)``,
 quantise, and call ``update(name, v, x̂)`` only once the round succeeded (a
 failed round leaves the residual untouched). ``quantize_with_feedback`` does
@@ -57,8 +68,8 @@ class ErrorFeedback:
         """The current residual of ``name`` (a view, do not modify), or None if zero/unset."""
         return self._residual.get(name)
 
-    def compensate(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        """x + e as a new tensor (x itself is not modified)."""
+    def compensate(self, name: str, x: torch.Tensor, weight: float = 1.0) -> torch.Tensor:
+        """x + e / weight as a new tensor (x itself is not modified)."""
         _check_vec(f"error feedback {name!r}", x)
         e = self._residual.get(name)
         if e is None:
@@ -66,25 +77,29 @@ class ErrorFeedback:
         if e.shape != x.shape:
             raise ValueError(f"error feedback {name!r}: residual has {e.numel()} values but the "
                              f"input has {x.numel()}; reset() after changing the parameter layout")
-        return x.detach() + e
+        if weight <= 0:
+            raise ValueError(f"error feedback {name!r}: weight={weight} must be > 0 (a member that sits out "
+                             "sends nothing and skips error feedback)")
+        return x.detach() + (e if weight == 1.0 else e / weight)
 
-    def update(self, name: str, sent_exact: torch.Tensor, sent_decoded: torch.Tensor) -> None:
-        """e = sent_exact - sent_decoded, where sent_exact is what compensate returned."""
+    def update(self, name: str, sent_exact: torch.Tensor, sent_decoded: torch.Tensor, weight: float = 1.0) -> None:
+        """e = weight * (sent_exact - sent_decoded), where sent_exact is what compensate returned."""
         _check_vec(f"error feedback {name!r} (exact)", sent_exact)
         _check_vec(f"error feedback {name!r} (decoded)", sent_decoded)
         if sent_exact.shape != sent_decoded.shape:
             raise ValueError(f"error feedback {name!r}: exact has {sent_exact.numel()} values, "
                              f"decoded has {sent_decoded.numel()}")
-        self._residual[name] = (sent_exact.detach() - sent_decoded.detach()).contiguous()
+        dropped = (sent_exact.detach() - sent_decoded.detach()).contiguous()
+        self._residual[name] = dropped if weight == 1.0 else dropped.mul_(weight)
 
-    def quantize_with_feedback(self, name: str, x: torch.Tensor, codec: Codec) -> torch.Tensor:
-        """x̂ = decode(encode(x + e)); sets e = (x + e) - x̂; returns x̂ (on the codec grid)."""
-        v = self.compensate(name, x)
+    def quantize_with_feedback(self, name: str, x: torch.Tensor, codec: Codec, weight: float = 1.0) -> torch.Tensor:
+        """x̂ = decode(encode(x + e / w)); sets e = w * ((x + e / w) - x̂); returns x̂ (on the codec grid)."""
+        v = self.compensate(name, x, weight)
         if codec.lossless:
             self._residual.pop(name, None)  # nothing is dropped: e = 0
             return v
         x_hat = codec.decode(codec.encode(v), v.numel())
-        self.update(name, v, x_hat)
+        self.update(name, v, x_hat, weight)
         return x_hat
 
     def reset(self, name: Optional[str] = None) -> None:

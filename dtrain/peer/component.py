@@ -7,7 +7,7 @@ on the :class:`RoundEvent` each call returns (see ``round_event``):
     per inner step:
       before_optimizer_step(step)     gradients are ready (the ddp baseline averages them here)
       after_optimizer_step(step)      the step is taken (the ddp baseline commits S_{r+1} here)
-      after_step(step)                between steps (DiLoCo rounds run here)
+      after_step(step, step_s)        between steps (DiLoCo rounds run here); step_s: how long the step took
     finish(step)                      end of training: apply an exchange still in flight
     use_global_parameters()           the run's result is the global model
     close(leave, reason)              leave the run (or let the lease lapse), stop serving
@@ -35,7 +35,7 @@ class OuterComponent:
     def after_optimizer_step(self, step: int) -> RoundEvent:
         return RoundEvent(step=step)
 
-    def after_step(self, step: int) -> RoundEvent:
+    def after_step(self, step: int, step_s: float = 0.0) -> RoundEvent:
         return RoundEvent(step=step)
 
     def finish(self, step: int) -> RoundEvent:

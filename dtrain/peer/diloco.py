@@ -35,7 +35,7 @@ import torch
 
 from .. import faults
 from ..config import ConfigError, TrainConfig
-from ..control.client import Stopping
+from ..control.client import Stopping, SyncReport
 from ..outer.codecs import get_codec
 from ..outer.error_feedback import ErrorFeedback
 from ..outer.flat_params import FlatLayout
@@ -48,7 +48,8 @@ from .rank_broadcast import share_event
 from .records import RoundClock, heal_record, round_record
 from .round_engine import ExchangeResult
 from .round_event import RoundEvent
-from .session import ExchangeSettings, PeerSession, run_schema_hash
+from .session import ExchangeSettings, PeerSession, run_schema_hash, work_plan
+from .step_rate import StepRate
 
 log = logging.getLogger("dtrain")
 
@@ -65,6 +66,13 @@ class DilocoLoop(OuterComponent):
         self.is_leader, self.distributed = is_leader, distributed
         self.pending: Optional[Tuple[concurrent.futures.Future, int]] = None  # (exchange, fragment)
         self.clock = RoundClock()
+        # balanced rounds (every rank): the round began at the nominal step round * H; this peer trains
+        # local_steps in it (0: it sits out and takes one untrained probe step) and exchanges at next_boundary
+        self.balanced = outer.local_steps == "balanced"
+        self.batch_size = cfg.batch_size
+        self.round_start, self.local_steps, self.next_boundary = 0, self.period, self.period
+        self.rate = StepRate()
+        self.comm_s = 0.0  # moving average of the collective's seconds (the adaptive deadline)
         if not is_leader:
             return
         self.codec = get_codec(outer.codec, outer.block_size)
@@ -77,9 +85,9 @@ class DilocoLoop(OuterComponent):
         self.durable = (DurableCommit(os.path.join(run_dir, "checkpoints", "next_global.pt"), self.schema)
                         if outer.durable_commit else None)
         settings = ExchangeSettings(outer.backend, outer.streams, int(outer.chunk_mb * 2 ** 20), outer.deadline_s,
-                                    outer.sync_timeout_s)
+                                    outer.sync_timeout_s, outer.weighting)
         self.session = PeerSession(cfg.peer_id, cfg.control, self.schema, self.state, self.codec, settings,
-                                   world_size=world_size, should_stop=should_stop)
+                                   world_size=world_size, should_stop=should_stop, plan=work_plan(cfg))
         self.join_timeout_s = cfg.control.join_timeout_s
         self.executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="outer") if self.tau else None
 
@@ -94,7 +102,9 @@ class DilocoLoop(OuterComponent):
             healed = self.session.join()
             if healed is not None:
                 event = self._adopt(healed, event)
-        return self._share(event)
+        event = self._share(event)
+        self._begin_round(event.step - event.step % self.period, self.period)
+        return event
 
     def finish(self, step: int) -> RoundEvent:
         """Every rank, at the end of training: apply an exchange still in flight (overlap)."""
@@ -140,23 +150,34 @@ class DilocoLoop(OuterComponent):
             self.error_feedback.load_state_dict(saved["error_feedback"])
 
     # ------------------------------------------------------------------ rounds
-    def after_step(self, step: int) -> RoundEvent:
+    def _begin_round(self, start_step: int, local_steps: int) -> None:
+        self.round_start, self.local_steps = start_step, local_steps
+        self.next_boundary = start_step + max(1, local_steps)
+
+    def _at_boundary(self, step: int) -> bool:
+        if self.balanced:
+            return step >= self.next_boundary
+        return step % self.period == 0
+
+    def after_step(self, step: int, step_s: float = 0.0) -> RoundEvent:
         """Every rank, after each inner step: run, finish or apply this step's round (see the docstring)."""
+        self.rate.observe(step_s)
         if self.tau == 0:
-            if step % self.period:
+            if not self._at_boundary(step):
                 return RoundEvent(step=step)
             event = RoundEvent(step=step)
             if self.is_leader:
                 fragment = self.state.round % self.fragments
                 self.clock.exchange_starts()
                 try:
-                    result = self.session.engine.exchange(self._payload(fragment), f"f{fragment}",
-                                                          self._prepare)
-                    event = self._apply(result, fragment, step)
+                    event = self._exchange(fragment, step)
                 except Stopping as e:
                     log.info("%s", e)
                     event = RoundEvent(RoundOutcome.STOP, step)
-            return self._share(event)
+            event = self._share(event)
+            if event.outcome in (RoundOutcome.COMMIT, RoundOutcome.HEAL):
+                self._begin_round(event.step, event.local_steps if event.local_steps >= 0 else self.period)
+            return event
         if step % self.period == 0 and self.is_leader and self.pending is None:
             self._launch()
         if step % self.period == self.tau and step > self.tau:
@@ -166,11 +187,38 @@ class DilocoLoop(OuterComponent):
             return self._share(event)
         return RoundEvent(step=step)
 
-    def _payload(self, fragment: int) -> torch.Tensor:
+    def _exchange(self, fragment: int, step: int) -> RoundEvent:
+        """Leader, blocking round: report this round's work, exchange, apply."""
+        trained = step - self.round_start
+        sits_out = self.balanced and self.local_steps == 0
+        samples = 0 if sits_out else trained * self.batch_size
+        report = SyncReport(self.rate.steps_per_s, 0 if sits_out else trained, samples)
+        if sits_out:  # weight 0: its probe step is not sent, and error feedback keeps its residual
+            lo, hi = self.layout.fragments[fragment]
+            payload = torch.zeros(hi - lo, dtype=torch.float32)
+        else:
+            ef_weight = float(samples) if self.balanced and self.outer_cfg.weighting == "samples" else 1.0
+            payload = self._payload(fragment, ef_weight)
+        self._adapt_deadline()
+        result = self.session.engine.exchange(payload, f"f{fragment}", self._prepare, report)
+        event = self._apply(result, fragment, step)
+        for rec in event.records:
+            rec.update(steps=trained, sat_out=sits_out, steps_lost=trained if (sits_out or rec["kind"] == "heal") else 0,
+                       step_rate=report.step_rate)
+        return event
+
+    def _adapt_deadline(self) -> None:
+        """The collective's deadline follows its measured time: 4x the moving average, between
+        ``outer.deadline_min_s`` and ``outer.deadline_s``."""
+        cap = self.outer_cfg.deadline_s
+        floor = min(self.outer_cfg.deadline_min_s, cap)
+        self.session.engine.deadline_s = cap if not self.comm_s else min(cap, max(floor, 4.0 * self.comm_s))
+
+    def _payload(self, fragment: int, ef_weight: float = 1.0) -> torch.Tensor:
         lo, hi = self.layout.fragments[fragment]
         delta = self.state.tensors["theta"][lo:hi] - self.layout.fragment_of(self.model, fragment)
         if self.error_feedback is not None:
-            return self.error_feedback.quantize_with_feedback(f"f{fragment}", delta, self.codec)
+            return self.error_feedback.quantize_with_feedback(f"f{fragment}", delta, self.codec, ef_weight)
         return delta
 
     def _prepare(self, round: int, quorum_id: int, mean: torch.Tensor) -> GlobalState:
@@ -218,10 +266,15 @@ class DilocoLoop(OuterComponent):
         else:
             new_local = new_global
         self.layout.load_fragment(self.model, new_local, fragment)
+        self.comm_s = result.comm_s if not self.comm_s else 0.7 * self.comm_s + 0.3 * result.comm_s
         every = self.outer_cfg.checkpoint_every_rounds
-        return RoundEvent(RoundOutcome.COMMIT, step,
-                          records=[round_record(result, self.state, self.clock, self.outer_cfg.codec, step)],
-                          checkpoint=bool(every) and self.state.round % every == 0)
+        record = round_record(result, self.state, self.clock, self.outer_cfg.codec, step)
+        record.update(local_steps=result.steps, next_local_steps=result.next_steps, weights=list(result.weights))
+        next_steps = result.next_steps.get(self.session.peer_id, self.period) if self.balanced else self.period
+        # balanced: the next round starts at its nominal step round * H, whatever this peer trained
+        next_step = self.state.round * self.period if self.balanced else step
+        return RoundEvent(RoundOutcome.COMMIT, next_step, records=[record],
+                          checkpoint=bool(every) and self.state.round % every == 0, local_steps=next_steps)
 
     def _adopt(self, result: ExchangeResult, event: RoundEvent) -> RoundEvent:
         """After a heal: local parameters <- global ones; continue from the state's round."""

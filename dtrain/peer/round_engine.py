@@ -26,14 +26,15 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
 from ..comm.collective import Collective, CollectiveError, CollectiveResult, Group
 from ..comm.state_download import StateTransferError, fetch_state
-from ..control.client import CoordinatorClient, HealOrder
+from ..control.client import CoordinatorClient, HealOrder, QuorumView, SyncReport
 from ..outer.global_state import GlobalState, StateError
+from ..outer.weighting import integer_weights
 from ..wire.outcomes import CommitDecision, RoundOutcome
 
 log = logging.getLogger("dtrain.outer")
@@ -68,30 +69,40 @@ class ExchangeResult:
     wait_s: float = 0.0
     attempts: int = 0
     heal: Optional[HealInfo] = None
+    # COMMIT, per member of the committed quorum: the inner steps it trained in this round, and those
+    # assigned to it for the next round (0: it sits the next round out)
+    steps: Dict[str, int] = field(default_factory=dict)
+    next_steps: Dict[str, int] = field(default_factory=dict)
+    weights: Tuple[int, ...] = ()  # the members' weights in the mean, ring order (empty: equal)
 
 
 class RoundEngine:
     def __init__(self, client: CoordinatorClient, collective: Optional[Collective], state: GlobalState,
                  publish: Callable[[], None], peer_id: str, schema_hash: str, token: str = "", tls=None,
-                 deadline_s: float = 30.0, sync_timeout_s: float = 600.0, transfer_timeout_s: float = 120.0):
+                 deadline_s: float = 30.0, sync_timeout_s: float = 600.0, transfer_timeout_s: float = 120.0,
+                 weighting: str = "uniform"):
         self.client, self.collective, self.state = client, collective, state
         self.publish = publish  # serve the current state to joiners (after a heal)
         self.peer_id, self.schema_hash, self.token, self.tls = peer_id, schema_hash, token, tls
         self.deadline_s, self.sync_timeout_s, self.transfer_timeout_s = deadline_s, sync_timeout_s, transfer_timeout_s
+        self.weighting = weighting  # samples | uniform (dtrain.outer.weighting)
 
-    def exchange(self, payload: torch.Tensor, op: str = "all", prepare: Optional[Prepare] = None) -> ExchangeResult:
+    def exchange(self, payload: torch.Tensor, op: str = "all", prepare: Optional[Prepare] = None,
+                 report: SyncReport = SyncReport()) -> ExchangeResult:
+        """One round; ``report`` (this member's rate and work in the round) goes with every Sync."""
         out = ExchangeResult(RoundOutcome.COMMIT, self.state.round)
         while True:
             out.attempts += 1
             t0 = time.perf_counter()
-            ans = self.client.sync(self.state.round, self.state.hash(), timeout=self.sync_timeout_s)
+            ans = self.client.sync(self.state.round, self.state.hash(), timeout=self.sync_timeout_s, report=report)
             out.wait_s += time.perf_counter() - t0
             if isinstance(ans, HealOrder):
                 if self._heal_into(ans, out):
                     return out
                 continue
+            weights = self._weights(ans)
             group = Group(ans.quorum_id, ans.round, tuple((m[0], m[1]) for m in ans.members), self.peer_id, op,
-                          ans.store_address)
+                          ans.store_address, weights)
             t1 = time.perf_counter()
             ok, reason = True, ""
             result: Optional[CollectiveResult] = None
@@ -122,9 +133,16 @@ class RoundEngine:
             out.wait_s += time.perf_counter() - t2
             if decision is CommitDecision.COMMIT and ok and result is not None:
                 out.quorum_id, out.members, out.mean = ans.quorum_id, list(ans.ids), result.tensor
-                out.round, out.next_state = ans.round, nxt
+                out.round, out.next_state, out.weights = ans.round, nxt, weights
+                out.steps = {pid: w.steps for pid, w in zip(ans.ids, ans.work)}
+                out.next_steps = {pid: w.next_steps for pid, w in zip(ans.ids, ans.work)}
                 return out
             log.info("round %d quorum %d: retry", ans.round, ans.quorum_id)
+
+    def _weights(self, quorum: QuorumView) -> Tuple[int, ...]:
+        """The members' weights from the samples each reported (all equal when none did)."""
+        weights = integer_weights([w.samples for w in quorum.work], self.weighting) if quorum.work else ()
+        return weights if sum(weights) > 0 and len(set(weights)) > 1 else ()
 
     def heal(self, order: HealOrder) -> Optional[ExchangeResult]:
         """Adopt the state of ``order``'s donor; the HEAL result, or None when the download failed."""

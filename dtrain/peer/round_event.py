@@ -11,7 +11,11 @@ and acts on it:
 - ``stall_s``: seconds the inner steps waited for an overlapped exchange;
 - ``records``: metrics records to write, in order (the leader's only);
 - ``checkpoint``: write a checkpoint now (a committed round's S_{r+1}, or an
-  adopted state, must be on disk before training goes on).
+  adopted state, must be on disk before training goes on);
+- ``local_steps``: balanced rounds, the inner steps this peer trains in the
+  next round (what the coordinator assigned; 0: it sits the round out; -1:
+  nothing assigned, H). The trainer needs nothing from it; it travels to the
+  other ranks with the event.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ class RoundEvent:
     stall_s: float = 0.0
     records: List[dict] = field(default_factory=list)
     checkpoint: bool = False
+    local_steps: int = -1
 
     @property
     def changed_parameters(self) -> bool:

@@ -30,6 +30,7 @@ from ..comm.peer_service import PeerServicer, serve_peer
 from ..comm.shard_inbox import ShardInbox
 from ..config import ControlConfig, TrainConfig
 from ..control.client import CoordinatorClient, HealOrder
+from ..control.work_plan import WorkPlan
 from ..outer.global_state import GlobalState
 from ..wire.auth import resolve_token
 from ..wire.codec import Codec
@@ -49,6 +50,7 @@ class ExchangeSettings:
     chunk_bytes: int = 1 << 20
     deadline_s: float = 30.0
     sync_timeout_s: float = 600.0
+    weighting: str = "uniform"  # samples | uniform: the members' weights in the mean
 
 
 def build_collective(codec: Codec, settings: ExchangeSettings, peer_id: str, control: ControlConfig,
@@ -68,14 +70,23 @@ def run_schema_hash(cfg: TrainConfig) -> str:
     return schema_hash({"model": dataclasses.asdict(cfg.model),
                         "outer": {"name": outer.name, "sync_every": outer.sync_every, "fragments": outer.fragments,
                                   "codec": outer.codec, "block_size": outer.block_size, "backend": outer.backend,
-                                  "optim": cfg.optim.name}})
+                                  "optim": cfg.optim.name, "local_steps": outer.local_steps,
+                                  "min_local_steps": outer.min_local_steps,
+                                  "balance_tolerance": outer.balance_tolerance, "weighting": outer.weighting}})
+
+
+def work_plan(cfg: TrainConfig) -> WorkPlan:
+    """The round plan a training peer declares at join."""
+    outer = cfg.outer
+    return WorkPlan(outer.sync_every, outer.min_local_steps, outer.local_steps == "balanced",
+                    outer.balance_tolerance)
 
 
 class PeerSession:
     def __init__(self, peer_id: str, control: ControlConfig, schema: str, state: GlobalState,
                  codec: Optional[Codec], settings: ExchangeSettings, world_size: int = 1,
                  should_stop: Optional[Callable[[], bool]] = None, meta: Optional[dict] = None,
-                 transfer_chunk_bytes: int = DEFAULT_CHUNK_BYTES):
+                 plan: Optional[WorkPlan] = None, transfer_chunk_bytes: int = DEFAULT_CHUNK_BYTES):
         self.peer_id, self.control, self.schema, self.state = peer_id, control, schema, state
         self.meta = {"peer_id": peer_id, **(meta or {})}
         self.token = resolve_token(control.auth.token)
@@ -90,12 +101,12 @@ class PeerSession:
         self.client = CoordinatorClient(control.coordinator, peer_id, self.address, schema, world_size=world_size,
                                         region=control.region, token=self.token, tls=client_tls,
                                         rpc_timeout=control.rpc_timeout_s,
-                                        state_fn=lambda: (self.state.round, self.state.hash()))
+                                        state_fn=lambda: (self.state.round, self.state.hash()), plan=plan)
         self.client.should_stop = should_stop
         self.engine = RoundEngine(self.client, self.collective, state, self.publish, peer_id, schema,
                                   token=self.token, tls=client_tls, deadline_s=settings.deadline_s,
                                   sync_timeout_s=settings.sync_timeout_s,
-                                  transfer_timeout_s=control.transfer_timeout_s)
+                                  transfer_timeout_s=control.transfer_timeout_s, weighting=settings.weighting)
 
     def publish(self) -> None:
         """Serve the current global state to joiners and healers."""

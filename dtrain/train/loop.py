@@ -244,6 +244,16 @@ class Trainer:
             self._on_round(self.outer.after_optimizer_step(self.step))
         return losses
 
+    def _emulate_speed(self, seconds: float) -> float:
+        """``emulated_speed`` < 1: make the step last 1/speed of its natural time (sleep the difference);
+        returns the step's time as the machine delivered it."""
+        speed = self.cfg.emulated_speed
+        if speed >= 1.0:
+            return seconds
+        extra = seconds * (1.0 / speed - 1.0)
+        time.sleep(extra)
+        return seconds + extra
+
     def jump_to_step(self, step: int) -> None:
         """Continue from ``step`` (after adopting a newer global state): LR schedule included."""
         self.step = int(step)
@@ -252,8 +262,8 @@ class Trainer:
     def _on_round(self, event: RoundEvent) -> RoundEvent:
         """Act on what a round boundary did: the trainer alone moves its step, checkpoints, records and
         stops."""
-        if event.outcome is RoundOutcome.HEAL:
-            self.jump_to_step(event.step)
+        if event.outcome in (RoundOutcome.HEAL, RoundOutcome.COMMIT) and event.step != self.step:
+            self.jump_to_step(event.step)  # a heal, or a balanced round this peer trained fewer steps of
         self.stall_s += event.stall_s
         if event.checkpoint:
             self.save()  # S_{r+1} (or the adopted S_R) on disk: a restart continues from here
@@ -305,11 +315,13 @@ class Trainer:
         try:
             while self.step < stop:
                 lr = self.scheduler.lr
+                t_step = time.perf_counter()
                 losses = self.train_step()
+                step_s = self._emulate_speed(time.perf_counter() - t_step)
                 if self.stop_everywhere:
                     break
                 if self.outer is not None:
-                    self._on_round(self.outer.after_step(self.step))
+                    self._on_round(self.outer.after_step(self.step, step_s))
                     if self.stop_everywhere:  # the leader abandoned a round wait to shut down
                         break
                 if self.step % c.log_every == 0 or self.step == stop:

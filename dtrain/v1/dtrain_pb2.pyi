@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class JoinRequest(_message.Message):
-    __slots__ = ("peer_id", "address", "schema_hash", "world_size", "region", "incarnation", "round", "state_hash")
+    __slots__ = ("peer_id", "address", "schema_hash", "world_size", "region", "incarnation", "round", "state_hash", "plan")
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     SCHEMA_HASH_FIELD_NUMBER: _ClassVar[int]
@@ -17,6 +17,7 @@ class JoinRequest(_message.Message):
     INCARNATION_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     STATE_HASH_FIELD_NUMBER: _ClassVar[int]
+    PLAN_FIELD_NUMBER: _ClassVar[int]
     peer_id: str
     address: str
     schema_hash: str
@@ -25,7 +26,20 @@ class JoinRequest(_message.Message):
     incarnation: str
     round: int
     state_hash: str
-    def __init__(self, peer_id: _Optional[str] = ..., address: _Optional[str] = ..., schema_hash: _Optional[str] = ..., world_size: _Optional[int] = ..., region: _Optional[str] = ..., incarnation: _Optional[str] = ..., round: _Optional[int] = ..., state_hash: _Optional[str] = ...) -> None: ...
+    plan: WorkPlan
+    def __init__(self, peer_id: _Optional[str] = ..., address: _Optional[str] = ..., schema_hash: _Optional[str] = ..., world_size: _Optional[int] = ..., region: _Optional[str] = ..., incarnation: _Optional[str] = ..., round: _Optional[int] = ..., state_hash: _Optional[str] = ..., plan: _Optional[_Union[WorkPlan, _Mapping]] = ...) -> None: ...
+
+class WorkPlan(_message.Message):
+    __slots__ = ("sync_every", "min_steps", "balanced", "tolerance")
+    SYNC_EVERY_FIELD_NUMBER: _ClassVar[int]
+    MIN_STEPS_FIELD_NUMBER: _ClassVar[int]
+    BALANCED_FIELD_NUMBER: _ClassVar[int]
+    TOLERANCE_FIELD_NUMBER: _ClassVar[int]
+    sync_every: int
+    min_steps: int
+    balanced: bool
+    tolerance: float
+    def __init__(self, sync_every: _Optional[int] = ..., min_steps: _Optional[int] = ..., balanced: _Optional[bool] = ..., tolerance: _Optional[float] = ...) -> None: ...
 
 class Donor(_message.Message):
     __slots__ = ("peer_id", "address", "round", "state_hash")
@@ -92,30 +106,44 @@ class LeaveReply(_message.Message):
     def __init__(self) -> None: ...
 
 class SyncRequest(_message.Message):
-    __slots__ = ("peer_id", "incarnation", "round", "state_hash", "wait_ms")
+    __slots__ = ("peer_id", "incarnation", "round", "state_hash", "wait_ms", "step_rate", "steps", "samples")
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
     INCARNATION_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     STATE_HASH_FIELD_NUMBER: _ClassVar[int]
     WAIT_MS_FIELD_NUMBER: _ClassVar[int]
+    STEP_RATE_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    SAMPLES_FIELD_NUMBER: _ClassVar[int]
     peer_id: str
     incarnation: str
     round: int
     state_hash: str
     wait_ms: int
-    def __init__(self, peer_id: _Optional[str] = ..., incarnation: _Optional[str] = ..., round: _Optional[int] = ..., state_hash: _Optional[str] = ..., wait_ms: _Optional[int] = ...) -> None: ...
+    step_rate: float
+    steps: int
+    samples: int
+    def __init__(self, peer_id: _Optional[str] = ..., incarnation: _Optional[str] = ..., round: _Optional[int] = ..., state_hash: _Optional[str] = ..., wait_ms: _Optional[int] = ..., step_rate: _Optional[float] = ..., steps: _Optional[int] = ..., samples: _Optional[int] = ...) -> None: ...
 
 class Member(_message.Message):
-    __slots__ = ("peer_id", "address", "world_size", "region")
+    __slots__ = ("peer_id", "address", "world_size", "region", "steps", "samples", "next_steps", "step_rate")
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
     REGION_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    NEXT_STEPS_FIELD_NUMBER: _ClassVar[int]
+    STEP_RATE_FIELD_NUMBER: _ClassVar[int]
     peer_id: str
     address: str
     world_size: int
     region: str
-    def __init__(self, peer_id: _Optional[str] = ..., address: _Optional[str] = ..., world_size: _Optional[int] = ..., region: _Optional[str] = ...) -> None: ...
+    steps: int
+    samples: int
+    next_steps: int
+    step_rate: float
+    def __init__(self, peer_id: _Optional[str] = ..., address: _Optional[str] = ..., world_size: _Optional[int] = ..., region: _Optional[str] = ..., steps: _Optional[int] = ..., samples: _Optional[int] = ..., next_steps: _Optional[int] = ..., step_rate: _Optional[float] = ...) -> None: ...
 
 class Quorum(_message.Message):
     __slots__ = ("quorum_id", "round", "members", "state_hash", "commit_timeout_ms", "store_address")
