@@ -5,7 +5,7 @@ TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 
-.PHONY: venv demo train-demo test acceptance soak bench proto docs clean
+.PHONY: venv demo train-demo lint test acceptance soak bench proto docs clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,7 +24,13 @@ demo: venv
 train-demo: venv
 	$(VENV)/bin/dtrain-train
 
-test: venv
+# ruff (lint + format check) over dtrain/, tests/, bench/; pyright (basic) over the packages pyproject names
+lint: venv
+	$(VENV)/bin/ruff check dtrain tests bench
+	$(VENV)/bin/ruff format --check dtrain tests bench
+	$(VENV)/bin/pyright
+
+test: lint
 	$(PY) -m pytest
 
 # longer runs kept out of `make test`: the shipped defaults (train, GPT preset, `make demo`), a

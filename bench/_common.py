@@ -53,8 +53,9 @@ def _arg_error(msg: str):
     return argparse.ArgumentTypeError(msg)
 
 
-def time_round_robin(steps: Dict[str, Callable[[], None]], warmup: int, repeats: int,
-                     groups: Optional[Dict[str, Sequence[str]]] = None) -> Dict[str, List[float]]:
+def time_round_robin(
+    steps: Dict[str, Callable[[], None]], warmup: int, repeats: int, groups: Optional[Dict[str, Sequence[str]]] = None
+) -> Dict[str, List[float]]:
     """Seconds per call of every step: ``warmup`` untimed rounds, then ``repeats``
     timed rounds; each round calls every step once, in the given order.
 
@@ -80,8 +81,7 @@ def summary(samples: Sequence[float]) -> Dict[str, float]:
     if not samples:
         nan = float("nan")
         return {"median_s": nan, "min_s": nan, "max_s": nan, "n": 0}
-    return {"median_s": statistics.median(samples), "min_s": min(samples), "max_s": max(samples),
-            "n": len(samples)}
+    return {"median_s": statistics.median(samples), "min_s": min(samples), "max_s": max(samples), "n": len(samples)}
 
 
 def ratio(a: float, b: float) -> float:
@@ -125,8 +125,7 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence], title: str = 
     out.append(" | ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip())
     out.append("-+-".join("-" * w for w in widths))
     for r in cells:
-        out.append(" | ".join((c.rjust(w) if num else c.ljust(w))
-                              for c, w, num in zip(r, widths, numeric)).rstrip())
+        out.append(" | ".join((c.rjust(w) if num else c.ljust(w)) for c, w, num in zip(r, widths, numeric)).rstrip())
     return "\n".join(out)
 
 

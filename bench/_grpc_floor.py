@@ -48,12 +48,21 @@ def server_main(n: int, port_q) -> None:
                         f.set_result(None)
                 await fut
                 return request
+
             return handler
 
         server = grpc.aio.server()
-        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, {
-            "Sync": grpc.unary_unary_rpc_method_handler(barrier("sync"), _ident, _ident),
-            "Commit": grpc.unary_unary_rpc_method_handler(barrier("commit"), _ident, _ident)}),))
+        server.add_generic_rpc_handlers(
+            (
+                grpc.method_handlers_generic_handler(
+                    SERVICE,
+                    {
+                        "Sync": grpc.unary_unary_rpc_method_handler(barrier("sync"), _ident, _ident),
+                        "Commit": grpc.unary_unary_rpc_method_handler(barrier("commit"), _ident, _ident),
+                    },
+                ),
+            )
+        )
         port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
         port_q.put(port)
@@ -101,8 +110,11 @@ def measure(n: int, groups: List[int], rounds: int, warmup: int, timeout: float 
     procs = []
     try:
         port = port_q.get(timeout=60)
-        procs = [ctx.Process(target=worker_main, args=(port, g, warmup + rounds, out), daemon=True,
-                             name=f"floor-peers-{i}") for i, g in enumerate(groups) if g]
+        procs = [
+            ctx.Process(target=worker_main, args=(port, g, warmup + rounds, out), daemon=True, name=f"floor-peers-{i}")
+            for i, g in enumerate(groups)
+            if g
+        ]
         for p in procs:
             p.start()
         records: List[tuple] = []

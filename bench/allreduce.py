@@ -91,8 +91,7 @@ def _sizes(text: str) -> List[float]:
 def _backends(text: str) -> List[str]:
     names = [t.strip() for t in text.split(",") if t.strip()]
     if not names or any(n not in BACKENDS for n in names):
-        raise argparse.ArgumentTypeError(f"expected comma-separated backends from {', '.join(BACKENDS)}, "
-                                         f"got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected comma-separated backends from {', '.join(BACKENDS)}, got {text!r}")
     return list(dict.fromkeys(names))
 
 
@@ -107,22 +106,34 @@ def _non_negative_int(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--peers", type=member_count, default=4, help="members k, one process each (4)")
     p.add_argument("--sizes", type=_sizes, default=[1.0, 16.0, 64.0], help="tensor sizes in MiB of fp32 (1,16,64)")
     p.add_argument("--repeats", type=positive_int, default=5, help="timed rounds (5)")
-    p.add_argument("--warmup", type=_non_negative_int, default=1,
-                   help="untimed rounds first (1; they also build gloo's process groups)")
+    p.add_argument(
+        "--warmup",
+        type=_non_negative_int,
+        default=1,
+        help="untimed rounds first (1; they also build gloo's process groups)",
+    )
     p.add_argument("--backends", type=_backends, default=list(BACKENDS), help="collectives (grpc,gloo)")
-    p.add_argument("--chunk-bytes", type=positive_int, default=None,
-                   help="grpc chunk size (GrpcCollective's default, 1 MiB)")
-    p.add_argument("--streams", type=positive_int, default=None,
-                   help="grpc streams per destination (GrpcCollective's default, 2)")
-    p.add_argument("--timeout", type=positive_float, default=600.0,
-                   help="give up after this many seconds in all (600); also every call's deadline")
-    p.add_argument("--wan-mbit", type=positive_float, default=100.0,
-                   help="WAN part: every member's uplink in Mbit/s (100)")
+    p.add_argument(
+        "--chunk-bytes", type=positive_int, default=None, help="grpc chunk size (GrpcCollective's default, 1 MiB)"
+    )
+    p.add_argument(
+        "--streams", type=positive_int, default=None, help="grpc streams per destination (GrpcCollective's default, 2)"
+    )
+    p.add_argument(
+        "--timeout",
+        type=positive_float,
+        default=600.0,
+        help="give up after this many seconds in all (600); also every call's deadline",
+    )
+    p.add_argument(
+        "--wan-mbit", type=positive_float, default=100.0, help="WAN part: every member's uplink in Mbit/s (100)"
+    )
     p.add_argument("--wan-latency-ms", type=float, default=20.0, help="WAN part: one-way latency (20)")
     p.add_argument("--wan-size", type=positive_float, default=8.0, help="WAN part: tensor MiB (8)")
     p.add_argument("--wan-repeats", type=positive_int, default=3, help="WAN part: timed rounds (3)")
@@ -182,8 +193,20 @@ def member_input(rank: int, n: int):
 # --------------------------------------------------------------------------- members (worker processes)
 
 
-def worker_main(rank: int, k: int, sizes: List[float], plan, store_port: int, barrier, inq, outq,
-                chunk_bytes, streams, deadline_s: float, proxy: str = "") -> None:
+def worker_main(
+    rank: int,
+    k: int,
+    sizes: List[float],
+    plan,
+    store_port: int,
+    barrier,
+    inq,
+    outq,
+    chunk_bytes,
+    streams,
+    deadline_s: float,
+    proxy: str = "",
+) -> None:
     server = None
     if proxy:  # the WAN part: this member's gRPC channels go through its egress proxy in the emulator
         os.environ["grpc_proxy"] = proxy
@@ -210,8 +233,10 @@ def worker_main(rank: int, k: int, sizes: List[float], plan, store_port: int, ba
             kw["chunk_bytes"] = chunk_bytes
         if streams is not None:
             kw["streams"] = streams
-        colls = {"grpc": GrpcCollective(get_codec("fp32"), me, inbox=inbox, **kw),
-                 "gloo": GlooCollective(get_codec("fp32"))}
+        colls = {
+            "grpc": GrpcCollective(get_codec("fp32"), me, inbox=inbox, **kw),
+            "gloo": GlooCollective(get_codec("fp32")),
+        }
         inputs, expected = {}, {}
         for size in sizes:
             x, pattern = member_input(rank, numel_of(size))
@@ -221,8 +246,9 @@ def worker_main(rank: int, k: int, sizes: List[float], plan, store_port: int, ba
         timings, bad = [], []
         for i, (_, size, backend) in enumerate(plan):
             barrier.wait(deadline_s)
-            group = Group(quorum_id=QUORUM, round=i, members=members, me=me, op=f"{backend}-{size:g}",
-                          store_address=store)
+            group = Group(
+                quorum_id=QUORUM, round=i, members=members, me=me, op=f"{backend}-{size:g}", store_address=store
+            )
             c0, t0 = time.process_time(), time.monotonic()
             res = colls[backend].allreduce_mean(inputs[size], group, deadline_s)
             t1, c1 = time.monotonic(), time.process_time()
@@ -278,9 +304,25 @@ def run_members(args, plan, sizes=None, wan=None) -> Dict[int, dict]:
     deadline = time.monotonic() + args.timeout
     try:
         for rank in range(k):
-            p = ctx.Process(target=worker_main, name=f"bench-allreduce-{rank}",
-                            args=(rank, k, sizes, plan, store.port, barrier, inqs[rank], outq,
-                                  args.chunk_bytes, args.streams, args.timeout, proxies[rank]), daemon=True)
+            p = ctx.Process(
+                target=worker_main,
+                name=f"bench-allreduce-{rank}",
+                args=(
+                    rank,
+                    k,
+                    sizes,
+                    plan,
+                    store.port,
+                    barrier,
+                    inqs[rank],
+                    outq,
+                    args.chunk_bytes,
+                    args.streams,
+                    args.timeout,
+                    proxies[rank],
+                ),
+                daemon=True,
+            )
             p.start()
             procs.append(p)
         ports = _collect(outq, range(k), "ready", deadline, procs)
@@ -311,7 +353,7 @@ def analyse(done: Dict[int, dict], plan, args) -> Tuple[List[dict], List[str]]:
     problems = [b for d in done.values() for b in d["bad"]]
     calls: Dict[int, list] = {}
     for d in done.values():
-        for (i, t0, t1, cpu, sent, recv) in d["timings"]:
+        for i, t0, t1, cpu, sent, recv in d["timings"]:
             calls.setdefault(i, []).append((t0, t1, cpu, sent, recv))
     per: Dict[Tuple[float, str], Dict[str, list]] = {}
     for i, (r, size, backend) in enumerate(plan):
@@ -336,13 +378,23 @@ def analyse(done: Dict[int, dict], plan, args) -> Tuple[List[dict], List[str]]:
             n = numel_of(size)
             mib = 4 * n / MIB
             s = summary(d["span"])
-            rows.append({"size_mib": size, "numel": n, "backend": backend, "repeats": s["n"],
-                         "median_s": s["median_s"], "min_s": s["min_s"], "max_s": s["max_s"],
-                         "mib_per_s": mib / s["median_s"], "best_mib_per_s": mib / s["min_s"],
-                         "slowest_member_median_s": statistics.median(d["slowest"]),
-                         "cpu_s_per_mib": statistics.median(d["cpu"]) / mib,
-                         "wire_mib_per_member": statistics.median(d["sent"]) / MIB,
-                         "times_s": [round(v, 6) for v in d["span"]]})
+            rows.append(
+                {
+                    "size_mib": size,
+                    "numel": n,
+                    "backend": backend,
+                    "repeats": s["n"],
+                    "median_s": s["median_s"],
+                    "min_s": s["min_s"],
+                    "max_s": s["max_s"],
+                    "mib_per_s": mib / s["median_s"],
+                    "best_mib_per_s": mib / s["min_s"],
+                    "slowest_member_median_s": statistics.median(d["slowest"]),
+                    "cpu_s_per_mib": statistics.median(d["cpu"]) / mib,
+                    "wire_mib_per_member": statistics.median(d["sent"]) / MIB,
+                    "times_s": [round(v, 6) for v in d["span"]],
+                }
+            )
     for row in rows:
         other = next((r for r in rows if r["size_mib"] == row["size_mib"] and r["backend"] == "gloo"), None)
         row["vs_gloo"] = ratio(row["mib_per_s"], other["mib_per_s"]) if other else float("nan")
@@ -377,9 +429,12 @@ def main(argv=None) -> int:
 
     notes: List[str] = []
     plan = make_plan(args.sizes, args.backends, args.warmup + args.repeats)
-    print(f"allreduce: k={args.peers} member processes on loopback, sizes {[f'{s:g}' for s in args.sizes]} MiB "
-          f"fp32, backends {','.join(args.backends)}, {args.repeats} timed round(s) (+{args.warmup} warm-up), "
-          f"grpcio {grpc.__version__}, torch {torch.__version__}, {os.cpu_count()} CPUs", flush=True)
+    print(
+        f"allreduce: k={args.peers} member processes on loopback, sizes {[f'{s:g}' for s in args.sizes]} MiB "
+        f"fp32, backends {','.join(args.backends)}, {args.repeats} timed round(s) (+{args.warmup} warm-up), "
+        f"grpcio {grpc.__version__}, torch {torch.__version__}, {os.cpu_count()} CPUs",
+        flush=True,
+    )
     t0 = time.monotonic()
     try:
         done = run_members(args, plan)
@@ -394,13 +449,41 @@ def main(argv=None) -> int:
         notes.append(f"... and {len(problems) - 5} more problems")
 
     print()
-    print(format_table(
-        ["MiB", "backend", "n", "median s", "min s", "max s", "MiB/s", "best MiB/s", "vs gloo",
-         "CPU s/MiB", "wire MiB"],
-        [[r["size_mib"], r["backend"], r["repeats"], r["median_s"], r["min_s"], r["max_s"], r["mib_per_s"],
-          r["best_mib_per_s"], r["vs_gloo"], r["cpu_s_per_mib"], r["wire_mib_per_member"]] for r in rows],
-        title=f"allreduce_mean of an fp32 tensor, {args.peers} members: first entry -> last return "
-              f"(MiB/s = tensor MiB / median time)"))
+    print(
+        format_table(
+            [
+                "MiB",
+                "backend",
+                "n",
+                "median s",
+                "min s",
+                "max s",
+                "MiB/s",
+                "best MiB/s",
+                "vs gloo",
+                "CPU s/MiB",
+                "wire MiB",
+            ],
+            [
+                [
+                    r["size_mib"],
+                    r["backend"],
+                    r["repeats"],
+                    r["median_s"],
+                    r["min_s"],
+                    r["max_s"],
+                    r["mib_per_s"],
+                    r["best_mib_per_s"],
+                    r["vs_gloo"],
+                    r["cpu_s_per_mib"],
+                    r["wire_mib_per_member"],
+                ]
+                for r in rows
+            ],
+            title=f"allreduce_mean of an fp32 tensor, {args.peers} members: first entry -> last return "
+            f"(MiB/s = tensor MiB / median time)",
+        )
+    )
 
     nan = float("nan")
     wan_fraction = nan
@@ -408,44 +491,83 @@ def main(argv=None) -> int:
         wan_fraction, wan_row = run_wan(args)
         rows.append(wan_row)
         print()
-        print(format_table(["MiB", "members", "uplink Mbit/s", "latency ms", "median s", "ring bound s",
-                            "fraction of ring bound"],
-                           [[wan_row["size_mib"], args.peers, args.wan_mbit, args.wan_latency_ms,
-                             wan_row["median_s"], wan_row["ring_bound_s"], wan_fraction]],
-                           title="grpc allreduce_mean over the WAN emulator (each member behind its own uplink)"))
+        print(
+            format_table(
+                ["MiB", "members", "uplink Mbit/s", "latency ms", "median s", "ring bound s", "fraction of ring bound"],
+                [
+                    [
+                        wan_row["size_mib"],
+                        args.peers,
+                        args.wan_mbit,
+                        args.wan_latency_ms,
+                        wan_row["median_s"],
+                        wan_row["ring_bound_s"],
+                        wan_fraction,
+                    ]
+                ],
+                title="grpc allreduce_mean over the WAN emulator (each member behind its own uplink)",
+            )
+        )
     at64 = {r["backend"]: r for r in rows if r["size_mib"] == 64.0}
     if "grpc" in at64 and "gloo" in at64:
         value = ratio(at64["grpc"]["mib_per_s"], at64["gloo"]["mib_per_s"])
     else:
         value = nan
         notes.append("grpc_vs_gloo_64MiB needs both backends at 64 MiB (--sizes, --backends): n/a (not met)")
-    targets = [target("grpc_vs_gloo_64MiB", value, ">= 0.9"),
-               target("ring_bound_fraction_wan", wan_fraction, ">= 0.85")]
+    targets = [
+        target("grpc_vs_gloo_64MiB", value, ">= 0.9"),
+        target("ring_bound_fraction_wan", wan_fraction, ">= 0.85"),
+    ]
     print()
-    print(format_table(["target", "value", "wanted", "met"],
-                       [[t["name"], t["value"], t["target"], t["met"]] for t in targets]))
-    notes.append("ring_bound_fraction_wan = 2(k-1)/k * N bytes / uplink bandwidth, over the median time of a grpc "
-                 "allreduce_mean with every member behind its own uplink in the WAN emulator (dtrain.sim.wan; one-way "
-                 "latency --wan-latency-ms on every link)" if not args.no_wan else
-                 "ring_bound_fraction_wan: skipped (--no-wan): n/a (NaN, not met)")
-    notes.append("time = latest member's return - earliest member's entry of one allreduce_mean call (members "
-                 "start together after a barrier); MiB/s counts the tensor, not the wire: each member moves "
-                 "about 2(k-1)/k of it each way (wire MiB = grpc's counted bytes sent per member; gloo: its "
-                 "algorithm's)")
-    notes.append(f"CPU s/MiB = user+system seconds of all {args.peers} member processes during the call, per "
-                 f"tensor MiB; the members share {os.cpu_count()} CPUs, so loopback throughput is CPU-bound")
-    notes.append("every member's result was compared with the exact mean" +
-                 (": all equal" if not problems else ": see the problems above"))
+    print(
+        format_table(
+            ["target", "value", "wanted", "met"], [[t["name"], t["value"], t["target"], t["met"]] for t in targets]
+        )
+    )
+    notes.append(
+        "ring_bound_fraction_wan = 2(k-1)/k * N bytes / uplink bandwidth, over the median time of a grpc "
+        "allreduce_mean with every member behind its own uplink in the WAN emulator (dtrain.sim.wan; one-way "
+        "latency --wan-latency-ms on every link)"
+        if not args.no_wan
+        else "ring_bound_fraction_wan: skipped (--no-wan): n/a (NaN, not met)"
+    )
+    notes.append(
+        "time = latest member's return - earliest member's entry of one allreduce_mean call (members "
+        "start together after a barrier); MiB/s counts the tensor, not the wire: each member moves "
+        "about 2(k-1)/k of it each way (wire MiB = grpc's counted bytes sent per member; gloo: its "
+        "algorithm's)"
+    )
+    notes.append(
+        f"CPU s/MiB = user+system seconds of all {args.peers} member processes during the call, per "
+        f"tensor MiB; the members share {os.cpu_count()} CPUs, so loopback throughput is CPU-bound"
+    )
+    notes.append(
+        "every member's result was compared with the exact mean"
+        + (": all equal" if not problems else ": see the problems above")
+    )
     for nt in notes:
         print("note:", nt)
     missed = [t["name"] for t in targets if not t["met"]]
     print("targets missed: " + ", ".join(missed) if missed else "all targets met")
     if args.json:
-        write_json(args.json, rows, targets, notes=notes,
-                   settings={"peers": args.peers, "sizes_mib": args.sizes, "repeats": args.repeats,
-                             "warmup": args.warmup, "backends": args.backends, "chunk_bytes": args.chunk_bytes,
-                             "streams": args.streams, "grpcio": grpc.__version__, "torch": torch.__version__,
-                             "cpus": os.cpu_count()})
+        write_json(
+            args.json,
+            rows,
+            targets,
+            notes=notes,
+            settings={
+                "peers": args.peers,
+                "sizes_mib": args.sizes,
+                "repeats": args.repeats,
+                "warmup": args.warmup,
+                "backends": args.backends,
+                "chunk_bytes": args.chunk_bytes,
+                "streams": args.streams,
+                "grpcio": grpc.__version__,
+                "torch": torch.__version__,
+                "cpus": os.cpu_count(),
+            },
+        )
     return 0
 
 

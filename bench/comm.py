@@ -81,8 +81,7 @@ def _name_list(allowed: Tuple[str, ...], what: str):
         names = [t.strip() for t in text.split(",") if t.strip()]
         bad = [n for n in names if n not in allowed]
         if not names or bad:
-            raise argparse.ArgumentTypeError(f"expected comma-separated {what} from {', '.join(allowed)}, "
-                                             f"got {text!r}")
+            raise argparse.ArgumentTypeError(f"expected comma-separated {what} from {', '.join(allowed)}, got {text!r}")
         return list(dict.fromkeys(names))
 
     return parse
@@ -99,24 +98,48 @@ def _int_list(text: str) -> List[int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--peers", type=member_count, default=3, help="sim peers k (3)")
-    p.add_argument("--numel", type=positive_int, default=None,
-                   help="values per round (default: parameter count of the tiny supernet, mbv3_tiny)")
+    p.add_argument(
+        "--numel",
+        type=positive_int,
+        default=None,
+        help="values per round (default: parameter count of the tiny supernet, mbv3_tiny)",
+    )
     p.add_argument("--rounds", type=positive_int, default=3, help="measured rounds per codec and backend (3)")
-    p.add_argument("--H", dest="H", type=_int_list, default=list(DEFAULT_H),
-                   help="inner steps per DiLoCo round to derive rows for (10,50,125,250)")
-    p.add_argument("--codecs", type=_name_list(CODECS, "codecs"), default=list(CODECS),
-                   help="codecs (all five; fp32 is always measured: it is the ddp baseline)")
-    p.add_argument("--backends", type=_name_list(BACKENDS, "backends"), default=["grpc"],
-                   help="collectives (grpc; gloo has no transport counters)")
-    p.add_argument("--chunk-bytes", type=positive_int, default=None,
-                   help="grpc chunk size (the model-free peer's default)")
-    p.add_argument("--streams", type=positive_int, default=None, help="grpc streams per destination "
-                                                                      "(the model-free peer's default)")
-    p.add_argument("--timeout", type=positive_float, default=600.0,
-                   help="give up on the sim peers after this many seconds (600)")
+    p.add_argument(
+        "--H",
+        dest="H",
+        type=_int_list,
+        default=list(DEFAULT_H),
+        help="inner steps per DiLoCo round to derive rows for (10,50,125,250)",
+    )
+    p.add_argument(
+        "--codecs",
+        type=_name_list(CODECS, "codecs"),
+        default=list(CODECS),
+        help="codecs (all five; fp32 is always measured: it is the ddp baseline)",
+    )
+    p.add_argument(
+        "--backends",
+        type=_name_list(BACKENDS, "backends"),
+        default=["grpc"],
+        help="collectives (grpc; gloo has no transport counters)",
+    )
+    p.add_argument(
+        "--chunk-bytes", type=positive_int, default=None, help="grpc chunk size (the model-free peer's default)"
+    )
+    p.add_argument(
+        "--streams",
+        type=positive_int,
+        default=None,
+        help="grpc streams per destination (the model-free peer's default)",
+    )
+    p.add_argument(
+        "--timeout", type=positive_float, default=600.0, help="give up on the sim peers after this many seconds (600)"
+    )
     p.add_argument("--json", metavar="PATH", default=None, help="also write the results here")
     return p
 
@@ -179,8 +202,11 @@ def ideal_round_bytes(backend: str, codec: str, n: int, k: int) -> float:
 
 
 def _env() -> Dict[str, str]:
-    env = dict(os.environ, PYTHONUNBUFFERED="1",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    env = dict(
+        os.environ,
+        PYTHONUNBUFFERED="1",
+        PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    )
     env.pop("DTRAIN_TOKEN", None)
     return env
 
@@ -189,9 +215,19 @@ def start_coordinator(state_dir: str, k: int, gloo: bool, timeout: float = 120.0
     """The coordinator subprocess and its ``host:port``. Every round waits for all k peers
     (min_peers = k, a grace window longer than any round)."""
     out_path, err_path = os.path.join(state_dir, "coordinator.out"), os.path.join(state_dir, "coordinator.err")
-    argv = [sys.executable, "-m", "dtrain.cli.coordinator", f"state_dir={state_dir}", "port=0", f"min_peers={k}",
-            "grace_s=300", "commit_timeout_s=300", "lease_timeout_s=30", "heartbeat_interval_s=2",
-            f"gloo_store={'true' if gloo else 'false'}"]
+    argv = [
+        sys.executable,
+        "-m",
+        "dtrain.cli.coordinator",
+        f"state_dir={state_dir}",
+        "port=0",
+        f"min_peers={k}",
+        "grace_s=300",
+        "commit_timeout_s=300",
+        "lease_timeout_s=30",
+        "heartbeat_interval_s=2",
+        f"gloo_store={'true' if gloo else 'false'}",
+    ]
     with open(out_path, "wb") as out, open(err_path, "wb") as err:
         proc = subprocess.Popen(argv, stdout=out, stderr=err, stdin=subprocess.DEVNULL, cwd=state_dir, env=_env())
     deadline = time.monotonic() + timeout
@@ -201,13 +237,12 @@ def start_coordinator(state_dir: str, k: int, gloo: bool, timeout: float = 120.0
             first = f.readline()
         if first.endswith("\n"):
             if first.startswith(prefix):
-                return proc, first[len(prefix):].strip()
+                return proc, first[len(prefix) :].strip()
             stop_process(proc)
             raise RuntimeError(f"coordinator printed {first.strip()!r} instead of its address")
         if proc.poll() is not None or time.monotonic() > deadline:
             stop_process(proc)
-            raise RuntimeError(f"coordinator did not start (exit status {proc.returncode}): "
-                               f"{_tail(err_path)}")
+            raise RuntimeError(f"coordinator did not start (exit status {proc.returncode}): {_tail(err_path)}")
         time.sleep(0.05)
 
 
@@ -232,10 +267,33 @@ def _tail(path: str, n: int = 1500) -> str:
 
 
 def sim_peer_command(args, addr: str, peer_id: str, rounds: int, out: str, numel: int) -> List[str]:
-    argv = [sys.executable, "-m", "dtrain.sim.model_free_peer", "--coordinator", addr, "--peer-id", peer_id,
-            "--rounds", str(rounds), "--out", out, "--numel", str(numel), "--codecs", ",".join(args.codecs),
-            "--backends", ",".join(args.backends), "--deadline-s", "120", "--sync-timeout-s", "300",
-            "--join-timeout", "120", "--rpc-timeout", "30"]
+    argv = [
+        sys.executable,
+        "-m",
+        "dtrain.sim.model_free_peer",
+        "--coordinator",
+        addr,
+        "--peer-id",
+        peer_id,
+        "--rounds",
+        str(rounds),
+        "--out",
+        out,
+        "--numel",
+        str(numel),
+        "--codecs",
+        ",".join(args.codecs),
+        "--backends",
+        ",".join(args.backends),
+        "--deadline-s",
+        "120",
+        "--sync-timeout-s",
+        "300",
+        "--join-timeout",
+        "120",
+        "--rpc-timeout",
+        "30",
+    ]
     if args.chunk_bytes is not None:
         argv += ["--chunk-bytes", str(args.chunk_bytes)]
     if args.streams is not None:
@@ -267,25 +325,31 @@ def run_peers(args, numel: int, notes: List[str]) -> List[dict]:
             pid = f"peer-{i}"
             err = open(os.path.join(work, f"{pid}.err"), "wb")
             try:
-                proc = subprocess.Popen(sim_peer_command(args, addr, pid, total_rounds,
-                                                         os.path.join(work, f"{pid}.jsonl"), numel),
-                                        stdout=err, stderr=err, stdin=subprocess.DEVNULL, cwd=work, env=_env())
+                proc = subprocess.Popen(
+                    sim_peer_command(args, addr, pid, total_rounds, os.path.join(work, f"{pid}.jsonl"), numel),
+                    stdout=err,
+                    stderr=err,
+                    stdin=subprocess.DEVNULL,
+                    cwd=work,
+                    env=_env(),
+                )
             finally:
                 err.close()
             peers.append((pid, proc))
         deadline = time.monotonic() + args.timeout
         while any(p.poll() is None for _, p in peers):
             if time.monotonic() > deadline:
-                raise RuntimeError(f"sim peers did not finish {total_rounds} rounds in {args.timeout:g}s "
-                                   f"(state dir tail: {_tail(os.path.join(work, 'coordinator.err'), 400)})")
+                raise RuntimeError(
+                    f"sim peers did not finish {total_rounds} rounds in {args.timeout:g}s "
+                    f"(state dir tail: {_tail(os.path.join(work, 'coordinator.err'), 400)})"
+                )
             if any(p.poll() not in (None, 0) for _, p in peers):
                 break
             time.sleep(0.1)
         failed = [(pid, p.returncode) for pid, p in peers if p.poll() not in (None, 0)]
         if failed:
             pid, rc = failed[0]
-            raise RuntimeError(f"sim peer {pid} exited with status {rc}: "
-                               f"{_tail(os.path.join(work, f'{pid}.err'))}")
+            raise RuntimeError(f"sim peer {pid} exited with status {rc}: {_tail(os.path.join(work, f'{pid}.err'))}")
         records = []
         for pid, _ in peers:
             records += [r for r in read_records(os.path.join(work, f"{pid}.jsonl")) if r.get("kind") == "round"]
@@ -308,11 +372,16 @@ def measure(records: List[dict], args, numel: int, notes: List[str]) -> Dict[Tup
     for backend in args.backends:
         for codec in args.codecs:
             recs = [r for r in records if r.get("backend") == backend and r.get("codec") == codec]
-            good = [r for r in recs if len(r.get("members") or []) == k and r.get("attempts") == 1
-                    and r.get("numel") == numel]
+            good = [
+                r
+                for r in recs
+                if len(r.get("members") or []) == k and r.get("attempts") == 1 and r.get("numel") == numel
+            ]
             if len(good) != len(recs):
-                notes.append(f"{backend}/{codec}: {len(recs) - len(good)} member-round(s) left out "
-                             f"(fewer than {k} members, a retry, or another numel)")
+                notes.append(
+                    f"{backend}/{codec}: {len(recs) - len(good)} member-round(s) left out "
+                    f"(fewer than {k} members, a retry, or another numel)"
+                )
             sent = [float(r["bytes_sent"]) for r in good]
             recv = [float(r["bytes_recv"]) for r in good]
             comm = [float(r["comm_s"]) for r in good]
@@ -321,12 +390,18 @@ def measure(records: List[dict], args, numel: int, notes: List[str]) -> Dict[Tup
             ideal = ideal_round_bytes(backend, codec, numel, k)
             mean_sent = statistics.fmean(sent) if sent else nan
             out[(backend, codec)] = {
-                "backend": backend, "codec": codec, "k": k, "numel": numel, "member_rounds": len(good),
+                "backend": backend,
+                "codec": codec,
+                "k": k,
+                "numel": numel,
+                "member_rounds": len(good),
                 "rounds": len({r["round"] for r in good}),
                 "bytes_sent_mean": mean_sent,
-                "bytes_sent_min": min(sent) if sent else nan, "bytes_sent_max": max(sent) if sent else nan,
+                "bytes_sent_min": min(sent) if sent else nan,
+                "bytes_sent_max": max(sent) if sent else nan,
                 "bytes_recv_mean": statistics.fmean(recv) if recv else nan,
-                "predicted_bytes": pred, "ideal_bytes": ideal,
+                "predicted_bytes": pred,
+                "ideal_bytes": ideal,
                 "header_bytes": mean_sent - pred,
                 "comm_ms_median": 1000.0 * statistics.median(comm) if comm else nan,
             }
@@ -341,12 +416,17 @@ def per_step_rows(meas: Dict[Tuple[str, str], dict], args) -> List[dict]:
 
         def row(mode: str, h: int, m: dict, backend: str = backend, ddp_step: float = ddp_step) -> dict:
             measured = m["bytes_sent_mean"] / h
-            return {"mode": mode, "H": h, "codec": m["codec"], "backend": backend,
-                    "measured_bytes_per_step": measured,
-                    "predicted_bytes_per_step": m["predicted_bytes"] / h,
-                    "ideal_bytes_per_step": m["ideal_bytes"] / h,
-                    "overhead_pct": 100.0 * (ratio(m["bytes_sent_mean"], m["ideal_bytes"]) - 1.0),
-                    "reduction_vs_ddp": ratio(ddp_step, measured)}
+            return {
+                "mode": mode,
+                "H": h,
+                "codec": m["codec"],
+                "backend": backend,
+                "measured_bytes_per_step": measured,
+                "predicted_bytes_per_step": m["predicted_bytes"] / h,
+                "ideal_bytes_per_step": m["ideal_bytes"] / h,
+                "overhead_pct": 100.0 * (ratio(m["bytes_sent_mean"], m["ideal_bytes"]) - 1.0),
+                "reduction_vs_ddp": ratio(ddp_step, measured),
+            }
 
         rows.append(row("ddp", 1, base))
         for h in args.H:
@@ -374,8 +454,11 @@ def main(argv=None) -> int:
     else:
         numel, n_from = args.numel, "--numel"
     k = args.peers
-    print(f"comm: k={k} sim peers, N={numel} ({n_from}), {args.rounds} round(s) per codec and backend, "
-          f"codecs {','.join(args.codecs)}, backends {','.join(args.backends)}, H {args.H}", flush=True)
+    print(
+        f"comm: k={k} sim peers, N={numel} ({n_from}), {args.rounds} round(s) per codec and backend, "
+        f"codecs {','.join(args.codecs)}, backends {','.join(args.backends)}, H {args.H}",
+        flush=True,
+    )
     t0 = time.monotonic()
     try:
         records = run_peers(args, numel, notes)
@@ -387,21 +470,59 @@ def main(argv=None) -> int:
     rows = per_step_rows(meas, args)
 
     print()
-    print(format_table(
-        ["backend", "codec", "rounds", "sent B/round", "recv B/round", "min", "max", "predicted",
-         "header B", "comm ms"],
-        [[m["backend"], m["codec"], m["rounds"], _b(m["bytes_sent_mean"]), _b(m["bytes_recv_mean"]),
-          _b(m["bytes_sent_min"]), _b(m["bytes_sent_max"]), _b(m["predicted_bytes"]), m["header_bytes"],
-          m["comm_ms_median"]]
-         for m in meas.values()],
-        title="one round, per member (mean over members and rounds; predicted = "
-              "2(k-1)/k * encoded_size(N) for grpc)"))
+    print(
+        format_table(
+            [
+                "backend",
+                "codec",
+                "rounds",
+                "sent B/round",
+                "recv B/round",
+                "min",
+                "max",
+                "predicted",
+                "header B",
+                "comm ms",
+            ],
+            [
+                [
+                    m["backend"],
+                    m["codec"],
+                    m["rounds"],
+                    _b(m["bytes_sent_mean"]),
+                    _b(m["bytes_recv_mean"]),
+                    _b(m["bytes_sent_min"]),
+                    _b(m["bytes_sent_max"]),
+                    _b(m["predicted_bytes"]),
+                    m["header_bytes"],
+                    m["comm_ms_median"],
+                ]
+                for m in meas.values()
+            ],
+            title="one round, per member (mean over members and rounds; predicted = "
+            "2(k-1)/k * encoded_size(N) for grpc)",
+        )
+    )
     print()
-    print(format_table(
-        ["mode", "H", "codec", "backend", "measured B/step", "predicted B/step", "overhead %", "vs ddp"],
-        [[r["mode"], r["H"], r["codec"], r["backend"], _b(r["measured_bytes_per_step"]),
-          _b(r["predicted_bytes_per_step"]), r["overhead_pct"], r["reduction_vs_ddp"]] for r in rows],
-        title="bytes on the wire per inner step, per member (ddp: one fp32 round per step; DiLoCo: a round / H)"))
+    print(
+        format_table(
+            ["mode", "H", "codec", "backend", "measured B/step", "predicted B/step", "overhead %", "vs ddp"],
+            [
+                [
+                    r["mode"],
+                    r["H"],
+                    r["codec"],
+                    r["backend"],
+                    _b(r["measured_bytes_per_step"]),
+                    _b(r["predicted_bytes_per_step"]),
+                    r["overhead_pct"],
+                    r["reduction_vs_ddp"],
+                ]
+                for r in rows
+            ],
+            title="bytes on the wire per inner step, per member (ddp: one fp32 round per step; DiLoCo: a round / H)",
+        )
+    )
 
     nan = float("nan")
     targets = []
@@ -417,32 +538,58 @@ def main(argv=None) -> int:
             value = nan
         targets.append(target(name, value, bound))
     print()
-    print(format_table(["target", "value", "wanted", "met"],
-                       [[t["name"], t["value"], t["target"], t["met"]] for t in targets]))
-    notes.append("the bytes of a round do not depend on H: every codec is measured once (its rounds), and the "
-                 "per-H rows divide that round's bytes by H; ddp = one fp32 round per inner step (the trainer's "
-                 "ddp mode sends the fp32 gradient through the same collective every step); the targets use "
-                 "H = 125 and 250 whatever --H lists")
-    notes.append("measured = the collective's own counters in the round records (grpc: ShardChunk ByteSize()+5 "
-                 "per message; HTTP/2, TCP and TLS framing not counted), bytes_sent per member, mean over "
-                 "members and rounds (min/max: single member-rounds; members differ a little because their "
-                 "shards differ by up to one codec block)")
-    notes.append("overhead % = measured / ideal - 1, ideal = the same algorithm at 4 bytes (fp32) or the codec's "
-                 "bits per value (no block scales, no headers); header B = measured - predicted (per-chunk "
-                 "message fields)")
+    print(
+        format_table(
+            ["target", "value", "wanted", "met"], [[t["name"], t["value"], t["target"], t["met"]] for t in targets]
+        )
+    )
+    notes.append(
+        "the bytes of a round do not depend on H: every codec is measured once (its rounds), and the "
+        "per-H rows divide that round's bytes by H; ddp = one fp32 round per inner step (the trainer's "
+        "ddp mode sends the fp32 gradient through the same collective every step); the targets use "
+        "H = 125 and 250 whatever --H lists"
+    )
+    notes.append(
+        "measured = the collective's own counters in the round records (grpc: ShardChunk ByteSize()+5 "
+        "per message; HTTP/2, TCP and TLS framing not counted), bytes_sent per member, mean over "
+        "members and rounds (min/max: single member-rounds; members differ a little because their "
+        "shards differ by up to one codec block)"
+    )
+    notes.append(
+        "overhead % = measured / ideal - 1, ideal = the same algorithm at 4 bytes (fp32) or the codec's "
+        "bits per value (no block scales, no headers); header B = measured - predicted (per-chunk "
+        "message fields)"
+    )
     if "gloo" in args.backends:
-        notes.append("gloo: no transport counters reachable from Python; its round bytes are what its algorithm "
-                     "moves (fp32 ring allreduce 2(k-1)/k*4N, other codecs all_gather (k-1)*(1+encoded_size)), "
-                     "equal to the prediction by construction")
+        notes.append(
+            "gloo: no transport counters reachable from Python; its round bytes are what its algorithm "
+            "moves (fp32 ring allreduce 2(k-1)/k*4N, other codecs all_gather (k-1)*(1+encoded_size)), "
+            "equal to the prediction by construction"
+        )
     for nt in notes:
         print("note:", nt)
     missed = [t["name"] for t in targets if not t["met"]]
     print("targets missed: " + ", ".join(missed) if missed else "all targets met")
     if args.json:
-        write_json(args.json, rows, targets, notes=notes, rounds=list(meas.values()),
-                   settings={"peers": k, "numel": numel, "numel_from": n_from, "rounds": args.rounds,
-                             "H": args.H, "codecs": args.codecs, "backends": args.backends,
-                             "chunk_bytes": args.chunk_bytes, "streams": args.streams, "cpus": os.cpu_count()})
+        write_json(
+            args.json,
+            rows,
+            targets,
+            notes=notes,
+            rounds=list(meas.values()),
+            settings={
+                "peers": k,
+                "numel": numel,
+                "numel_from": n_from,
+                "rounds": args.rounds,
+                "H": args.H,
+                "codecs": args.codecs,
+                "backends": args.backends,
+                "chunk_bytes": args.chunk_bytes,
+                "streams": args.streams,
+                "cpus": os.cpu_count(),
+            },
+        )
     return 0
 
 

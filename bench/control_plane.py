@@ -79,8 +79,9 @@ def _peer_list(text: str) -> List[int]:
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 2, got {text!r}") from None
     if not vals or any(v < 2 for v in vals):
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 2 (one peer of each "
-                                         f"count is killed), got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers >= 2 (one peer of each count is killed), got {text!r}"
+        )
     return vals
 
 
@@ -99,20 +100,31 @@ def _workers(text: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--peers", type=_peer_list, default=[8, 32, 128], help="peer counts (8,32,128)")
     p.add_argument("--rounds", type=positive_int, default=40, help="timed rounds per peer count (40)")
     p.add_argument("--warmup", type=_non_negative_int, default=3, help="untimed rounds first (3)")
-    p.add_argument("--lease-timeout", type=positive_float, default=2.0,
-                   help="the coordinator's lease_timeout_s (2.0)")
-    p.add_argument("--heartbeat-interval", type=positive_float, default=None,
-                   help="heartbeat_interval_s (default: lease timeout / 5, the ratio of conf/coordinator.yaml)")
-    p.add_argument("--workers", type=_workers, default="auto",
-                   help=f"processes for the regular peers (auto: one per {PEERS_PER_WORKER} peers); "
-                        "the killed peer always runs in its own")
-    p.add_argument("--no-floor", action="store_true",
-                   help="skip the gRPC floor (the same rounds against a server that does nothing)")
+    p.add_argument("--lease-timeout", type=positive_float, default=2.0, help="the coordinator's lease_timeout_s (2.0)")
+    p.add_argument(
+        "--heartbeat-interval",
+        type=positive_float,
+        default=None,
+        help="heartbeat_interval_s (default: lease timeout / 5, the ratio of conf/coordinator.yaml)",
+    )
+    p.add_argument(
+        "--workers",
+        type=_workers,
+        default="auto",
+        help=f"processes for the regular peers (auto: one per {PEERS_PER_WORKER} peers); "
+        "the killed peer always runs in its own",
+    )
+    p.add_argument(
+        "--no-floor",
+        action="store_true",
+        help="skip the gRPC floor (the same rounds against a server that does nothing)",
+    )
     p.add_argument("--json", metavar="PATH", default=None, help="also write the results here")
     return p
 
@@ -121,8 +133,10 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.heartbeat_interval is None:
         args.heartbeat_interval = args.lease_timeout / 5
     if args.heartbeat_interval >= args.lease_timeout:
-        p.error(f"argument --heartbeat-interval: {args.heartbeat_interval:g}s must be shorter than "
-                f"--lease-timeout {args.lease_timeout:g}s")
+        p.error(
+            f"argument --heartbeat-interval: {args.heartbeat_interval:g}s must be shorter than "
+            f"--lease-timeout {args.lease_timeout:g}s"
+        )
     if args.json:
         parent = Path(args.json).resolve().parent
         try:
@@ -137,9 +151,18 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
 
 
 def coordinator_command(state_dir: str, lease: float, heartbeat: float) -> List[str]:
-    return [sys.executable, "-m", "dtrain.cli.coordinator", f"state_dir={state_dir}", "port=0",
-            "min_peers=1", f"lease_timeout_s={lease:g}", f"heartbeat_interval_s={heartbeat:g}",
-            "grace_s=300", "commit_timeout_s=300"]
+    return [
+        sys.executable,
+        "-m",
+        "dtrain.cli.coordinator",
+        f"state_dir={state_dir}",
+        "port=0",
+        "min_peers=1",
+        f"lease_timeout_s={lease:g}",
+        f"heartbeat_interval_s={heartbeat:g}",
+        "grace_s=300",
+        "commit_timeout_s=300",
+    ]
 
 
 def start_coordinator(state_dir: str, lease: float, heartbeat: float, timeout: float = 60.0):
@@ -149,8 +172,14 @@ def start_coordinator(state_dir: str, lease: float, heartbeat: float, timeout: f
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     env.pop("DTRAIN_TOKEN", None)
     with open(out_path, "wb") as out, open(err_path, "wb") as err:
-        proc = subprocess.Popen(coordinator_command(state_dir, lease, heartbeat), stdout=out, stderr=err,
-                                stdin=subprocess.DEVNULL, cwd=state_dir, env=env)
+        proc = subprocess.Popen(
+            coordinator_command(state_dir, lease, heartbeat),
+            stdout=out,
+            stderr=err,
+            stdin=subprocess.DEVNULL,
+            cwd=state_dir,
+            env=env,
+        )
     deadline = time.monotonic() + timeout
     prefix = "coordinator listening on "
     while True:
@@ -158,7 +187,7 @@ def start_coordinator(state_dir: str, lease: float, heartbeat: float, timeout: f
             first = f.readline()
         if first.endswith("\n"):
             if first.startswith(prefix):
-                return proc, first[len(prefix):].strip()
+                return proc, first[len(prefix) :].strip()
             stop_process(proc)
             raise RuntimeError(f"coordinator printed {first.strip()!r} instead of its address")
         if proc.poll() is not None or time.monotonic() > deadline:
@@ -275,15 +304,21 @@ def _drive(client, total_a: int, records: list, a_done, stop: threading.Event, e
             a_done()
 
 
-def worker_main(wid: int, target_addr: str, peer_ids: List[str], total_a: int, results, go, stop,
-                die=None, shared=None) -> None:
+def worker_main(
+    wid: int, target_addr: str, peer_ids: List[str], total_a: int, results, go, stop, die=None, shared=None
+) -> None:
     """A worker process: join its peers, heartbeat, drive their rounds, report records."""
     try:
         Client, Watched = _make_client_class()
         clients = []
         for pid in peer_ids:
-            kw = dict(target=target_addr, peer_id=pid, address=f"127.0.0.1:{20000 + int(pid.split('-')[1])}",
-                      schema_hash=SCHEMA, rpc_timeout=30.0)
+            kw = dict(
+                target=target_addr,
+                peer_id=pid,
+                address=f"127.0.0.1:{20000 + int(pid.split('-')[1])}",
+                schema_hash=SCHEMA,
+                rpc_timeout=30.0,
+            )
             c = Watched(**kw, die=die, shared=shared) if die is not None else Client(**kw)
             c.join(timeout=60)
             c.start_heartbeat()
@@ -305,8 +340,15 @@ def worker_main(wid: int, target_addr: str, peer_ids: List[str], total_a: int, r
                 if left[0] == 0:
                     all_a.set()
 
-        threads = [threading.Thread(target=_drive, args=(c, total_a, records, a_done, local_stop, errors, counters),
-                                    name=f"rounds-{c.peer_id}", daemon=True) for c in clients]
+        threads = [
+            threading.Thread(
+                target=_drive,
+                args=(c, total_a, records, a_done, local_stop, errors, counters),
+                name=f"rounds-{c.peer_id}",
+                daemon=True,
+            )
+            for c in clients
+        ]
         for t in threads:
             t.start()
         while not all_a.wait(0.1):
@@ -395,8 +437,13 @@ def run_one(n: int, args, notes: List[str]) -> dict:
         # worker 0 is the victim, alone in its process
         specs = [(0, [VICTIM], dict(die=die, shared=shared))] + [(i + 1, g, {}) for i, g in enumerate(groups)]
         for wid, pids, extra in specs:
-            p = ctx.Process(target=worker_main, args=(wid, addr, pids, total_a, results, go, stop),
-                            kwargs=extra, name=f"bench-peers-{wid}", daemon=True)
+            p = ctx.Process(
+                target=worker_main,
+                args=(wid, addr, pids, total_a, results, go, stop),
+                kwargs=extra,
+                name=f"bench-peers-{wid}",
+                daemon=True,
+            )
             p.start()
             procs.append(p)
         all_w = {wid: "" for wid, _, _ in specs}
@@ -432,29 +479,40 @@ def run_one(n: int, args, notes: List[str]) -> dict:
         last_end, latest_start = shared[1], shared[2]
         ref = max(last_end, latest_start)
         if latest_start > last_end:
-            notes.append(f"{n} peers: a call of the killed peer started after its last successful one; "
-                         f"its start is taken as the moment of death")
+            notes.append(
+                f"{n} peers: a call of the killed peer started after its last successful one; "
+                f"its start is taken as the moment of death"
+            )
         deadline_s = 3 * lease + 20
         deadline = time.monotonic() + deadline_s
         expire = None
         while expire is None and time.monotonic() < deadline:
-            expire = next((e for e in events.read() if e.get("event") in ("expire", "leave")
-                           and e.get("peer_id") == VICTIM), None)
+            expire = next(
+                (e for e in events.read() if e.get("event") in ("expire", "leave") and e.get("peer_id") == VICTIM), None
+            )
             if expire is None:
                 time.sleep(0.02)
         if expire is None or expire["event"] != "expire":
             last = events.events[-1] if events.events else {}
-            raise PhaseError(f"no expire event for the killed peer within {deadline_s:g}s (it exited with "
-                             f"{victim.exitcode}; last event {last.get('event')!r} "
-                             f"{time.time() - last.get('time', 0):.1f}s ago): {expire}")
+            raise PhaseError(
+                f"no expire event for the killed peer within {deadline_s:g}s (it exited with "
+                f"{victim.exitcode}; last event {last.get('event')!r} "
+                f"{time.time() - last.get('time', 0):.1f}s ago): {expire}"
+            )
         row["detect_s"] = expire["time"] - ref
         row["lease_s"] = lease
         row["detect_ratio"] = row["detect_s"] / lease
         # recovery: the survivors commit a round without it
         recovered = None
         while recovered is None and time.monotonic() < deadline:
-            recovered = next((e for e in events.read() if e.get("event") == "commit"
-                              and e["time"] >= expire["time"] and VICTIM not in e["members"]), None)
+            recovered = next(
+                (
+                    e
+                    for e in events.read()
+                    if e.get("event") == "commit" and e["time"] >= expire["time"] and VICTIM not in e["members"]
+                ),
+                None,
+            )
             if recovered is None:
                 time.sleep(0.02)
         row["recovery_s"] = (recovered["time"] - expire["time"]) if recovered else float("nan")
@@ -464,11 +522,14 @@ def run_one(n: int, args, notes: List[str]) -> dict:
         row["retries"] = sum(d["retries"] for d in done.values())
         late_errors = [e for d in done.values() for e in d["errors"]]
         if recovered is None:
-            tail = [(e["event"], e.get("round"), e.get("peer_id") or len(e.get("members", [])))
-                    for e in events.events[-4:]]
-            notes.append(f"{n} peers: no commit without the killed peer within {deadline_s:g}s of its "
-                         f"expiry; last events {tail}" + (f"; a peer failed: {late_errors[0].strip().splitlines()[-1]}"
-                                                          if late_errors else ""))
+            tail = [
+                (e["event"], e.get("round"), e.get("peer_id") or len(e.get("members", []))) for e in events.events[-4:]
+            ]
+            notes.append(
+                f"{n} peers: no commit without the killed peer within {deadline_s:g}s of its "
+                f"expiry; last events {tail}"
+                + (f"; a peer failed: {late_errors[0].strip().splitlines()[-1]}" if late_errors else "")
+            )
         row["error"] = ""
     except PhaseError as e:
         notes.append(f"{n} peers: measurement failed: {str(e).splitlines()[0]}")
@@ -491,8 +552,12 @@ def run_one(n: int, args, notes: List[str]) -> dict:
 
 def _below(name: str, value: float, limit: float) -> dict:
     """A strict ``< limit`` target entry (``_common.target`` knows only <= and >=)."""
-    return {"name": name, "value": float(value), "target": f"< {limit:g}",
-            "met": bool(math.isfinite(value) and value < limit)}
+    return {
+        "name": name,
+        "value": float(value),
+        "target": f"< {limit:g}",
+        "met": bool(math.isfinite(value) and value < limit),
+    }
 
 
 def _committed(events: List[dict], total_a: int) -> int:
@@ -516,13 +581,19 @@ def measure_rounds(records, events: List[dict], warmup: int, total_a: int) -> di
             deliver.append(1000.0 * (last[5] - ev["time"]))
     rounds = len(by_round)
     span = (max(x[6] for x in timed) - min(x[2] for x in timed)) if timed else float("nan")
-    return {"rounds": rounds, "rounds_per_s": rounds / span if span > 0 else float("nan"),
-            "p50_quorum_ms": percentile(lat, 50), "p99_quorum_ms": percentile(lat, 99),
-            "max_quorum_ms": max(lat) if lat else float("nan"),
-            "formation_p50_ms": percentile(form, 50), "formation_p99_ms": percentile(form, 99),
-            "delivery_p50_ms": percentile(deliver, 50), "delivery_p99_ms": percentile(deliver, 99),
-            "quorum_size_min": min(sizes) if sizes else 0,
-            "quorum_ms_by_round": [round(v, 3) for v in lat]}
+    return {
+        "rounds": rounds,
+        "rounds_per_s": rounds / span if span > 0 else float("nan"),
+        "p50_quorum_ms": percentile(lat, 50),
+        "p99_quorum_ms": percentile(lat, 99),
+        "max_quorum_ms": max(lat) if lat else float("nan"),
+        "formation_p50_ms": percentile(form, 50),
+        "formation_p99_ms": percentile(form, 99),
+        "delivery_p50_ms": percentile(deliver, 50),
+        "delivery_p99_ms": percentile(deliver, 99),
+        "quorum_size_min": min(sizes) if sizes else 0,
+        "quorum_ms_by_round": [round(v, 3) for v in lat],
+    }
 
 
 # --------------------------------------------------------------------------- main
@@ -535,9 +606,12 @@ def main(argv=None) -> int:
     import grpc
 
     notes: List[str] = []
-    print(f"control_plane: grpcio {grpc.__version__}, {os.cpu_count()} CPUs, peers {args.peers}, "
-          f"rounds {args.rounds} (+{args.warmup} warm-up), lease {args.lease_timeout:g}s, "
-          f"heartbeat {args.heartbeat_interval:g}s, workers {args.workers}", flush=True)
+    print(
+        f"control_plane: grpcio {grpc.__version__}, {os.cpu_count()} CPUs, peers {args.peers}, "
+        f"rounds {args.rounds} (+{args.warmup} warm-up), lease {args.lease_timeout:g}s, "
+        f"heartbeat {args.heartbeat_interval:g}s, workers {args.workers}",
+        flush=True,
+    )
     rows = []
     for n in args.peers:
         t0 = time.monotonic()
@@ -559,20 +633,62 @@ def main(argv=None) -> int:
 
     nan = float("nan")
     print()
-    print(format_table(
-        ["peers", "procs", "rounds", "rounds/s", "p50 ms", "p99 ms", "max ms", "form p50", "form p99",
-         "deliv p50", "floor p50", "floor p99", "coord CPU%", "coord ms/rnd", "peers CPU%"],
-        [[r.get(k, nan) for k in ("peers", "worker_processes", "rounds", "rounds_per_s", "p50_quorum_ms",
-                                  "p99_quorum_ms", "max_quorum_ms", "formation_p50_ms", "formation_p99_ms",
-                                  "delivery_p50_ms", "floor_p50_ms", "floor_p99_ms", "coord_cpu_pct",
-                                  "coord_cpu_ms_per_round", "peers_cpu_pct")] for r in rows],
-        title="(1)+(2) rounds: every peer syncs, then votes ok; latency of the last Sync of each round"))
+    print(
+        format_table(
+            [
+                "peers",
+                "procs",
+                "rounds",
+                "rounds/s",
+                "p50 ms",
+                "p99 ms",
+                "max ms",
+                "form p50",
+                "form p99",
+                "deliv p50",
+                "floor p50",
+                "floor p99",
+                "coord CPU%",
+                "coord ms/rnd",
+                "peers CPU%",
+            ],
+            [
+                [
+                    r.get(k, nan)
+                    for k in (
+                        "peers",
+                        "worker_processes",
+                        "rounds",
+                        "rounds_per_s",
+                        "p50_quorum_ms",
+                        "p99_quorum_ms",
+                        "max_quorum_ms",
+                        "formation_p50_ms",
+                        "formation_p99_ms",
+                        "delivery_p50_ms",
+                        "floor_p50_ms",
+                        "floor_p99_ms",
+                        "coord_cpu_pct",
+                        "coord_cpu_ms_per_round",
+                        "peers_cpu_pct",
+                    )
+                ]
+                for r in rows
+            ],
+            title="(1)+(2) rounds: every peer syncs, then votes ok; latency of the last Sync of each round",
+        )
+    )
     print()
-    print(format_table(
-        ["peers", "detect s", "lease s", "ratio", "recover s", "retries"],
-        [[r.get(k, nan) for k in ("peers", "detect_s", "lease_s", "detect_ratio", "recovery_s", "retries")]
-         for r in rows],
-        title="(3) a peer SIGKILLed mid-run: its last successful call -> its 'expire' event"))
+    print(
+        format_table(
+            ["peers", "detect s", "lease s", "ratio", "recover s", "retries"],
+            [
+                [r.get(k, nan) for k in ("peers", "detect_s", "lease_s", "detect_ratio", "recovery_s", "retries")]
+                for r in rows
+            ],
+            title="(3) a peer SIGKILLed mid-run: its last successful call -> its 'expire' event",
+        )
+    )
 
     at128 = next((r for r in rows if r["peers"] == 128), None)
     if at128 is None:
@@ -582,32 +698,54 @@ def main(argv=None) -> int:
         target("death_detection_ratio_128", at128.get("detect_ratio", nan) if at128 else nan, "<= 1.10"),
     ]
     print()
-    print(format_table(["target", "value", "wanted", "met"],
-                       [[t["name"], t["value"], t["target"], t["met"]] for t in targets]))
-    notes.append("latency: the Sync call that started last in each round, call start -> QUORUM reply; "
-                 "form = that call's start -> the 'quorum' event's logged time, deliv = event -> reply "
-                 "(event times have 1 ms resolution)")
+    print(
+        format_table(
+            ["target", "value", "wanted", "met"], [[t["name"], t["value"], t["target"], t["met"]] for t in targets]
+        )
+    )
+    notes.append(
+        "latency: the Sync call that started last in each round, call start -> QUORUM reply; "
+        "form = that call's start -> the 'quorum' event's logged time, deliv = event -> reply "
+        "(event times have 1 ms resolution)"
+    )
     if not args.no_floor:
-        notes.append("floor = the same Sync/Commit rounds, peers and processes against a bare grpc.aio server "
-                     "that only holds each call until all N peers called (bench/_grpc_floor.py): what gRPC "
-                     "Python itself costs here; no coordinator answering unary calls can be faster on this machine")
-    notes.append(f"peers run as threads in worker processes (procs: one per {PEERS_PER_WORKER} peers unless "
-                 "--workers says otherwise, plus one for the killed peer), so that one client process's GIL "
-                 f"does not serialise a quorum's replies; peer and coordinator processes share the machine's "
-                 f"{os.cpu_count()} CPUs (coord/peers CPU% = CPU time / wall time over the timed rounds)")
-    notes.append("detect s = the 'expire' event's time - the end of the killed peer's last successful call "
-                 "; recover s = that event -> the next commit without the peer; retries = "
-                 "RETRY answers the survivors got (the killed peer's quorum)")
+        notes.append(
+            "floor = the same Sync/Commit rounds, peers and processes against a bare grpc.aio server "
+            "that only holds each call until all N peers called (bench/_grpc_floor.py): what gRPC "
+            "Python itself costs here; no coordinator answering unary calls can be faster on this machine"
+        )
+    notes.append(
+        f"peers run as threads in worker processes (procs: one per {PEERS_PER_WORKER} peers unless "
+        "--workers says otherwise, plus one for the killed peer), so that one client process's GIL "
+        f"does not serialise a quorum's replies; peer and coordinator processes share the machine's "
+        f"{os.cpu_count()} CPUs (coord/peers CPU% = CPU time / wall time over the timed rounds)"
+    )
+    notes.append(
+        "detect s = the 'expire' event's time - the end of the killed peer's last successful call "
+        "; recover s = that event -> the next commit without the peer; retries = "
+        "RETRY answers the survivors got (the killed peer's quorum)"
+    )
     for nt in notes:
         print("note:", nt)
     missed = [t["name"] for t in targets if not t["met"]]
     print("targets missed: " + ", ".join(missed) if missed else "all targets met")
     if args.json:
-        write_json(args.json, rows, targets, notes=notes,
-                   settings={"peers": args.peers, "rounds": args.rounds, "warmup": args.warmup,
-                             "lease_timeout_s": args.lease_timeout,
-                             "heartbeat_interval_s": args.heartbeat_interval, "workers": args.workers,
-                             "grpcio": grpc.__version__, "cpus": os.cpu_count()})
+        write_json(
+            args.json,
+            rows,
+            targets,
+            notes=notes,
+            settings={
+                "peers": args.peers,
+                "rounds": args.rounds,
+                "warmup": args.warmup,
+                "lease_timeout_s": args.lease_timeout,
+                "heartbeat_interval_s": args.heartbeat_interval,
+                "workers": args.workers,
+                "grpcio": grpc.__version__,
+                "cpus": os.cpu_count(),
+            },
+        )
     return 0
 
 

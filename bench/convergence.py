@@ -68,9 +68,22 @@ CONFIGS = [
 def start_coordinator(state_dir: str, peers: int):
     os.makedirs(state_dir, exist_ok=True)
     out = os.path.join(state_dir, "coord.out")
-    p = subprocess.Popen([sys.executable, "-m", "dtrain.cli.coordinator", f"state_dir={state_dir}", "port=0",
-                          f"min_peers={peers}", "grace_s=2", "lease_timeout_s=30", "commit_timeout_s=120"],
-                         stdout=open(out, "w"), stderr=open(os.path.join(state_dir, "coord.err"), "w"), cwd=ROOT)
+    p = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "dtrain.cli.coordinator",
+            f"state_dir={state_dir}",
+            "port=0",
+            f"min_peers={peers}",
+            "grace_s=2",
+            "lease_timeout_s=30",
+            "commit_timeout_s=120",
+        ],
+        stdout=open(out, "w"),
+        stderr=open(os.path.join(state_dir, "coord.err"), "w"),
+        cwd=ROOT,
+    )
     deadline = time.time() + 60
     while time.time() < deadline:
         with open(out) as f:
@@ -103,12 +116,26 @@ def run_config(name: str, overrides: List[str], a, seed: int, work: str) -> Dict
     t0 = time.time()
     try:
         for i in range(a.peers):
-            cmd = [sys.executable, "-m", "dtrain.cli.train", f"run_dir={d}/p{i}", f"peer_id=p{i}",
-                   f"control.coordinator={address}", f"steps={a.steps}", f"batch_size={a.batch}",
-                   f"outer.sync_every={a.sync_every}", f"seed={seed}", "eval_every=0", "checkpoint_every=0",
-                   "threads=1", "logger.progress=off", *overrides]
-            procs.append(subprocess.Popen(cmd, stdout=open(f"{d}/p{i}.log", "w"), stderr=subprocess.STDOUT,
-                                          cwd=ROOT, env=env))
+            cmd = [
+                sys.executable,
+                "-m",
+                "dtrain.cli.train",
+                f"run_dir={d}/p{i}",
+                f"peer_id=p{i}",
+                f"control.coordinator={address}",
+                f"steps={a.steps}",
+                f"batch_size={a.batch}",
+                f"outer.sync_every={a.sync_every}",
+                f"seed={seed}",
+                "eval_every=0",
+                "checkpoint_every=0",
+                "threads=1",
+                "logger.progress=off",
+                *overrides,
+            ]
+            procs.append(
+                subprocess.Popen(cmd, stdout=open(f"{d}/p{i}.log", "w"), stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+            )
         for i, p in enumerate(procs):
             if p.wait(timeout=a.timeout) != 0:
                 raise RuntimeError(f"{name}: peer p{i} failed:\n" + open(f"{d}/p{i}.log").read()[-2000:])
@@ -118,9 +145,14 @@ def run_config(name: str, overrides: List[str], a, seed: int, work: str) -> Dict
         stop(coord)
     res = json.load(open(f"{d}/p0/summary.json"))["results"]
     rounds = sum(1 for line in open(f"{d}/p0/metrics.jsonl") if '"kind": "round"' in line)
-    return {"max": 100 * res["max"]["test_acc"], "min": 100 * res["min"]["test_acc"],
-            "val_max": 100 * res["max"]["val_acc"], "val_min": 100 * res["min"]["val_acc"],
-            "seconds": time.time() - t0, "rounds": rounds}
+    return {
+        "max": 100 * res["max"]["test_acc"],
+        "min": 100 * res["min"]["test_acc"],
+        "val_max": 100 * res["max"]["val_acc"],
+        "val_min": 100 * res["min"]["val_acc"],
+        "seconds": time.time() - t0,
+        "rounds": rounds,
+    }
 
 
 def main(argv=None) -> int:
@@ -131,11 +163,20 @@ def main(argv=None) -> int:
     p.add_argument("--sync-every", type=positive_int, default=25)
     p.add_argument("--seeds", type=positive_int, default=3)
     p.add_argument("--timeout", type=positive_int, default=1800, help="seconds per configuration")
-    p.add_argument("--configs", default=",".join(n for n, _ in CONFIGS),
-                   help="comma-separated subset of: " + ", ".join(n for n, _ in CONFIGS))
-    p.add_argument("--outer-set", action="append", default=None, metavar="outer.KEY=VALUE",
-                   help="outer optimizer of the diloco fp32/int8/int4 rows (repeatable; replaces the default "
-                        + " ".join(OUTER_SET) + ")")
+    p.add_argument(
+        "--configs",
+        default=",".join(n for n, _ in CONFIGS),
+        help="comma-separated subset of: " + ", ".join(n for n, _ in CONFIGS),
+    )
+    p.add_argument(
+        "--outer-set",
+        action="append",
+        default=None,
+        metavar="outer.KEY=VALUE",
+        help="outer optimizer of the diloco fp32/int8/int4 rows (repeatable; replaces the default "
+        + " ".join(OUTER_SET)
+        + ")",
+    )
     p.add_argument("--json", default="")
     a = p.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a terminated bench still stops its peers
@@ -157,18 +198,34 @@ def main(argv=None) -> int:
                 overrides = [o for o in overrides if o != TUNED] + a.outer_set
             runs = [run_config(name, overrides, a, seed, work) for seed in range(a.seeds)]
             for seed, r in enumerate(runs):
-                print(f"    {name} seed {seed}: test max {r['max']:.2f}% min {r['min']:.2f}% | "
-                      f"val max {r['val_max']:.2f}% min {r['val_min']:.2f}%", flush=True)
-            m = {k: sum(r[k] for r in runs) / len(runs)
-                 for k in ("max", "min", "val_max", "val_min", "seconds", "rounds")}
+                print(
+                    f"    {name} seed {seed}: test max {r['max']:.2f}% min {r['min']:.2f}% | "
+                    f"val max {r['val_max']:.2f}% min {r['val_min']:.2f}%",
+                    flush=True,
+                )
+            m = {
+                k: sum(r[k] for r in runs) / len(runs)
+                for k in ("max", "min", "val_max", "val_min", "seconds", "rounds")
+            }
             acc[name] = m
-            rows.append({"config": name, "outer": [o for o in overrides if o.startswith("outer.")],
-                         "peers": a.peers, "steps": a.steps, "batch": a.batch,
-                         "samples": a.peers * a.steps * a.batch, "H": 1 if name == "ddp" else a.sync_every,
-                         "rounds": int(m["rounds"]), "max_test_acc": m["max"], "min_test_acc": m["min"],
-                         "max_val_acc": m["val_max"], "min_val_acc": m["val_min"],
-                         "seed_min_test_acc": min(min(r["max"], r["min"]) for r in runs),
-                         "seconds": m["seconds"]})
+            rows.append(
+                {
+                    "config": name,
+                    "outer": [o for o in overrides if o.startswith("outer.")],
+                    "peers": a.peers,
+                    "steps": a.steps,
+                    "batch": a.batch,
+                    "samples": a.peers * a.steps * a.batch,
+                    "H": 1 if name == "ddp" else a.sync_every,
+                    "rounds": int(m["rounds"]),
+                    "max_test_acc": m["max"],
+                    "min_test_acc": m["min"],
+                    "max_val_acc": m["val_max"],
+                    "min_val_acc": m["val_min"],
+                    "seed_min_test_acc": min(min(r["max"], r["min"]) for r in runs),
+                    "seconds": m["seconds"],
+                }
+            )
             print(f"  {name}: max {m['max']:.2f}%  min {m['min']:.2f}%  ({m['seconds']:.0f}s)", flush=True)
 
     def gap(worse: str, ref: str) -> float:
@@ -176,18 +233,51 @@ def main(argv=None) -> int:
             return float("nan")  # not measured in this run
         return max(acc[ref]["max"] - acc[worse]["max"], acc[ref]["min"] - acc[worse]["min"])
 
-    targets = [target("diloco_vs_ddp_gap_pts", gap("diloco fp32", "ddp"), "<= 1.0"),
-               target("int8_vs_fp32_gap_pts", gap("diloco int8", "diloco fp32"), "<= 0.5"),
-               target("int4_vs_fp32_gap_pts", gap("diloco int4", "diloco fp32"), "<= 0.5")]
-    print(format_table(["config", "H", "rounds", "samples", "max test %", "min test %", "max val %", "min val %",
-                        "worst seed test %", "seconds"],
-                       [[r["config"], r["H"], r["rounds"], r["samples"], r["max_test_acc"], r["min_test_acc"],
-                         r["max_val_acc"], r["min_val_acc"], r["seed_min_test_acc"], r["seconds"]] for r in rows],
-                       title=f"digits, tiny mbv3 supernet, {a.peers} peers, equal total samples, {a.seeds} seed(s); "
-                             f"diloco fp32/int8/int4: {' '.join(a.outer_set)}"))
+    targets = [
+        target("diloco_vs_ddp_gap_pts", gap("diloco fp32", "ddp"), "<= 1.0"),
+        target("int8_vs_fp32_gap_pts", gap("diloco int8", "diloco fp32"), "<= 0.5"),
+        target("int4_vs_fp32_gap_pts", gap("diloco int4", "diloco fp32"), "<= 0.5"),
+    ]
+    print(
+        format_table(
+            [
+                "config",
+                "H",
+                "rounds",
+                "samples",
+                "max test %",
+                "min test %",
+                "max val %",
+                "min val %",
+                "worst seed test %",
+                "seconds",
+            ],
+            [
+                [
+                    r["config"],
+                    r["H"],
+                    r["rounds"],
+                    r["samples"],
+                    r["max_test_acc"],
+                    r["min_test_acc"],
+                    r["max_val_acc"],
+                    r["min_val_acc"],
+                    r["seed_min_test_acc"],
+                    r["seconds"],
+                ]
+                for r in rows
+            ],
+            title=f"digits, tiny mbv3 supernet, {a.peers} peers, equal total samples, {a.seeds} seed(s); "
+            f"diloco fp32/int8/int4: {' '.join(a.outer_set)}",
+        )
+    )
     print()
-    print(format_table(["target", "value", "wanted", "met"],
-                       [[t["name"], t["value"], t["target"], "yes" if t["met"] else "NO"] for t in targets]))
+    print(
+        format_table(
+            ["target", "value", "wanted", "met"],
+            [[t["name"], t["value"], t["target"], "yes" if t["met"] else "NO"] for t in targets],
+        )
+    )
     missed = [t["name"] for t in targets if not t["met"]]
     print("targets missed: " + ", ".join(missed) if missed else "all targets met")
     if a.json:

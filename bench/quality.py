@@ -67,11 +67,22 @@ POSITIONS = [(0.0, "min"), (0.25, "p25"), (0.5, "p50"), (0.75, "p75"), (1.0, "ma
 QUICK_POSITIONS = [(0.0, "min"), (1.0, "max")]
 CANDIDATES = 4000  # size of the seeded pool the in-between archs come from
 # --quick: a two-stage space, a few steps of small batches (the smoke test, seconds)
-QUICK = dict(steps=3, overrides=[
-    "batch_size=16", "calib_batches=1", "calib_batch_size=16", "eval_batch_size=512",
-    "model.stages=[{channels:8,stride:1,act:relu,se:false},{channels:16,stride:2,act:hswish,se:true}]",
-    "model.final_expand=2", "model.feature_dim=32", "model.depths=[1,2]", "model.kernel_sizes=[3,5]",
-    "model.expand_ratios=[2,3]", "model.resolutions=[8,12]"])
+QUICK = dict(
+    steps=3,
+    overrides=[
+        "batch_size=16",
+        "calib_batches=1",
+        "calib_batch_size=16",
+        "eval_batch_size=512",
+        "model.stages=[{channels:8,stride:1,act:relu,se:false},{channels:16,stride:2,act:hswish,se:true}]",
+        "model.final_expand=2",
+        "model.feature_dim=32",
+        "model.depths=[1,2]",
+        "model.kernel_sizes=[3,5]",
+        "model.expand_ratios=[2,3]",
+        "model.resolutions=[8,12]",
+    ],
+)
 
 
 # -- configuration -------------------------------------------------------------------------
@@ -95,8 +106,15 @@ def compose_train(overrides: List[str]):
 def variant_config(steps: Optional[int], extra: List[str]):
     """A variant's config; bench bookkeeping only (no mid-run eval or checkpoints, one
     thread, CPU), the training recipe stays the default plus ``extra``."""
-    out = ["run_dir=unused", "threads=1", "eval_every=0", "checkpoint_every=0", "eval_archs=[max]",
-           "logger.progress=off", "device=cpu"]
+    out = [
+        "run_dir=unused",
+        "threads=1",
+        "eval_every=0",
+        "checkpoint_every=0",
+        "eval_archs=[max]",
+        "logger.progress=off",
+        "device=cpu",
+    ]
     if steps is not None:
         out.append(f"steps={steps}")
     return compose_train(out + list(extra))
@@ -157,8 +175,7 @@ def evaluate_subnet(trainer, arch: dict) -> Dict[str, float]:
     m, c, dev = trainer.model, trainer.cfg, trainer.ctx.device
     val = evaluate_arch(m, arch, trainer.data.val, trainer.calib, c.eval_batch_size, dev, m.task)
     with preserved_bn_state(m):
-        test = evaluate_arch(m, arch, trainer.data.test, trainer.calib, c.eval_batch_size, dev, m.task,
-                             keep_bn=False)
+        test = evaluate_arch(m, arch, trainer.data.test, trainer.calib, c.eval_batch_size, dev, m.task, keep_bn=False)
         static = m.extract(arch).eval()
         extracted = evaluate_static(static, arch, trainer.data.test, c.eval_batch_size, dev)
     return {"val": 100 * val["acc"], "test": 100 * test["acc"], "extracted_test": 100 * extracted["acc"]}
@@ -257,13 +274,21 @@ def plan_jobs(archs: List[dict], configs: Dict[str, object], seeds: int, work: s
     for seed in range(seeds):
         for name, _ in VARIANTS:
             cfg = for_run(configs[name], seed, os.path.join(work, f"{name}_s{seed}"))
-            jobs.append({"kind": "supernet", "variant": name, "name": name, "seed": seed, "archs": archs,
-                         "cfg": cfg})
+            jobs.append({"kind": "supernet", "variant": name, "name": name, "seed": seed, "archs": archs, "cfg": cfg})
     for seed in range(seeds):
         for arch in archs:
             cfg = for_run(configs["supernet"], seed, os.path.join(work, f"standalone_{arch['label']}_s{seed}"))
-            jobs.append({"kind": "standalone", "variant": "standalone", "name": f"standalone {arch['label']}",
-                         "seed": seed, "label": arch["label"], "arch": arch["arch"], "cfg": cfg})
+            jobs.append(
+                {
+                    "kind": "standalone",
+                    "variant": "standalone",
+                    "name": f"standalone {arch['label']}",
+                    "seed": seed,
+                    "label": arch["label"],
+                    "arch": arch["arch"],
+                    "cfg": cfg,
+                }
+            )
     return jobs
 
 
@@ -279,13 +304,24 @@ def build_rows(archs: List[dict], results: List[dict]) -> List[dict]:
     for a in archs:
         sup, alone = mean_accs(results, "supernet", a["label"]), mean_accs(results, "standalone", a["label"])
         nod, dly = mean_accs(results, "no-distill", a["label"]), mean_accs(results, "delayed", a["label"])
-        rows.append({"arch": a["label"], "macs": a["macs"], "params": a["params"], "arch_spec": a["arch"],
-                     "supernet_test_acc": sup["test"], "standalone_test_acc": alone["test"],
-                     "gap_pts": alone["test"] - sup["test"],
-                     "no_distill_test_acc": nod["test"], "delayed_test_acc": dly["test"],
-                     "supernet_val_acc": sup["val"], "standalone_val_acc": alone["val"],
-                     "no_distill_val_acc": nod["val"], "delayed_val_acc": dly["val"],
-                     "extracted_test_acc": sup["extracted_test"]})
+        rows.append(
+            {
+                "arch": a["label"],
+                "macs": a["macs"],
+                "params": a["params"],
+                "arch_spec": a["arch"],
+                "supernet_test_acc": sup["test"],
+                "standalone_test_acc": alone["test"],
+                "gap_pts": alone["test"] - sup["test"],
+                "no_distill_test_acc": nod["test"],
+                "delayed_test_acc": dly["test"],
+                "supernet_val_acc": sup["val"],
+                "standalone_val_acc": alone["val"],
+                "no_distill_val_acc": nod["val"],
+                "delayed_val_acc": dly["val"],
+                "extracted_test_acc": sup["extracted_test"],
+            }
+        )
     return rows
 
 
@@ -304,13 +340,28 @@ def results_table(rows: List[dict], title: str) -> str:
 
     return format_table(
         ["arch", "MACs", "params", "supernet %", "standalone %", "gap pts", "no-distill %", "delayed %"],
-        [[r["arch"], m(r["macs"]), k(r["params"]), r["supernet_test_acc"], r["standalone_test_acc"],
-          r["gap_pts"], r["no_distill_test_acc"], r["delayed_test_acc"]] for r in rows], title)
+        [
+            [
+                r["arch"],
+                m(r["macs"]),
+                k(r["params"]),
+                r["supernet_test_acc"],
+                r["standalone_test_acc"],
+                r["gap_pts"],
+                r["no_distill_test_acc"],
+                r["delayed_test_acc"],
+            ]
+            for r in rows
+        ],
+        title,
+    )
 
 
 def targets_table(targets: List[dict]) -> str:
-    return format_table(["target", "value", "wanted", "met"],
-                        [[t["name"], t["value"], t["target"], "yes" if t["met"] else "NO"] for t in targets])
+    return format_table(
+        ["target", "value", "wanted", "met"],
+        [[t["name"], t["value"], t["target"], "yes" if t["met"] else "NO"] for t in targets],
+    )
 
 
 def extract_mismatch(rows: List[dict]) -> float:
@@ -325,8 +376,11 @@ def main(argv=None) -> int:
     p.add_argument("--jobs", type=positive_int, default=1, help="training processes at once (1 thread each)")
     p.add_argument("--out", default="", help="keep the run dirs here (default: a temporary dir)")
     p.add_argument("--json", default="")
-    p.add_argument("--quick", action="store_true",
-                   help=f"smoke test: {QUICK['steps']} steps, batch 16, the smallest and largest arch only")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"smoke test: {QUICK['steps']} steps, batch 16, the smallest and largest arch only",
+    )
     a = p.parse_args(argv)
     import torch
 
@@ -338,33 +392,45 @@ def main(argv=None) -> int:
     base = configs["supernet"]
     from dtrain.supernet import build_supernet
 
-    archs = pick_archs(build_supernet(base.model), QUICK_POSITIONS if a.quick else POSITIONS,
-                       200 if a.quick else CANDIDATES)
+    archs = pick_archs(
+        build_supernet(base.model), QUICK_POSITIONS if a.quick else POSITIONS, 200 if a.quick else CANDIDATES
+    )
     t0 = time.time()
     if a.out:
         os.makedirs(a.out, exist_ok=True)
-    with (contextlib.nullcontext(a.out) if a.out else tempfile.TemporaryDirectory(prefix="dtrain-quality-")) as work:
+    with contextlib.nullcontext(a.out) if a.out else tempfile.TemporaryDirectory(prefix="dtrain-quality-") as work:
         results = run_all(plan_jobs(archs, configs, a.seeds, work), a.jobs)
     seconds = time.time() - t0
     rows = build_rows(archs, results)
     targets = build_targets(rows)
     model = "--quick two-stage mbv3" if a.quick else "mbv3_tiny"
-    title = (f"digits, {model} supernet vs standalone twins: {base.steps} steps x batch "
-             f"{base.batch_size}, {a.seeds} seed(s); test accuracy % (supernet subnets after BN recalibration), "
-             f"gap = standalone - supernet")
+    title = (
+        f"digits, {model} supernet vs standalone twins: {base.steps} steps x batch "
+        f"{base.batch_size}, {a.seeds} seed(s); test accuracy % (supernet subnets after BN recalibration), "
+        f"gap = standalone - supernet"
+    )
     print(results_table(rows, title))
     print()
     print(targets_table(targets))
     mismatch = extract_mismatch(rows)
-    print(f"extracted static subnets vs the recalibrated supernet: max |diff| {mismatch:.2f} pts"
-          f"{'' if mismatch == 0 else '  (expected 0: extraction or calibration disagrees)'}")
+    print(
+        f"extracted static subnets vs the recalibrated supernet: max |diff| {mismatch:.2f} pts"
+        f"{'' if mismatch == 0 else '  (expected 0: extraction or calibration disagrees)'}"
+    )
     missed = [t["name"] for t in targets if not t["met"]]
     print("targets missed: " + ", ".join(missed) if missed else "all targets met")
     print(f"{len(results)} training runs in {seconds:.0f}s with {a.jobs} process(es)")
     if a.json:
         runs = [{"name": r["name"], "seed": r["seed"], "seconds": r["seconds"], "steps": r["steps"]} for r in results]
-        write_json(a.json, rows, targets, settings={**vars(a), "steps": base.steps, "batch_size": base.batch_size},
-                   runs=runs, extract_mismatch_pts=mismatch, seconds=seconds)
+        write_json(
+            a.json,
+            rows,
+            targets,
+            settings={**vars(a), "steps": base.steps, "batch_size": base.batch_size},
+            runs=runs,
+            extract_mismatch_pts=mismatch,
+            seconds=seconds,
+        )
     return 0
 
 

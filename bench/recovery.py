@@ -55,7 +55,7 @@ def bench_transfer(a) -> list:
     from dtrain.sim.wan import LinkSpec, WanEmulator
     from dtrain.wire.snapshot import StateSnapshot
 
-    payload = os.urandom(int(a.state_mb * 2 ** 20))
+    payload = os.urandom(int(a.state_mb * 2**20))
     svc = PeerServicer(SCHEMA, "donor")
     svc.set_snapshot(StateSnapshot(1, payload))
     server, port = serve_peer(svc)
@@ -73,15 +73,30 @@ def bench_transfer(a) -> list:
         for n in a.streams:
             secs = []
             for _ in range(a.repeats):
-                r = subprocess.run([sys.executable, "-c", FETCH, address, SCHEMA, str(n)], env=env,
-                                   capture_output=True, text=True, timeout=600)
+                r = subprocess.run(
+                    [sys.executable, "-c", FETCH, address, SCHEMA, str(n)],
+                    env=env,
+                    capture_output=True,
+                    text=True,
+                    timeout=600,
+                )
                 if r.returncode != 0:
                     raise SystemExit(f"fetch failed: {r.stderr.strip().splitlines()[-1:]}")
                 secs.append(float(r.stdout.split()[0]))
             med = statistics.median(secs)
-            rows.append({"part": "transfer", "streams": n, "state_mb": a.state_mb, "link_mbit": a.bandwidth_mbit,
-                         "latency_ms": a.latency_ms, "seconds": med, "ideal_s": ideal,
-                         "mbit_per_s": len(payload) * 8 / med / 1e6, "fraction_of_link": ideal / med})
+            rows.append(
+                {
+                    "part": "transfer",
+                    "streams": n,
+                    "state_mb": a.state_mb,
+                    "link_mbit": a.bandwidth_mbit,
+                    "latency_ms": a.latency_ms,
+                    "seconds": med,
+                    "ideal_s": ideal,
+                    "mbit_per_s": len(payload) * 8 / med / 1e6,
+                    "fraction_of_link": ideal / med,
+                }
+            )
     finally:
         wan.close()
         server.stop(0)
@@ -92,26 +107,44 @@ def bench_crash(a) -> dict:
     lease = 3.0
     with tempfile.TemporaryDirectory() as d:
         run_dir = os.path.join(d, "sim")
-        cmd = [os.path.join(os.path.dirname(sys.executable), "dtrain-sim"), f"run_dir={run_dir}",
-               "sim.peer=model_free", "sim.rounds=20", "sim.step_s=0.5", "sim.numel=1000000",
-               "chaos.kill_at_s=[4]", "chaos.join_at_s=[]", f"wan.latency_ms={a.latency_ms}",
-               f"wan.bandwidth_mbit={a.bandwidth_mbit}",
-               f'sim.coordinator_args=["lease_timeout_s={lease}","heartbeat_interval_s=0.5","grace_s=0.5"]']
+        cmd = [
+            os.path.join(os.path.dirname(sys.executable), "dtrain-sim"),
+            f"run_dir={run_dir}",
+            "sim.peer=model_free",
+            "sim.rounds=20",
+            "sim.step_s=0.5",
+            "sim.numel=1000000",
+            "chaos.kill_at_s=[4]",
+            "chaos.join_at_s=[]",
+            f"wan.latency_ms={a.latency_ms}",
+            f"wan.bandwidth_mbit={a.bandwidth_mbit}",
+            f'sim.coordinator_args=["lease_timeout_s={lease}","heartbeat_interval_s=0.5","grace_s=0.5"]',
+        ]
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         if r.returncode != 0:
             raise SystemExit(f"dtrain-sim failed:\n{r.stdout[-2000:]}")
         events = [json.loads(line) for line in open(os.path.join(run_dir, "events.jsonl"))]
         kill = next(e["time"] for e in events if e["event"] == "kill")
-        commits = sorted(json.loads(line)["time"] for line in open(os.path.join(run_dir, "coordinator", "events.jsonl"))
-                         if '"commit"' in line)
+        commits = sorted(
+            json.loads(line)["time"]
+            for line in open(os.path.join(run_dir, "coordinator", "events.jsonl"))
+            if '"commit"' in line
+        )
         summary = json.load(open(os.path.join(run_dir, "summary.json")))
     before = [b - x for x, b in zip(commits, commits[1:]) if b < kill]
     round_s = statistics.median(before) if before else float("nan")
     after = [c for c in commits if c > kill]
     stall = (after[0] - kill) if after else float("nan")
-    return {"part": "crash", "lease_timeout_s": lease, "round_s": round_s, "stall_s": stall,
-            "bound_s": lease + 2 * round_s, "parity": summary["parity"], "rounds_lost": summary["rounds_lost"],
-            "retries": summary["retries"]}
+    return {
+        "part": "crash",
+        "lease_timeout_s": lease,
+        "round_s": round_s,
+        "stall_s": stall,
+        "bound_s": lease + 2 * round_s,
+        "parity": summary["parity"],
+        "rounds_lost": summary["rounds_lost"],
+        "retries": summary["retries"],
+    }
 
 
 def main(argv=None) -> int:
@@ -127,20 +160,38 @@ def main(argv=None) -> int:
     if a.latency_ms < 0:
         p.error(f"--latency-ms: expected a number >= 0, got {a.latency_ms}")
     rows = bench_transfer(a)
-    print(format_table(["streams", "state MiB", "link Mbit/s", "latency ms", "seconds", "ideal s", "Mbit/s",
-                        "fraction of link"],
-                       [[r["streams"], r["state_mb"], r["link_mbit"], r["latency_ms"], r["seconds"], r["ideal_s"],
-                         r["mbit_per_s"], r["fraction_of_link"]] for r in rows],
-                       "state transfer to a joiner over one emulated WAN link"))
+    print(
+        format_table(
+            ["streams", "state MiB", "link Mbit/s", "latency ms", "seconds", "ideal s", "Mbit/s", "fraction of link"],
+            [
+                [
+                    r["streams"],
+                    r["state_mb"],
+                    r["link_mbit"],
+                    r["latency_ms"],
+                    r["seconds"],
+                    r["ideal_s"],
+                    r["mbit_per_s"],
+                    r["fraction_of_link"],
+                ]
+                for r in rows
+            ],
+            "state transfer to a joiner over one emulated WAN link",
+        )
+    )
     best = max(r["fraction_of_link"] for r in rows)
     targets = [target("state transfer fraction of link bandwidth (best streams)", best, ">= 0.8")]
     if not a.skip_crash:
         c = bench_crash(a)
         rows.append(c)
         print()
-        print(format_table(["lease s", "round s", "stall after kill s", "bound s", "parity", "rounds lost"],
-                           [[c["lease_timeout_s"], c["round_s"], c["stall_s"], c["bound_s"], c["parity"],
-                             c["rounds_lost"]]], "a peer SIGKILLed mid-run (3 model-free peers)"))
+        print(
+            format_table(
+                ["lease s", "round s", "stall after kill s", "bound s", "parity", "rounds lost"],
+                [[c["lease_timeout_s"], c["round_s"], c["stall_s"], c["bound_s"], c["parity"], c["rounds_lost"]]],
+                "a peer SIGKILLed mid-run (3 model-free peers)",
+            )
+        )
         targets.append(target("stall after a kill / (lease + 2 rounds)", c["stall_s"] / c["bound_s"], "<= 1.0"))
         targets.append(target("rounds lost", float(c["rounds_lost"]), "<= 0"))
     print()

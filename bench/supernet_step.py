@@ -57,15 +57,17 @@ KS, ER, DEPTHS = [3, 5, 7], [3, 4, 6], [2, 3, 4]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--resolution", type=positive_int, default=64, help="input size in pixels (64)")
     p.add_argument("--batch", type=positive_int, default=8, help="samples per step (8)")
     p.add_argument("--repeats", type=positive_int, default=15, help="timed rounds (15)")
     p.add_argument("--warmup", type=positive_int, default=3, help="untimed rounds first (3)")
     p.add_argument("--classes", type=int, default=10, help="number of classes, >= 2 (10)")
-    p.add_argument("--threads", type=positive_int, default=None,
-                   help="torch intra-op threads (default: torch's own choice)")
+    p.add_argument(
+        "--threads", type=positive_int, default=None, help="torch intra-op threads (default: torch's own choice)"
+    )
     p.add_argument("--json", metavar="PATH", default=None, help="also write the results here")
     return p
 
@@ -78,8 +80,10 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace, cfg) -> Non
     for stride in [cfg.stem_stride] + [s.stride for s in cfg.stages]:
         side = (side - 1) // stride + 1
     if args.batch * side * side < 2:
-        p.error(f"argument --batch/--resolution: batch {args.batch} at {args.resolution} px leaves "
-                f"a 1x1 feature map for batch norm; use --batch >= 2 or a larger --resolution")
+        p.error(
+            f"argument --batch/--resolution: batch {args.batch} at {args.resolution} px leaves "
+            f"a 1x1 feature map for batch norm; use --batch >= 2 or a larger --resolution"
+        )
     if args.json:
         parent = Path(args.json).resolve().parent
         try:
@@ -123,8 +127,12 @@ def import_ofa():
         tr.RandomResizedCrop = RandomResizedCrop
         tr.functional = trf
         tv.transforms, tv.datasets = tr, ds
-        for name, mod in (("torchvision", tv), ("torchvision.transforms", tr),
-                          ("torchvision.transforms.functional", trf), ("torchvision.datasets", ds)):
+        for name, mod in (
+            ("torchvision", tv),
+            ("torchvision.transforms", tr),
+            ("torchvision.transforms.functional", trf),
+            ("torchvision.datasets", ds),
+        ):
             sys.modules[name] = mod
     from ofa.imagenet_classification.elastic_nn.networks import OFAMobileNetV3
 
@@ -140,22 +148,26 @@ def n_params(m: torch.nn.Module) -> int:
 
 def make_step(model, opt, x, y, prepare):
     """One training step of ``model`` on (x, y): prepare input, forward, CE, backward, step."""
+
     def step():
         loss = F.cross_entropy(model(prepare(x)), y)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+
     return step
 
 
 def make_single_step(net, opt, arch, x, y):
     """Single-subnet step of the supernet: set_active, adapt_input, forward, CE, backward, step."""
+
     def step():
         net.set_active(arch)
         loss = F.cross_entropy(net(net.adapt_input(x)), y)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+
     return step
 
 
@@ -166,6 +178,7 @@ def make_sandwich_step(net, opt, archs, x, y, cfg):
         sandwich_backward(net, [(x, y)], archs, 1.0, cfg)
         opt.step()
         opt.zero_grad(set_to_none=True)
+
     return step
 
 
@@ -220,16 +233,26 @@ def main(argv=None) -> int:
         OFAMobileNetV3 = import_ofa()
         for fmt_name, mf in (("nchw", torch.contiguous_format), ("cl", CL)):
             torch.manual_seed(0)
-            ofa = OFAMobileNetV3(n_classes=args.classes, dropout_rate=0.0, width_mult=1.0,
-                                 ks_list=list(KS), expand_ratio_list=list(ER), depth_list=list(DEPTHS))
+            ofa = OFAMobileNetV3(
+                n_classes=args.classes,
+                dropout_rate=0.0,
+                width_mult=1.0,
+                ks_list=list(KS),
+                expand_ratio_list=list(ER),
+                depth_list=list(DEPTHS),
+            )
             ofa.set_max_net()
             ofa.train()
             ofa.to(memory_format=mf)
             opt_c = build_optimizer(ofa, optim_cfg)
             key = f"c_ofa_{fmt_name}"
-            steps[key] = make_step(ofa, opt_c, x, y,
-                                   (lambda t: t) if mf is torch.contiguous_format
-                                   else (lambda t: t.contiguous(memory_format=CL)))
+            steps[key] = make_step(
+                ofa,
+                opt_c,
+                x,
+                y,
+                (lambda t: t) if mf is torch.contiguous_format else (lambda t: t.contiguous(memory_format=CL)),
+            )
             steps[key]()  # one trial step here, so that a failing ofa is reported, not fatal
             label = "NCHW" if fmt_name == "nchw" else "channels-last"
             info[key] = (f"(c) ofa OFAMobileNetV3, max net ({label})", n_params(ofa))
@@ -244,19 +267,27 @@ def main(argv=None) -> int:
         if pa == pc:
             notes.append(f"parameter count: dtrain supernet {pa:,} == ofa {pc:,}")
         else:
-            notes.append(f"parameter count differs: dtrain supernet {pa:,} vs ofa {pc:,}; the "
-                         f"two differ in stage, SE or head layout, so (c) is not the same network")
+            notes.append(
+                f"parameter count differs: dtrain supernet {pa:,} vs ofa {pc:,}; the "
+                f"two differ in stage, SE or head layout, so (c) is not the same network"
+            )
     pa, pb = info["a_supernet"][1], info["b_static"][1]
     pt = sum(p.numel() for n, p in net_a.named_parameters() if ".transforms." in n)
     if pa - pb == pt:
-        notes.append(f"the static net has {pb:,} parameters: the supernet's {pt:,} kernel-transform "
-                     f"parameters are unused at kernel 7 and not extracted")
+        notes.append(
+            f"the static net has {pb:,} parameters: the supernet's {pt:,} kernel-transform "
+            f"parameters are unused at kernel 7 and not extracted"
+        )
     else:
         notes.append(f"parameter count: supernet {pa:,}, static {pb:,} (kernel transforms {pt:,})")
 
     # (d) sandwich vs four single-subnet steps over the same archs
-    archs = [("max", space.max()), ("min", space.min()),
-             ("rand0", space.sample(random.Random(0))), ("rand1", space.sample(random.Random(1)))]
+    archs = [
+        ("max", space.max()),
+        ("min", space.min()),
+        ("rand0", space.sample(random.Random(0))),
+        ("rand1", space.sample(random.Random(1))),
+    ]
     net_s = new_supernet()
     opt_s = build_optimizer(net_s, optim_cfg)
     steps["d_sandwich"] = make_sandwich_step(net_s, opt_s, archs, x, y, SandwichConfig())
@@ -271,10 +302,12 @@ def main(argv=None) -> int:
         singles.append(key)
     info["d_sum_of_singles"] = ("(d) sum of the four single steps", n_params(net_1))
 
-    print(f"supernet_step: torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"batch {args.batch}, resolution {args.resolution}, classes {args.classes}, "
-          f"warm-up {args.warmup}, repeats {args.repeats} (round-robin over {len(steps)} steps)",
-          flush=True)
+    print(
+        f"supernet_step: torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"batch {args.batch}, resolution {args.resolution}, classes {args.classes}, "
+        f"warm-up {args.warmup}, repeats {args.repeats} (round-robin over {len(steps)} steps)",
+        flush=True,
+    )
     times = time_round_robin(steps, args.warmup, args.repeats, groups={"d_sum_of_singles": singles})
 
     stats = {k: summary(v) for k, v in times.items()}
@@ -283,9 +316,18 @@ def main(argv=None) -> int:
     rows = []
     for key in info:
         s = stats[key]
-        rows.append({"variant": key, "description": info[key][0], "params": info[key][1],
-                     "median_s": s["median_s"], "min_s": s["min_s"], "max_s": s["max_s"],
-                     "n": s["n"], "vs_a": ratio(s["median_s"], a)})
+        rows.append(
+            {
+                "variant": key,
+                "description": info[key][0],
+                "params": info[key][1],
+                "median_s": s["median_s"],
+                "min_s": s["min_s"],
+                "max_s": s["max_s"],
+                "n": s["n"],
+                "vs_a": ratio(s["median_s"], a),
+            }
+        )
 
     c_keys = [k for k in ("c_ofa_nchw", "c_ofa_cl") if k in med]
     c_best = min(c_keys, key=lambda k: med[k]) if c_keys else None
@@ -298,22 +340,43 @@ def main(argv=None) -> int:
         notes.append(f"supernet_vs_ofa uses the faster ofa layout: {c_best}")
 
     headers = ["variant", "description", "params", "median s/step", "min", "max", "vs (a)"]
-    print(format_table(headers, [[r["variant"], r["description"], r["params"], r["median_s"],
-                                  r["min_s"], r["max_s"], r["vs_a"]] for r in rows]))
+    print(
+        format_table(
+            headers,
+            [
+                [r["variant"], r["description"], r["params"], r["median_s"], r["min_s"], r["max_s"], r["vs_a"]]
+                for r in rows
+            ],
+        )
+    )
     print()
-    print(format_table(["target", "value", "wanted", "met"],
-                       [[t["name"], t["value"], t["target"], t["met"]] for t in targets]))
+    print(
+        format_table(
+            ["target", "value", "wanted", "met"], [[t["name"], t["value"], t["target"], t["met"]] for t in targets]
+        )
+    )
     for n in notes:
         print("note:", n)
     missed = [t["name"] for t in targets if not t["met"]]
     print("targets missed: " + ", ".join(missed) if missed else "all targets met")
 
     if args.json:
-        write_json(args.json, rows, targets, notes=notes,
-                   settings={"batch": args.batch, "resolution": args.resolution,
-                             "classes": args.classes, "repeats": args.repeats,
-                             "warmup": args.warmup, "threads": torch.get_num_threads(),
-                             "torch": torch.__version__, "ofa_error": ofa_error})
+        write_json(
+            args.json,
+            rows,
+            targets,
+            notes=notes,
+            settings={
+                "batch": args.batch,
+                "resolution": args.resolution,
+                "classes": args.classes,
+                "repeats": args.repeats,
+                "warmup": args.warmup,
+                "threads": torch.get_num_threads(),
+                "torch": torch.__version__,
+                "ofa_error": ofa_error,
+            },
+        )
     return 0
 
 

@@ -54,8 +54,6 @@ from .errors import ConfigError  # noqa: F401  (re-exported: raised here)
 CODEC_NAMES: Tuple[str, ...] = ("fp32", "fp16", "bf16", "int8", "int4")
 
 
-
-
 def _check(cond: bool, key: str, value: Any, allowed: str) -> None:
     if not cond:
         raise ConfigError(f"{key}={value!r} is not allowed: {allowed}")
@@ -144,8 +142,12 @@ class MBV3Config:
         _check(0 <= self.drop_path < 1, "model.drop_path", self.drop_path, "must be in [0, 1)")
         _check(0 < self.bn_momentum <= 1, "model.bn_momentum", self.bn_momentum, "must be in (0, 1]")
         _check(self.bn_eps > 0, "model.bn_eps", self.bn_eps, "must be > 0")
-        _check_list("model.progressive_order", self.progressive_order,
-                    lambda d: d in MBV3_DIMS, "dimensions among " + ", ".join(MBV3_DIMS))
+        _check_list(
+            "model.progressive_order",
+            self.progressive_order,
+            lambda d: d in MBV3_DIMS,
+            "dimensions among " + ", ".join(MBV3_DIMS),
+        )
 
 
 @dataclass
@@ -178,8 +180,12 @@ class GPTConfig:
         _check(0 <= self.dropout < 1, "model.dropout", self.dropout, "must be in [0, 1)")
         _check(0 <= self.drop_path < 1, "model.drop_path", self.drop_path, "must be in [0, 1)")
         _check(self.ln_eps > 0, "model.ln_eps", self.ln_eps, "must be > 0")
-        _check_list("model.progressive_order", self.progressive_order,
-                    lambda d: d in GPT_DIMS, "dimensions among " + ", ".join(GPT_DIMS))
+        _check_list(
+            "model.progressive_order",
+            self.progressive_order,
+            lambda d: d in GPT_DIMS,
+            "dimensions among " + ", ".join(GPT_DIMS),
+        )
 
 
 # the search spaces, by name: model.space -> its config (dtrain.supernet.SUPERNETS builds each)
@@ -286,18 +292,15 @@ class SandwichConfig:
         _check(self.num_random >= 0, "sandwich.num_random", self.num_random, "must be >= 0")
         _check_choice("sandwich.distill", self.distill, ("kd", "alpha", "none"))
         _check(self.temperature > 0, "sandwich.temperature", self.temperature, "must be > 0")
-        _check(0 <= self.hard_label_weight <= 1, "sandwich.hard_label_weight",
-               self.hard_label_weight, "must be in [0, 1]")
-        _check(self.alpha_min <= self.alpha_max, "sandwich.alpha_min", self.alpha_min,
-               "must be <= sandwich.alpha_max")
+        _check(
+            0 <= self.hard_label_weight <= 1, "sandwich.hard_label_weight", self.hard_label_weight, "must be in [0, 1]"
+        )
+        _check(self.alpha_min <= self.alpha_max, "sandwich.alpha_min", self.alpha_min, "must be <= sandwich.alpha_max")
         _check(self.iw_clip > 0, "sandwich.iw_clip", self.iw_clip, "must be > 0")
-        _check(0 <= self.label_smoothing < 1, "sandwich.label_smoothing", self.label_smoothing,
-               "must be in [0, 1)")
+        _check(0 <= self.label_smoothing < 1, "sandwich.label_smoothing", self.label_smoothing, "must be in [0, 1)")
         _check_choice("sandwich.schedule", self.schedule, ("uniform", "delayed", "progressive"))
-        _check(0 <= self.delay_fraction < 1, "sandwich.delay_fraction", self.delay_fraction,
-               "must be in [0, 1)")
-        _check(0 <= self.ramp_fraction <= 1, "sandwich.ramp_fraction", self.ramp_fraction,
-               "must be in [0, 1]")
+        _check(0 <= self.delay_fraction < 1, "sandwich.delay_fraction", self.delay_fraction, "must be in [0, 1)")
+        _check(0 <= self.ramp_fraction <= 1, "sandwich.ramp_fraction", self.ramp_fraction, "must be in [0, 1]")
         fr = list(self.progressive_fractions)
         _check_list("sandwich.progressive_fractions", fr, lambda f: f >= 0, "non-negative numbers")
         _check(abs(sum(fr) - 1.0) < 1e-6, "sandwich.progressive_fractions", fr, "must sum to 1")
@@ -322,8 +325,12 @@ class OptimConfig:
         _check_choice("optim.name", self.name, ("adamw", "sgd"))
         _check(self.lr > 0, "optim.lr", self.lr, "must be > 0")
         _check(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, "must be >= 0")
-        _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "optim.betas",
-               list(self.betas), "two numbers in [0, 1)")
+        _check(
+            len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+            "optim.betas",
+            list(self.betas),
+            "two numbers in [0, 1)",
+        )
         _check(self.eps > 0, "optim.eps", self.eps, "must be > 0")
         _check(0 <= self.momentum < 1, "optim.momentum", self.momentum, "must be in [0, 1)")
         _check(self.warmup_steps >= 0, "optim.warmup_steps", self.warmup_steps, "must be >= 0")
@@ -370,8 +377,7 @@ class TLSConfig:
     server_name: str = ""  # client: expected name in the server certificate (default: the host)
 
     def __post_init__(self) -> None:
-        _check(bool(self.cert) == bool(self.key), "tls.cert/tls.key", (self.cert, self.key),
-               "give both or neither")
+        _check(bool(self.cert) == bool(self.key), "tls.cert/tls.key", (self.cert, self.key), "give both or neither")
 
     @property
     def server_enabled(self) -> bool:
@@ -419,11 +425,21 @@ class CoordinatorConfig:
         _check(0 <= self.gloo_store_port <= 65535, "gloo_store_port", self.gloo_store_port, "0..65535")
         _check(self.min_peers >= 1, "min_peers", self.min_peers, "must be >= 1")
         _check(self.heal_grace_s >= 0, "heal_grace_s", self.heal_grace_s, "must be >= 0")
-        for key in ("lease_timeout_s", "heartbeat_interval_s", "grace_s", "commit_timeout_s", "max_wait_s",
-                    "max_message_mb"):
+        for key in (
+            "lease_timeout_s",
+            "heartbeat_interval_s",
+            "grace_s",
+            "commit_timeout_s",
+            "max_wait_s",
+            "max_message_mb",
+        ):
             _check(getattr(self, key) > 0, key, getattr(self, key), "must be > 0")
-        _check(self.heartbeat_interval_s < self.lease_timeout_s, "heartbeat_interval_s",
-               self.heartbeat_interval_s, "must be shorter than lease_timeout_s")
+        _check(
+            self.heartbeat_interval_s < self.lease_timeout_s,
+            "heartbeat_interval_s",
+            self.heartbeat_interval_s,
+            "must be shorter than lease_timeout_s",
+        )
         _check(self.history >= 1, "history", self.history, "must be >= 1")
         _check(self.grace_cap_s >= self.grace_s, "grace_cap_s", self.grace_cap_s, f"must be >= grace_s={self.grace_s}")
 
@@ -494,14 +510,21 @@ class OuterConfig:
         _check_choice("outer.name", self.name, ("none", "diloco", "ddp"))
         _check(self.sync_every >= 1, "outer.sync_every", self.sync_every, "must be >= 1")
         _check_choice("outer.local_steps", self.local_steps, ("fixed", "balanced"))
-        _check(0 <= self.min_local_steps <= self.sync_every, "outer.min_local_steps", self.min_local_steps,
-               f"must be in [0, outer.sync_every={self.sync_every}]")
+        _check(
+            0 <= self.min_local_steps <= self.sync_every,
+            "outer.min_local_steps",
+            self.min_local_steps,
+            f"must be in [0, outer.sync_every={self.sync_every}]",
+        )
         _check(0 <= self.balance_tolerance < 1, "outer.balance_tolerance", self.balance_tolerance, "must be in [0, 1)")
         _check_choice("outer.weighting", self.weighting, ("samples", "uniform"))
-        _check(self.local_steps == "fixed" or (self.fragments == 1 and self.overlap_steps == 0),
-               "outer.local_steps", self.local_steps,
-               "balanced needs outer.fragments=1 and outer.overlap_steps=0 (streaming and overlap schedule "
-               "rounds by a shared step count, which balanced members do not have)")
+        _check(
+            self.local_steps == "fixed" or (self.fragments == 1 and self.overlap_steps == 0),
+            "outer.local_steps",
+            self.local_steps,
+            "balanced needs outer.fragments=1 and outer.overlap_steps=0 (streaming and overlap schedule "
+            "rounds by a shared step count, which balanced members do not have)",
+        )
         _check(self.lr > 0, "outer.lr", self.lr, "must be > 0")
         _check(0 <= self.momentum < 1, "outer.momentum", self.momentum, "must be in [0, 1)")
         _check_choice("outer.lr_schedule", self.lr_schedule, ("constant", "cosine"))
@@ -511,16 +534,28 @@ class OuterConfig:
         _check(self.streams >= 1, "outer.streams", self.streams, "must be >= 1")
         _check(0 < self.chunk_mb <= 4, "outer.chunk_mb", self.chunk_mb, "must be in (0, 4]")
         _check(self.fragments >= 1, "outer.fragments", self.fragments, "must be >= 1")
-        _check(self.sync_every % self.fragments == 0, "outer.sync_every", self.sync_every,
-               f"must be a multiple of outer.fragments={self.fragments}")
-        _check(0 <= self.overlap_steps < self.sync_every // self.fragments, "outer.overlap_steps",
-               self.overlap_steps, f"must be in [0, sync_every/fragments={self.sync_every // self.fragments})")
+        _check(
+            self.sync_every % self.fragments == 0,
+            "outer.sync_every",
+            self.sync_every,
+            f"must be a multiple of outer.fragments={self.fragments}",
+        )
+        _check(
+            0 <= self.overlap_steps < self.sync_every // self.fragments,
+            "outer.overlap_steps",
+            self.overlap_steps,
+            f"must be in [0, sync_every/fragments={self.sync_every // self.fragments})",
+        )
         _check(0 <= self.alpha <= 1, "outer.alpha", self.alpha, "must be in [0, 1]")
         _check(self.deadline_s > 0, "outer.deadline_s", self.deadline_s, "must be > 0")
         _check(self.deadline_min_s > 0, "outer.deadline_min_s", self.deadline_min_s, "must be > 0")
         _check(self.sync_timeout_s > 0, "outer.sync_timeout_s", self.sync_timeout_s, "must be > 0")
-        _check(self.checkpoint_every_rounds >= 0, "outer.checkpoint_every_rounds", self.checkpoint_every_rounds,
-               "must be >= 0")
+        _check(
+            self.checkpoint_every_rounds >= 0,
+            "outer.checkpoint_every_rounds",
+            self.checkpoint_every_rounds,
+            "must be >= 0",
+        )
 
 
 @dataclass
@@ -539,8 +574,7 @@ class ControlConfig:
     auth: AuthConfig = field(default_factory=AuthConfig)
 
     def __post_init__(self) -> None:
-        _check(not self.coordinator or ":" in self.coordinator, "control.coordinator", self.coordinator,
-               "host:port")
+        _check(not self.coordinator or ":" in self.coordinator, "control.coordinator", self.coordinator, "host:port")
         _check(0 <= self.port <= 65535, "control.port", self.port, "0..65535")
         for key in ("join_timeout_s", "rpc_timeout_s", "transfer_timeout_s"):
             _check(getattr(self, key) > 0, f"control.{key}", getattr(self, key), "must be > 0")
@@ -591,10 +625,18 @@ class TrainConfig:
             self.outer = OuterConfig(**self.outer)
         if isinstance(self.control, dict):
             self.control = ControlConfig(**self.control)
-        _check(self.outer.name == "none" or bool(self.control.coordinator), "control.coordinator",
-               self.control.coordinator, f"give the coordinator's host:port (outer.name={self.outer.name})")
-        _check(bool(self.peer_id) and all(c.isalnum() or c in "-_." for c in self.peer_id),
-               "peer_id", self.peer_id, "letters, digits, '-', '_' and '.' only")
+        _check(
+            self.outer.name == "none" or bool(self.control.coordinator),
+            "control.coordinator",
+            self.control.coordinator,
+            f"give the coordinator's host:port (outer.name={self.outer.name})",
+        )
+        _check(
+            bool(self.peer_id) and all(c.isalnum() or c in "-_." for c in self.peer_id),
+            "peer_id",
+            self.peer_id,
+            "letters, digits, '-', '_' and '.' only",
+        )
         _check(self.steps > 0, "steps", self.steps, "must be > 0")
         _check(self.stop_at >= 0, "stop_at", self.stop_at, "must be >= 0")
         _check(self.batch_size > 0, "batch_size", self.batch_size, "must be > 0")
@@ -607,8 +649,12 @@ class TrainConfig:
         _check(self.calib_batches > 0, "calib_batches", self.calib_batches, "must be > 0")
         _check(self.calib_batch_size > 0, "calib_batch_size", self.calib_batch_size, "must be > 0")
         _check(self.bucket_mb > 0, "bucket_mb", self.bucket_mb, "must be > 0")
-        _check(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
-               "device", self.device, "auto, cpu, cuda or cuda:N")
+        _check(
+            self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
+            "device",
+            self.device,
+            "auto, cpu, cuda or cuda:N",
+        )
         _check(self.threads >= 0, "threads", self.threads, "must be >= 0")
         _check(0 < self.emulated_speed <= 1, "emulated_speed", self.emulated_speed, "must be in (0, 1]")
 
@@ -638,7 +684,8 @@ class WanConfig:
     jitter_ms: float = 5.0
     bandwidth_mbit: float = 100.0  # 0: unlimited
     local: WanLinkConfig = field(  # inside one region
-        default_factory=lambda: WanLinkConfig(latency_ms=1.0, bandwidth_mbit=1000.0))
+        default_factory=lambda: WanLinkConfig(latency_ms=1.0, bandwidth_mbit=1000.0)
+    )
     pairs: Dict[str, List[float]] = field(default_factory=dict)  # "eu-us": [latency_ms, jitter_ms, bandwidth_mbit]
     reset_every_s: List[float] = field(default_factory=list)  # [X, Y]: reset a random link every X-Y s
     stall_every_s: List[float] = field(default_factory=list)  # [X, Y]: stall a random link every X-Y s
@@ -653,15 +700,22 @@ class WanConfig:
         _check(self.stall_s > 0, "wan.stall_s", self.stall_s, "must be > 0")
         _check(self.buffer_mb > 0, "wan.buffer_mb", self.buffer_mb, "must be > 0")
         for name, link in self.pairs.items():
-            _check(name.count("-") == 1 and all(name.split("-")), "wan.pairs", name,
-                   "keys are region pairs like eu-us")
-            _check(len(link) == 3 and all(x >= 0 for x in link), f"wan.pairs.{name}", list(link),
-                   "[latency_ms, jitter_ms, bandwidth_mbit], each >= 0")
+            _check(name.count("-") == 1 and all(name.split("-")), "wan.pairs", name, "keys are region pairs like eu-us")
+            _check(
+                len(link) == 3 and all(x >= 0 for x in link),
+                f"wan.pairs.{name}",
+                list(link),
+                "[latency_ms, jitter_ms, bandwidth_mbit], each >= 0",
+            )
 
 
 def _check_interval(key: str, v) -> None:
-    _check(len(v) in (0, 2) and all(x > 0 for x in v) and (not v or v[0] <= v[1]), key, list(v),
-           "[] (never) or [X, Y] with 0 < X <= Y seconds")
+    _check(
+        len(v) in (0, 2) and all(x > 0 for x in v) and (not v or v[0] <= v[1]),
+        key,
+        list(v),
+        "[] (never) or [X, Y] with 0 < X <= Y seconds",
+    )
 
 
 @dataclass
@@ -682,11 +736,16 @@ class ChaosConfig:
     def __post_init__(self) -> None:
         _check_interval("chaos.kill_every_s", self.kill_every_s)
         _check_choice("chaos.signal", self.signal, ("KILL", "TERM", "STOP"))
-        _check(self.restart_after_s is None or self.restart_after_s >= 0, "chaos.restart_after_s",
-               self.restart_after_s, "null or >= 0")
+        _check(
+            self.restart_after_s is None or self.restart_after_s >= 0,
+            "chaos.restart_after_s",
+            self.restart_after_s,
+            "null or >= 0",
+        )
         for key in ("kill_at_s", "join_at_s", "coordinator_restart_at_s", "cluster_restart_at_s"):
-            _check(all(x >= 0 for x in getattr(self, key)), f"chaos.{key}", list(getattr(self, key)),
-                   "times >= 0 seconds")
+            _check(
+                all(x >= 0 for x in getattr(self, key)), f"chaos.{key}", list(getattr(self, key)), "times >= 0 seconds"
+            )
         _check(self.coordinator_down_s >= 0, "chaos.coordinator_down_s", self.coordinator_down_s, "must be >= 0")
         _check(self.min_alive >= 1, "chaos.min_alive", self.min_alive, "must be >= 1")
 
@@ -702,8 +761,15 @@ class SimSizeConfig:
     regions: List[str] = field(default_factory=lambda: ["eu", "us"])  # region of peer i: entry i mod len
     coordinator_region: str = ""  # default: the first region
     peer: str = "train"  # train (dtrain-train) | model_free (dtrain.sim.model_free_peer, tests)
-    peer_args: List[str] = field(default_factory=lambda: [  # extra overrides for every dtrain-train
-        "batch_size=32", "eval_every=0", "log_every=5", "checkpoint_every=0", "calib_batches=4"])
+    peer_args: List[str] = field(
+        default_factory=lambda: [  # extra overrides for every dtrain-train
+            "batch_size=32",
+            "eval_every=0",
+            "log_every=5",
+            "checkpoint_every=0",
+            "calib_batches=4",
+        ]
+    )
     coordinator_args: List[str] = field(default_factory=list)  # extra overrides for dtrain-coordinator
     numel: int = 100000  # model_free: parameters
     step_s: float = 0.2  # model_free: seconds of "inner steps" per round
@@ -715,8 +781,12 @@ class SimSizeConfig:
         _check(self.peers >= 1, "sim.peers", self.peers, "must be >= 1")
         _check(self.rounds >= 1, "sim.rounds", self.rounds, "must be >= 1")
         _check(self.inner_steps >= 1, "sim.inner_steps", self.inner_steps, "must be >= 1")
-        _check(len(self.nproc_per_peer) > 0 and all(n >= 1 for n in self.nproc_per_peer), "sim.nproc_per_peer",
-               list(self.nproc_per_peer), "a list of positive rank counts, e.g. [2, 1]")
+        _check(
+            len(self.nproc_per_peer) > 0 and all(n >= 1 for n in self.nproc_per_peer),
+            "sim.nproc_per_peer",
+            list(self.nproc_per_peer),
+            "a list of positive rank counts, e.g. [2, 1]",
+        )
         _check_choice("sim.peer", self.peer, ("train", "model_free"))
         _check(self.numel >= 1, "sim.numel", self.numel, "must be >= 1")
         _check(self.step_s >= 0, "sim.step_s", self.step_s, "must be >= 0")
@@ -754,11 +824,19 @@ class EvolutionConfig:
     def __post_init__(self) -> None:
         _check(self.population >= 2, "evolution.population", self.population, "must be >= 2")
         _check(self.generations >= 1, "evolution.generations", self.generations, "must be >= 1")
-        _check(1 <= self.parents <= self.population, "evolution.parents", self.parents,
-               f"must be between 1 and evolution.population={self.population}")
+        _check(
+            1 <= self.parents <= self.population,
+            "evolution.parents",
+            self.parents,
+            f"must be between 1 and evolution.population={self.population}",
+        )
         _check(0.0 < self.mutate_prob <= 1.0, "evolution.mutate_prob", self.mutate_prob, "must be in (0, 1]")
-        _check(0.0 <= self.crossover_fraction <= 1.0, "evolution.crossover_fraction",
-               self.crossover_fraction, "must be in [0, 1]")
+        _check(
+            0.0 <= self.crossover_fraction <= 1.0,
+            "evolution.crossover_fraction",
+            self.crossover_fraction,
+            "must be in [0, 1]",
+        )
 
 
 @dataclass
@@ -774,8 +852,12 @@ class ConstraintsConfig:
         for key in ("max_macs", "max_params", "max_latency_ms"):
             v = getattr(self, key)
             _check(v is None or v > 0, f"constraints.{key}", v, "must be > 0, or null for no limit")
-        _check(self.max_latency_ms is None or bool(self.latency_table), "constraints.latency_table",
-               self.latency_table, "must name a dtrain-latency table when constraints.max_latency_ms is set")
+        _check(
+            self.max_latency_ms is None or bool(self.latency_table),
+            "constraints.latency_table",
+            self.latency_table,
+            "must name a dtrain-latency table when constraints.max_latency_ms is set",
+        )
 
 
 @dataclass
@@ -850,10 +932,18 @@ class ExportConfig:
     threads: int = 0
 
     def __post_init__(self) -> None:
-        _check(bool(self.arch) != bool(self.pareto), "arch", self.arch,
-               "give exactly one of arch=FILE.json or pareto=pareto.json index=K")
-        _check(not self.pareto or self.index is not None, "index", self.index,
-               "must name a point of the pareto.json when pareto= is given (0 the cheapest, -1 the most accurate)")
+        _check(
+            bool(self.arch) != bool(self.pareto),
+            "arch",
+            self.arch,
+            "give exactly one of arch=FILE.json or pareto=pareto.json index=K",
+        )
+        _check(
+            not self.pareto or self.index is not None,
+            "index",
+            self.index,
+            "must name a point of the pareto.json when pareto= is given (0 the cheapest, -1 the most accurate)",
+        )
         _check_choice("weights", self.weights, ("safetensors", "torch"))
         _check_choice("onnx", self.onnx, ("auto", "on", "off"))
 
@@ -898,8 +988,7 @@ def _from_dict(cls, d: dict, what: str):
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - names)
     if unknown:
-        raise ConfigError(f"{what}.{unknown[0]} is not a known key: allowed keys are "
-                          + ", ".join(sorted(names)))
+        raise ConfigError(f"{what}.{unknown[0]} is not a known key: allowed keys are " + ", ".join(sorted(names)))
     return cls(**d)
 
 
@@ -910,8 +999,7 @@ def model_config_from(cfg: Any):
     d = _plain(cfg)
     space = d.get("space")
     if space not in MODEL_CONFIGS:
-        raise ConfigError(f"model.space={space!r} is not allowed: choose one of "
-                          + ", ".join(MODEL_CONFIGS))
+        raise ConfigError(f"model.space={space!r} is not allowed: choose one of " + ", ".join(MODEL_CONFIGS))
     return _from_dict(MODEL_CONFIGS[space], d, "model")
 
 

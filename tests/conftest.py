@@ -18,6 +18,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONF = os.path.join(REPO, "conf")
 VENV_BIN = os.path.dirname(sys.executable)
 
+
 def sigint_default() -> None:
     """Popen ``preexec_fn`` for tests that send SIGINT: the child gets SIGINT's default action back. A shell
     that starts a job in the background (``make test &``, some CI runners) hands SIGINT down ignored, and
@@ -50,8 +51,14 @@ FAST_MBV3 = [
     "model.resolutions=[8,12]",
     "model.dropout=0.1",
 ]
-FAST_TRAIN = ["batch_size=16", "eval_batch_size=128", "calib_batches=2", "calib_batch_size=16",
-              "log_every=1", "logger.progress=off"]
+FAST_TRAIN = [
+    "batch_size=16",
+    "eval_batch_size=128",
+    "calib_batches=2",
+    "calib_batch_size=16",
+    "log_every=1",
+    "logger.progress=off",
+]
 
 
 def compose(overrides=(), config_name="train"):
@@ -78,8 +85,9 @@ def run_cli(args, timeout=120, env=None, cwd=None):
     """Run a console script of this venv; returns CompletedProcess (text)."""
     exe = os.path.join(VENV_BIN, args[0])
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    return subprocess.run([exe, *args[1:]], capture_output=True, text=True, timeout=timeout,
-                          env=full_env, cwd=cwd or REPO)
+    return subprocess.run(
+        [exe, *args[1:]], capture_output=True, text=True, timeout=timeout, env=full_env, cwd=cwd or REPO
+    )
 
 
 @pytest.fixture
@@ -87,10 +95,19 @@ def tiny_mbv3_cfg():
     from dtrain.config import MBV3Config, StageConfig
 
     return MBV3Config(
-        in_channels=1, num_classes=10, stem_channels=8, stem_stride=1,
+        in_channels=1,
+        num_classes=10,
+        stem_channels=8,
+        stem_stride=1,
         stages=[StageConfig(8, 1, "relu", False), StageConfig(16, 2, "hswish", True)],
-        final_expand=2, feature_dim=32, kernel_sizes=[3, 5, 7], expand_ratios=[2, 3],
-        depths=[1, 2], resolutions=[8, 12], dropout=0.1)
+        final_expand=2,
+        feature_dim=32,
+        kernel_sizes=[3, 5, 7],
+        expand_ratios=[2, 3],
+        depths=[1, 2],
+        resolutions=[8, 12],
+        dropout=0.1,
+    )
 
 
 def stop_servers(servers) -> None:

@@ -30,11 +30,11 @@ STATE_BYTES = 8 * NUMEL
 class Cluster(_Cluster):
     coordinator_params = FAST
 
-    def start_peer(self, peer_id: str, rounds: int, *extra: str, step_s: float = 0.05,
-                   out: Optional[str] = None) -> Peer:
+    def start_peer(
+        self, peer_id: str, rounds: int, *extra: str, step_s: float = 0.05, out: Optional[str] = None
+    ) -> Peer:
         """A control-plane peer: ``--backends none``, ``--numel NUMEL``; ``extra`` flags come last (they win)."""
-        flags = ["--backends", "none", "--numel", str(NUMEL), "--step-s", str(step_s), "--join-timeout", "60",
-                 *extra]
+        flags = ["--backends", "none", "--numel", str(NUMEL), "--step-s", str(step_s), "--join-timeout", "60", *extra]
         return super().start_peer(peer_id, rounds, *flags, out=out)
 
 

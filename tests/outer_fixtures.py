@@ -20,16 +20,19 @@ import fault_plugin
 from proc_fixtures import Cluster, Coordinator, Peer, check_parity  # noqa: F401 (check_parity: re-exported)
 
 # coordinator parameters: quick leases, short grace, gloo store on
-COORD = dict(lease_timeout_s=1.5, heartbeat_interval_s=0.3, grace_s=0.3, commit_timeout_s=4.0, max_wait_s=2.0,
-             gloo_store="true")
+COORD = dict(
+    lease_timeout_s=1.5, heartbeat_interval_s=0.3, grace_s=0.3, commit_timeout_s=4.0, max_wait_s=2.0, gloo_store="true"
+)
 ALL_CODECS = ("fp32", "fp16", "bf16", "int8", "int4")
 
 
 def fault_env(**settings) -> Dict[str, str]:
     """``DTRAIN_FAULT_PLUGIN`` = the test suite's plugin, and its settings: ``poison_round=2`` ->
     ``DTRAIN_FAULT_POISON_ROUND=2`` (see ``fault_plugin``)."""
-    return {"DTRAIN_FAULT_PLUGIN": fault_plugin.PLUGIN,
-            **{f"DTRAIN_FAULT_{k.upper()}": str(v) for k, v in settings.items()}}
+    return {
+        "DTRAIN_FAULT_PLUGIN": fault_plugin.PLUGIN,
+        **{f"DTRAIN_FAULT_{k.upper()}": str(v) for k, v in settings.items()},
+    }
 
 
 class OuterCluster(Cluster):
@@ -82,20 +85,44 @@ def check_against_coordinator(coord: Coordinator, peers: Sequence[Peer]) -> Dict
     hashes = check_parity(peers)
     for r, e in commits.items():
         if r - 1 in hashes:
-            assert e["state_hash"] == hashes[r - 1], f"round {r}: coordinator says S_{r} is " \
-                                                     f"{e['state_hash'][:12]}, peers {hashes[r - 1][:12]}"
+            assert e["state_hash"] == hashes[r - 1], (
+                f"round {r}: coordinator says S_{r} is {e['state_hash'][:12]}, peers {hashes[r - 1][:12]}"
+            )
     for p in peers:
         for r, rec in p.rounds().items():
             e = commits.get(r)
             assert e is not None, f"{p.peer_id} committed round {r}, the coordinator did not"
-            assert (rec["quorum_id"], rec["members"]) == (e["quorum_id"], e["members"]), \
-                f"{p.peer_id} round {r}: quorum {rec['quorum_id']} {rec['members']}, coordinator " \
+            assert (rec["quorum_id"], rec["members"]) == (e["quorum_id"], e["members"]), (
+                f"{p.peer_id} round {r}: quorum {rec['quorum_id']} {rec['members']}, coordinator "
                 f"{e['quorum_id']} {e['members']}"
+            )
             assert p.peer_id in e["members"]
     return commits
 
 
-def peer_flags(*, codecs: str = "fp32", backends: str = "grpc", fragments: int = 1, numel: int = 4000,
-               deadline_s: float = 5.0, extra: Sequence[str] = ()) -> List[str]:
-    return ["--codecs", codecs, "--backends", backends, "--fragments", str(fragments), "--numel", str(numel),
-            "--deadline-s", str(deadline_s), "--sync-timeout-s", "30", "--join-timeout", "30", *extra]
+def peer_flags(
+    *,
+    codecs: str = "fp32",
+    backends: str = "grpc",
+    fragments: int = 1,
+    numel: int = 4000,
+    deadline_s: float = 5.0,
+    extra: Sequence[str] = (),
+) -> List[str]:
+    return [
+        "--codecs",
+        codecs,
+        "--backends",
+        backends,
+        "--fragments",
+        str(fragments),
+        "--numel",
+        str(numel),
+        "--deadline-s",
+        str(deadline_s),
+        "--sync-timeout-s",
+        "30",
+        "--join-timeout",
+        "30",
+        *extra,
+    ]

@@ -39,9 +39,20 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PEER_MODULE = "dtrain.sim.model_free_peer"
 COORDINATOR_MODULE = "dtrain.cli.coordinator"
-PRELOAD = ["torch", "torch.distributed", "grpc", "hydra", "omegaconf", PEER_MODULE,
-           "dtrain.comm.gloo_allreduce", "dtrain.comm.grpc_allreduce", "dtrain.control.server",
-           COORDINATOR_MODULE, "dtrain.cli.app", "dtrain.config"]
+PRELOAD = [
+    "torch",
+    "torch.distributed",
+    "grpc",
+    "hydra",
+    "omegaconf",
+    PEER_MODULE,
+    "dtrain.comm.gloo_allreduce",
+    "dtrain.comm.grpc_allreduce",
+    "dtrain.control.server",
+    COORDINATOR_MODULE,
+    "dtrain.cli.app",
+    "dtrain.config",
+]
 
 
 def wait_for(pred: Callable[[], object], timeout: float, what: str, interval: float = 0.05):
@@ -152,22 +163,32 @@ def forkserver():
 class Child:
     """A process this test started (forked from the forkserver, or a subprocess)."""
 
-    def __init__(self, kind: str, argv: List[str], out_path: str, err_path: str,
-                 env: Optional[Mapping[str, str]] = None):
+    def __init__(
+        self, kind: str, argv: List[str], out_path: str, err_path: str, env: Optional[Mapping[str, str]] = None
+    ):
         self.kind, self.argv, self.out_path, self.err_path = kind, argv, out_path, err_path
         self._popen = self._proc = None
         full_env = child_env(env)
         if os.environ.get("DTRAIN_TEST_SPAWN") == "1":
             module = PEER_MODULE if kind == "peer" else COORDINATOR_MODULE
             with open(out_path, "w") as out, open(err_path, "w") as err:
-                self._popen = subprocess.Popen([sys.executable, "-m", module, *argv], stdout=out, stderr=err,
-                                               stdin=subprocess.DEVNULL, cwd=REPO, env=full_env,
-                                               start_new_session=True)
+                self._popen = subprocess.Popen(
+                    [sys.executable, "-m", module, *argv],
+                    stdout=out,
+                    stderr=err,
+                    stdin=subprocess.DEVNULL,
+                    cwd=REPO,
+                    env=full_env,
+                    start_new_session=True,
+                )
             self.pid = self._popen.pid
         else:
-            self._proc = _mp_context().Process(target=_child_main,
-                                               args=(kind, list(argv), out_path, err_path, full_env),
-                                               daemon=True, name=f"{kind}-{os.path.basename(err_path)}")
+            self._proc = _mp_context().Process(
+                target=_child_main,
+                args=(kind, list(argv), out_path, err_path, full_env),
+                daemon=True,
+                name=f"{kind}-{os.path.basename(err_path)}",
+            )
             self._proc.start()
             self.pid = self._proc.pid
 
@@ -195,8 +216,10 @@ class Child:
             self._proc.join(timeout)
             if self._proc.exitcode is not None:
                 return self._proc.exitcode
-        raise AssertionError(f"{self.kind} {self.argv[:4]} (pid {self.pid}) did not exit within {timeout:g}s; "
-                             f"stderr:\n{self.stderr()[-3000:]}")
+        raise AssertionError(
+            f"{self.kind} {self.argv[:4]} (pid {self.pid}) did not exit within {timeout:g}s; "
+            f"stderr:\n{self.stderr()[-3000:]}"
+        )
 
     def kill(self) -> None:
         """SIGKILL (also ends a stopped process) and reap."""
@@ -236,15 +259,14 @@ class Coordinator(Child):
                     line = f.readline()
             except FileNotFoundError:
                 return None
-            return line[len(prefix):].strip() if line.startswith(prefix) and line.endswith("\n") else None
+            return line[len(prefix) :].strip() if line.startswith(prefix) and line.endswith("\n") else None
 
         self.address = wait_for(listening, 30.0, "the coordinator's first stdout line")
         self.port = int(self.address.rsplit(":", 1)[1])
 
     def events(self, kind: Optional[str] = None, **match) -> List[dict]:
         evs = read_jsonl(os.path.join(self.state_dir, "events.jsonl"))
-        return [e for e in evs if (kind is None or e["event"] == kind)
-                and all(e.get(k) == v for k, v in match.items())]
+        return [e for e in evs if (kind is None or e["event"] == kind) and all(e.get(k) == v for k, v in match.items())]
 
     def state(self) -> dict:
         with open(os.path.join(self.state_dir, "state.json"), encoding="utf-8") as f:
@@ -260,8 +282,16 @@ class Coordinator(Child):
 class Peer(Child):
     """A ``dtrain.sim.model_free_peer`` process and its records."""
 
-    def __init__(self, coordinator: str, peer_id: str, rounds: int, out: str, err_path: str, flags: Sequence[str],
-                 env: Optional[Mapping[str, str]] = None):
+    def __init__(
+        self,
+        coordinator: str,
+        peer_id: str,
+        rounds: int,
+        out: str,
+        err_path: str,
+        flags: Sequence[str],
+        env: Optional[Mapping[str, str]] = None,
+    ):
         argv = ["--coordinator", coordinator, "--peer-id", peer_id, "--rounds", str(rounds), "--out", out, *flags]
         super().__init__("peer", argv, os.devnull, err_path, env)
         self.peer_id, self.out = peer_id, out
@@ -306,20 +336,32 @@ class Cluster:
 
     def start_coordinator(self, port: int = 0, **params) -> Coordinator:
         n = sum(isinstance(p, Coordinator) for p in self.procs)
-        c = Coordinator(os.path.join(self.dir, "coord"), os.path.join(self.dir, f"coordinator-{n}.out"),
-                        os.path.join(self.dir, f"coordinator-{n}.err"), port=port,
-                        **{**self.coordinator_params, **params})
+        c = Coordinator(
+            os.path.join(self.dir, "coord"),
+            os.path.join(self.dir, f"coordinator-{n}.out"),
+            os.path.join(self.dir, f"coordinator-{n}.err"),
+            port=port,
+            **{**self.coordinator_params, **params},
+        )
         self.procs.append(c)
         self.coordinator = c
         return c
 
-    def start_peer(self, peer_id: str, rounds: int, *flags: str, env: Optional[Mapping[str, str]] = None,
-                   out: Optional[str] = None) -> Peer:
+    def start_peer(
+        self, peer_id: str, rounds: int, *flags: str, env: Optional[Mapping[str, str]] = None, out: Optional[str] = None
+    ) -> Peer:
         assert self.coordinator is not None, "start the coordinator first"
         n = sum(isinstance(p, Peer) and p.peer_id == peer_id for p in self.procs)
         tag = peer_id if n == 0 else f"{peer_id}-{n}"
-        p = Peer(self.coordinator.address, peer_id, rounds, out or os.path.join(self.dir, f"{tag}.jsonl"),
-                 os.path.join(self.dir, f"{tag}.err"), flags, env)
+        p = Peer(
+            self.coordinator.address,
+            peer_id,
+            rounds,
+            out or os.path.join(self.dir, f"{tag}.jsonl"),
+            os.path.join(self.dir, f"{tag}.err"),
+            flags,
+            env,
+        )
         self.procs.append(p)
         return p
 
@@ -348,8 +390,9 @@ def check_parity(peers: Sequence[Peer]) -> Dict[int, str]:
     for p in peers:
         for rnd, h in p.hashes().items():
             if seen.setdefault(rnd, h) != h:
-                raise AssertionError(f"parity broken at round {rnd}: {p.peer_id} has {h[:12]}, "
-                                     f"{who[rnd]} has {seen[rnd][:12]}")
+                raise AssertionError(
+                    f"parity broken at round {rnd}: {p.peer_id} has {h[:12]}, {who[rnd]} has {seen[rnd][:12]}"
+                )
             who.setdefault(rnd, p.peer_id)
     return seen
 
@@ -361,6 +404,7 @@ def check_chain(peer: Peer) -> None:
         if r["kind"] in ("start", "heal"):
             held = (r["round"], r["state_hash"])
         elif r["kind"] == "round":
-            assert held == (r["round"], r["state_hash_before"]), f"{peer.peer_id}: round {r['round']} did not " \
-                                                                 f"start from the state it held {held}"
+            assert held == (r["round"], r["state_hash_before"]), (
+                f"{peer.peer_id}: round {r['round']} did not start from the state it held {held}"
+            )
             held = (r["round"] + 1, r["state_hash"])

@@ -55,10 +55,14 @@ class SimRun:
     def __init__(self, run_dir, args, env=None):
         self.run_dir = str(run_dir)
         self.log = open(os.path.join(os.path.dirname(self.run_dir), os.path.basename(self.run_dir) + ".out"), "w+")
-        self.proc = subprocess.Popen([os.path.join(VENV_BIN, "dtrain-sim"), f"run_dir={self.run_dir}", *args],
-                                     stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
-                                     preexec_fn=sigint_default,
-                                     env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+        self.proc = subprocess.Popen(
+            [os.path.join(VENV_BIN, "dtrain-sim"), f"run_dir={self.run_dir}", *args],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=sigint_default,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+        )
 
     def wait(self, timeout: float) -> int:
         return self.proc.wait(timeout)

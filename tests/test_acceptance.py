@@ -24,8 +24,10 @@ def test_default_run_reaches_accuracy_targets(tmp_path):
     elapsed = time.time() - t0
     assert p.returncode == 0, p.stderr[-3000:]
     res = json.load(open(run_dir / "summary.json"))["results"]
-    print(f"default dtrain-train: {elapsed:.0f} s, max test acc {res['max']['test_acc']:.4f}, "
-          f"min test acc {res['min']['test_acc']:.4f}")
+    print(
+        f"default dtrain-train: {elapsed:.0f} s, max test acc {res['max']['test_acc']:.4f}, "
+        f"min test acc {res['min']['test_acc']:.4f}"
+    )
     assert res["max"]["test_acc"] >= 0.95
     assert res["min"]["test_acc"] >= 0.92
 
@@ -36,8 +38,7 @@ def test_gpt_preset_beats_unigram_by_a_quarter(tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     res = json.load(open(run_dir / "summary.json"))["results"]
     unigram = res["unigram_bpb"]
-    print(f"gpt_text: val bpb max {res['max']['val_bpb']:.3f} min {res['min']['val_bpb']:.3f}, "
-          f"unigram {unigram:.3f}")
+    print(f"gpt_text: val bpb max {res['max']['val_bpb']:.3f} min {res['min']['val_bpb']:.3f}, unigram {unigram:.3f}")
     assert res["max"]["val_bpb"] <= 0.75 * unigram
     assert res["min"]["val_bpb"] <= 0.75 * unigram
 
@@ -50,8 +51,10 @@ def test_make_demo_simulation_survives_a_crash_and_a_join(tmp_path):
     elapsed = time.time() - t0
     assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
     s = json.load(open(run_dir / "summary.json"))
-    print(f"default dtrain-sim: {elapsed:.0f} s, {s['rounds_committed']} rounds, heals {s['heals']}, "
-          f"accuracy {s['final_accuracy']}")
+    print(
+        f"default dtrain-sim: {elapsed:.0f} s, {s['rounds_committed']} rounds, heals {s['heals']}, "
+        f"accuracy {s['final_accuracy']}"
+    )
     assert s["ok"] and s["parity"] and s["rounds_lost"] == 0
     assert s["faults"] == {"kill_kill": 1} and s["heals"] >= 1
     assert elapsed < 180

@@ -20,8 +20,9 @@ CODECS = ("fp32", "fp16", "bf16", "int8", "int4")
 
 
 def _run(bench: Path, *args, timeout=200):
-    return subprocess.run([sys.executable, str(bench), *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, str(bench), *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def _check_targets(report: dict, names: set) -> dict:
@@ -41,8 +42,17 @@ def test_comm_tiny_run(tmp_path):
     n, k = 20000, 2
     proc = _run(COMM, "--peers", str(k), "--numel", str(n), "--rounds", "1", "--json", str(out))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    for word in ("mode", "measured B/step", "predicted B/step", "overhead %", "vs ddp", "diloco", "ddp",
-                 "int4_H125_vs_ddp_fp32", "int4_H250_vs_ddp_fp32"):
+    for word in (
+        "mode",
+        "measured B/step",
+        "predicted B/step",
+        "overhead %",
+        "vs ddp",
+        "diloco",
+        "ddp",
+        "int4_H125_vs_ddp_fp32",
+        "int4_H250_vs_ddp_fp32",
+    ):
         assert word in proc.stdout, word
 
     report = json.loads(out.read_text())
@@ -80,12 +90,29 @@ def test_comm_tiny_run(tmp_path):
 @pytest.mark.timeout(300)
 def test_allreduce_tiny_run(tmp_path):
     out = tmp_path / "allreduce.json"
-    proc = _run(ALLREDUCE, "--peers", "3", "--sizes", "0.0625", "--repeats", "1", "--warmup", "1",
-                "--wan-size", "0.25", "--wan-mbit", "40", "--wan-latency-ms", "5", "--wan-repeats", "1",
-                "--json", str(out))
+    proc = _run(
+        ALLREDUCE,
+        "--peers",
+        "3",
+        "--sizes",
+        "0.0625",
+        "--repeats",
+        "1",
+        "--warmup",
+        "1",
+        "--wan-size",
+        "0.25",
+        "--wan-mbit",
+        "40",
+        "--wan-latency-ms",
+        "5",
+        "--wan-repeats",
+        "1",
+        "--json",
+        str(out),
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    for word in ("MiB/s", "vs gloo", "grpc", "gloo", "grpc_vs_gloo_64MiB", "ring_bound_fraction_wan",
-                 "WAN emulator"):
+    for word in ("MiB/s", "vs gloo", "grpc", "gloo", "grpc_vs_gloo_64MiB", "ring_bound_fraction_wan", "WAN emulator"):
         assert word in proc.stdout, word
     assert "WRONG RESULT" not in proc.stdout
 
@@ -95,7 +122,7 @@ def test_allreduce_tiny_run(tmp_path):
     wan = rows.pop()
     assert [(r["size_mib"], r["backend"]) for r in rows] == [(0.0625, "grpc"), (0.0625, "gloo")]
     assert wan["part"] == "wan" and wan["backend"] == "grpc" and wan["size_mib"] == 0.25 and not wan["problems"]
-    bound = 2 * 2 / 3 * 0.25 * 2 ** 20 * 8 / 40e6  # 2(k-1)/k * N / B
+    bound = 2 * 2 / 3 * 0.25 * 2**20 * 8 / 40e6  # 2(k-1)/k * N / B
     assert wan["ring_bound_s"] == pytest.approx(bound)
     assert wan["median_s"] >= 0.95 * bound  # nothing beats the uplinks
     for r in rows:
@@ -113,14 +140,17 @@ def test_allreduce_tiny_run(tmp_path):
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("bench, args, flag", [
-    (COMM, ["--peers", "1"], "--peers"),
-    (COMM, ["--codecs", "fp8"], "--codecs"),
-    (COMM, ["--H", "10,0"], "--H"),
-    (ALLREDUCE, ["--sizes", "0"], "--sizes"),
-    (ALLREDUCE, ["--backends", "nccl"], "--backends"),
-    (ALLREDUCE, ["--repeats", "0"], "--repeats"),
-])
+@pytest.mark.parametrize(
+    "bench, args, flag",
+    [
+        (COMM, ["--peers", "1"], "--peers"),
+        (COMM, ["--codecs", "fp8"], "--codecs"),
+        (COMM, ["--H", "10,0"], "--H"),
+        (ALLREDUCE, ["--sizes", "0"], "--sizes"),
+        (ALLREDUCE, ["--backends", "nccl"], "--backends"),
+        (ALLREDUCE, ["--repeats", "0"], "--repeats"),
+    ],
+)
 def test_bad_argument_is_one_argparse_line(bench, args, flag):
     proc = _run(bench, *args, timeout=60)
     assert proc.returncode == 2

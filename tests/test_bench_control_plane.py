@@ -18,8 +18,9 @@ TARGETS = {"p99_quorum_latency_ms_128", "death_detection_ratio_128"}
 
 
 def _run(*args, timeout=150):
-    return subprocess.run([sys.executable, str(BENCH), *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, str(BENCH), *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout
+    )
 
 
 @pytest.mark.timeout(180)
@@ -53,12 +54,15 @@ def test_tiny_run_prints_table_and_writes_json(tmp_path):
 
 
 @pytest.mark.timeout(180)
-@pytest.mark.parametrize("args, flag", [
-    (["--peers", "1"], "--peers"),
-    (["--peers", "8,x"], "--peers"),
-    (["--lease-timeout", "1", "--heartbeat-interval", "2"], "--heartbeat-interval"),
-    (["--rounds", "0"], "--rounds"),
-])
+@pytest.mark.parametrize(
+    "args, flag",
+    [
+        (["--peers", "1"], "--peers"),
+        (["--peers", "8,x"], "--peers"),
+        (["--lease-timeout", "1", "--heartbeat-interval", "2"], "--heartbeat-interval"),
+        (["--rounds", "0"], "--rounds"),
+    ],
+)
 def test_bad_argument_is_one_argparse_line(args, flag):
     proc = _run(*args, timeout=60)
     assert proc.returncode == 2

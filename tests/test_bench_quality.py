@@ -17,9 +17,22 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_quality_quick_prints_table_and_writes_json(tmp_path):
     out = tmp_path / "quality.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run([sys.executable, os.path.join(REPO, "bench", "quality.py"), "--quick",
-                           "--json", str(out), "--out", str(tmp_path / "runs")],
-                          capture_output=True, text=True, timeout=55, env=env, cwd=REPO)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(REPO, "bench", "quality.py"),
+            "--quick",
+            "--json",
+            str(out),
+            "--out",
+            str(tmp_path / "runs"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=55,
+        env=env,
+        cwd=REPO,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = proc.stdout
     for header in ("arch", "MACs", "supernet %", "standalone %", "gap pts", "no-distill %", "delayed %"):
@@ -41,5 +54,10 @@ def test_quality_quick_prints_table_and_writes_json(tmp_path):
         assert t["target"] == "<= 1.0"
         assert t["met"] == (t["value"] <= 1.0)
     assert sorted(r["name"] for r in report["runs"]) == [
-        "delayed", "no-distill", "standalone max", "standalone min", "supernet"]
+        "delayed",
+        "no-distill",
+        "standalone max",
+        "standalone min",
+        "supernet",
+    ]
     assert os.path.isfile(tmp_path / "runs" / "supernet_s0" / "summary.json")

@@ -19,16 +19,16 @@ TARGETS = {"supernet_vs_static", "supernet_vs_ofa", "sandwich_vs_sum"}
 
 
 def _run(*args, timeout=240):
-    return subprocess.run([sys.executable, str(BENCH), *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, str(BENCH), *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout
+    )
 
 
 @pytest.mark.acceptance  # builds the full-size ofa network: kept out of make test's 10-minute budget
 @pytest.mark.timeout(300)
 def test_tiny_run_prints_table_and_writes_json(tmp_path):
     out = tmp_path / "out.json"
-    proc = _run("--resolution", "16", "--batch", "2", "--repeats", "2", "--warmup", "1",
-                "--json", str(out))
+    proc = _run("--resolution", "16", "--batch", "2", "--repeats", "2", "--warmup", "1", "--json", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     for word in ("a_supernet", "b_static", "d_sandwich", "median s/step", *TARGETS):
         assert word in proc.stdout

@@ -33,17 +33,20 @@ def _one_line(err: str, prog: str, *want: str) -> str:
 
 # --------------------------------------------------------------------------- each console script, as a process
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("prog,args,key,bad,why", [
-    ("dtrain-train", [], "run_dir", FORBIDDEN, "No such file or directory"),
-    ("dtrain-coordinator", [], "state_dir", "{tmp}/afile/x", "'{tmp}/afile' is a file, not a directory"),
-    ("dtrain-status", ["coordinator=127.0.0.1:1"], "hydra.run.dir", FORBIDDEN, "No such file or directory"),
-    ("dtrain-certs", [], "out_dir", "{tmp}/afile", "is a file, not a directory"),
-    ("dtrain-sim", [], "run_dir", FORBIDDEN, "No such file or directory"),
-    ("dtrain-search", ["checkpoint={tmp}"], "out_dir", "/sys", "cannot be written"),
-    ("dtrain-export", ["checkpoint={tmp}", "arch={tmp}/a.json"], "out_dir", "{tmp}/afile/x", "is a file"),
-    ("dtrain-latency", [], "out", FORBIDDEN + "/latency.json", "No such file or directory"),
-    ("dtrain-report", ["run_dir={tmp}"], "out_dir", FORBIDDEN, "No such file or directory"),
-])
+@pytest.mark.parametrize(
+    "prog,args,key,bad,why",
+    [
+        ("dtrain-train", [], "run_dir", FORBIDDEN, "No such file or directory"),
+        ("dtrain-coordinator", [], "state_dir", "{tmp}/afile/x", "'{tmp}/afile' is a file, not a directory"),
+        ("dtrain-status", ["coordinator=127.0.0.1:1"], "hydra.run.dir", FORBIDDEN, "No such file or directory"),
+        ("dtrain-certs", [], "out_dir", "{tmp}/afile", "is a file, not a directory"),
+        ("dtrain-sim", [], "run_dir", FORBIDDEN, "No such file or directory"),
+        ("dtrain-search", ["checkpoint={tmp}"], "out_dir", "/sys", "cannot be written"),
+        ("dtrain-export", ["checkpoint={tmp}", "arch={tmp}/a.json"], "out_dir", "{tmp}/afile/x", "is a file"),
+        ("dtrain-latency", [], "out", FORBIDDEN + "/latency.json", "No such file or directory"),
+        ("dtrain-report", ["run_dir={tmp}"], "out_dir", FORBIDDEN, "No such file or directory"),
+    ],
+)
 def test_console_script_refuses_an_unusable_output(prog, args, key, bad, why, tmp_path):
     tmp = tmp_path / "t"
     cwd = tmp_path / "cwd"
@@ -53,8 +56,12 @@ def test_console_script_refuses_an_unusable_output(prog, args, key, bad, why, tm
     (tmp / "a.json").write_text("{}")
     bad, why = bad.format(tmp=tmp), why.format(tmp=tmp)
     before = _tree(tmp_path)
-    p = run_cli([prog, *[a.format(tmp=tmp) for a in args], f"{key}={bad}"], timeout=100, cwd=str(cwd),
-                env={"PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")})
+    p = run_cli(
+        [prog, *[a.format(tmp=tmp) for a in args], f"{key}={bad}"],
+        timeout=100,
+        cwd=str(cwd),
+        env={"PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")},
+    )
     assert p.returncode == 2, (p.stdout, p.stderr)
     assert "Traceback" not in p.stderr and "Traceback" not in p.stdout
     _one_line(p.stderr, prog, f"{key}={bad!r}", why)
@@ -68,13 +75,16 @@ def test_output_problem_names_key_path_and_reason(tmp_path):
 
     (tmp_path / "afile").write_text("x")
     f = str(tmp_path / "afile")
-    assert output_problem("run_dir", FORBIDDEN) == \
-        f"run_dir='{FORBIDDEN}' cannot be created: No such file or directory"
+    assert output_problem("run_dir", FORBIDDEN) == f"run_dir='{FORBIDDEN}' cannot be created: No such file or directory"
     assert output_problem("out_dir", f) == f"out_dir='{f}' is a file, not a directory"
-    assert output_problem("out_dir", f + "/a/b") == \
-        f"out_dir='{f}/a/b' cannot be created: '{f}' is a file, not a directory"
-    assert output_problem("out", f + "/t.json", "file") == \
-        f"out='{f}/t.json' cannot be created: '{f}' is a file, not a directory"
+    assert (
+        output_problem("out_dir", f + "/a/b")
+        == f"out_dir='{f}/a/b' cannot be created: '{f}' is a file, not a directory"
+    )
+    assert (
+        output_problem("out", f + "/t.json", "file")
+        == f"out='{f}/t.json' cannot be created: '{f}' is a file, not a directory"
+    )
     assert output_problem("out", str(tmp_path), "file") == f"out='{tmp_path}' is a directory, not a file"
     assert output_problem("out_dir", "/dev/null") == "out_dir='/dev/null' is not a directory"
     assert output_problem("state_dir", "/sys").startswith("state_dir='/sys' cannot be written: ")
@@ -95,8 +105,10 @@ def test_output_error_matches_only_its_locations(tmp_path):
     enoent = lambda name: FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), name)  # noqa: E731
     eacces = lambda name: PermissionError(errno.EACCES, os.strerror(errno.EACCES), name)  # noqa: E731
     assert output_error(enoent("/r"), outs) == "run_dir='/r/run' cannot be created: No such file or directory"
-    assert output_error(eacces("/r/run/train.log"), outs) == \
-        "run_dir='/r/run' cannot be written: Permission denied: '/r/run/train.log'"
+    assert (
+        output_error(eacces("/r/run/train.log"), outs)
+        == "run_dir='/r/run' cannot be written: Permission denied: '/r/run/train.log'"
+    )
     assert output_error(eacces("/o/.tmp-123"), outs).startswith("out='/o/t.json' cannot be written")
     assert output_error(enoent("/o"), outs).startswith("out='/o/t.json' cannot be created")
     try:  # logging.config wraps the OSError of a log file it cannot open
@@ -167,8 +179,13 @@ def test_report_default_out_dir_is_checked(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "report").write_text("x")  # where the report would go
-    _fails(capsys, report.main, [f"run_dir={tmp_path / 'run'}"], "dtrain-report",
-           f"out_dir='{tmp_path / 'run' / 'report'}' is a file, not a directory")
+    _fails(
+        capsys,
+        report.main,
+        [f"run_dir={tmp_path / 'run'}"],
+        "dtrain-report",
+        f"out_dir='{tmp_path / 'run' / 'report'}' is a file, not a directory",
+    )
 
 
 # --------------------------------------------------------------------------- a race: the check passed, creation fails
@@ -185,15 +202,31 @@ def test_failure_at_creation_is_one_line_too(tmp_path, capsys, monkeypatch):
     run.mkdir()
     (run / "metrics.jsonl").write_text(json.dumps({"kind": "step", "step": 1, "loss": {"max": 2.0}}) + "\n")
     # Hydra making the run dir, and opening its log file there, before the app runs
-    _fails(capsys, train.main, [f"run_dir={FORBIDDEN}"], "dtrain-train",
-           f"run_dir='{FORBIDDEN}' cannot be created: No such file or directory")
-    _fails(capsys, coordinator.main, ["state_dir=/sys"], "dtrain-coordinator",
-           "state_dir='/sys' cannot be written: ", "/sys/coordinator.log")
+    _fails(
+        capsys,
+        train.main,
+        [f"run_dir={FORBIDDEN}"],
+        "dtrain-train",
+        f"run_dir='{FORBIDDEN}' cannot be created: No such file or directory",
+    )
+    _fails(
+        capsys,
+        coordinator.main,
+        ["state_dir=/sys"],
+        "dtrain-coordinator",
+        "state_dir='/sys' cannot be written: ",
+        "/sys/coordinator.log",
+    )
     assert "HYDRA_FULL_ERROR" not in os.environ
     # the app making it
     _fails(capsys, certs.main, [f"out_dir={FORBIDDEN}"], "dtrain-certs", f"out_dir='{FORBIDDEN}' cannot be created")
-    _fails(capsys, report.main, [f"run_dir={run}", f"out_dir={FORBIDDEN}"], "dtrain-report",
-           f"out_dir='{FORBIDDEN}' cannot be created")
+    _fails(
+        capsys,
+        report.main,
+        [f"run_dir={run}", f"out_dir={FORBIDDEN}"],
+        "dtrain-report",
+        f"out_dir='{FORBIDDEN}' cannot be created",
+    )
     assert sorted(os.listdir(tmp_path)) == ["run"] and os.listdir(run) == ["metrics.jsonl"]
 
 
@@ -203,5 +236,6 @@ def test_multirun_checks_in_the_job(tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr(sys, "argv", ["dtrain-train"])
     monkeypatch.chdir(tmp_path)
-    _fails(capsys, train.main, ["-m", f"run_dir={FORBIDDEN}"], "dtrain-train",
-           f"run_dir='{FORBIDDEN}' cannot be created")
+    _fails(
+        capsys, train.main, ["-m", f"run_dir={FORBIDDEN}"], "dtrain-train", f"run_dir='{FORBIDDEN}' cannot be created"
+    )

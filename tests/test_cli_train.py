@@ -54,8 +54,14 @@ def test_missing_mandatory_value(capsys):
 
 
 def test_runtime_user_errors_are_one_line(capsys, tmp_path):
-    err = _fails(capsys, "data=cifar10", f"data.root={tmp_path}/nowhere", f"run_dir={tmp_path}/r", *FAST_MBV3,
-                 "model.in_channels=3")
+    err = _fails(
+        capsys,
+        "data=cifar10",
+        f"data.root={tmp_path}/nowhere",
+        f"run_dir={tmp_path}/r",
+        *FAST_MBV3,
+        "model.in_channels=3",
+    )
     assert "nowhere" in err
     err = _fails(capsys, "eval_archs=[biggest]", f"run_dir={tmp_path}/r2", *FAST_MBV3)
     assert "biggest" in err and "rand<k>" in err
@@ -63,8 +69,19 @@ def test_runtime_user_errors_are_one_line(capsys, tmp_path):
 
 def test_console_script_runs_and_fails_cleanly(tmp_path):
     run_dir = tmp_path / "run"
-    p = run_cli(["dtrain-train", f"run_dir={run_dir}", "steps=3", "eval_every=0", "batch_size=16",
-                 "calib_batches=2", "calib_batch_size=16", *FAST_MBV3], timeout=240)
+    p = run_cli(
+        [
+            "dtrain-train",
+            f"run_dir={run_dir}",
+            "steps=3",
+            "eval_every=0",
+            "batch_size=16",
+            "calib_batches=2",
+            "calib_batch_size=16",
+            *FAST_MBV3,
+        ],
+        timeout=240,
+    )
     assert p.returncode == 0, p.stderr
     assert "test acc" in p.stdout and "max" in p.stdout and "min" in p.stdout
     recs = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]

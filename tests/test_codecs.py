@@ -29,20 +29,20 @@ def _bound_ok(name: str, x: torch.Tensor, y: torch.Tensor, block: int) -> None:
     if name == "fp32":
         assert np.array_equal(x.view(torch.int32).numpy(), y.view(torch.int32).numpy())
     elif name == "fp16":
-        assert np.all(err <= np.maximum(2.0 ** -11 * np.abs(xd), 2.0 ** -25))
+        assert np.all(err <= np.maximum(2.0**-11 * np.abs(xd), 2.0**-25))
     elif name == "bf16":
-        assert np.all(err <= np.maximum(2.0 ** -8 * np.abs(xd), 2.0 ** -134))
+        assert np.all(err <= np.maximum(2.0**-8 * np.abs(xd), 2.0**-134))
     else:
         qmax = QMAX[name]
         for start in range(0, xd.size, block):
-            a = np.abs(xd[start:start + block]).max()
-            e = err[start:start + block]
+            a = np.abs(xd[start : start + block]).max()
+            e = err[start : start + block]
             if a == 0:
-                assert np.all(yd[start:start + block] == 0)
+                assert np.all(yd[start : start + block] == 0)
                 continue
-            s = max(a / qmax, 2.0 ** -126)
-            assert e.max() <= s / 2 * (1 + 2.0 ** -16), (start, a, e.max(), s / 2)
-            assert np.abs(yd[start:start + block]).max() <= max(a, 2.0 ** -126 * qmax) * (1 + 2.0 ** -20)
+            s = max(a / qmax, 2.0**-126)
+            assert e.max() <= s / 2 * (1 + 2.0**-16), (start, a, e.max(), s / 2)
+            assert np.abs(yd[start : start + block]).max() <= max(a, 2.0**-126 * qmax) * (1 + 2.0**-20)
 
 
 def _roundtrip(name: str, x: torch.Tensor, block: int = 128) -> None:
@@ -76,8 +76,13 @@ def test_roundtrip_bound_arbitrary_floats(name, data):
 
 @pytest.mark.parametrize("name", CODEC_NAMES)
 @HYP
-@given(seed=st.integers(0, 2 ** 32 - 1), n=SIZES | st.sampled_from([20_000, 65_537]),
-       center=st.floats(-30, 30), spread=st.floats(0, 10), zero_frac=st.sampled_from([0.0, 0.1]))
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    n=SIZES | st.sampled_from([20_000, 65_537]),
+    center=st.floats(-30, 30),
+    spread=st.floats(0, 10),
+    zero_frac=st.sampled_from([0.0, 0.1]),
+)
 def test_roundtrip_bound_wide_magnitudes(name, seed, n, center, spread, zero_frac):
     """Log-uniform magnitudes within [1e-30, 1e30] (fp16: its finite range), random signs."""
     rng = np.random.default_rng(seed)
@@ -101,8 +106,7 @@ def test_zero_blocks_decode_to_exact_zeros(name):
 @pytest.mark.parametrize("name", BLOCK_CODECS)
 def test_block_codecs_take_any_finite_value(name):
     big = float(np.finfo(np.float32).max)
-    for x in (torch.tensor([big, -big, 1.0]), torch.tensor([1e-45, -1e-40, 0.0]),
-              torch.tensor([1e-38] * 3)):
+    for x in (torch.tensor([big, -big, 1.0]), torch.tensor([1e-45, -1e-40, 0.0]), torch.tensor([1e-38] * 3)):
         _roundtrip(name, x)
 
 
@@ -113,10 +117,11 @@ def test_largest_value_lands_on_qmax():
         x = torch.tensor([0.3, -1.7, 0.9, 1.1, 3e-7, 2e-7, -1e-7, 0.0])
         y = c.decode(c.encode(x), 8)
         s = y[1].abs() / qmax
-        assert float(s) <= 1.7 / qmax and float(s) > 1.7 / qmax * (1 - 2 ** -8)
+        assert float(s) <= 1.7 / qmax and float(s) > 1.7 / qmax * (1 - 2**-8)
 
 
 # -- sizes -------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("name", CODEC_NAMES)
 def test_encoded_size_exact(name):
@@ -124,8 +129,9 @@ def test_encoded_size_exact(name):
         c = get_codec(name, block)
         for n in (0, 1, 2, 3, 63, 64, 65, 127, 128, 129, 255, 256, 257, 1000, 4097):
             nb = -(-n // block)
-            expected = {"fp32": 4 * n, "fp16": 2 * n, "bf16": 2 * n,
-                        "int8": n + 2 * nb, "int4": (n + 1) // 2 + 2 * nb}[name]
+            expected = {"fp32": 4 * n, "fp16": 2 * n, "bf16": 2 * n, "int8": n + 2 * nb, "int4": (n + 1) // 2 + 2 * nb}[
+                name
+            ]
             assert c.encoded_size(n) == expected
             assert len(c.encode(torch.randn(n))) == expected
 
@@ -139,6 +145,7 @@ def test_payload_overhead_at_block_128():
 
 
 # -- validation --------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("name", CODEC_NAMES)
 def test_wrong_length_payload(name):
@@ -201,17 +208,20 @@ def test_bad_codes():
         c4.decode(bytes(p), 7)
 
 
-@pytest.mark.parametrize("name, patterns", [
-    ("fp32", (b"\x00\x00\xc0\x7f", b"\x00\x00\x80\x7f", b"\x00\x00\x80\xff")),
-    ("fp16", (b"\x00\x7c", b"\x00\xfc", b"\x00\x7e")),
-    ("bf16", (b"\x80\x7f", b"\x80\xff", b"\xc0\x7f")),
-])
+@pytest.mark.parametrize(
+    "name, patterns",
+    [
+        ("fp32", (b"\x00\x00\xc0\x7f", b"\x00\x00\x80\x7f", b"\x00\x00\x80\xff")),
+        ("fp16", (b"\x00\x7c", b"\x00\xfc", b"\x00\x7e")),
+        ("bf16", (b"\x80\x7f", b"\x80\xff", b"\xc0\x7f")),
+    ],
+)
 def test_float_payload_non_finite(name, patterns):
     c = get_codec(name)
     p = c.encode(torch.ones(5))
     w = len(patterns[0])
     for bad in patterns:
-        q = p[:2 * w] + bad + p[3 * w:]
+        q = p[: 2 * w] + bad + p[3 * w :]
         with pytest.raises(CodecError, match=rf"^{name} payload: expected finite values, got .* at index 2$"):
             c.decode(q, 5)
 
@@ -258,6 +268,7 @@ def test_get_codec_errors():
 
 # -- determinism -------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("name", CODEC_NAMES)
 def test_deterministic_across_threads_and_layout(name):
     c = get_codec(name)
@@ -282,6 +293,7 @@ def test_deterministic_across_threads_and_layout(name):
 
 
 # -- error feedback ----------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("name, small", [("int8", 1e-3), ("int4", 0.03)])
 def test_error_feedback_recovers_sub_step_signal(name, small):
@@ -357,8 +369,7 @@ def test_error_feedback_state_dict_round_trip():
     sd["f0"].add_(1.0)  # a copy: the live residual is unaffected
     for x in xs[4:]:
         assert torch.equal(ef.quantize_with_feedback("f0", x, c), ef2.quantize_with_feedback("f0", x, c))
-        assert torch.equal(ef.quantize_with_feedback("f1", x[:50], c),
-                           ef2.quantize_with_feedback("f1", x[:50], c))
+        assert torch.equal(ef.quantize_with_feedback("f1", x[:50], c), ef2.quantize_with_feedback("f1", x[:50], c))
     for k in ("f0", "f1"):
         assert torch.equal(ef.state_dict()[k], ef2.state_dict()[k])
     with pytest.raises(ValueError, match="non-finite"):

@@ -75,8 +75,12 @@ def _plain(node):
 
 
 def _structured(node) -> bool:
-    return isinstance(node, DictConfig) and not node._is_missing() and not node._is_none() \
+    return (
+        isinstance(node, DictConfig)
+        and not node._is_missing()
+        and not node._is_none()
         and dataclasses.is_dataclass(OmegaConf.get_type(node))
+    )
 
 
 def _owner(node: DictConfig, key: str) -> str:
@@ -158,8 +162,13 @@ def restatements(conf_dir: str = CONF):
             if not group:
                 _compare_stated(rel, body, _base(conf_dir, "", defaults), "", out, primary=True)
             elif is_global:
-                groups = [f"{k.split('/', 1)[1]}={v}" for e in defaults if isinstance(e, dict)
-                          for k, v in e.items() if k.startswith("override /")]
+                groups = [
+                    f"{k.split('/', 1)[1]}={v}"
+                    for e in defaults
+                    if isinstance(e, dict)
+                    for k, v in e.items()
+                    if k.startswith("override /")
+                ]
                 _compare_stated(rel, body, _compose(conf_dir, PRESET_APP, groups), "", out, primary=False)
             else:
                 _compare_stated(rel, body, _base(conf_dir, group, defaults), "", out, primary=False)
@@ -182,8 +191,10 @@ def _compare_stated(rel, body: dict, base: DictConfig, prefix: str, out, primary
         if value == before:
             out.append(f"conf/{rel}: {path}: {value!r} restates {_owner(base, key)}'s default: delete the line")
         elif primary:
-            out.append(f"conf/{rel}: {path}: {value!r} is a default stated in YAML: "
-                       f"it belongs in {_owner(base, key)} (now {before!r})")
+            out.append(
+                f"conf/{rel}: {path}: {value!r} is a default stated in YAML: "
+                f"it belongs in {_owner(base, key)} (now {before!r})"
+            )
 
 
 # --------------------------------------------------------------------------- the rule, enforced
@@ -216,8 +227,12 @@ def test_the_six_defaults_of_the_issue_are_the_readme_ones():
 
     fields = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
     assert (fields["steps"], fields["batch_size"]) == (300, 64)
-    assert (fields["eval_every"], fields["eval_batch_size"], fields["log_every"], fields["checkpoint_every"]) \
-        == (150, 512, 20, 150)
+    assert (fields["eval_every"], fields["eval_batch_size"], fields["log_every"], fields["checkpoint_every"]) == (
+        150,
+        512,
+        20,
+        150,
+    )
     assert OptimConfig().warmup_steps == 30
     with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
         assert "`make train-demo` trains one peer alone for 300 steps of batch 64" in " ".join(f.read().split())
@@ -274,8 +289,10 @@ def test_an_injected_restatement_or_unknown_key_is_named(conf_copy):
 
 
 def test_config_validation_imports_no_torch():
-    code = ("import sys, dtrain.config as c; c.OuterConfig(codec='int8'); "
-            "assert 'torch' not in sys.modules, 'dtrain.config imports torch'")
+    code = (
+        "import sys, dtrain.config as c; c.OuterConfig(codec='int8'); "
+        "assert 'torch' not in sys.modules, 'dtrain.config imports torch'"
+    )
     env = {**os.environ, "PYTHONPATH": REPO}
     subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=REPO)
 

@@ -156,8 +156,11 @@ def test_sigterm_leaves_gracefully(cluster):
 @pytest.mark.timeout(60)
 def test_failed_vote_retries_with_a_new_quorum_id(cluster):
     c = cluster.start_coordinator(min_peers=3)
-    peers = [cluster.start_peer("p0", 6), cluster.start_peer("p1", 6, "--fail-commit-at", "3"),
-             cluster.start_peer("p2", 6)]
+    peers = [
+        cluster.start_peer("p0", 6),
+        cluster.start_peer("p1", 6, "--fail-commit-at", "3"),
+        cluster.start_peer("p2", 6),
+    ]
     assert cluster.wait_exit(peers, 30) == [0, 0, 0], [p.stderr() for p in peers]
     retries = c.events("retry")
     assert [e["round"] for e in retries] == [3], retries

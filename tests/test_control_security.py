@@ -42,7 +42,7 @@ REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 TOKEN = "s3cret-Token_42"
 SCHEMA = "schema-0123456789abcdef"
-MB = 2 ** 20
+MB = 2**20
 Code = grpc.StatusCode
 
 
@@ -94,9 +94,21 @@ def coordinators(tmp_path):
         log = tmp_path / f"coordinator{n}.stderr"
         with open(log, "wb") as err:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "dtrain.cli.coordinator", f"state_dir={tmp_path / f'coord{n}'}",
-                 "host=127.0.0.1", "port=0", *overrides],
-                stdout=subprocess.PIPE, stderr=err, env=env, cwd=tmp_path, text=True)
+                [
+                    sys.executable,
+                    "-m",
+                    "dtrain.cli.coordinator",
+                    f"state_dir={tmp_path / f'coord{n}'}",
+                    "host=127.0.0.1",
+                    "port=0",
+                    *overrides,
+                ],
+                stdout=subprocess.PIPE,
+                stderr=err,
+                env=env,
+                cwd=tmp_path,
+                text=True,
+            )
         c = Coordinator(proc, "", log)
         started.append(c)
         line = _first_line(proc, 30.0)
@@ -121,8 +133,9 @@ def _md(token: Optional[str]) -> Tuple[Tuple[str, str], ...]:
 
 
 def _join_request(peer_id: str, incarnation: str = "inc-1") -> pb.JoinRequest:
-    return pb.JoinRequest(peer_id=peer_id, address="127.0.0.1:7001", schema_hash=SCHEMA, world_size=1,
-                          incarnation=incarnation)
+    return pb.JoinRequest(
+        peer_id=peer_id, address="127.0.0.1:7001", schema_hash=SCHEMA, world_size=1, incarnation=incarnation
+    )
 
 
 def _code(fn, *args, **kwargs) -> Code:
@@ -139,10 +152,20 @@ def _serving(address: str, tls: Optional[TLSConfig] = None, service: str = "") -
     return r.status == health_pb2.HealthCheckResponse.SERVING
 
 
-def _client(address: str, peer_id: str, token: str = "", tls: Optional[TLSConfig] = None,
-            region: str = "", port: int = 7001) -> CoordinatorClient:
-    return CoordinatorClient(address, peer_id, f"127.0.0.1:{port}", SCHEMA, world_size=2,
-                             region=region, token=token, tls=tls, rpc_timeout=5.0)
+def _client(
+    address: str, peer_id: str, token: str = "", tls: Optional[TLSConfig] = None, region: str = "", port: int = 7001
+) -> CoordinatorClient:
+    return CoordinatorClient(
+        address,
+        peer_id,
+        f"127.0.0.1:{port}",
+        SCHEMA,
+        world_size=2,
+        region=region,
+        token=token,
+        tls=tls,
+        rpc_timeout=5.0,
+    )
 
 
 def _cli_env(extra: Optional[dict]) -> dict:
@@ -153,8 +176,14 @@ def _cli_env(extra: Optional[dict]) -> dict:
 
 
 def _cli(args: List[str], cwd: Path, env: Optional[dict] = None, timeout: float = 60):
-    return subprocess.run([str(VENV_BIN / args[0]), *args[1:]], capture_output=True, text=True, cwd=cwd,
-                          env=_cli_env(env), timeout=timeout)
+    return subprocess.run(
+        [str(VENV_BIN / args[0]), *args[1:]],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=_cli_env(env),
+        timeout=timeout,
+    )
 
 
 def _cli_all(*runs, cwd: Path, timeout: float = 60) -> List[subprocess.CompletedProcess]:
@@ -162,8 +191,19 @@ def _cli_all(*runs, cwd: Path, timeout: float = 60) -> List[subprocess.Completed
     procs = []
     for args, env in runs:
         full = _cli_env(env)
-        procs.append((args, subprocess.Popen([str(VENV_BIN / args[0]), *args[1:]], stdout=subprocess.PIPE,
-                                             stderr=subprocess.PIPE, text=True, cwd=cwd, env=full)))
+        procs.append(
+            (
+                args,
+                subprocess.Popen(
+                    [str(VENV_BIN / args[0]), *args[1:]],
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                    cwd=cwd,
+                    env=full,
+                ),
+            )
+        )
     out = []
     try:
         for args, p in procs:
@@ -277,8 +317,11 @@ def test_tls(coordinators, cert_dirs, tmp_path):
             assert _code(pb_grpc.CoordinatorStub(ch).Status, pb.StatusRequest(), timeout=5) == Code.UNAVAILABLE
 
     # dtrain-status: works with tls.ca; without it: one line naming the address, exit 1
-    ok, r = _cli_all((["dtrain-status", f"coordinator={c.address}", f"tls.ca={good.ca_cert}"], None),
-                     (["dtrain-status", f"coordinator={c.address}", "timeout_s=5"], None), cwd=tmp_path)
+    ok, r = _cli_all(
+        (["dtrain-status", f"coordinator={c.address}", f"tls.ca={good.ca_cert}"], None),
+        (["dtrain-status", f"coordinator={c.address}", "timeout_s=5"], None),
+        cwd=tmp_path,
+    )
     assert ok.returncode == 0, ok.stderr
     assert "tls-peer" in ok.stdout
     assert r.returncode == 1, r.stdout + r.stderr
@@ -306,8 +349,19 @@ def test_mutual_tls(coordinators, cert_dirs, tmp_path):
         cl.close()
     bad, ok = _cli_all(
         (["dtrain-status", f"coordinator={c.address}", f"tls.ca={good.ca_cert}", "timeout_s=5"], None),
-        (["dtrain-status", f"coordinator={c.address}", f"tls.ca={good.ca_cert}", f"tls.cert={cert}",
-          f"tls.key={key}", "json=true"], None), cwd=tmp_path)
+        (
+            [
+                "dtrain-status",
+                f"coordinator={c.address}",
+                f"tls.ca={good.ca_cert}",
+                f"tls.cert={cert}",
+                f"tls.key={key}",
+                "json=true",
+            ],
+            None,
+        ),
+        cwd=tmp_path,
+    )
     assert bad.returncode == 1 and c.address in _one_error_line(bad, "dtrain-status")
     assert ok.returncode == 0, ok.stderr
     assert [m["peer_id"] for m in json.loads(ok.stdout)["members"]] == ["mtls-peer"]
@@ -329,8 +383,11 @@ def reflected_methods(channel: grpc.Channel, token: Optional[str]) -> List[Metho
     stub = reflection_pb2_grpc.ServerReflectionStub(channel)
 
     def ask(**kw):
-        replies = list(stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(**kw)]),
-                                                 metadata=_md(token), timeout=5))
+        replies = list(
+            stub.ServerReflectionInfo(
+                iter([reflection_pb2.ServerReflectionRequest(**kw)]), metadata=_md(token), timeout=5
+            )
+        )
         assert len(replies) == 1 and not replies[0].HasField("error_response"), replies
         return replies[0]
 
@@ -338,8 +395,10 @@ def reflected_methods(channel: grpc.Channel, token: Optional[str]) -> List[Metho
     added = set()
     out = []
     for svc in ask(list_services="").list_services_response.service:
-        files = [descriptor_pb2.FileDescriptorProto.FromString(b)
-                 for b in ask(file_containing_symbol=svc.name).file_descriptor_response.file_descriptor_proto]
+        files = [
+            descriptor_pb2.FileDescriptorProto.FromString(b)
+            for b in ask(file_containing_symbol=svc.name).file_descriptor_response.file_descriptor_proto
+        ]
         pending = [f for f in files if f.name not in added]
         while pending:  # dependencies first
             ready = [f for f in pending if all(d in added for d in f.dependency)]
@@ -350,16 +409,22 @@ def reflected_methods(channel: grpc.Channel, token: Optional[str]) -> List[Metho
             pending = [f for f in pending if f.name not in added]
         desc = pool.FindServiceByName(svc.name)
         for m in desc.methods:
-            out.append(Method(f"/{desc.full_name}/{m.name}", message_factory.GetMessageClass(m.input_type),
-                              m.client_streaming, m.server_streaming))
+            out.append(
+                Method(
+                    f"/{desc.full_name}/{m.name}",
+                    message_factory.GetMessageClass(m.input_type),
+                    m.client_streaming,
+                    m.server_streaming,
+                )
+            )
     return out
 
 
 _INTS = {  # boundary values per protobuf integer type
-    FieldDescriptor.TYPE_UINT32: [0, 1, 2, 7, 2 ** 31 - 1, 2 ** 31, 2 ** 32 - 1],
-    FieldDescriptor.TYPE_UINT64: [0, 1, 2, 3, 2 ** 32, 2 ** 53 + 1, 2 ** 63 - 1, 2 ** 63, 2 ** 64 - 1],
-    FieldDescriptor.TYPE_INT32: [0, 1, -1, 2 ** 31 - 1, -2 ** 31],
-    FieldDescriptor.TYPE_INT64: [0, 1, -1, 2 ** 63 - 1, -2 ** 63],
+    FieldDescriptor.TYPE_UINT32: [0, 1, 2, 7, 2**31 - 1, 2**31, 2**32 - 1],
+    FieldDescriptor.TYPE_UINT64: [0, 1, 2, 3, 2**32, 2**53 + 1, 2**63 - 1, 2**63, 2**64 - 1],
+    FieldDescriptor.TYPE_INT32: [0, 1, -1, 2**31 - 1, -(2**31)],
+    FieldDescriptor.TYPE_INT64: [0, 1, -1, 2**63 - 1, -(2**63)],
 }
 
 
@@ -368,11 +433,30 @@ def _random_string(rng: random.Random, known: List[str]) -> str:
     if pick < 0.35:
         return rng.choice(known)
     if pick < 0.5:
-        return rng.choice(["", " ", "\n", "x\n", "a" * 128, "a" * 129, "é" * 40, "\x00", "../../etc/passwd",
-                           "%s%n{0}", "[::1]:65536", "127.0.0.1:99999", "h:0", "\ud7ff\ue000", "🙂" * 10])
+        return rng.choice(
+            [
+                "",
+                " ",
+                "\n",
+                "x\n",
+                "a" * 128,
+                "a" * 129,
+                "é" * 40,
+                "\x00",
+                "../../etc/passwd",
+                "%s%n{0}",
+                "[::1]:65536",
+                "127.0.0.1:99999",
+                "h:0",
+                "\ud7ff\ue000",
+                "🙂" * 10,
+            ]
+        )
     n = rng.choice([1, 2, 8, 64, 300, 5000])
-    return "".join(chr(rng.choice([rng.randrange(32, 127), rng.randrange(0x80, 0xD800),
-                                   rng.randrange(0xE000, 0x110000)])) for _ in range(n))
+    return "".join(
+        chr(rng.choice([rng.randrange(32, 127), rng.randrange(0x80, 0xD800), rng.randrange(0xE000, 0x110000)]))
+        for _ in range(n)
+    )
 
 
 def random_message(cls, rng: random.Random, known: List[str], depth: int = 0):
@@ -387,8 +471,7 @@ def random_message(cls, rng: random.Random, known: List[str], depth: int = 0):
                 if depth >= 3:
                     break
                 sub = random_message(message_factory.GetMessageClass(f.message_type), rng, known, depth + 1)
-                (getattr(msg, f.name).add().CopyFrom(sub) if f.is_repeated
-                 else getattr(msg, f.name).CopyFrom(sub))
+                (getattr(msg, f.name).add().CopyFrom(sub) if f.is_repeated else getattr(msg, f.name).CopyFrom(sub))
                 continue
             if f.type == FieldDescriptor.TYPE_STRING:
                 v = _random_string(rng, known)
@@ -397,7 +480,7 @@ def random_message(cls, rng: random.Random, known: List[str], depth: int = 0):
             elif f.type == FieldDescriptor.TYPE_BOOL:
                 v = rng.random() < 0.5
             elif f.type == FieldDescriptor.TYPE_ENUM:
-                v = rng.choice([0, 1, 2, 3, 99, 2 ** 31 - 1, -1])
+                v = rng.choice([0, 1, 2, 3, 99, 2**31 - 1, -1])
             elif f.type in _INTS:
                 v = rng.choice(_INTS[f.type])
             elif f.type in (FieldDescriptor.TYPE_FLOAT, FieldDescriptor.TYPE_DOUBLE):
@@ -435,8 +518,7 @@ def fuzz_inputs(m: Method, rng: random.Random, known: List[str], limit: int) -> 
     inputs += typed + [_mutate(rng.choice(typed), rng) for _ in range(6)]
     # huge but under the limit: a typed message with one long string (or bytes), and raw noise
     big = m.request()
-    text = [f for f in m.request.DESCRIPTOR.fields
-            if f.type == FieldDescriptor.TYPE_STRING and not f.is_repeated]
+    text = [f for f in m.request.DESCRIPTOR.fields if f.type == FieldDescriptor.TYPE_STRING and not f.is_repeated]
     if text:
         setattr(big, text[0].name, "z" * (limit - 4096))
         inputs.append(big.SerializeToString())
@@ -445,8 +527,9 @@ def fuzz_inputs(m: Method, rng: random.Random, known: List[str], limit: int) -> 
     return inputs
 
 
-def raw_call(channel: grpc.Channel, m: Method, data: bytes, token: Optional[str],
-             timeout: float = 3.0) -> Tuple[Code, str]:
+def raw_call(
+    channel: grpc.Channel, m: Method, data: bytes, token: Optional[str], timeout: float = 3.0
+) -> Tuple[Code, str]:
     """Send ``data`` as the (only) request message; the status, or OK on a first response message."""
     kw = dict(request_serializer=None, response_deserializer=None)
     md = _md(token)
@@ -481,20 +564,38 @@ def _parse_failure(code: Code, details: str) -> bool:
 # class answers UNIMPLEMENTED (and grpc logs the NotImplementedError) -- a clean refusal, not a crash.
 UNIMPLEMENTED_UPSTREAM = {"/grpc.health.v1.Health/List"}
 
-_HANDLED = {Code.OK, Code.INVALID_ARGUMENT, Code.FAILED_PRECONDITION, Code.ALREADY_EXISTS, Code.ABORTED,
-            Code.PERMISSION_DENIED, Code.NOT_FOUND, Code.OUT_OF_RANGE, Code.RESOURCE_EXHAUSTED,
-            Code.DEADLINE_EXCEEDED}
+_HANDLED = {
+    Code.OK,
+    Code.INVALID_ARGUMENT,
+    Code.FAILED_PRECONDITION,
+    Code.ALREADY_EXISTS,
+    Code.ABORTED,
+    Code.PERMISSION_DENIED,
+    Code.NOT_FOUND,
+    Code.OUT_OF_RANGE,
+    Code.RESOURCE_EXHAUSTED,
+    Code.DEADLINE_EXCEEDED,
+}
 
 
 @pytest.mark.timeout(120)
 def test_fuzz_every_method(coordinators):
     limit = MB
-    c = coordinators(f"auth.token={TOKEN}", f"schema_hash={SCHEMA}", "max_message_mb=1", "max_wait_s=0.2",
-                     "grace_s=0.1")
+    c = coordinators(
+        f"auth.token={TOKEN}", f"schema_hash={SCHEMA}", "max_message_mb=1", "max_wait_s=0.2", "grace_s=0.1"
+    )
     member = _client(c.address, "fz-member", token=TOKEN)
     member.join(timeout=5)
-    known = ["fz-member", member.incarnation, SCHEMA, "127.0.0.1:7001", "fz-other", "dtrain.v1.Coordinator",
-             "grpc.health.v1.Health", "dtrain/v1/dtrain.proto"]
+    known = [
+        "fz-member",
+        member.incarnation,
+        SCHEMA,
+        "127.0.0.1:7001",
+        "fz-other",
+        "dtrain.v1.Coordinator",
+        "grpc.health.v1.Health",
+        "dtrain/v1/dtrain.proto",
+    ]
     ch = _channel(c.address, max_mb=8)  # sends past the server's limit, so the server must refuse
     try:
         methods = reflected_methods(ch, TOKEN)
@@ -514,13 +615,17 @@ def test_fuzz_every_method(coordinators):
                     calls += 1
                     what = f"{m.path} token={'yes' if token else 'no'} {len(data)} bytes {data[:24]!r}"
                     if len(data) > limit:  # without a token the refusal may come before the size check
-                        ok = code == Code.RESOURCE_EXHAUSTED or (code == Code.UNAUTHENTICATED and token is None
-                                                                 and not open_method)
+                        ok = code == Code.RESOURCE_EXHAUSTED or (
+                            code == Code.UNAUTHENTICATED and token is None and not open_method
+                        )
                     elif token is None and not open_method:
                         ok = code == Code.UNAUTHENTICATED
                     else:
-                        ok = (code in _HANDLED or _parse_failure(code, details)
-                              or (code == Code.UNIMPLEMENTED and m.path in UNIMPLEMENTED_UPSTREAM))
+                        ok = (
+                            code in _HANDLED
+                            or _parse_failure(code, details)
+                            or (code == Code.UNIMPLEMENTED and m.path in UNIMPLEMENTED_UPSTREAM)
+                        )
                     if not ok:
                         problems.append(f"{what} -> {code.name}: {details[:200]}")
                 assert c.proc.poll() is None, f"the coordinator died during {m.path}:\n{c.stderr()[-3000:]}"
@@ -539,8 +644,11 @@ def test_fuzz_every_method(coordinators):
         assert "after-fuzz" in [x.peer_id for x in s.members] and s.schema_hash == SCHEMA
     # no handler raised anything but a parse error of the request
     log = c.stderr()
-    raised = {(exc, path) for exc, path in re.findall(r"Unexpected \[(\w+)\] raised by servicer method \[(\S+)\]", log)
-              if exc != "DecodeError" and not (exc == "NotImplementedError" and path in UNIMPLEMENTED_UPSTREAM)}
+    raised = {
+        (exc, path)
+        for exc, path in re.findall(r"Unexpected \[(\w+)\] raised by servicer method \[(\S+)\]", log)
+        if exc != "DecodeError" and not (exc == "NotImplementedError" and path in UNIMPLEMENTED_UPSTREAM)
+    }
     assert not raised, f"handlers raised {sorted(raised)}:\n{log[-3000:]}"
     for marker in ("Task exception was never retrieved", "Exception in callback", "Fatal Python error"):
         assert marker not in log, log[-3000:]
@@ -557,10 +665,11 @@ def test_reflection_can_be_switched_off(coordinators):
         stub = reflection_pb2_grpc.ServerReflectionStub(ch)
         req = reflection_pb2.ServerReflectionRequest(list_services="")
         for token in (TOKEN, None):
-            assert _code(lambda token=token: list(stub.ServerReflectionInfo(iter([req]), metadata=_md(token),
-                                                                            timeout=5))) == Code.UNIMPLEMENTED
-        assert _code(pb_grpc.CoordinatorStub(ch).Status, pb.StatusRequest(), metadata=_md(TOKEN),
-                     timeout=5) == Code.OK
+            assert (
+                _code(lambda token=token: list(stub.ServerReflectionInfo(iter([req]), metadata=_md(token), timeout=5)))
+                == Code.UNIMPLEMENTED
+            )
+        assert _code(pb_grpc.CoordinatorStub(ch).Status, pb.StatusRequest(), metadata=_md(TOKEN), timeout=5) == Code.OK
     assert _serving(c.address)
 
 
@@ -591,8 +700,10 @@ def _status_in_process(capsys, monkeypatch, argv: List[str]) -> subprocess.Compl
 @pytest.mark.timeout(90)
 def test_dtrain_status(coordinators, tmp_path, capsys, monkeypatch):
     c = coordinators(f"auth.token={TOKEN}", "min_peers=2", "grace_s=0.1")
-    peers = [_client(c.address, "peer-a", token=TOKEN, region="eu", port=7001),
-             _client(c.address, "peer-b", token=TOKEN, port=7002)]
+    peers = [
+        _client(c.address, "peer-a", token=TOKEN, region="eu", port=7001),
+        _client(c.address, "peer-b", token=TOKEN, port=7002),
+    ]
     results = {}
 
     def one_round(cl: CoordinatorClient) -> None:
@@ -612,9 +723,11 @@ def test_dtrain_status(coordinators, tmp_path, capsys, monkeypatch):
 
         cwd = tmp_path / "cwd"
         cwd.mkdir()
-        r, rj = _cli_all((["dtrain-status", f"coordinator={c.address}", f"auth.token={TOKEN}"], None),
-                         (["dtrain-status", f"coordinator={c.address}", "json=true"], {"DTRAIN_TOKEN": TOKEN}),
-                         cwd=cwd)
+        r, rj = _cli_all(
+            (["dtrain-status", f"coordinator={c.address}", f"auth.token={TOKEN}"], None),
+            (["dtrain-status", f"coordinator={c.address}", "json=true"], {"DTRAIN_TOKEN": TOKEN}),
+            cwd=cwd,
+        )
         assert r.returncode == 0, r.stderr
         lines = r.stdout.splitlines()
         header = lines[0]
@@ -666,8 +779,16 @@ def test_dtrain_certs(tmp_path):
 
     cwd = tmp_path / "cwd"
     cwd.mkdir()
-    r = _cli(["dtrain-certs", "out_dir=certs", "hosts=[localhost,127.0.0.1,coord.example.org]",
-              "clients=[client,alice]", "days=30"], cwd=cwd)
+    r = _cli(
+        [
+            "dtrain-certs",
+            "out_dir=certs",
+            "hosts=[localhost,127.0.0.1,coord.example.org]",
+            "clients=[client,alice]",
+            "days=30",
+        ],
+        cwd=cwd,
+    )
     assert r.returncode == 0, r.stderr
     out = cwd / "certs"
     assert sorted(p.name for p in cwd.iterdir()) == ["certs"], "dtrain-certs left files behind"

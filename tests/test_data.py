@@ -131,8 +131,8 @@ def test_text_val_windows_cover_once(text):
         x, y = _all(split)
         n = len(split)
         data = split.data.long()
-        assert torch.equal(x.flatten(), data[:n * seq])  # non-overlapping, contiguous, from byte 0
-        assert torch.equal(y.flatten(), data[1:n * seq + 1])
+        assert torch.equal(x.flatten(), data[: n * seq])  # non-overlapping, contiguous, from byte 0
+        assert torch.equal(y.flatten(), data[1 : n * seq + 1])
         assert len(data) - 1 - n * seq < seq  # fewer than one window of targets left over
 
 

@@ -18,10 +18,31 @@ from conftest import FAST_MBV3, REPO
 
 pytestmark = pytest.mark.timeout(300)
 
-COMMON = [*FAST_MBV3, "batch_size=16", "calib_batches=2", "calib_batch_size=16", "eval_every=0",
-          "checkpoint_every=0", "logger.progress=off", "threads=1"]
-ROUND_FIELDS = {"kind", "round", "quorum_id", "quorum_size", "members", "state_hash", "bytes_sent", "bytes_recv",
-                "round_s", "compute_s", "comm_s", "wait_s", "codec"}
+COMMON = [
+    *FAST_MBV3,
+    "batch_size=16",
+    "calib_batches=2",
+    "calib_batch_size=16",
+    "eval_every=0",
+    "checkpoint_every=0",
+    "logger.progress=off",
+    "threads=1",
+]
+ROUND_FIELDS = {
+    "kind",
+    "round",
+    "quorum_id",
+    "quorum_size",
+    "members",
+    "state_hash",
+    "bytes_sent",
+    "bytes_recv",
+    "round_s",
+    "compute_s",
+    "comm_s",
+    "wait_s",
+    "codec",
+}
 
 
 @pytest.fixture
@@ -31,9 +52,22 @@ def cluster(tmp_path):
 
     def coordinator(*args, name="coord"):
         out = open(tmp_path / f"{name}.out", "w")
-        p = subprocess.Popen([sys.executable, "-m", "dtrain.cli.coordinator", f"state_dir={tmp_path / name}",
-                              "port=0", "grace_s=1", "lease_timeout_s=10", *args], stdout=out,
-                             stderr=open(tmp_path / f"{name}.err", "w"), cwd=REPO, env=env)
+        p = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "dtrain.cli.coordinator",
+                f"state_dir={tmp_path / name}",
+                "port=0",
+                "grace_s=1",
+                "lease_timeout_s=10",
+                *args,
+            ],
+            stdout=out,
+            stderr=open(tmp_path / f"{name}.err", "w"),
+            cwd=REPO,
+            env=env,
+        )
         procs.append(p)
         deadline = time.time() + 60
         while time.time() < deadline:
@@ -45,13 +79,25 @@ def cluster(tmp_path):
         raise AssertionError("coordinator did not start")
 
     def peer(name, address, *overrides, nproc=1, extra_env=None):
-        cmd = [sys.executable, "-m", "dtrain.cli.train", f"run_dir={tmp_path / name}", f"peer_id={name}",
-               f"control.coordinator={address}", *COMMON, *overrides]
+        cmd = [
+            sys.executable,
+            "-m",
+            "dtrain.cli.train",
+            f"run_dir={tmp_path / name}",
+            f"peer_id={name}",
+            f"control.coordinator={address}",
+            *COMMON,
+            *overrides,
+        ]
         if nproc > 1:
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-                   *cmd[1:]]
-        p = subprocess.Popen(cmd, stdout=open(tmp_path / f"{name}.log", "a"), stderr=subprocess.STDOUT,
-                             cwd=REPO, env={**env, **(extra_env or {})})
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *cmd[1:]]
+        p = subprocess.Popen(
+            cmd,
+            stdout=open(tmp_path / f"{name}.log", "a"),
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+            env={**env, **(extra_env or {})},
+        )
         procs.append(p)
         return p
 
@@ -94,8 +140,14 @@ def test_mixed_world_sizes_with_overlap_on_gloo(cluster):
     """A 2-rank torchrun peer and a 1-rank peer; gloo outer collective; tau = 1."""
     tmp_path, coordinator, peer = cluster
     address = coordinator("min_peers=2", "gloo_store=true")
-    args = ["outer=diloco", "outer.backend=gloo", "outer.codec=int8", "outer.sync_every=4",
-            "outer.overlap_steps=1", "steps=12"]
+    args = [
+        "outer=diloco",
+        "outer.backend=gloo",
+        "outer.codec=int8",
+        "outer.sync_every=4",
+        "outer.overlap_steps=1",
+        "steps=12",
+    ]
     peers = {"two": peer("two", address, *args, nproc=2), "one": peer("one", address, *args)}
     _finish(tmp_path, peers)
     rounds = _rounds(tmp_path, peers)
@@ -175,8 +227,12 @@ def test_round_committed_just_before_its_only_member_dies_is_not_lost(cluster):
     tmp_path, coordinator, peer = cluster
     address = coordinator("min_peers=1", "grace_s=0.2")
     args = ("outer=diloco", "outer.sync_every=2", "steps=8")
-    p = peer("solo", address, *args,
-             extra_env={"DTRAIN_FAULT_PLUGIN": fault_plugin.PLUGIN, "DTRAIN_FAULT_EXIT_AFTER_COMMIT": "1"})
+    p = peer(
+        "solo",
+        address,
+        *args,
+        extra_env={"DTRAIN_FAULT_PLUGIN": fault_plugin.PLUGIN, "DTRAIN_FAULT_EXIT_AFTER_COMMIT": "1"},
+    )
     assert p.wait(120) == 137, (tmp_path / "solo.log").read_text()[-3000:]
     state = json.load(open(tmp_path / "coord" / "state.json"))
     assert state["committed_round"] == 2
@@ -189,8 +245,9 @@ def test_round_committed_just_before_its_only_member_dies_is_not_lost(cluster):
     assert [r["round"] for r in _records(tmp_path / "solo", "round")] == [0, 2, 3]
     assert json.load(open(tmp_path / "coord" / "state.json"))["committed_round"] == 4
     # the state it recovered is the one the coordinator committed round 2 from
-    commits = {e["round"]: e for e in map(json.loads, open(tmp_path / "coord" / "events.jsonl"))
-               if e["event"] == "commit"}
+    commits = {
+        e["round"]: e for e in map(json.loads, open(tmp_path / "coord" / "events.jsonl")) if e["event"] == "commit"
+    }
     assert commits[2]["state_hash"] == heals[0]["state_hash"]
 
 

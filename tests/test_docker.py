@@ -63,8 +63,15 @@ class Procs:
 
     def start(self, name, argv, env, stdout=None) -> subprocess.Popen:
         err = open(self.dir / f"{name}.err", "w")
-        p = subprocess.Popen(argv, env=env, cwd=str(self.dir), stdin=subprocess.DEVNULL,
-                             stdout=stdout or err, stderr=err, start_new_session=True)
+        p = subprocess.Popen(
+            argv,
+            env=env,
+            cwd=str(self.dir),
+            stdin=subprocess.DEVNULL,
+            stdout=stdout or err,
+            stderr=err,
+            start_new_session=True,
+        )
         p.name, p.err_path, p._err = name, str(self.dir / f"{name}.err"), err
         self.started.append(p)
         return p
@@ -130,12 +137,19 @@ def test_compose_file_structure():
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.skipif(shutil.which("docker-compose") is None,
-                    reason="no docker-compose binary (apt install docker-compose)")
+@pytest.mark.skipif(
+    shutil.which("docker-compose") is None, reason="no docker-compose binary (apt install docker-compose)"
+)
 def test_compose_config_validates_and_takes_the_environment(tmp_path):
     env = {**os.environ, "NETEM_DELAY_MS": "123", "CHAOS_SEED": "7", "PEERS": "3", "DTRAIN_TOKEN": "s3cret"}
-    p = subprocess.run(["docker-compose", "-f", COMPOSE, "config"], capture_output=True, text=True, timeout=50,
-                       env=env, cwd=str(tmp_path))
+    p = subprocess.run(
+        ["docker-compose", "-f", COMPOSE, "config"],
+        capture_output=True,
+        text=True,
+        timeout=50,
+        env=env,
+        cwd=str(tmp_path),
+    )
     assert p.returncode == 0, p.stderr
     svc = yaml.safe_load(p.stdout)["services"]
     assert str(svc["peer"]["environment"]["NETEM_DELAY_MS"]) == "123"
@@ -165,8 +179,9 @@ def test_dockerfile_shape():
 
 
 def entry(*args, **env):
-    return subprocess.run([sys.executable, ENTRYPOINT, *args], capture_output=True, text=True, timeout=30,
-                          env=base_env(**env))
+    return subprocess.run(
+        [sys.executable, ENTRYPOINT, *args], capture_output=True, text=True, timeout=30, env=base_env(**env)
+    )
 
 
 def test_entrypoint_refuses_bad_values(tmp_path):
@@ -180,32 +195,72 @@ def test_entrypoint_refuses_bad_values(tmp_path):
     bad = entry("coordinator", DTRAIN_PORT="70000", DTRAIN_CERTS_DIR=tmp_path)
     assert bad.returncode == 2 and "DTRAIN_PORT='70000' is not allowed: an integer in 0..65535" in bad.stderr
     bad = entry("worker")
-    assert bad.returncode == 2 and "role 'worker' is not allowed: choose one of certs, coordinator, peer, chaos, " \
-        "status" in bad.stderr
-    late = entry("coordinator", DTRAIN_CERTS_DIR=tmp_path / "none", DTRAIN_WAIT_S="0.2",
-                 DTRAIN_HEALTH_FILE=tmp_path / "h.json")
+    assert (
+        bad.returncode == 2
+        and "role 'worker' is not allowed: choose one of certs, coordinator, peer, chaos, status" in bad.stderr
+    )
+    late = entry(
+        "coordinator", DTRAIN_CERTS_DIR=tmp_path / "none", DTRAIN_WAIT_S="0.2", DTRAIN_HEALTH_FILE=tmp_path / "h.json"
+    )
     assert late.returncode == 1 and "no certificates in" in late.stderr
 
 
 def test_netem_command():
     assert netem.netem_command({"NETEM": "off", "NETEM_DELAY_MS": "50"}) is None
     assert netem.netem_command({}) is None  # nothing to shape
-    cmd = netem.netem_command({"NETEM_DELAY_MS": "40", "NETEM_JITTER_MS": "5", "NETEM_LOSS_PCT": "0.5",
-                               "NETEM_RATE_MBIT": "100", "NETEM_DEV": "eth1"})
-    assert cmd == ["tc", "qdisc", "replace", "dev", "eth1", "root", "netem", "limit", "10000",
-                   "delay", "40ms", "5ms", "loss", "0.5%", "rate", "100mbit"]
+    cmd = netem.netem_command(
+        {
+            "NETEM_DELAY_MS": "40",
+            "NETEM_JITTER_MS": "5",
+            "NETEM_LOSS_PCT": "0.5",
+            "NETEM_RATE_MBIT": "100",
+            "NETEM_DEV": "eth1",
+        }
+    )
+    assert cmd == [
+        "tc",
+        "qdisc",
+        "replace",
+        "dev",
+        "eth1",
+        "root",
+        "netem",
+        "limit",
+        "10000",
+        "delay",
+        "40ms",
+        "5ms",
+        "loss",
+        "0.5%",
+        "rate",
+        "100mbit",
+    ]
     assert netem.netem_command({"NETEM_RATE_MBIT": "10"})[-2:] == ["rate", "10mbit"]
-    for env, msg in [({"NETEM_LOSS_PCT": "150"}, "NETEM_LOSS_PCT='150' is not allowed: a number in 0..100"),
-                     ({"NETEM_JITTER_MS": "5"}, "NETEM_JITTER_MS='5' is not allowed without a delay"),
-                     ({"NETEM": "maybe"}, "NETEM='maybe' is not allowed: on or off"),
-                     ({"NETEM_DEV": "eth0; rm"}, "NETEM_DEV='eth0; rm' is not allowed")]:
+    for env, msg in [
+        ({"NETEM_LOSS_PCT": "150"}, "NETEM_LOSS_PCT='150' is not allowed: a number in 0..100"),
+        ({"NETEM_JITTER_MS": "5"}, "NETEM_JITTER_MS='5' is not allowed without a delay"),
+        ({"NETEM": "maybe"}, "NETEM='maybe' is not allowed: on or off"),
+        ({"NETEM_DEV": "eth0; rm"}, "NETEM_DEV='eth0; rm' is not allowed"),
+    ]:
         with pytest.raises(EnvError, match=msg.replace("(", r"\(").replace(")", r"\)")):
             netem.netem_command(env)
 
 
-PEER_ARGS = [*FAST_MBV3, "batch_size=16", "eval_batch_size=128", "calib_batches=2", "calib_batch_size=16",
-             "log_every=1", "logger.progress=off", "threads=1", "steps=6", "outer.sync_every=2", "eval_every=0",
-             "checkpoint_every=0", "eval_archs=[max]"]
+PEER_ARGS = [
+    *FAST_MBV3,
+    "batch_size=16",
+    "eval_batch_size=128",
+    "calib_batches=2",
+    "calib_batch_size=16",
+    "log_every=1",
+    "logger.progress=off",
+    "threads=1",
+    "steps=6",
+    "outer.sync_every=2",
+    "eval_every=0",
+    "checkpoint_every=0",
+    "eval_archs=[max]",
+]
 
 
 @pytest.mark.timeout(150)
@@ -227,10 +282,20 @@ def test_roles_as_processes_certs_coordinator_two_peers(tmp_path, procs, monkeyp
     assert again.returncode == 0 and "nothing to do" in again.stderr
     assert (certs / "token").read_text().strip() == token
 
-    coord = procs.start("coordinator", [sys.executable, ENTRYPOINT, "coordinator"], base_env(
-        **common, DTRAIN_STATE_DIR=tmp_path / "state", DTRAIN_HOST="127.0.0.1", DTRAIN_PORT=0, DTRAIN_MIN_PEERS=2,
-        DTRAIN_HEALTH_FILE=tmp_path / "coordinator-health.json",
-        DTRAIN_COORDINATOR_ARGS="lease_timeout_s=3 heartbeat_interval_s=0.5 grace_s=0.5"), stdout=subprocess.PIPE)
+    coord = procs.start(
+        "coordinator",
+        [sys.executable, ENTRYPOINT, "coordinator"],
+        base_env(
+            **common,
+            DTRAIN_STATE_DIR=tmp_path / "state",
+            DTRAIN_HOST="127.0.0.1",
+            DTRAIN_PORT=0,
+            DTRAIN_MIN_PEERS=2,
+            DTRAIN_HEALTH_FILE=tmp_path / "coordinator-health.json",
+            DTRAIN_COORDINATOR_ARGS="lease_timeout_s=3 heartbeat_interval_s=0.5 grace_s=0.5",
+        ),
+        stdout=subprocess.PIPE,
+    )
     line = coord.stdout.readline().decode()
     assert line.startswith("coordinator listening on 127.0.0.1:"), procs.stderr(coord)
     address = line.split()[-1]
@@ -238,18 +303,38 @@ def test_roles_as_processes_certs_coordinator_two_peers(tmp_path, procs, monkeyp
     peers = {}
     for pid in ("a", "b"):
         port = free_port()
-        peers[pid] = procs.start(f"peer-{pid}", [sys.executable, ENTRYPOINT, "peer"], base_env(
-            **common, DTRAIN_PEER_ID=pid, DTRAIN_RUNS_DIR=tmp_path / "runs", DTRAIN_COORDINATOR=address,
-            DTRAIN_BIND_HOST="127.0.0.1", DTRAIN_DATA_PORT=port, DTRAIN_HEALTH_FILE=tmp_path / f"{pid}-health.json",
-            DTRAIN_PEER_ARGS=shlex.join(PEER_ARGS), OMP_NUM_THREADS=1))
+        peers[pid] = procs.start(
+            f"peer-{pid}",
+            [sys.executable, ENTRYPOINT, "peer"],
+            base_env(
+                **common,
+                DTRAIN_PEER_ID=pid,
+                DTRAIN_RUNS_DIR=tmp_path / "runs",
+                DTRAIN_COORDINATOR=address,
+                DTRAIN_BIND_HOST="127.0.0.1",
+                DTRAIN_DATA_PORT=port,
+                DTRAIN_HEALTH_FILE=tmp_path / f"{pid}-health.json",
+                DTRAIN_PEER_ARGS=shlex.join(PEER_ARGS),
+                OMP_NUM_THREADS=1,
+            ),
+        )
 
     # while the peers start: the healthcheck, live coordinator (TLS) and a closed port
-    hc = [sys.executable, HEALTHCHECK, "--address", address, "--tls-ca", str(certs / "ca.pem"),
-          "--server-name", "dtrain"]
+    hc = [
+        sys.executable,
+        HEALTHCHECK,
+        "--address",
+        address,
+        "--tls-ca",
+        str(certs / "ca.pem"),
+        "--server-name",
+        "dtrain",
+    ]
     ok = subprocess.run(hc, capture_output=True, text=True, timeout=30)
     assert ok.returncode == 0 and "SERVING" in ok.stdout, ok.stdout + ok.stderr
-    closed = subprocess.run(hc[:3] + [f"127.0.0.1:{free_port()}", "--timeout", "1"], capture_output=True,
-                            text=True, timeout=30)
+    closed = subprocess.run(
+        hc[:3] + [f"127.0.0.1:{free_port()}", "--timeout", "1"], capture_output=True, text=True, timeout=30
+    )
     assert closed.returncode == 1 and "unhealthy" in closed.stdout
     # TLS and the token are on: without the token the coordinator refuses
     tls = TLSConfig(ca=str(certs / "ca.pem"), server_name="dtrain")
@@ -269,8 +354,9 @@ def test_roles_as_processes_certs_coordinator_two_peers(tmp_path, procs, monkeyp
 
     def progress():
         for p in (coord, *peers.values()):
-            assert p.poll() is None or (p in peers.values() and p.returncode == 0), \
+            assert p.poll() is None or (p in peers.values() and p.returncode == 0), (
                 f"{p.name} exited {p.returncode}:\n{procs.stderr(p)[-3000:]}"
+            )
         if not peer_healthy and peers["a"].poll() is None and healthcheck.main(["--timeout", "1"]) == 0:
             peer_healthy.append(True)
         return all(len(rounds(pid)) >= 1 for pid in peers)
@@ -339,7 +425,7 @@ class FakeHandler(http.server.BaseHTTPRequestHandler):
     def parse(self):
         u = urllib.parse.urlparse(self.path)
         assert u.path.startswith("/v1.41/"), u.path
-        return u.path[len("/v1.41"):], dict(urllib.parse.parse_qsl(u.query))
+        return u.path[len("/v1.41") :], dict(urllib.parse.parse_qsl(u.query))
 
     def do_GET(self):
         path, q = self.parse()
@@ -368,8 +454,9 @@ class FakeHandler(http.server.BaseHTTPRequestHandler):
             c = next((c for c in srv.containers if c["Id"] == cid), None)
             if c is None:
                 return self.reply(404, {"message": f"No such container: {cid}"})
-            new = {"stop": "exited", "kill": "exited", "start": "running", "pause": "paused",
-                   "unpause": "running"}[action]
+            new = {"stop": "exited", "kill": "exited", "start": "running", "pause": "paused", "unpause": "running"}[
+                action
+            ]
             if c["State"] == new:
                 return self.reply(304)
             c["State"] = new
@@ -377,8 +464,12 @@ class FakeHandler(http.server.BaseHTTPRequestHandler):
 
 
 def container(name, service="peer", project="proj", state="running"):
-    return {"Id": f"id-{name}", "Names": ["/" + name], "State": state,
-            "Labels": {"com.docker.compose.project": project, "com.docker.compose.service": service}}
+    return {
+        "Id": f"id-{name}",
+        "Names": ["/" + name],
+        "State": state,
+        "Labels": {"com.docker.compose.project": project, "com.docker.compose.service": service},
+    }
 
 
 @pytest.fixture
@@ -410,13 +501,15 @@ PEERS3 = ["proj-peer-1", "proj-peer-2", "proj-peer-3"]
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("action,verbs", [("stop", ("stop", "start")), ("kill", ("kill", "start")),
-                                          ("pause", ("pause", "unpause"))])
+@pytest.mark.parametrize(
+    "action,verbs", [("stop", ("stop", "start")), ("kill", ("kill", "start")), ("pause", ("pause", "unpause"))]
+)
 def test_chaos_takes_down_seeded_victims_and_brings_them_back(fake_docker, action, verbs):
     others = [container("proj-coordinator-1", service="coordinator"), container("other-peer-1", project="other")]
     srv = fake_docker([container(n) for n in PEERS3] + others)
-    p = run_chaos(srv, CHAOS_SEED=11, CHAOS_EVERY_S="[0.1,0.2]", CHAOS_DOWN_S=0.01, CHAOS_MAX_ACTIONS=3,
-                  CHAOS_ACTION=action)
+    p = run_chaos(
+        srv, CHAOS_SEED=11, CHAOS_EVERY_S="[0.1,0.2]", CHAOS_DOWN_S=0.01, CHAOS_MAX_ACTIONS=3, CHAOS_ACTION=action
+    )
     assert p.returncode == 0, p.stderr
     posts = [(path.split("/")[2], path.split("/")[3], q) for m, path, q in srv.calls if m == "POST"]
     # every victim is back before the next action: the seeded pick among all three each time
@@ -428,8 +521,11 @@ def test_chaos_takes_down_seeded_victims_and_brings_them_back(fake_docker, actio
     if action == "kill":
         assert posts[0][2] == {"signal": "SIGKILL"}
     lists = [q for m, path, q in srv.calls if path == "/containers/json"]
-    assert lists and all(sorted(json.loads(q["filters"])["label"]) == [
-        "com.docker.compose.project=proj", "com.docker.compose.service=peer"] for q in lists)
+    assert lists and all(
+        sorted(json.loads(q["filters"])["label"])
+        == ["com.docker.compose.project=proj", "com.docker.compose.service=peer"]
+        for q in lists
+    )
     assert all(c["State"] == "running" for c in srv.containers)
     assert p.stdout.count(f"s] {verbs[0]} proj-peer-") == 3 and p.stdout.count(f"s] {verbs[1]} proj-peer-") == 3
 
@@ -443,10 +539,21 @@ def test_chaos_keeps_min_alive_and_restores_on_sigterm(fake_docker):
     assert not [c for c in srv.calls if c[1].endswith("/json") and c[1] != "/containers/json"]  # no inspect
 
     # a victim that is down when chaos is told to stop is brought back before it exits
-    e = base_env(DOCKER_HOST=f"unix://{srv.server_address}", CHAOS_START_AFTER_S=0, CHAOS_EVERY_S="0.05",
-                 CHAOS_DOWN_S=600, CHAOS_MIN_ALIVE=1)
-    proc = subprocess.Popen([sys.executable, CHAOS], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=e, start_new_session=True)
+    e = base_env(
+        DOCKER_HOST=f"unix://{srv.server_address}",
+        CHAOS_START_AFTER_S=0,
+        CHAOS_EVERY_S="0.05",
+        CHAOS_DOWN_S=600,
+        CHAOS_MIN_ALIVE=1,
+    )
+    proc = subprocess.Popen(
+        [sys.executable, CHAOS],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=e,
+        start_new_session=True,
+    )
     try:
         wait_for(lambda: any(c["State"] == "exited" for c in srv.containers), 20, "a stopped peer")
         proc.send_signal(signal.SIGTERM)
@@ -464,12 +571,23 @@ def test_chaos_refuses_bad_values_and_a_missing_engine(tmp_path):
     env = base_env(CHAOS_EVERY_S="[5,2]")
     p = subprocess.run([sys.executable, CHAOS], capture_output=True, text=True, timeout=20, env=env)
     assert p.returncode == 2 and "CHAOS_EVERY_S='[5,2]' is not allowed: [X,Y] seconds with 0 < X <= Y" in p.stderr
-    p = subprocess.run([sys.executable, CHAOS], capture_output=True, text=True, timeout=20,
-                       env=base_env(CHAOS_ACTION="reboot"))
+    p = subprocess.run(
+        [sys.executable, CHAOS], capture_output=True, text=True, timeout=20, env=base_env(CHAOS_ACTION="reboot")
+    )
     assert p.returncode == 2 and "CHAOS_ACTION='reboot' is not allowed: choose one of stop, kill, pause" in p.stderr
-    p = subprocess.run([sys.executable, CHAOS], capture_output=True, text=True, timeout=20,
-                       env=base_env(DOCKER_HOST="tcp://1.2.3.4:2375"))
+    p = subprocess.run(
+        [sys.executable, CHAOS],
+        capture_output=True,
+        text=True,
+        timeout=20,
+        env=base_env(DOCKER_HOST="tcp://1.2.3.4:2375"),
+    )
     assert p.returncode == 2 and "DOCKER_HOST='tcp://1.2.3.4:2375' is not allowed" in p.stderr
-    p = subprocess.run([sys.executable, CHAOS], capture_output=True, text=True, timeout=20,
-                       env=base_env(DOCKER_HOST=f"unix://{tmp_path}/none.sock", CHAOS_PROJECT="x"))
+    p = subprocess.run(
+        [sys.executable, CHAOS],
+        capture_output=True,
+        text=True,
+        timeout=20,
+        env=base_env(DOCKER_HOST=f"unix://{tmp_path}/none.sock", CHAOS_PROJECT="x"),
+    )
     assert p.returncode == 1 and "cannot be reached" in p.stderr

@@ -148,8 +148,9 @@ def _worker_main() -> int:
         coll = collectives.get(label)
         if coll is None:
             codec = make_codec(cmd["codec"])
-            coll = collectives[label] = GlooCollective(_Corrupt(codec) if cmd.get("corrupt") else codec,
-                                                       timeout_margin_s=MARGIN_S)
+            coll = collectives[label] = GlooCollective(
+                _Corrupt(codec) if cmd.get("corrupt") else codec, timeout_margin_s=MARGIN_S
+            )
         members = tuple((m, f"127.0.0.1:{20000 + i}") for i, m in enumerate(cmd["members"]))
         group = Group(cmd["qid"], cmd["round"], members, cmd["me"], cmd["op"], cmd["store"])
         x = make_input(cmd["seed"], cmd["n"])
@@ -160,8 +161,12 @@ def _worker_main() -> int:
         try:
             res = coll.allreduce_mean(x, group, cmd["deadline"])
             data = res.tensor.numpy().tobytes()
-            reply = {"ok": True, "sha": hashlib.sha256(data).hexdigest(), "sent": res.bytes_sent,
-                     "recv": res.bytes_recv}
+            reply = {
+                "ok": True,
+                "sha": hashlib.sha256(data).hexdigest(),
+                "sent": res.bytes_sent,
+                "recv": res.bytes_recv,
+            }
             if cmd.get("out"):
                 with open(cmd["out"], "wb") as f:
                     f.write(data)
@@ -182,8 +187,14 @@ class Worker:
         self.id = f"m{next(Worker._ids)}"
         self.log = open(os.path.join(logdir, f"{self.id}.log"), "wb")
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-        self.p = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker"], env=env, text=True,
-                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log)
+        self.p = subprocess.Popen(
+            [sys.executable, os.path.abspath(__file__), "--worker"],
+            env=env,
+            text=True,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self.log,
+        )
         self.lines: "queue.Queue[str]" = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
 
@@ -266,22 +277,45 @@ def pool(tmp_path_factory):
 def store():
     import torch.distributed as dist
 
-    master = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
-                           timeout=datetime.timedelta(seconds=30))
+    master = dist.TCPStore(
+        "127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=datetime.timedelta(seconds=30)
+    )
     yield f"127.0.0.1:{master.port}"
 
 
 _qids = itertools.count(1)
 
 
-def run(members, callers, store, qid, rnd=1, codec="test-fp32", n=1000, deadline=10.0, op="all",
-        out_dir=None, per_member=None):
+def run(
+    members,
+    callers,
+    store,
+    qid,
+    rnd=1,
+    codec="test-fp32",
+    n=1000,
+    deadline=10.0,
+    op="all",
+    out_dir=None,
+    per_member=None,
+):
     """Have ``callers`` (a subset of ``members``) run one collective; their replies in order."""
     ids = [w.id for w in members]
     for w in callers:
-        cmd = dict(cmd="reduce", codec=codec, qid=qid, round=rnd, members=ids, me=w.id, op=op, store=store,
-                   deadline=deadline, n=n, seed=seed_of(w.id, qid, rnd, op),
-                   out=str(out_dir / f"{w.id}.bin") if out_dir is not None else None)
+        cmd = dict(
+            cmd="reduce",
+            codec=codec,
+            qid=qid,
+            round=rnd,
+            members=ids,
+            me=w.id,
+            op=op,
+            store=store,
+            deadline=deadline,
+            n=n,
+            seed=seed_of(w.id, qid, rnd, op),
+            out=str(out_dir / f"{w.id}.bin") if out_dir is not None else None,
+        )
         cmd.update((per_member or {}).get(w.id, {}))
         w.send(**cmd)
     return [w.reply(timeout=deadline + 30) for w in callers]
@@ -323,7 +357,7 @@ def test_mean_is_bit_identical_on_every_member(pool, store, tmp_path, k):
             assert got.numel() == n
             want, xs = expected_mean(ids, qid, 1, op, codec, n)
             if want.dtype == torch.float64:  # fp32: within float32 rounding of a k-term sum
-                bound = (k + 1) * 2.0 ** -23 * torch.stack([x.abs().double() for x in xs]).sum(0) / k
+                bound = (k + 1) * 2.0**-23 * torch.stack([x.abs().double() for x in xs]).sum(0) / k
                 assert bool(((got.double() - want).abs() <= bound + 1e-30).all()), (codec, n)
                 moved = 2 * (k - 1) * 4 * n // k
             else:  # quantised: exactly the sum of decoded payloads in ring order
@@ -414,8 +448,19 @@ def test_member_sigkilled_before_and_during_the_collective(pool, store, tmp_path
     check_ok(replies)
     run_t0 = time.monotonic()
     for w in (a, b):
-        w.send(cmd="reduce", codec="test-fp32", qid=q2, round=4, members=[a.id, b.id, c.id], me=w.id, op="all",
-               store=store, deadline=deadline, n=1000, seed=1)
+        w.send(
+            cmd="reduce",
+            codec="test-fp32",
+            qid=q2,
+            round=4,
+            members=[a.id, b.id, c.id],
+            me=w.id,
+            op="all",
+            store=store,
+            deadline=deadline,
+            n=1000,
+            seed=1,
+        )
     time.sleep(0.5)
     c.sigkill()
     replies = [w.reply(timeout=deadline + 30) for w in (a, b)]

@@ -21,8 +21,7 @@ from dtrain.supernet.gpt_net import GPTSupernet
 from dtrain.supernet.gpt_space import GPTSpace
 from dtrain.supernet.static_gpt import CausalSelfAttention
 
-TINY = dict(block_size=16, depths=[1, 2], embed_dims=[16, 32], heads=[1, 2], head_dim=8,
-            mlp_ratios=[2, 4])
+TINY = dict(block_size=16, depths=[1, 2], embed_dims=[16, 32], heads=[1, 2], head_dim=8, mlp_ratios=[2, 4])
 
 
 def tiny_cfg(**over) -> GPTConfig:
@@ -67,17 +66,20 @@ def test_validate_accepts_and_canonicalises():
     assert space.validate(space.max()) == space.max()
 
 
-@pytest.mark.parametrize("change,key", [
-    ({"width": 3}, "width"),
-    ({"depth": 3}, "depth"),
-    ({"depth": True}, "depth"),
-    ({"embed": 24}, "embed"),
-    ({"heads": [1, 3]}, "heads"),
-    ({"mlp_ratio": [2, 3]}, "mlp_ratio"),
-    ({"heads": [1]}, "heads"),
-    ({"mlp_ratio": [2, 2, 2]}, "mlp_ratio"),
-    ({"heads": 2}, "heads"),
-])
+@pytest.mark.parametrize(
+    "change,key",
+    [
+        ({"width": 3}, "width"),
+        ({"depth": 3}, "depth"),
+        ({"depth": True}, "depth"),
+        ({"embed": 24}, "embed"),
+        ({"heads": [1, 3]}, "heads"),
+        ({"mlp_ratio": [2, 3]}, "mlp_ratio"),
+        ({"heads": [1]}, "heads"),
+        ({"mlp_ratio": [2, 2, 2]}, "mlp_ratio"),
+        ({"heads": 2}, "heads"),
+    ],
+)
 def test_validate_rejects(change, key):
     space = GPTSpace.from_config(tiny_cfg())
     arch = {**space.max(), **change}
@@ -98,9 +100,12 @@ def test_validate_rejects_missing_key_and_non_dict():
 
 
 @settings(max_examples=25, deadline=None)
-@given(depths=st.sets(st.integers(1, 3), min_size=1), embeds=st.sets(st.integers(1, 9), min_size=1),
-       heads=st.sets(st.integers(1, 4), min_size=1, max_size=3),
-       ratios=st.sets(st.integers(1, 4), min_size=1, max_size=2))
+@given(
+    depths=st.sets(st.integers(1, 3), min_size=1),
+    embeds=st.sets(st.integers(1, 9), min_size=1),
+    heads=st.sets(st.integers(1, 4), min_size=1, max_size=3),
+    ratios=st.sets(st.integers(1, 4), min_size=1, max_size=2),
+)
 def test_size_matches_enumeration(depths, embeds, heads, ratios):
     space = GPTSpace(depths, embeds, heads, ratios)
     canonical = {space.key(a) for a in enumerate_archs(space)}
@@ -217,8 +222,7 @@ def _hooked_macs(static: nn.Module, T: int) -> int:
         static(tokens(1, T))
     for h in handles:
         h.remove()
-    attn = sum(2 * T * T * m.n_heads * m.head_dim for m in static.modules()
-               if isinstance(m, CausalSelfAttention))
+    attn = sum(2 * T * T * m.n_heads * m.head_dim for m in static.modules() if isinstance(m, CausalSelfAttention))
     return macs + attn
 
 
@@ -295,8 +299,8 @@ def test_gradients_stay_in_active_slice():
     assert g[:10, :e].abs().sum() > 0 and g[:, e:].abs().sum() == 0 and g[10:].abs().sum() == 0
     b0 = net.blocks[0]
     qkv = b0.attn.qkv.weight.grad
-    assert qkv[:3 * a, :e].abs().sum() > 0
-    assert qkv[3 * a:].abs().sum() == 0 and qkv[:, e:].abs().sum() == 0
+    assert qkv[: 3 * a, :e].abs().sum() > 0
+    assert qkv[3 * a :].abs().sum() == 0 and qkv[:, e:].abs().sum() == 0
     proj = b0.attn.proj.weight.grad
     assert proj[e:].abs().sum() == 0 and proj[:, a:].abs().sum() == 0
     fc1, fc2 = b0.mlp.fc1.weight.grad, b0.mlp.fc2.weight.grad
@@ -313,8 +317,8 @@ def test_init_scales_residual_projections():
     std = lambda t: t.detach().std().item()  # noqa: E731
     assert std(net.tok_emb.weight) == pytest.approx(0.02, rel=0.05)
     assert std(net.blocks[0].attn.qkv.weight) == pytest.approx(0.02, rel=0.05)
-    assert std(net.blocks[0].mlp.fc2.weight) == pytest.approx(0.02 / 8 ** 0.5, rel=0.05)
-    assert std(net.blocks[0].attn.proj.weight) == pytest.approx(0.02 / 8 ** 0.5, rel=0.05)
+    assert std(net.blocks[0].mlp.fc2.weight) == pytest.approx(0.02 / 8**0.5, rel=0.05)
+    assert std(net.blocks[0].attn.proj.weight) == pytest.approx(0.02 / 8**0.5, rel=0.05)
     assert net.blocks[0].attn.qkv.bias.abs().sum() == 0
 
 

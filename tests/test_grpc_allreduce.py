@@ -94,19 +94,36 @@ def cluster():
     """``start(k, ...)``: k in-process members; every collective closed and server stopped at teardown."""
     servers, collectives = [], []
 
-    def start(k: int, codec: Callable[[], Codec] = MiniFP32, token: str = "", server_tls=None, client_tls=None,
-              chunk_bytes: int = 1 << 20, streams: int = 2, tokens: Optional[Sequence[str]] = None,
-              codecs: Optional[dict] = None, **inbox_kw) -> Cluster:
+    def start(
+        k: int,
+        codec: Callable[[], Codec] = MiniFP32,
+        token: str = "",
+        server_tls=None,
+        client_tls=None,
+        chunk_bytes: int = 1 << 20,
+        streams: int = 2,
+        tokens: Optional[Sequence[str]] = None,
+        codecs: Optional[dict] = None,
+        **inbox_kw,
+    ) -> Cluster:
         members, cols, inboxes = [], [], []
         for i in range(k):
             pid = f"p{i}"
             inbox = ShardInbox(**inbox_kw)
-            server, port = serve_peer(PeerServicer(SCHEMA, pid, inbox=inbox), token=token, tls=server_tls,
-                                      max_workers=16)
+            server, port = serve_peer(
+                PeerServicer(SCHEMA, pid, inbox=inbox), token=token, tls=server_tls, max_workers=16
+            )
             servers.append(server)
             c = (codecs or {}).get(pid, codec)()
-            col = GrpcCollective(c, pid, token=tokens[i] if tokens else token, tls=client_tls,
-                                 chunk_bytes=chunk_bytes, streams=streams, inbox=inbox)
+            col = GrpcCollective(
+                c,
+                pid,
+                token=tokens[i] if tokens else token,
+                tls=client_tls,
+                chunk_bytes=chunk_bytes,
+                streams=streams,
+                inbox=inbox,
+            )
             collectives.append(col)
             members.append((pid, f"127.0.0.1:{port}"))
             cols.append(col)
@@ -143,8 +160,10 @@ def run_all(calls, timeout: float = 30.0):
 
 
 def allreduce(c: Cluster, xs, round: int, deadline_s: float = 20.0, **group_kw):
-    calls = [lambda i=i: c.collectives[i].allreduce_mean(xs[i], c.group(i, round, **group_kw), deadline_s)
-             for i in range(len(c.collectives))]
+    calls = [
+        lambda i=i: c.collectives[i].allreduce_mean(xs[i], c.group(i, round, **group_kw), deadline_s)
+        for i in range(len(c.collectives))
+    ]
     return run_all(calls, timeout=deadline_s + 10)
 
 
@@ -155,8 +174,8 @@ def reference(xs, codec: Codec) -> torch.Tensor:
     for start, m in shard_bounds(n, k, getattr(codec, "block_size", 1)):
         s = torch.zeros(m)
         for x in xs:
-            s.add_(codec.decode(codec.encode(x[start:start + m].contiguous()), m))
-        out[start:start + m] = codec.decode(codec.encode(s.div_(k)), m)
+            s.add_(codec.decode(codec.encode(x[start : start + m].contiguous()), m))
+        out[start : start + m] = codec.decode(codec.encode(s.div_(k)), m)
     return out
 
 
@@ -204,7 +223,7 @@ def test_mean_is_bit_identical_on_every_member(cluster, codec_name, k):
 def test_one_member_and_empty_tensor(cluster):
     c = cluster(1)
     x = torch.randn(10)
-    (r, _), = allreduce(c, [x], 0)
+    ((r, _),) = allreduce(c, [x], 0)
     assert torch.equal(r.tensor, x) and r.bytes_sent == r.bytes_recv == 0
     c3 = cluster(3)
     results = ok_results(allreduce(c3, [torch.empty(0)] * 3, 0))
@@ -314,8 +333,14 @@ def children():
     procs: List[subprocess.Popen] = []
 
     def start(peer_id: str) -> subprocess.Popen:
-        p = subprocess.Popen([sys.executable, "-c", CHILD, peer_id], stdin=subprocess.PIPE,
-                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, bufsize=1)
+        p = subprocess.Popen(
+            [sys.executable, "-c", CHILD, peer_id],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            bufsize=1,
+        )
         procs.append(p)
         return p
 
@@ -346,12 +371,16 @@ def test_member_process_dies_mid_collective(cluster, children, sig):
     child = children("p2")
     port = int(_read_line(child, "PORT").split()[1])
     members = c.members + (("p2", f"127.0.0.1:{port}"),)
-    child.stdin.write(json.dumps({"quorum_id": 1, "round": 0, "members": members, "numel": n,
-                                  "deadline": deadline}) + "\n")
+    child.stdin.write(
+        json.dumps({"quorum_id": 1, "round": 0, "members": members, "numel": n, "deadline": deadline}) + "\n"
+    )
     child.stdin.flush()
     outs = []
-    t = threading.Thread(target=lambda: outs.extend(
-        allreduce(c, [torch.randn(n), torch.randn(n)], 0, deadline_s=deadline, members=members)))
+    t = threading.Thread(
+        target=lambda: outs.extend(
+            allreduce(c, [torch.randn(n), torch.randn(n)], 0, deadline_s=deadline, members=members)
+        )
+    )
     t.start()
     try:
         _read_line(child, "SLOW", timeout=deadline + 5)  # phase 1 under way: one slice sent, the next one stalls
@@ -370,7 +399,7 @@ class _Lenient(MiniFP32):
     """A broken member: its decode accepts anything, so it never notices its own garbage."""
 
     def decode(self, payload, numel):
-        raw = np.frombuffer(bytes(payload)[:4 * numel].ljust(4 * numel, b"\0"), dtype="<f4")
+        raw = np.frombuffer(bytes(payload)[: 4 * numel].ljust(4 * numel, b"\0"), dtype="<f4")
         return torch.from_numpy(raw.astype(np.float32))
 
 
@@ -440,14 +469,30 @@ NUMEL = 10  # p0 owns shard 0 of 10 values: expects (1, 0, p1), (1, 0, p2), (2, 
 
 def _open(inbox: ShardInbox, round: int) -> tuple:
     key = (7, round, "all")
-    inbox.open(key, "p0", MEMBERS, MiniFP32(), {(1, 0, "p1"): NUMEL, (1, 0, "p2"): NUMEL,
-                                                 (2, 1, "p1"): NUMEL, (2, 2, "p2"): NUMEL})
+    inbox.open(
+        key,
+        "p0",
+        MEMBERS,
+        MiniFP32(),
+        {(1, 0, "p1"): NUMEL, (1, 0, "p2"): NUMEL, (2, 1, "p1"): NUMEL, (2, 2, "p2"): NUMEL},
+    )
     return key
 
 
 def _chunk(round: int, data: bytes, offset: int = 0, **kw) -> pb.ShardChunk:
-    fields = dict(quorum_id=7, round=round, op="all", phase=1, shard=0, sender="p1", codec="fp32",
-                  numel=NUMEL, total_bytes=4 * NUMEL, offset=offset, data=data)
+    fields = dict(
+        quorum_id=7,
+        round=round,
+        op="all",
+        phase=1,
+        shard=0,
+        sender="p1",
+        codec="fp32",
+        numel=NUMEL,
+        total_bytes=4 * NUMEL,
+        offset=offset,
+        data=data,
+    )
     fields.update(kw)
     return pb.ShardChunk(**fields)
 
@@ -498,9 +543,15 @@ def test_chunks_assemble_out_of_order_across_streams(inbox_server):
     assert _push(stub, [_chunk(0, GOOD, sender="p2")]) is None
     got = inbox.wait(key, 1, time.monotonic() + 5)
     assert torch.equal(got[(0, "p1")], torch.arange(NUMEL, dtype=torch.float32))
-    assert inbox.bytes_received(key) == sum(c.ByteSize() + 5 for c in [
-        _chunk(0, GOOD[24:], offset=24), _chunk(0, GOOD[:8]), _chunk(0, GOOD[8:24], offset=8),
-        _chunk(0, GOOD, sender="p2")])
+    assert inbox.bytes_received(key) == sum(
+        c.ByteSize() + 5
+        for c in [
+            _chunk(0, GOOD[24:], offset=24),
+            _chunk(0, GOOD[:8]),
+            _chunk(0, GOOD[8:24], offset=8),
+            _chunk(0, GOOD, sender="p2"),
+        ]
+    )
     inbox.close(key)
 
 
@@ -578,8 +629,13 @@ def test_tls(cluster, tmp_path):
     from dtrain.control import certs
 
     files = certs.generate(str(tmp_path / "certs"), hosts=["localhost", "127.0.0.1"], clients=["client"])
-    c = cluster(3, token="t", server_tls=TLSConfig(cert=files.server_cert, key=files.server_key),
-                client_tls=TLSConfig(ca=files.ca_cert), chunk_bytes=4096)
+    c = cluster(
+        3,
+        token="t",
+        server_tls=TLSConfig(cert=files.server_cert, key=files.server_key),
+        client_tls=TLSConfig(ca=files.ca_cert),
+        chunk_bytes=4096,
+    )
     xs = [torch.randn(3000) for _ in range(3)]
     results = ok_results(allreduce(c, xs, 0))
     assert torch.equal(results[0].tensor, reference(xs, MiniFP32()))
@@ -658,10 +714,12 @@ def test_64mib_on_four_members(cluster):
     for x in xs[1:]:
         mean.add_(x)
     assert torch.allclose(first, mean.div_(k), atol=1e-6)
-    mib = n * 4 / 2 ** 20
-    wire = results[0].bytes_sent / 2 ** 20
-    print(f"\n64 MiB on {k} in-process members: {seconds:.2f}s, {mib / seconds:.1f} MiB/s of tensor, "
-          f"{wire:.1f} MiB sent per member ({wire / seconds:.1f} MiB/s each way per member)")
+    mib = n * 4 / 2**20
+    wire = results[0].bytes_sent / 2**20
+    print(
+        f"\n64 MiB on {k} in-process members: {seconds:.2f}s, {mib / seconds:.1f} MiB/s of tensor, "
+        f"{wire:.1f} MiB sent per member ({wire / seconds:.1f} MiB/s each way per member)"
+    )
 
 
 def test_shard_bounds_align_to_codec_blocks():

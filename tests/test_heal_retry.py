@@ -24,8 +24,9 @@ SCHEMA = "s" * 64
 
 def good_state(round_: int = 5, n: int = 300_000) -> GlobalState:
     g = torch.Generator().manual_seed(round_)
-    return GlobalState([("theta", torch.randn(n, generator=g)), ("velocity", torch.randn(n, generator=g))],
-                       round=round_)
+    return GlobalState(
+        [("theta", torch.randn(n, generator=g)), ("velocity", torch.randn(n, generator=g))], round=round_
+    )
 
 
 @settings(max_examples=12, deadline=None)
@@ -89,18 +90,24 @@ class ScriptedClient:
 def test_heal_retries_other_donors_after_corrupt_truncated_and_stalled_transfers(served):
     truth = good_state()
     addresses = {}
-    for name, cls in (("corrupt", CorruptServicer), ("truncating", TruncatingServicer),
-                      ("stalling", StallingServicer), ("good", PeerServicer)):
+    for name, cls in (
+        ("corrupt", CorruptServicer),
+        ("truncating", TruncatingServicer),
+        ("stalling", StallingServicer),
+        ("good", PeerServicer),
+    ):
         svc = cls(SCHEMA, name, chunk_bytes=64 << 10)
         svc.set_snapshot(truth.snapshot())
         addresses[name] = served(svc)
-    donors = [DonorInfo(n, addresses[n], truth.round, truth.hash())
-              for n in ("corrupt", "truncating", "stalling", "good")]
+    donors = [
+        DonorInfo(n, addresses[n], truth.round, truth.hash()) for n in ("corrupt", "truncating", "stalling", "good")
+    ]
     client = ScriptedClient(donors)
     mine = good_state(round_=1)
     published = []
-    engine = RoundEngine(client, None, mine, lambda: published.append(mine.hash()), "joiner", SCHEMA,
-                         transfer_timeout_s=20)
+    engine = RoundEngine(
+        client, None, mine, lambda: published.append(mine.hash()), "joiner", SCHEMA, transfer_timeout_s=20
+    )
     # a short stall limit so the stalled donor is given up quickly
     import dtrain.peer.round_engine as re_mod
 

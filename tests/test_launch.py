@@ -36,8 +36,9 @@ def clean_env(**extra) -> dict:
 
 
 def launch(*args, cwd=None, **env):
-    return subprocess.run([LAUNCH, *args], capture_output=True, text=True, timeout=30, env=clean_env(**env),
-                          cwd=cwd or REPO)
+    return subprocess.run(
+        [LAUNCH, *args], capture_output=True, text=True, timeout=30, env=clean_env(**env), cwd=cwd or REPO
+    )
 
 
 def words(p) -> list:
@@ -60,10 +61,15 @@ def test_dry_run_commands(tmp_path):
     # one node, one rank, no coordinator: plain dtrain-train with the overrides as given
     assert words(launch("--dry-run", "steps=3")) == ["dtrain-train", "steps=3"]
     # a coordinator: DiLoCo, a stable peer id (this host) and run dir; the user's overrides win
-    w = words(launch("--dry-run", "--coordinator", "coord.example.org:7070", "outer.codec=int8",
-                     DTRAIN_PEER_ID="eu-1"))
-    assert w == ["dtrain-train", "outer=diloco", "control.coordinator=coord.example.org:7070", "peer_id=eu-1",
-                 "run_dir=runs/eu-1", "outer.codec=int8"]
+    w = words(launch("--dry-run", "--coordinator", "coord.example.org:7070", "outer.codec=int8", DTRAIN_PEER_ID="eu-1"))
+    assert w == [
+        "dtrain-train",
+        "outer=diloco",
+        "control.coordinator=coord.example.org:7070",
+        "peer_id=eu-1",
+        "run_dir=runs/eu-1",
+        "outer.codec=int8",
+    ]
     host = words(launch(DTRAIN_COORDINATOR="c:1", DRY_RUN=1))
     assert any(a.startswith("peer_id=") and len(a) > len("peer_id=") for a in host)
     w = words(launch("--dry-run", "outer=ddp", "peer_id=mine", DTRAIN_COORDINATOR="c:1", DTRAIN_PEER_ID="env"))
@@ -71,24 +77,66 @@ def test_dry_run_commands(tmp_path):
     # data plane, TLS and region from the environment; several ranks: torchrun --standalone
     ca = tmp_path / "ca.pem"
     ca.write_text("x")
-    w = words(launch("--dry-run", NPROC_PER_NODE=2, DTRAIN_COORDINATOR="c:1", DTRAIN_PEER_ID="p",
-                     DTRAIN_BIND_HOST="0.0.0.0", DTRAIN_DATA_PORT=7071, DTRAIN_ADVERTISE="peer.example.org",
-                     DTRAIN_REGION="eu", DTRAIN_TLS_CA=ca, DTRAIN_TLS_SERVER_NAME="dtrain"))
+    w = words(
+        launch(
+            "--dry-run",
+            NPROC_PER_NODE=2,
+            DTRAIN_COORDINATOR="c:1",
+            DTRAIN_PEER_ID="p",
+            DTRAIN_BIND_HOST="0.0.0.0",
+            DTRAIN_DATA_PORT=7071,
+            DTRAIN_ADVERTISE="peer.example.org",
+            DTRAIN_REGION="eu",
+            DTRAIN_TLS_CA=ca,
+            DTRAIN_TLS_SERVER_NAME="dtrain",
+        )
+    )
     assert w[:5] == ["torchrun", "--standalone", "--nproc-per-node", "2", "-m"]
-    for a in ("control.host=0.0.0.0", "control.port=7071", "control.advertise=peer.example.org:7071",
-              "control.region=eu", f"control.tls.ca={ca}", "control.tls.server_name=dtrain"):
+    for a in (
+        "control.host=0.0.0.0",
+        "control.port=7071",
+        "control.advertise=peer.example.org:7071",
+        "control.region=eu",
+        f"control.tls.ca={ca}",
+        "control.tls.server_name=dtrain",
+    ):
         assert a in w, a
     assert not any("TOKEN" in a.upper() for a in w)  # the token stays in the environment
     # a multi-node peer: c10d rendezvous; the rendezvous id follows the peer id
-    w = words(launch("--dry-run", "--nnodes", "2", "--nproc-per-node", "4", "--rdzv-endpoint", "n0:29500",
-                     "--peer-id", "big", "--coordinator", "c:1"))
-    assert w[:11] == ["torchrun", "--nnodes", "2", "--nproc-per-node", "4", "--rdzv-backend", "c10d",
-                      "--rdzv-endpoint", "n0:29500", "--rdzv-id", "dtrain-big"]
+    w = words(
+        launch(
+            "--dry-run",
+            "--nnodes",
+            "2",
+            "--nproc-per-node",
+            "4",
+            "--rdzv-endpoint",
+            "n0:29500",
+            "--peer-id",
+            "big",
+            "--coordinator",
+            "c:1",
+        )
+    )
+    assert w[:11] == [
+        "torchrun",
+        "--nnodes",
+        "2",
+        "--nproc-per-node",
+        "4",
+        "--rdzv-backend",
+        "c10d",
+        "--rdzv-endpoint",
+        "n0:29500",
+        "--rdzv-id",
+        "dtrain-big",
+    ]
     w = words(launch("--dry-run", NNODES=2, NODE_RANK=1, RDZV_ENDPOINT="n0:29500", DTRAIN_PEER_ID="big"))
     assert w[w.index("--node-rank") + 1] == "1"
     # torchrun_peer.sh NPROC ...: the short form
-    p = subprocess.run([PEER_SH, "2", "--dry-run", "run_dir=x"], capture_output=True, text=True, timeout=30,
-                       env=clean_env())
+    p = subprocess.run(
+        [PEER_SH, "2", "--dry-run", "run_dir=x"], capture_output=True, text=True, timeout=30, env=clean_env()
+    )
     assert words(p) == ["torchrun", "--standalone", "--nproc-per-node", "2", "-m", "dtrain.cli.train", "run_dir=x"]
 
 
@@ -104,20 +152,26 @@ def test_restart_on_the_same_run_dir_resumes(tmp_path):
     assert "resume=true" in words(launch("--dry-run", f"run_dir={run}"))
 
 
-@pytest.mark.parametrize("env,args,msg", [
-    ({"NPROC_PER_NODE": "two"}, [], "NPROC_PER_NODE='two' is not allowed: a positive integer"),
-    ({"NNODES": "0"}, [], "NNODES='0' is not allowed: a positive integer"),
-    ({"NNODES": "2", "NODE_RANK": "2", "DTRAIN_PEER_ID": "p", "RDZV_ENDPOINT": "h:1"}, [],
-     "NODE_RANK='2' is not allowed: an integer in 0..1"),
-    ({"NNODES": "2", "DTRAIN_COORDINATOR": "c:1"}, [], "DTRAIN_PEER_ID='' is not allowed for a 2-node peer"),
-    ({"NNODES": "2", "DTRAIN_PEER_ID": "p"}, [], "RDZV_ENDPOINT='' is not allowed for a 2-node peer"),
-    ({"DTRAIN_COORDINATOR": "nohost"}, [], "DTRAIN_COORDINATOR='nohost' is not allowed: host:port"),
-    ({"DTRAIN_DATA_PORT": "99999"}, [], "DTRAIN_DATA_PORT='99999' is not allowed: a port number 0..65535"),
-    ({"DTRAIN_ADVERTISE": "h"}, [], "DTRAIN_ADVERTISE='h' is not allowed without a port"),
-    ({"DTRAIN_TLS_CA": "/no/such.pem"}, [], "DTRAIN_TLS_CA='/no/such.pem' is not allowed: not a readable file"),
-    ({"DTRAIN_PEER_ID": "a b"}, ["--coordinator", "c:1"], "DTRAIN_PEER_ID='a b' is not allowed"),
-    ({}, ["--frobnicate"], "unknown option '--frobnicate'"),
-])
+@pytest.mark.parametrize(
+    "env,args,msg",
+    [
+        ({"NPROC_PER_NODE": "two"}, [], "NPROC_PER_NODE='two' is not allowed: a positive integer"),
+        ({"NNODES": "0"}, [], "NNODES='0' is not allowed: a positive integer"),
+        (
+            {"NNODES": "2", "NODE_RANK": "2", "DTRAIN_PEER_ID": "p", "RDZV_ENDPOINT": "h:1"},
+            [],
+            "NODE_RANK='2' is not allowed: an integer in 0..1",
+        ),
+        ({"NNODES": "2", "DTRAIN_COORDINATOR": "c:1"}, [], "DTRAIN_PEER_ID='' is not allowed for a 2-node peer"),
+        ({"NNODES": "2", "DTRAIN_PEER_ID": "p"}, [], "RDZV_ENDPOINT='' is not allowed for a 2-node peer"),
+        ({"DTRAIN_COORDINATOR": "nohost"}, [], "DTRAIN_COORDINATOR='nohost' is not allowed: host:port"),
+        ({"DTRAIN_DATA_PORT": "99999"}, [], "DTRAIN_DATA_PORT='99999' is not allowed: a port number 0..65535"),
+        ({"DTRAIN_ADVERTISE": "h"}, [], "DTRAIN_ADVERTISE='h' is not allowed without a port"),
+        ({"DTRAIN_TLS_CA": "/no/such.pem"}, [], "DTRAIN_TLS_CA='/no/such.pem' is not allowed: not a readable file"),
+        ({"DTRAIN_PEER_ID": "a b"}, ["--coordinator", "c:1"], "DTRAIN_PEER_ID='a b' is not allowed"),
+        ({}, ["--frobnicate"], "unknown option '--frobnicate'"),
+    ],
+)
 def test_bad_values_are_refused(env, args, msg):
     p = launch("--dry-run", *args, **env)
     assert p.returncode == 2 and p.stdout == ""
@@ -181,8 +235,13 @@ esac
 def fakes(tmp_path):
     d = tmp_path / "fake"
     d.mkdir()
-    for name, body in [("torchrun", FAKE_TORCHRUN), ("dtrain-train", FAKE_TRAIN), ("srun", FAKE_SRUN),
-                       ("scancel", FAKE_SCANCEL), ("scontrol", FAKE_SCONTROL)]:
+    for name, body in [
+        ("torchrun", FAKE_TORCHRUN),
+        ("dtrain-train", FAKE_TRAIN),
+        ("srun", FAKE_SRUN),
+        ("scancel", FAKE_SCANCEL),
+        ("scontrol", FAKE_SCONTROL),
+    ]:
         (d / name).write_text(body)
         (d / name).chmod(0o755)
     yield d
@@ -203,8 +262,15 @@ def wait_file(path, timeout=20.0) -> None:
 
 
 def start(argv, env) -> subprocess.Popen:
-    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            start_new_session=True, preexec_fn=sigint_default)
+    return subprocess.Popen(
+        argv,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        start_new_session=True,
+        preexec_fn=sigint_default,
+    )
 
 
 def finish(p, timeout=20.0):
@@ -252,8 +318,9 @@ def test_a_signal_while_the_agent_starts_leaves_no_orphan(fakes, tmp_path, sig):
             try:
                 rc, out, err = finish(p, timeout=15)  # TimeoutExpired: the agent kept the pipes open
             except subprocess.TimeoutExpired as e:
-                raise AssertionError(f"delay {delay}: the script did not end; stopped: {read(fakes / 'termed')!r}, "
-                                     f"stderr: {e.stderr!r}") from None
+                raise AssertionError(
+                    f"delay {delay}: the script did not end; stopped: {read(fakes / 'termed')!r}, stderr: {e.stderr!r}"
+                ) from None
             agent = fakes / "agent.pid"
             deadline = time.monotonic() + 10
             while _our_pid(fakes, agent) is not None and time.monotonic() < deadline:
@@ -268,8 +335,10 @@ def test_a_signal_while_the_agent_starts_leaves_no_orphan(fakes, tmp_path, sig):
 def test_a_signal_before_all_workers_started_stops_the_agent(fakes, tmp_path, sig):
     # 1 of the 2 workers is up (the agent holds the other back): asking only that one to leave would leave
     # the agent (and the script) waiting on the other; the agent is stopped instead, and it stops worker1
-    p = start([LAUNCH, "run_dir=x"], clean_env(NPROC_PER_NODE=2, TORCHRUN=fakes / "torchrun", FAKE_DIR=fakes,
-                                               FAKE_GATE=fakes / "gate"))
+    p = start(
+        [LAUNCH, "run_dir=x"],
+        clean_env(NPROC_PER_NODE=2, TORCHRUN=fakes / "torchrun", FAKE_DIR=fakes, FAKE_GATE=fakes / "gate"),
+    )
     try:
         wait_file(fakes / "worker1.pid")
         time.sleep(0.1)  # worker1's trap is set before it writes its pid
@@ -291,11 +360,24 @@ def test_no_child_is_waited_for_before_the_agent_starts(tmp_path):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "setsid").symlink_to(shutil.which("setsid"))
-    env = clean_env(NPROC_PER_NODE=2, TORCHRUN=shutil.which("true"), DTRAIN_COORDINATOR="c:1", DTRAIN_PEER_ID="p",
-                    DTRAIN_DATA_PORT=7071, DTRAIN_ADVERTISE="h", DTRAIN_REGION="eu")
+    env = clean_env(
+        NPROC_PER_NODE=2,
+        TORCHRUN=shutil.which("true"),
+        DTRAIN_COORDINATOR="c:1",
+        DTRAIN_PEER_ID="p",
+        DTRAIN_DATA_PORT=7071,
+        DTRAIN_ADVERTISE="h",
+        DTRAIN_REGION="eu",
+    )
     env["PATH"] = str(bin_dir)
-    p = subprocess.run([shutil.which("bash"), "-x", LAUNCH, "steps=1"], capture_output=True, text=True, timeout=30,
-                       env=env, cwd=tmp_path)
+    p = subprocess.run(
+        [shutil.which("bash"), "-x", LAUNCH, "steps=1"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=env,
+        cwd=tmp_path,
+    )
     assert p.returncode == 0 and "\n+ setsid " in p.stderr, p.stderr
     trace = "\n" + p.stderr.split("\n+ setsid ")[0]
     assert "\n++" not in trace and "not found" not in trace, trace
@@ -326,10 +408,19 @@ def kill_if_ours(fakes, pid_file) -> None:
 
 
 def slurm_env(fakes, tmp_path, **extra):
-    env = dict(SLURM_JOB_ID=42, SLURM_JOB_NODELIST="node[1-2]", SLURM_JOB_NUM_NODES=1, SLURM_SUBMIT_DIR=REPO,
-               DTRAIN_COORDINATOR="coord.example.org:7070", DTRAIN_RUNS=tmp_path / "runs", SRUN=fakes / "srun",
-               SCONTROL=fakes / "scontrol", SCANCEL=fakes / "scancel", DTRAIN_TRAIN=fakes / "dtrain-train",
-               FAKE_DIR=fakes)
+    env = dict(
+        SLURM_JOB_ID=42,
+        SLURM_JOB_NODELIST="node[1-2]",
+        SLURM_JOB_NUM_NODES=1,
+        SLURM_SUBMIT_DIR=REPO,
+        DTRAIN_COORDINATOR="coord.example.org:7070",
+        DTRAIN_RUNS=tmp_path / "runs",
+        SRUN=fakes / "srun",
+        SCONTROL=fakes / "scontrol",
+        SCANCEL=fakes / "scancel",
+        DTRAIN_TRAIN=fakes / "dtrain-train",
+        FAKE_DIR=fakes,
+    )
     return clean_env(**{**env, **extra})
 
 
@@ -345,8 +436,15 @@ def test_slurm_peer_leaves_on_warning_requeues_and_resumes(fakes, tmp_path):
         rc, out, err = finish(p)
     assert rc == 0, err
     args = read(fakes / "train.args").split()
-    for a in ("outer=diloco", "control.coordinator=coord.example.org:7070", "peer_id=slurm-42",
-              f"run_dir={run_dir}", "control.host=0.0.0.0", "control.port=7071", "sandwich.num_random=1"):
+    for a in (
+        "outer=diloco",
+        "control.coordinator=coord.example.org:7070",
+        "peer_id=slurm-42",
+        f"run_dir={run_dir}",
+        "control.host=0.0.0.0",
+        "control.port=7071",
+        "sandwich.num_random=1",
+    ):
         assert a in args, a
     adv = [a for a in args if a.startswith("control.advertise=")]
     assert len(adv) == 1 and adv[0].endswith(":7071") and len(adv[0]) > len("control.advertise=:7071")
@@ -375,8 +473,19 @@ def test_slurm_multi_node_command_and_refusals(fakes, tmp_path):
     rc, out, err = finish(start(["bash", SBATCH], env))
     assert rc == 0, err
     w = out.split()
-    assert w[:11] == ["torchrun", "--nnodes", "2", "--nproc-per-node", "4", "--rdzv-backend", "c10d",
-                      "--rdzv-endpoint", "node1:29500", "--rdzv-id", "dtrain-42-3"]
+    assert w[:11] == [
+        "torchrun",
+        "--nnodes",
+        "2",
+        "--nproc-per-node",
+        "4",
+        "--rdzv-backend",
+        "c10d",
+        "--rdzv-endpoint",
+        "node1:29500",
+        "--rdzv-id",
+        "dtrain-42-3",
+    ]
     assert "peer_id=slurm-42" in w and "--ntasks-per-node=1" in read(fakes / "srun.opts")
 
     env.pop("DTRAIN_COORDINATOR")

@@ -59,7 +59,7 @@ def _imports(path: str, source: str) -> Iterator[Tuple[int, str]]:
                 yield node.lineno, alias.name
         elif isinstance(node, ast.ImportFrom):
             if node.level:
-                base = package[:len(package) - node.level + 1]
+                base = package[: len(package) - node.level + 1]
                 module = ".".join(base + ([node.module] if node.module else []))
             else:
                 module = node.module or ""
@@ -124,8 +124,11 @@ def test_every_import_points_down():
 
 
 def test_every_package_has_a_layer():
-    tops = {name[:-3] if name.endswith(".py") else name for name in os.listdir(PACKAGE)
-            if name not in ("__init__.py", "__pycache__")}
+    tops = {
+        name[:-3] if name.endswith(".py") else name
+        for name in os.listdir(PACKAGE)
+        if name not in ("__init__.py", "__pycache__")
+    }
     missing = {t for t in tops if _unit(t) not in LAYER_OF}
     assert not missing, f"no layer for {sorted(missing)}: add them to LAYERS and to ARCHITECTURE.md"
     assert len(EXCEPTIONS) <= 3, "at most three listed exceptions"
@@ -142,10 +145,13 @@ def test_architecture_md_shows_the_enforced_table():
     assert documented == enforced
 
 
-@pytest.mark.parametrize("source, expected", [
-    ("from ..train.loop import Trainer", "points up"),
-    ("from ..comm.collective import Group", "points sideways"),
-])
+@pytest.mark.parametrize(
+    "source, expected",
+    [
+        ("from ..train.loop import Trainer", "points up"),
+        ("from ..comm.collective import Group", "points sideways"),
+    ],
+)
 def test_the_check_catches_an_upward_and_a_sideways_import(source, expected):
     """The check can fail: a control module that imports training code or the data plane is caught,
     inside a function as well as at module level."""

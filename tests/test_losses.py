@@ -20,7 +20,7 @@ logits = st.integers(0, 10_000).map(lambda s: torch.randn(6, 5, generator=torch.
 @given(logits, logits, st.floats(0.5, 4.0))
 def test_kd_is_scaled_kl(s, t, temp):
     p = F.softmax(t / temp, -1)
-    kl = (p * (p.log() - F.log_softmax(s / temp, -1))).sum(-1).mean() * temp ** 2
+    kl = (p * (p.log() - F.log_softmax(s / temp, -1))).sum(-1).mean() * temp**2
     torch.testing.assert_close(kd_loss(s, t, temp), kl, atol=1e-5, rtol=1e-4)
     assert kd_loss(t, t, temp).abs() < 1e-5
 

@@ -88,8 +88,7 @@ def test_size_matches_enumeration():
         for depth in itertools.product(space.depths, repeat=2):
             for kernel in itertools.product(space.kernel_sizes, repeat=space.n_blocks):
                 for expand in itertools.product(space.expand_ratios, repeat=space.n_blocks):
-                    arch = {"resolution": res, "depth": list(depth), "kernel": list(kernel),
-                            "expand": list(expand)}
+                    arch = {"resolution": res, "depth": list(depth), "kernel": list(kernel), "expand": list(expand)}
                     seen.add(space.key(arch))
     assert len(seen) == space.size()
 
@@ -148,10 +147,17 @@ def test_cost_matches_counting_on_extracted(net):
 
 
 def test_full_ofa_space_counts():
-    cfg = MBV3Config(num_classes=1000, stages=[
-        StageConfig(24, 2, "relu", False), StageConfig(40, 2, "relu", True),
-        StageConfig(80, 2, "hswish", False), StageConfig(112, 1, "hswish", True),
-        StageConfig(160, 2, "hswish", True)], resolutions=[128, 160, 192, 224])
+    cfg = MBV3Config(
+        num_classes=1000,
+        stages=[
+            StageConfig(24, 2, "relu", False),
+            StageConfig(40, 2, "relu", True),
+            StageConfig(80, 2, "hswish", False),
+            StageConfig(112, 1, "hswish", True),
+            StageConfig(160, 2, "hswish", True),
+        ],
+        resolutions=[128, 160, 192, 224],
+    )
     space = MBV3Space.from_config(cfg)
     assert space.size() == 4 * ((3 * 3) ** 2 + (3 * 3) ** 3 + (3 * 3) ** 4) ** 5
     net = build_supernet(cfg)
@@ -225,10 +231,19 @@ def test_regularisation_only_inside_context(net):
 @settings(max_examples=15, deadline=None)
 @given(st.integers(0, 10_000))
 def test_random_arch_roundtrip_json(seed):
-    cfg = MBV3Config(in_channels=1, num_classes=10, stem_channels=8, stem_stride=1,
-                     stages=[StageConfig(8, 1, "relu", False), StageConfig(16, 2, "hswish", True)],
-                     final_expand=2, feature_dim=32, kernel_sizes=[3, 5], expand_ratios=[2, 3],
-                     depths=[1, 2], resolutions=[8])
+    cfg = MBV3Config(
+        in_channels=1,
+        num_classes=10,
+        stem_channels=8,
+        stem_stride=1,
+        stages=[StageConfig(8, 1, "relu", False), StageConfig(16, 2, "hswish", True)],
+        final_expand=2,
+        feature_dim=32,
+        kernel_sizes=[3, 5],
+        expand_ratios=[2, 3],
+        depths=[1, 2],
+        resolutions=[8],
+    )
     space = MBV3Space.from_config(cfg)
     arch = space.sample(random.Random(seed))
     assert space.validate(json.loads(json.dumps(arch))) == arch

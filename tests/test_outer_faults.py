@@ -46,17 +46,24 @@ def _started(peer, rnd):
 
 @pytest.mark.timeout(60)
 def test_member_killed_mid_collective_fails_the_attempt_in_time_and_the_round_commits_without_it(
-        outer_cluster, forkserver):
+    outer_cluster, forkserver
+):
     R = 2
     # round R's first attempt is slow: 8 chunks of 2 KiB per push at 0.1 s each, ~0.8 s per phase
-    flags = peer_flags(codecs="fp32", backends="grpc", numel=12_000, deadline_s=DEADLINE_S,
-                       extra=["--chunk-bytes", "2048", "--streams", "1", "--trace"])
+    flags = peer_flags(
+        codecs="fp32",
+        backends="grpc",
+        numel=12_000,
+        deadline_s=DEADLINE_S,
+        extra=["--chunk-bytes", "2048", "--streams", "1", "--trace"],
+    )
     slow = fault_env(slow_push_s=0.1, slow_round=R)
     coord, peers = _start(outer_cluster, flags, env={i: slow for i in range(3)})
     victim = peers[1]
     survivors = [peers[0], peers[2]]
-    wait_for(lambda: all(_started(p, R) for p in peers), 30.0, f"every peer in the collective of round {R}",
-             interval=0.02)
+    wait_for(
+        lambda: all(_started(p, R) for p in peers), 30.0, f"every peer in the collective of round {R}", interval=0.02
+    )
     t_kill = time.time()
     victim.kill()
     assert victim.returncode == -signal.SIGKILL
@@ -88,10 +95,14 @@ def test_member_killed_mid_collective_fails_the_attempt_in_time_and_the_round_co
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("codec,backend", [("fp32", "grpc"), ("int8", "grpc"), ("fp32", "gloo"), ("int8", "gloo")],
-                         ids=["fp32-nan-grpc", "int8-scale-grpc", "fp32-nan-gloo", "int8-scale-gloo"])
+@pytest.mark.parametrize(
+    "codec,backend",
+    [("fp32", "grpc"), ("int8", "grpc"), ("fp32", "gloo"), ("int8", "gloo")],
+    ids=["fp32-nan-grpc", "int8-scale-grpc", "fp32-nan-gloo", "int8-scale-gloo"],
+)
 def test_garbage_sender_is_excluded_the_round_commits_without_it_and_it_heals(
-        outer_cluster, forkserver, codec, backend):
+    outer_cluster, forkserver, codec, backend
+):
     R = 2
     flags = peer_flags(codecs=codec, backends=backend, deadline_s=DEADLINE_S)
     coord, peers = _start(outer_cluster, flags, env={2: fault_env(poison_round=R)})
@@ -161,25 +172,34 @@ def test_gloo_groups_are_rebuilt_after_a_graceful_leave(outer_cluster, forkserve
 
 
 @pytest.mark.timeout(60)
-def test_member_stopped_mid_collective_is_expired_then_rejoins_heals_and_continues(
-        outer_cluster, forkserver):
+def test_member_stopped_mid_collective_is_expired_then_rejoins_heals_and_continues(outer_cluster, forkserver):
     R = 4  # codecs fp32,int8 x backends grpc,gloo: round 4 is fp32 over grpc, slowed in its first attempt
-    flags = peer_flags(codecs="fp32,int8", backends="grpc,gloo", numel=12_000, deadline_s=DEADLINE_S,
-                       extra=["--error-feedback", "--chunk-bytes", "2048", "--streams", "1", "--trace"])
+    flags = peer_flags(
+        codecs="fp32,int8",
+        backends="grpc,gloo",
+        numel=12_000,
+        deadline_s=DEADLINE_S,
+        extra=["--error-feedback", "--chunk-bytes", "2048", "--streams", "1", "--trace"],
+    )
     slow = fault_env(slow_push_s=0.1, slow_round=R)
     coord, peers = _start(outer_cluster, flags, env={i: slow for i in range(3)})
     victim, survivors = peers[2], peers[:2]
     ids = sorted(p.peer_id for p in survivors)
-    wait_for(lambda: all(_started(p, R) for p in peers), 30.0, f"every peer in the collective of round {R}",
-             interval=0.02)
+    wait_for(
+        lambda: all(_started(p, R) for p in peers), 30.0, f"every peer in the collective of round {R}", interval=0.02
+    )
     victim.signal(signal.SIGSTOP)
     t_stop = time.time()
     try:
+
         def without_victim():
             return [r for r, rec in survivors[0].rounds().items() if r >= R and sorted(rec["members"]) == ids]
 
-        wait_for(lambda: coord.events("expire", peer_id=victim.peer_id) and len(without_victim()) >= 2, 20.0,
-                 "the stopped peer's lease to expire and two rounds without it")
+        wait_for(
+            lambda: coord.events("expire", peer_id=victim.peer_id) and len(without_victim()) >= 2,
+            20.0,
+            "the stopped peer's lease to expire and two rounds without it",
+        )
     finally:
         victim.signal(signal.SIGCONT)
     t_cont = time.time()

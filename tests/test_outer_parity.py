@@ -25,8 +25,9 @@ def _run(cl, n_peers: int, rounds: int, **flag_args):
 @pytest.mark.parametrize("fragments", [1, 3], ids=["whole", "streaming3"])
 def test_every_codec_and_backend_commits_one_state_hash(outer_cluster, forkserver, fragments):
     rounds = 2 * len(ALL_CODECS)  # round r: codec r mod 5, backend (r div 5) mod 2, fragment r mod F
-    coord, peers = _run(outer_cluster, 3, rounds, codecs=",".join(ALL_CODECS), backends="grpc,gloo",
-                        fragments=fragments, numel=3000)
+    coord, peers = _run(
+        outer_cluster, 3, rounds, codecs=",".join(ALL_CODECS), backends="grpc,gloo", fragments=fragments, numel=3000
+    )
     ids = sorted(p.peer_id for p in peers)
     combos = set()
     for p in peers:

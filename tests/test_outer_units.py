@@ -114,14 +114,20 @@ def test_global_state_hash_tracks_every_change():
 @pytest.mark.parametrize("name", ["adamw", "sgd"])
 def test_optimizer_flat_state_round_trip(name):
     m = _model()
-    opt = (torch.optim.AdamW(m.parameters(), lr=0.1) if name == "adamw"
-           else torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9))
+    opt = (
+        torch.optim.AdamW(m.parameters(), lr=0.1)
+        if name == "adamw"
+        else torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
+    )
     m(torch.randn(4, 6)).sum().backward()
     opt.step()
     flat = optimizer_flat_state(opt, list(m.parameters()))
     m2 = _model()
-    opt2 = (torch.optim.AdamW(m2.parameters(), lr=0.1) if name == "adamw"
-            else torch.optim.SGD(m2.parameters(), lr=0.1, momentum=0.9))
+    opt2 = (
+        torch.optim.AdamW(m2.parameters(), lr=0.1)
+        if name == "adamw"
+        else torch.optim.SGD(m2.parameters(), lr=0.1, momentum=0.9)
+    )
     load_optimizer_flat_state(opt2, list(m2.parameters()), flat)
     again = optimizer_flat_state(opt2, list(m2.parameters()))
     for (n1, t1), (n2, t2) in zip(flat, again):

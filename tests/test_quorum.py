@@ -42,11 +42,29 @@ def machine(**kw) -> QuorumMachine:
     return QuorumMachine(Params(**base))
 
 
-def join(m: QuorumMachine, pid: str, now: float = 0.0, round: int = 0, state_hash: Optional[str] = None,
-         inc: str = "inc1", region: str = "", address: Optional[str] = None, schema: str = SCHEMA,
-         world_size: int = 1):
-    return m.join(pid, inc, address or f"{pid}.example:7000", schema, world_size, region, round,
-                  H(round) if state_hash is None else state_hash, now)
+def join(
+    m: QuorumMachine,
+    pid: str,
+    now: float = 0.0,
+    round: int = 0,
+    state_hash: Optional[str] = None,
+    inc: str = "inc1",
+    region: str = "",
+    address: Optional[str] = None,
+    schema: str = SCHEMA,
+    world_size: int = 1,
+):
+    return m.join(
+        pid,
+        inc,
+        address or f"{pid}.example:7000",
+        schema,
+        world_size,
+        region,
+        round,
+        H(round) if state_hash is None else state_hash,
+        now,
+    )
 
 
 def refused(code: str, fn, *args, **kw) -> Refusal:
@@ -166,8 +184,11 @@ def test_rejoin_of_same_incarnation_is_idempotent():
 
 def test_calls_from_non_members_and_wrong_incarnations_are_denied():
     m = machine()
-    for fn, args in ((m.heartbeat, ("ghost", "i", 0.0)), (m.sync, ("ghost", "i", 0, H(0), 0.0)),
-                     (m.commit, ("ghost", "i", 0, 1, True, 0.0))):
+    for fn, args in (
+        (m.heartbeat, ("ghost", "i", 0.0)),
+        (m.sync, ("ghost", "i", 0, H(0), 0.0)),
+        (m.commit, ("ghost", "i", 0, 1, True, 0.0)),
+    ):
         refused("PERMISSION_DENIED", fn, *args)
     join(m, "a", inc="inc1")
     refused("PERMISSION_DENIED", m.heartbeat, "a", "other", 0.1)
@@ -725,8 +746,9 @@ def test_restart_keeps_the_durable_state():
     snap = json.loads(json.dumps(m.snapshot()))
     m2 = QuorumMachine(m.params, snapshot=snap)
     assert (m2.committed_round, m2.quorum_id, m2.schema_hash, m2.known_hash) == (3, m.quorum_id, SCHEMA, H(3))
-    assert [(r.round, r.quorum_id, r.members) for r in m2.history] == \
-        [(r.round, r.quorum_id, r.members) for r in m.history]
+    assert [(r.round, r.quorum_id, r.members) for r in m2.history] == [
+        (r.round, r.quorum_id, r.members) for r in m.history
+    ]
     assert not m2.members and m2.phase == "collecting" and not m2.dirty
     # members re-join; a new quorum never reuses an id
     join(m2, "a", now=2.0, round=3)
@@ -1051,8 +1073,19 @@ class ProtocolMachine(RuleBasedStateMachine):
         p = self.peers[PEERS[i]]
         inc = self._new_inc() if fresh else p.inc
         held = self.machine.members.get(p.pid)
-        res, err = self._call(p, self.machine.join, p.pid, inc, f"{p.pid}.net:7000", SCHEMA, 1, REGIONS[p.pid],
-                              p.round, H(p.round), self.now)
+        res, err = self._call(
+            p,
+            self.machine.join,
+            p.pid,
+            inc,
+            f"{p.pid}.net:7000",
+            SCHEMA,
+            1,
+            REGIONS[p.pid],
+            p.round,
+            H(p.round),
+            self.now,
+        )
         if err is not None:
             assert err.code == "ALREADY_EXISTS", err.message
             assert fresh and held is not None and held.incarnation == p.inc
@@ -1075,8 +1108,7 @@ class ProtocolMachine(RuleBasedStateMachine):
     def heartbeat(self, i):
         p = self.peers[PEERS[i]]
         held = self.machine.members.get(p.pid)
-        live = (held is not None and held.incarnation == p.inc
-                and self.now - held.last_seen <= SP.lease_timeout)
+        live = held is not None and held.incarnation == p.inc and self.now - held.last_seen <= SP.lease_timeout
         res, err = self._call(p, self.machine.heartbeat, p.pid, p.inc, self.now)
         assert (err is None) == live, err
         if err is None:
@@ -1183,8 +1215,11 @@ class ProtocolMachine(RuleBasedStateMachine):
         self._check_events()
         old = self.machine
         self.machine = CheckedMachine(SP, snapshot=json.loads(json.dumps(self.persisted)))
-        assert (self.machine.committed_round, self.machine.quorum_id, self.machine.schema_hash) == \
-            (old.committed_round, old.quorum_id, old.schema_hash)
+        assert (self.machine.committed_round, self.machine.quorum_id, self.machine.schema_hash) == (
+            old.committed_round,
+            old.quorum_id,
+            old.schema_hash,
+        )
         assert [(r.round, r.quorum_id) for r in self.machine.history] == [(r.round, r.quorum_id) for r in old.history]
         assert not self.machine.members and not self.machine.dirty
         for p in self.peers.values():  # held calls fail; peers keep their state and their quorum
@@ -1240,8 +1275,7 @@ class ProtocolMachine(RuleBasedStateMachine):
         assert m.committed_round >= self.max_round, "a committed round was undone"
         self.max_round = m.committed_round
         assert set(self.commit_members) == set(range(m.committed_round))
-        assert [r.round for r in m.history] == list(range(max(0, m.committed_round - SP.history),
-                                                          m.committed_round))
+        assert [r.round for r in m.history] == list(range(max(0, m.committed_round - SP.history), m.committed_round))
         for r in m.history:
             assert self.committed[r.round] == r.quorum_id and tuple(r.members) == self.commit_members[r.round]
         for p in self.peers.values():
@@ -1258,6 +1292,9 @@ class ProtocolMachine(RuleBasedStateMachine):
 
 
 ProtocolMachine.TestCase.settings = settings(
-    max_examples=150, stateful_step_count=60, deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+    max_examples=150,
+    stateful_step_count=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+)
 TestProtocol = ProtocolMachine.TestCase

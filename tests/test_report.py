@@ -49,8 +49,16 @@ def single_run(tmp_path_factory):
     torch.set_num_threads(1)
     os.environ.setdefault("WANDB_SILENT", "true")
     os.environ["WANDB_MODE"] = "offline"
-    cfg = fast_cfg(tmp_path_factory.mktemp("report"), "steps=8", "eval_every=4", "log_every=2", "threads=1",
-                   "logger=wandb", "logger.wandb.mode=offline", name="single")
+    cfg = fast_cfg(
+        tmp_path_factory.mktemp("report"),
+        "steps=8",
+        "eval_every=4",
+        "log_every=2",
+        "threads=1",
+        "logger=wandb",
+        "logger.wandb.mode=offline",
+        name="single",
+    )
     train(cfg)
     return cfg.run_dir
 
@@ -87,8 +95,10 @@ def test_single_run_report(single_run, tmp_path):
 def test_wandb_offline_run_gets_the_report_images(single_run):
     runs = glob.glob(os.path.join(single_run, "wandb", "offline-run-*"))
     assert len(runs) == 1, os.listdir(os.path.join(single_run, "wandb"))
-    images = sorted(os.path.basename(p).split("_")[0]
-                    for p in glob.glob(os.path.join(runs[0], "files", "media", "images", "report", "*.png")))
+    images = sorted(
+        os.path.basename(p).split("_")[0]
+        for p in glob.glob(os.path.join(runs[0], "files", "media", "images", "report", "*.png"))
+    )
     assert images == ["accuracy", "loss"]
     for p in glob.glob(os.path.join(runs[0], "files", "media", "images", "report", "*.png")):
         _assert_png(p)
@@ -106,10 +116,24 @@ def _loss(step):
 
 def _round(r, step, t, members, compute, comm, wait, sent):
     # the fields of OuterLoop._record_round (dtrain/peer/outer_loop.py)
-    return {"kind": "round", "round": r, "quorum_id": r + 1, "quorum_size": len(members), "members": members,
-            "state_hash": HASH[r + 1], "bytes_sent": sent, "bytes_recv": sent, "round_s": compute + comm + wait + 0.5,
-            "compute_s": compute, "comm_s": comm, "wait_s": wait, "codec": "fp32", "attempts": 1, "step": step,
-            "time": T0 + t}
+    return {
+        "kind": "round",
+        "round": r,
+        "quorum_id": r + 1,
+        "quorum_size": len(members),
+        "members": members,
+        "state_hash": HASH[r + 1],
+        "bytes_sent": sent,
+        "bytes_recv": sent,
+        "round_s": compute + comm + wait + 0.5,
+        "compute_s": compute,
+        "comm_s": comm,
+        "wait_s": wait,
+        "codec": "fp32",
+        "attempts": 1,
+        "step": step,
+        "time": T0 + t,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -138,16 +162,37 @@ def sim_dir(single_run, tmp_path_factory):
         return {**start_t, "peer_id": peer, "step": s, "time": T0 + t}
 
     peers = {
-        "p0": [start("p0", 2), step(5, 6), step(10, 9), _round(0, 10, 10, ["p0", "p1"], 7.0, 1.0, 0.5, 4_000_000),
-               step(15, 13), step(20, 16), _round(1, 20, 17, ["p0"], 5.0, 0.1, 1.5, 0),
-               step(25, 21), step(30, 24), _round(2, 30, 25, ["p0", "p2"], 6.0, 1.0, 2.0, 4_000_000),
-               *evals(30, 26)],
+        "p0": [
+            start("p0", 2),
+            step(5, 6),
+            step(10, 9),
+            _round(0, 10, 10, ["p0", "p1"], 7.0, 1.0, 0.5, 4_000_000),
+            step(15, 13),
+            step(20, 16),
+            _round(1, 20, 17, ["p0"], 5.0, 0.1, 1.5, 0),
+            step(25, 21),
+            step(30, 24),
+            _round(2, 30, 25, ["p0", "p2"], 6.0, 1.0, 2.0, 4_000_000),
+            *evals(30, 26),
+        ],
         "p1": [start("p1", 2), step(5, 6), step(10, 9), _round(0, 10, 10, ["p0", "p1"], 7.5, 1.0, 0.0, 4_000_000)],
-        "p2": [start("p2", 15),
-               {"kind": "heal", "round": 2, "donor": "p0", "bytes": 3_000_000, "seconds": 0.4,
-                "state_hash": HASH[2], "reason": "joined behind", "time": T0 + 19},
-               step(25, 22), step(30, 24.5), _round(2, 30, 25, ["p0", "p2"], 4.0, 1.0, 0.0, 4_000_000),
-               *evals(30, 26)],
+        "p2": [
+            start("p2", 15),
+            {
+                "kind": "heal",
+                "round": 2,
+                "donor": "p0",
+                "bytes": 3_000_000,
+                "seconds": 0.4,
+                "state_hash": HASH[2],
+                "reason": "joined behind",
+                "time": T0 + 19,
+            },
+            step(25, 22),
+            step(30, 24.5),
+            _round(2, 30, 25, ["p0", "p2"], 4.0, 1.0, 0.0, 4_000_000),
+            *evals(30, 26),
+        ],
     }
     for peer, recs in peers.items():
         _write_jsonl(os.path.join(d, f"peer-{peer}", "metrics.jsonl"), recs)
@@ -158,36 +203,66 @@ def sim_dir(single_run, tmp_path_factory):
         if peer != "p1":
             json.dump(peer_summary, open(os.path.join(d, f"peer-{peer}", "summary.json"), "w"))
     # dtrain/sim/cluster.py Simulation.event
-    ev = [("sim_start", 0.0, {"peers": 2, "rounds": 3, "resume": False, "peer_kind": "train", "wan": True}),
-          ("coordinator_start", 1.0, {"pid": 101, "address": "127.0.0.1:40000"}),
-          ("peer_start", 1.1, {"peer": "p0", "pid": 102, "reason": "start", "region": "eu", "nproc": 1, "port": 40001}),
-          ("peer_start", 1.2, {"peer": "p1", "pid": 103, "reason": "start", "region": "us", "nproc": 1, "port": 40002}),
-          ("chaos_clock_start", 10.5, {"committed_round": 1, "actions": 2}),
-          ("kill", 12.0, {"peer": "p1", "signal": "KILL", "committed_round": 1}),
-          ("peer_exit", 12.1, {"peer": "p1", "status": -9}),
-          ("peer_start", 14.0, {"peer": "p2", "pid": 104, "reason": "chaos join", "region": "eu", "nproc": 1,
-                                "port": 40003}),
-          ("peer_exit", 28.0, {"peer": "p0", "status": 0}),
-          ("peer_exit", 28.1, {"peer": "p2", "status": 0}),
-          ("sim_end", 28.5, {"status": "ok", "error": "", "committed_round": 3})]
-    _write_jsonl(os.path.join(d, "events.jsonl"),
-                 [{"t": t, "time": T0 + t, "event": k, **f} for k, t, f in ev])
+    ev = [
+        ("sim_start", 0.0, {"peers": 2, "rounds": 3, "resume": False, "peer_kind": "train", "wan": True}),
+        ("coordinator_start", 1.0, {"pid": 101, "address": "127.0.0.1:40000"}),
+        ("peer_start", 1.1, {"peer": "p0", "pid": 102, "reason": "start", "region": "eu", "nproc": 1, "port": 40001}),
+        ("peer_start", 1.2, {"peer": "p1", "pid": 103, "reason": "start", "region": "us", "nproc": 1, "port": 40002}),
+        ("chaos_clock_start", 10.5, {"committed_round": 1, "actions": 2}),
+        ("kill", 12.0, {"peer": "p1", "signal": "KILL", "committed_round": 1}),
+        ("peer_exit", 12.1, {"peer": "p1", "status": -9}),
+        (
+            "peer_start",
+            14.0,
+            {"peer": "p2", "pid": 104, "reason": "chaos join", "region": "eu", "nproc": 1, "port": 40003},
+        ),
+        ("peer_exit", 28.0, {"peer": "p0", "status": 0}),
+        ("peer_exit", 28.1, {"peer": "p2", "status": 0}),
+        ("sim_end", 28.5, {"status": "ok", "error": "", "committed_round": 3}),
+    ]
+    _write_jsonl(os.path.join(d, "events.jsonl"), [{"t": t, "time": T0 + t, "event": k, **f} for k, t, f in ev])
     # dtrain/control/service.py's log: membership changes, quorums and commits
     commits = [(0, 10.0, ["p0", "p1"]), (1, 17.0, ["p0"]), (2, 25.0, ["p0", "p2"])]
-    clog = [{"time": T0 + 3, "event": "join", "peer_id": "p0", "address": "127.0.0.1:40001", "region": "eu",
-             "world_size": 1, "round": 0},
-            {"time": T0 + 3.1, "event": "join", "peer_id": "p1", "address": "127.0.0.1:40002", "region": "us",
-             "world_size": 1, "round": 0},
-            {"time": T0 + 14.5, "event": "expire", "peer_id": "p1", "reason": "lease expired (3s without a call)"},
-            {"time": T0 + 15.0, "event": "join", "peer_id": "p2", "address": "127.0.0.1:40003", "region": "eu",
-             "world_size": 1, "round": 0},
-            {"time": T0 + 27.0, "event": "leave", "peer_id": "p0", "reason": "finished"},
-            {"time": T0 + 27.1, "event": "leave", "peer_id": "p2", "reason": "finished"}]
-    clog += [{"time": T0 + t, "event": "commit", "round": r, "quorum_id": r + 1, "members": m, "state_hash": HASH[r]}
-             for r, t, m in commits]
+    clog = [
+        {
+            "time": T0 + 3,
+            "event": "join",
+            "peer_id": "p0",
+            "address": "127.0.0.1:40001",
+            "region": "eu",
+            "world_size": 1,
+            "round": 0,
+        },
+        {
+            "time": T0 + 3.1,
+            "event": "join",
+            "peer_id": "p1",
+            "address": "127.0.0.1:40002",
+            "region": "us",
+            "world_size": 1,
+            "round": 0,
+        },
+        {"time": T0 + 14.5, "event": "expire", "peer_id": "p1", "reason": "lease expired (3s without a call)"},
+        {
+            "time": T0 + 15.0,
+            "event": "join",
+            "peer_id": "p2",
+            "address": "127.0.0.1:40003",
+            "region": "eu",
+            "world_size": 1,
+            "round": 0,
+        },
+        {"time": T0 + 27.0, "event": "leave", "peer_id": "p0", "reason": "finished"},
+        {"time": T0 + 27.1, "event": "leave", "peer_id": "p2", "reason": "finished"},
+    ]
+    clog += [
+        {"time": T0 + t, "event": "commit", "round": r, "quorum_id": r + 1, "members": m, "state_hash": HASH[r]}
+        for r, t, m in commits
+    ]
     _write_jsonl(os.path.join(d, "coordinator", "events.jsonl"), sorted(clog, key=lambda e: e["time"]))
-    history = [{"members": m, "quorum_id": r + 1, "round": r, "state_hash": HASH[r], "time": T0 + t}
-               for r, t, m in commits]
+    history = [
+        {"members": m, "quorum_id": r + 1, "round": r, "state_hash": HASH[r], "time": T0 + t} for r, t, m in commits
+    ]
     json.dump({"committed_round": 3, "history": history}, open(os.path.join(d, "coordinator", "state.json"), "w"))
     json.dump(summarize(d, 3), open(os.path.join(d, "summary.json"), "w"), indent=2)
     return d
@@ -202,8 +277,10 @@ def test_sim_series(sim_dir):
     assert [n for _, n in m["live"]] == [0, 1, 2, 1, 2, 1, 0]
     assert [n for _, n in m["members"]] == [1, 2, 1, 2, 1, 0]
     assert [n for _, n in m["quorum"]] == [2, 1, 2]
-    assert [(round(t, 1), k, label) for t, k, label in m["events"]] == [(12.0, "kill", "kill p1 (KILL)"),
-                                                                         (14.0, "join", "join p2")]
+    assert [(round(t, 1), k, label) for t, k, label in m["events"]] == [
+        (12.0, "kill", "kill p1 (KILL)"),
+        (14.0, "join", "join p2"),
+    ]
     outer, heals = run_series.bytes_per_round(run)
     assert outer["p0"] == {0: 8_000_000, 1: 0, 2: 8_000_000} and heals == {2: 3_000_000}
     split = {r[0]: r[1:] for r in run_series.round_time_split(run)}
@@ -212,8 +289,10 @@ def test_sim_series(sim_dir):
 
 def test_replayed_steps_keep_the_last_record(tmp_path):
     """A peer restarted from an older checkpoint logs some steps twice: the later record wins."""
-    recs = [{"kind": "step", "step": s, "loss": {"max": v}, "time": T0 + i}
-            for i, (s, v) in enumerate([(5, 2.0), (10, 1.5), (5, 1.9), (10, 1.4), (15, 1.2)])]
+    recs = [
+        {"kind": "step", "step": s, "loss": {"max": v}, "time": T0 + i}
+        for i, (s, v) in enumerate([(5, 2.0), (10, 1.5), (5, 1.9), (10, 1.4), (15, 1.2)])
+    ]
     _write_jsonl(str(tmp_path / "metrics.jsonl"), recs)
     (groups,) = run_series.loss_series(load_run(str(tmp_path))).values()
     assert groups == {"max": [(5, 1.9), (10, 1.4), (15, 1.2)]}
@@ -240,20 +319,28 @@ def test_cli_writes_the_sim_report_and_nothing_in_cwd(sim_dir, tmp_path, capsys,
     acc = summary["final_accuracy"]
     compute = 7.0 + 5.0 + 6.0 + 7.5 + 4.0
     total = compute + (1.0 + 0.5 + 0.5) + (0.1 + 1.5 + 0.5) + (1.0 + 2.0 + 0.5) + (1.0 + 0.5) + (1.0 + 0.5)
-    for row in ("| run | dtrain-sim, 3 peer(s) over the run |", "| steps | 30 |", "| rounds committed | 3 of 3 |",
-                f"| final test accuracy (max / min) | {100 * acc['max']:.2f}% / {100 * acc['min']:.2f}% |",
-                "| faults injected | 1 (kill_kill: 1) |", "| recoveries | 1 (1 heals, 0 round retries) |",
-                "| parity | ok (3 rounds checked) |", "| rounds lost | 0 |",
-                "| bytes moved | 19.00MB (outer 16.00MB, state transfer 3.00MB) |",
-                f"| mean compute utilisation | {100 * compute / total:.1f}% |"):
+    for row in (
+        "| run | dtrain-sim, 3 peer(s) over the run |",
+        "| steps | 30 |",
+        "| rounds committed | 3 of 3 |",
+        f"| final test accuracy (max / min) | {100 * acc['max']:.2f}% / {100 * acc['min']:.2f}% |",
+        "| faults injected | 1 (kill_kill: 1) |",
+        "| recoveries | 1 (1 heals, 0 round retries) |",
+        "| parity | ok (3 rounds checked) |",
+        "| rounds lost | 0 |",
+        "| bytes moved | 19.00MB (outer 16.00MB, state transfer 3.00MB) |",
+        f"| mean compute utilisation | {100 * compute / total:.1f}% |",
+    ):
         assert row in md, (row, md)
 
 
 def test_a_single_diloco_peer_gets_its_rounds(tmp_path):
     """No simulation around it: membership comes from the quorum of its round records."""
     recs = [_round(0, 10, 10, ["a", "b"], 7.0, 1.0, 0.5, 1000), _round(1, 20, 20, ["a"], 6.0, 0.0, 0.0, 0)]
-    _write_jsonl(str(tmp_path / "metrics.jsonl"), [{"kind": "run", "event": "start", "step": 0, "peer_id": "a",
-                                                     "time": T0}, *recs])
+    _write_jsonl(
+        str(tmp_path / "metrics.jsonl"),
+        [{"kind": "run", "event": "start", "step": 0, "peer_id": "a", "time": T0}, *recs],
+    )
     run = load_run(str(tmp_path))
     assert run.kind == "single" and list(run.peers) == ["a"]
     m = run_series.membership(run)
@@ -262,9 +349,21 @@ def test_a_single_diloco_peer_gets_its_rounds(tmp_path):
 
 
 def test_lm_runs_report_bits_per_byte(tmp_path):
-    evals = [{"kind": "eval", "step": s, "split": "val", "arch_name": a, "acc": 0.3, "loss": 2.0, "bpb": b,
-              "params": 1, "macs": 1, "time": T0 + s} for s, a, b in [(5, "max", 3.1), (5, "min", 3.4),
-                                                                     (10, "max", 2.6), (10, "min", 2.9)]]
+    evals = [
+        {
+            "kind": "eval",
+            "step": s,
+            "split": "val",
+            "arch_name": a,
+            "acc": 0.3,
+            "loss": 2.0,
+            "bpb": b,
+            "params": 1,
+            "macs": 1,
+            "time": T0 + s,
+        }
+        for s, a, b in [(5, "max", 3.1), (5, "min", 3.4), (10, "max", 2.6), (10, "min", 2.9)]
+    ]
     _write_jsonl(str(tmp_path / "metrics.jsonl"), [{"kind": "step", "step": 5, "loss": {"max": 2.0}}, *evals])
     run = load_run(str(tmp_path))
     metric, axis, series = run_series.eval_series(run)
@@ -297,11 +396,13 @@ def test_bad_run_dirs_are_one_line_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     (tmp_path / "sim" / "peer-p0").mkdir(parents=True)
     (tmp_path / "sim" / "events.jsonl").write_text('{"t": 0.0, "time": 1.0, "event": "sim_start"}\n')
-    for bad, want in [("", "run_dir is empty"),
-                      (tmp_path / "nope", f"run_dir='{tmp_path / 'nope'}' does not exist"),
-                      (tmp_path / "a.json", f"run_dir='{tmp_path / 'a.json'}' is a file, not a directory"),
-                      (tmp_path / "empty", f"run_dir='{tmp_path / 'empty'}' holds no metrics.jsonl"),
-                      (tmp_path / "sim", "is a dtrain-sim run without any peer-*/metrics.jsonl")]:
+    for bad, want in [
+        ("", "run_dir is empty"),
+        (tmp_path / "nope", f"run_dir='{tmp_path / 'nope'}' does not exist"),
+        (tmp_path / "a.json", f"run_dir='{tmp_path / 'a.json'}' is a file, not a directory"),
+        (tmp_path / "empty", f"run_dir='{tmp_path / 'empty'}' holds no metrics.jsonl"),
+        (tmp_path / "sim", "is a dtrain-sim run without any peer-*/metrics.jsonl"),
+    ]:
         with pytest.raises(ConfigError) as ex:
             load_run(str(bad))
         assert want in str(ex.value) and "\n" not in str(ex.value)

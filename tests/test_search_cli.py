@@ -17,8 +17,16 @@ from conftest import REPO, compose, fast_cfg
 
 pytestmark = pytest.mark.timeout(240)
 
-FAST_SEARCH = ["evolution.population=6", "evolution.parents=3", "evolution.generations=2", "eval.calib_batches=2",
-               "eval.calib_batch_size=16", "eval.batch_size=256", "threads=1", "device=cpu"]
+FAST_SEARCH = [
+    "evolution.population=6",
+    "evolution.parents=3",
+    "evolution.generations=2",
+    "eval.calib_batches=2",
+    "eval.calib_batch_size=16",
+    "eval.batch_size=256",
+    "threads=1",
+    "device=cpu",
+]
 
 
 @pytest.fixture(scope="module")
@@ -27,8 +35,7 @@ def trained(tmp_path_factory):
     from dtrain.train.loop import train
 
     torch.set_num_threads(1)
-    cfg = fast_cfg(tmp_path_factory.mktemp("search"), "steps=12", "eval_every=0", "threads=1", "device=cpu",
-                   name="run")
+    cfg = fast_cfg(tmp_path_factory.mktemp("search"), "steps=12", "eval_every=0", "threads=1", "device=cpu", name="run")
     train(cfg)
     return cfg.run_dir
 
@@ -61,13 +68,24 @@ def test_search_outputs_and_budget(trained, tmp_path):
     check = check_table(src.model, table, torch.device("cpu"), n=3, warmup=0, repeats=1)
     assert [r["name"] for r in check] == ["largest", "smallest", "random0"]
     for r in check:  # the sum of units against the whole subnet, timed
-        assert r["predicted_ms"] > 0 and r["measured_ms"] > 0 and r["ratio"] == pytest.approx(
-            r["predicted_ms"] / r["measured_ms"], rel=1e-3)
+        assert (
+            r["predicted_ms"] > 0
+            and r["measured_ms"] > 0
+            and r["ratio"] == pytest.approx(r["predicted_ms"] / r["measured_ms"], rel=1e-3)
+        )
     lat = str(tmp_path / "latency.json")
     save_table(lat, table)
     cap = src.model.cost(src.model.space.max())["macs"] // 2
-    out = _search(trained, tmp_path / "s", f"constraints.max_macs={cap}", f"constraints.latency_table={lat}",
-                  "predictor.enabled=true", "predictor.warmup=4", "predictor.epochs=50", "predictor.oversample=2")
+    out = _search(
+        trained,
+        tmp_path / "s",
+        f"constraints.max_macs={cap}",
+        f"constraints.latency_table={lat}",
+        "predictor.enabled=true",
+        "predictor.warmup=4",
+        "predictor.epochs=50",
+        "predictor.oversample=2",
+    )
     doc = json.load(open(tmp_path / "s" / "pareto.json"))
     assert doc["pareto"] == json.loads(json.dumps(out["pareto"]))
     # generation 0: 6 feasible archs + the largest (over budget, evaluated as an anchor); generation 1: 6
@@ -91,8 +109,18 @@ def test_search_outputs_and_budget(trained, tmp_path):
 def test_torchrun_ranks_share_the_evaluations_and_agree(trained, tmp_path):
     one = _search(trained, tmp_path / "one")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m",
-           "dtrain.cli.search", f"checkpoint={trained}", f"out_dir={tmp_path / 'two'}", *FAST_SEARCH]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node=2",
+        "-m",
+        "dtrain.cli.search",
+        f"checkpoint={trained}",
+        f"out_dir={tmp_path / 'two'}",
+        *FAST_SEARCH,
+    ]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=200, cwd=REPO, env=env)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     two = json.load(open(tmp_path / "two" / "pareto.json"))
@@ -133,14 +161,18 @@ def test_sim_run_dir_gives_the_coordinator_confirmed_latest(trained, tmp_path):
     # The coordinator's committed_round counts commits; its history holds the hash of S_r per round r.
     history, _ = _fake_sim(trained, root, {"a": (5, 1.0), "b": (5, 1.0), "c": (4, 0.5), "d": (4, 0.25)})
     c_hash = next(h for h in history if h["round"] == 4)["state_hash"]
-    (root / "coordinator" / "state.json").write_text(json.dumps(
-        {"committed_round": 5, "history": [{"round": 4, "state_hash": c_hash, "members": ["c"], "quorum_id": 3}]}))
+    (root / "coordinator" / "state.json").write_text(
+        json.dumps(
+            {"committed_round": 5, "history": [{"round": 4, "state_hash": c_hash, "members": ["c"], "quorum_id": 3}]}
+        )
+    )
     path, info = resolve_checkpoint(str(root))
     assert info["peer"] == "a" and info["round"] == 5 and info["peers_agreeing"] == 2
     assert "committed round 4" in info["confirmed"]
     # with 4 commits, S_5 is not confirmed: S_4 of c is (d's bits differ from the recorded hash)
-    (root / "coordinator" / "state.json").write_text(json.dumps(
-        {"committed_round": 4, "history": [{"round": 4, "state_hash": c_hash}]}))
+    (root / "coordinator" / "state.json").write_text(
+        json.dumps({"committed_round": 4, "history": [{"round": 4, "state_hash": c_hash}]})
+    )
     path, info = resolve_checkpoint(str(root))
     assert info["peer"] == "c" and info["round"] == 4 and "history" in info["confirmed"]
     out = _search(str(root), tmp_path / "s")  # and the search runs on it, with the peers' config.json
@@ -158,9 +190,19 @@ def test_export_weights_torchscript_and_onnx(trained, tmp_path):
 
     space = load_source(trained).model.space
     arch_file.write_text(json.dumps({"arch": space.min()}))
-    cfg = compose([f"checkpoint={trained}", f"out_dir={tmp_path / 'e'}", f"arch={arch_file}", "weights=torch",
-                   "eval.calib_batches=2", "eval.calib_batch_size=16", "threads=1", "device=cpu"],
-                  config_name="export")
+    cfg = compose(
+        [
+            f"checkpoint={trained}",
+            f"out_dir={tmp_path / 'e'}",
+            f"arch={arch_file}",
+            "weights=torch",
+            "eval.calib_batches=2",
+            "eval.calib_batch_size=16",
+            "threads=1",
+            "device=cpu",
+        ],
+        config_name="export",
+    )
     doc = run_export(cfg)
     m = doc["metrics"]
     assert m["accuracy_export"] == m["accuracy_supernet"] and m["max_abs_logit_diff"] < 1e-4
@@ -190,17 +232,24 @@ def test_bad_arguments_are_one_line(trained, tmp_path, capsys):
     base = [f"out_dir={tmp_path / 'o'}", *FAST_SEARCH]
     cases = [
         (search.main, ["checkpoint=/nonexistent/run", *base], "checkpoint='/nonexistent/run' does not exist"),
-        (search.main, [f"checkpoint={trained}", *base, "constraints.max_macs=10"],
-         "constraints.max_macs=10 is not allowed: the smallest subnet already has macs="),
+        (
+            search.main,
+            [f"checkpoint={trained}", *base, "constraints.max_macs=10"],
+            "constraints.max_macs=10 is not allowed: the smallest subnet already has macs=",
+        ),
         (search.main, [f"checkpoint={trained}", *base, "evolution.parents=0"], "evolution.parents=0 is not allowed"),
-        (search.main, [f"checkpoint={trained}", *base, "constraints.max_latency_ms=1"],
-         "constraints.latency_table"),
+        (search.main, [f"checkpoint={trained}", *base, "constraints.max_latency_ms=1"], "constraints.latency_table"),
         (latency.main, ["out=x.json", "batch_size=0"], "batch_size=0 is not allowed"),
     ]
     bad_latency = tmp_path / "lat.json"
     bad_latency.write_text(json.dumps({"version": 1, "model_config_hash": "other", "entries": {}}))
-    cases.append((search.main, [f"checkpoint={trained}", *base, f"constraints.latency_table={bad_latency}"],
-                  "was built for another model config"))
+    cases.append(
+        (
+            search.main,
+            [f"checkpoint={trained}", *base, f"constraints.latency_table={bad_latency}"],
+            "was built for another model config",
+        )
+    )
     pareto = tmp_path / "pareto.json"
     pareto.write_text(json.dumps({"pareto": [{"arch": {}}]}))
     arch = tmp_path / "arch.json"

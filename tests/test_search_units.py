@@ -83,8 +83,9 @@ def test_space_exhausted_stops_early():
     tiny = GPTSpace(depths=[1], embed_dims=[8], heads=[1, 2], mlp_ratios=[1])  # 2 archs in all
     score = lambda archs: [{"score": float(a["heads"][0]), "acc": 0.0, "loss": 0.0} for a in archs]  # noqa: E731
     cost = lambda a: {"macs": a["heads"][0], "params": 1, "latency_ms": None}  # noqa: E731
-    res = EvolutionarySearch(tiny, EvolutionConfig(population=4, generations=5, parents=2), score, cost,
-                             lambda c: None).run()
+    res = EvolutionarySearch(
+        tiny, EvolutionConfig(population=4, generations=5, parents=2), score, cost, lambda c: None
+    ).run()
     assert len(res.candidates) == 2 and len(res.front) == 2
 
 

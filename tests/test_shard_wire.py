@@ -18,11 +18,22 @@ from dtrain.v1 import dtrain_pb2 as pb
 
 HEADER_FIELDS = ("quorum_id", "round", "op", "phase", "shard", "sender", "codec", "numel", "total_bytes", "offset")
 
-u64 = st.integers(0, 2 ** 64 - 1)
-u32 = st.integers(0, 2 ** 32 - 1)
+u64 = st.integers(0, 2**64 - 1)
+u32 = st.integers(0, 2**32 - 1)
 text = st.text(max_size=40)
-headers = st.builds(dict, quorum_id=u64, round=u64, op=text, phase=u32, shard=u32, sender=text, codec=text,
-                    numel=u64, total_bytes=u64, offset=u64)
+headers = st.builds(
+    dict,
+    quorum_id=u64,
+    round=u64,
+    op=text,
+    phase=u32,
+    shard=u32,
+    sender=text,
+    codec=text,
+    numel=u64,
+    total_bytes=u64,
+    offset=u64,
+)
 
 
 @settings(max_examples=200, deadline=None)
@@ -57,8 +68,13 @@ def _field(num: int, wire: int, body: bytes) -> bytes:
 
 
 def test_parse_accepts_any_field_order_and_the_last_data_field_wins():
-    raw = (_field(11, 2, b"old") + _field(6, 2, b"peer-b") + _field(4, 0, b"\x02") + _field(11, 2, b"new")
-           + _field(10, 0, b"\x07"))
+    raw = (
+        _field(11, 2, b"old")
+        + _field(6, 2, b"peer-b")
+        + _field(4, 0, b"\x02")
+        + _field(11, 2, b"new")
+        + _field(10, 0, b"\x07")
+    )
     got = parse(raw)
     ref = pb.ShardChunk.FromString(raw)
     assert (got.sender, got.phase, got.offset, bytes(got.data)) == (ref.sender, ref.phase, ref.offset, ref.data)
@@ -70,14 +86,17 @@ def test_unknown_fields_and_fixed_width_fields_are_skipped_like_protobuf_does():
     assert bytes(parse(raw).data) == b"xy"
 
 
-@pytest.mark.parametrize("raw, why", [
-    (b"\x5a\x10ab", "data field runs past the end"),
-    (b"\x00\x01", "field number 0"),
-    (b"\x0b", "wire type 3"),
-    (b"\x08\x80", "truncated"),
-    (b"\x32\x05ab", "field runs past the end"),
-    (b"\x32\x02\xff\xfe", "header does not parse"),  # sender (a string) that is not UTF-8
-])
+@pytest.mark.parametrize(
+    "raw, why",
+    [
+        (b"\x5a\x10ab", "data field runs past the end"),
+        (b"\x00\x01", "field number 0"),
+        (b"\x0b", "wire type 3"),
+        (b"\x08\x80", "truncated"),
+        (b"\x32\x05ab", "field runs past the end"),
+        (b"\x32\x02\xff\xfe", "header does not parse"),  # sender (a string) that is not UTF-8
+    ],
+)
 def test_malformed_bytes_raise_malformed_chunk(raw, why):
     with pytest.raises(MalformedChunk, match=why):
         parse(raw)

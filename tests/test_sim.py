@@ -19,8 +19,15 @@ from conftest import FAST_MBV3, run_cli
 from sim_fixtures import SimRun, alive, run_sim, started_pids
 
 QUICK_COORD = 'sim.coordinator_args=["lease_timeout_s=2","heartbeat_interval_s=0.4","grace_s=0.5"]'
-MODEL_FREE = ["sim.peer=model_free", "sim.step_s=0.3", "sim.finish_grace_s=5", "wan.latency_ms=20",
-              "wan.jitter_ms=2", "wan.bandwidth_mbit=200", QUICK_COORD]
+MODEL_FREE = [
+    "sim.peer=model_free",
+    "sim.step_s=0.3",
+    "sim.finish_grace_s=5",
+    "wan.latency_ms=20",
+    "wan.jitter_ms=2",
+    "wan.bandwidth_mbit=200",
+    QUICK_COORD,
+]
 
 
 def check_run(run, rounds):
@@ -36,9 +43,21 @@ def check_run(run, rounds):
 
 @pytest.mark.timeout(150)
 def test_crash_restart_join_coordinator_restart_and_link_faults(tmp_path):
-    run = run_sim(tmp_path, [*MODEL_FREE, "sim.rounds=18", "chaos.kill_at_s=[1.5,5]", "chaos.restart_after_s=1",
-                             "chaos.join_at_s=[3]", "chaos.coordinator_restart_at_s=[7]",
-                             "wan.reset_every_s=[3,4]", "wan.stall_every_s=[4,5]", "wan.stall_s=1"], timeout=120)
+    run = run_sim(
+        tmp_path,
+        [
+            *MODEL_FREE,
+            "sim.rounds=18",
+            "chaos.kill_at_s=[1.5,5]",
+            "chaos.restart_after_s=1",
+            "chaos.join_at_s=[3]",
+            "chaos.coordinator_restart_at_s=[7]",
+            "wan.reset_every_s=[3,4]",
+            "wan.stall_every_s=[4,5]",
+            "wan.stall_s=1",
+        ],
+        timeout=120,
+    )
     try:
         s = check_run(run, 18)
         f = s["faults"]
@@ -59,13 +78,15 @@ def test_crash_restart_join_coordinator_restart_and_link_faults(tmp_path):
 @pytest.mark.parametrize("sig", ["STOP", pytest.param("TERM", marks=pytest.mark.acceptance)])
 def test_stopped_peer_rejoins_and_terminated_peer_leaves(tmp_path, sig):
     extra = ["chaos.restart_after_s=3"] if sig == "STOP" else []
-    run = run_sim(tmp_path, [*MODEL_FREE, "sim.rounds=10", "chaos.kill_at_s=[1]", f"chaos.signal={sig}",
-                             *extra], timeout=120)
+    run = run_sim(
+        tmp_path, [*MODEL_FREE, "sim.rounds=10", "chaos.kill_at_s=[1]", f"chaos.signal={sig}", *extra], timeout=120
+    )
     try:
         check_run(run, 10)
         victim = next(e["peer"] for e in run.events() if e["event"] == "kill")
-        removed = [e for e in run.coordinator_events() if e.get("peer_id") == victim
-                   and e["event"] in ("leave", "expire")]
+        removed = [
+            e for e in run.coordinator_events() if e.get("peer_id") == victim and e["event"] in ("leave", "expire")
+        ]
         exits = {e["peer"]: e["status"] for e in run.events() if e["event"] == "peer_exit"}
         if sig == "TERM":  # left at once with Leave (no lease wait), exit status 0
             assert removed and removed[0]["event"] == "leave"
@@ -75,8 +96,11 @@ def test_stopped_peer_rejoins_and_terminated_peer_leaves(tmp_path, sig):
             assert [r["kind"] for r in rounds_after][-2:] == ["done", "leave"]
         else:  # its lease expired while stopped; resumed, it re-joined (healing if it was behind) and took part
             assert removed and removed[0]["event"] == "expire"
-            rejoined = [e for e in run.coordinator_events() if e["event"] == "join" and e.get("peer_id") == victim
-                        and e["time"] > removed[0]["time"]]
+            rejoined = [
+                e
+                for e in run.coordinator_events()
+                if e["event"] == "join" and e.get("peer_id") == victim and e["time"] > removed[0]["time"]
+            ]
             assert rejoined and exits[victim] == 0
             resumed_at = next(e["time"] for e in run.events() if e["event"] == "resume_stopped")
             recs = [json.loads(line) for line in open(os.path.join(run.run_dir, "peer-" + victim, "metrics.jsonl"))]
@@ -89,12 +113,30 @@ def test_stopped_peer_rejoins_and_terminated_peer_leaves(tmp_path, sig):
 def test_whole_cluster_restart_with_mixed_world_sizes(tmp_path):
     """A 2-rank torchrun peer and a 1-rank peer train a tiny supernet; every process is SIGKILLed mid-run
     and restarted from checkpoints and the coordinator's state dir."""
-    peer_args = json.dumps([*FAST_MBV3, "batch_size=16", "eval_batch_size=128", "calib_batches=2",
-                            "calib_batch_size=16", "eval_every=0", "checkpoint_every=0", "log_every=2"])
-    common = [f"sim.peer_args={peer_args}", "sim.peers=2", "sim.nproc_per_peer=[2,1]", "sim.inner_steps=4",
-              "wan.latency_ms=10", "wan.jitter_ms=0", "wan.bandwidth_mbit=0",
-              'sim.coordinator_args=["lease_timeout_s=3","heartbeat_interval_s=0.5","grace_s=0.5","min_peers=2"]',
-              "chaos.kill_at_s=[]", "chaos.join_at_s=[]"]
+    peer_args = json.dumps(
+        [
+            *FAST_MBV3,
+            "batch_size=16",
+            "eval_batch_size=128",
+            "calib_batches=2",
+            "calib_batch_size=16",
+            "eval_every=0",
+            "checkpoint_every=0",
+            "log_every=2",
+        ]
+    )
+    common = [
+        f"sim.peer_args={peer_args}",
+        "sim.peers=2",
+        "sim.nproc_per_peer=[2,1]",
+        "sim.inner_steps=4",
+        "wan.latency_ms=10",
+        "wan.jitter_ms=0",
+        "wan.bandwidth_mbit=0",
+        'sim.coordinator_args=["lease_timeout_s=3","heartbeat_interval_s=0.5","grace_s=0.5","min_peers=2"]',
+        "chaos.kill_at_s=[]",
+        "chaos.join_at_s=[]",
+    ]
     run = run_sim(tmp_path, [*common, "sim.rounds=8", "chaos.cluster_restart_at_s=[1]"], timeout=200)
     try:
         s = check_run(run, 8)
@@ -117,9 +159,16 @@ def test_whole_cluster_restart_with_mixed_world_sizes(tmp_path):
 def test_user_restarts_a_finished_run_with_more_rounds(tmp_path):
     """`dtrain-sim run_dir=X resume=true sim.rounds=N`: every process starts again from the checkpoints and
     the coordinator's state dir (make acceptance: about a minute)."""
-    common = ["sim.peers=2", "sim.inner_steps=4", "wan.latency_ms=10", QUICK_COORD, "chaos.kill_at_s=[]",
-              "chaos.join_at_s=[]", "sim.peer_args=" + json.dumps([*FAST_MBV3, "batch_size=16", "eval_every=0",
-                                                                     "calib_batches=2", "calib_batch_size=16"])]
+    common = [
+        "sim.peers=2",
+        "sim.inner_steps=4",
+        "wan.latency_ms=10",
+        QUICK_COORD,
+        "chaos.kill_at_s=[]",
+        "chaos.join_at_s=[]",
+        "sim.peer_args="
+        + json.dumps([*FAST_MBV3, "batch_size=16", "eval_every=0", "calib_batches=2", "calib_batch_size=16"]),
+    ]
     first = run_sim(tmp_path, [*common, "sim.rounds=3"], timeout=200)
     try:
         check_run(first, 3)

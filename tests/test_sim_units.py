@@ -18,6 +18,7 @@ from dtrain.sim.wan import LinkSpec, WanEmulator
 
 # ---------------------------------------------------------------- WAN emulator
 
+
 class EchoSink:
     """A TCP server that counts bytes and answers each b'?' with b'!'."""
 
@@ -70,8 +71,10 @@ def connect_via(proxy_url: str, target: str) -> socket.socket:
 
 @pytest.fixture
 def wan():
-    spec = {("eu", "us"): LinkSpec(latency_ms=60, bandwidth_mbit=40),
-            ("us", "eu"): LinkSpec(latency_ms=60, bandwidth_mbit=40)}
+    spec = {
+        ("eu", "us"): LinkSpec(latency_ms=60, bandwidth_mbit=40),
+        ("us", "eu"): LinkSpec(latency_ms=60, bandwidth_mbit=40),
+    }
     w = WanEmulator(lambda a, b: spec.get((a, b), LinkSpec()), seed=0, buffer_bytes=1 << 20)
     sink = EchoSink()
     urls = {"a": w.add_node("a", "eu"), "c": w.add_node("c", "eu")}
@@ -137,9 +140,11 @@ def test_wan_stall_holds_delivery(wan):
 
 # ---------------------------------------------------------------- chaos schedule
 
+
 @settings(max_examples=40, deadline=None)
-@given(seed=st.integers(0, 2 ** 31), lo=st.floats(0.1, 5), span=st.floats(0, 5),
-       joins=st.lists(st.floats(0, 50), max_size=4))
+@given(
+    seed=st.integers(0, 2**31), lo=st.floats(0.1, 5), span=st.floats(0, 5), joins=st.lists(st.floats(0, 50), max_size=4)
+)
 def test_chaos_schedule_is_seeded_sorted_and_within_bounds(seed, lo, span, joins):
     c = ChaosConfig(seed=seed, kill_every_s=[lo, lo + span], join_at_s=joins)
     w = WanConfig(reset_every_s=[lo, lo + span])
@@ -178,6 +183,7 @@ def test_chaos_config_refuses_bad_values():
 
 # ---------------------------------------------------------------- the judge
 
+
 def write_run(tmp_path, peers: dict, commits: list, committed: int):
     for pid, recs in peers.items():
         d = tmp_path / f"peer-{pid}"
@@ -195,9 +201,15 @@ def rnd(r, h, **kw):
 
 
 def test_summary_passes_a_consistent_run(tmp_path):
-    write_run(tmp_path, {"p0": [rnd(0, "h1"), rnd(1, "h2")],
-                         "p1": [rnd(0, "h1"), {"kind": "heal", "round": 2, "state_hash": "h2", "bytes": 10}]},
-              [{"round": 0, "quorum_id": 1, "state_hash": "h0"}, {"round": 1, "quorum_id": 1, "state_hash": "h1"}], 2)
+    write_run(
+        tmp_path,
+        {
+            "p0": [rnd(0, "h1"), rnd(1, "h2")],
+            "p1": [rnd(0, "h1"), {"kind": "heal", "round": 2, "state_hash": "h2", "bytes": 10}],
+        },
+        [{"round": 0, "quorum_id": 1, "state_hash": "h0"}, {"round": 1, "quorum_id": 1, "state_hash": "h1"}],
+        2,
+    )
     s = summarize(str(tmp_path), 2)
     assert s["ok"] and s["parity"] and s["rounds_lost"] == 0 and s["heals"] == 1
     assert s["faults"] == {"kill_kill": 1}
@@ -235,9 +247,18 @@ def test_links_follow_regions_and_pairs(tmp_path):
 
     from conftest import compose
 
-    cfg = compose([f"run_dir={tmp_path}", "sim.regions=[eu,us,asia]", "+wan.pairs.asia-eu=[120,10,50]",
-                   "wan.latency_ms=80", "wan.jitter_ms=5", "wan.bandwidth_mbit=100", "wan.local.latency_ms=1"],
-                  config_name="sim")
+    cfg = compose(
+        [
+            f"run_dir={tmp_path}",
+            "sim.regions=[eu,us,asia]",
+            "+wan.pairs.asia-eu=[120,10,50]",
+            "wan.latency_ms=80",
+            "wan.jitter_ms=5",
+            "wan.bandwidth_mbit=100",
+            "wan.local.latency_ms=1",
+        ],
+        config_name="sim",
+    )
     sim = Simulation(cfg)
     assert [sim.region_of(i) for i in range(4)] == ["eu", "us", "asia", "eu"]
     assert sim.link_of("eu", "us") == LinkSpec(80, 5, 100)

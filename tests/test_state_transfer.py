@@ -222,15 +222,17 @@ def test_stream_requests_are_checked(served):
         stub = pb_grpc.PeerStub(ch)
         h = stub.GetStateHeader(pb.StateRequest(schema_hash=SCHEMA), timeout=5)
         svc.set_snapshot(StateSnapshot(2, b"moved on"))
-        part = list(stub.StreamState(pb.StateChunkRequest(transfer_id=h.transfer_id, offset=950, length=0),
-                                     timeout=5))
+        part = list(stub.StreamState(pb.StateChunkRequest(transfer_id=h.transfer_id, offset=950, length=0), timeout=5))
         assert [(c.offset, len(c.data)) for c in part] == [(950, 50)]
-        ranged = list(stub.StreamState(pb.StateChunkRequest(transfer_id=h.transfer_id, offset=120, length=150),
-                                       timeout=5))
+        ranged = list(
+            stub.StreamState(pb.StateChunkRequest(transfer_id=h.transfer_id, offset=120, length=150), timeout=5)
+        )
         assert [(c.offset, len(c.data)) for c in ranged] == [(120, 100), (220, 50)]
-        for req, msg in [(pb.StateChunkRequest(transfer_id="nope"), "unknown or expired transfer id"),
-                         (pb.StateChunkRequest(transfer_id=h.transfer_id, offset=1001), "outside"),
-                         (pb.StateChunkRequest(transfer_id=h.transfer_id, offset=900, length=101), "outside")]:
+        for req, msg in [
+            (pb.StateChunkRequest(transfer_id="nope"), "unknown or expired transfer id"),
+            (pb.StateChunkRequest(transfer_id=h.transfer_id, offset=1001), "outside"),
+            (pb.StateChunkRequest(transfer_id=h.transfer_id, offset=900, length=101), "outside"),
+        ]:
             with pytest.raises(grpc.RpcError) as ei:
                 list(stub.StreamState(req, timeout=5))
             assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT and msg in ei.value.details()

@@ -15,16 +15,35 @@ from conftest import FAST_MBV3, REPO
 
 pytestmark = pytest.mark.timeout(420)
 
-COMMON = [*FAST_MBV3, "model.dropout=0.1", "steps=4", "batch_size=16", "eval_every=0",
-          "calib_batches=2", "calib_batch_size=8", "checkpoint_every=0", "threads=1"]
+COMMON = [
+    *FAST_MBV3,
+    "model.dropout=0.1",
+    "steps=4",
+    "batch_size=16",
+    "eval_every=0",
+    "calib_batches=2",
+    "calib_batch_size=8",
+    "checkpoint_every=0",
+    "threads=1",
+]
 
 
 def _run(args, tmp_path, name, nproc=1):
     run_dir = tmp_path / name
     cmd = [sys.executable, "-m", "dtrain.cli.train", f"run_dir={run_dir}", *COMMON, *args]
     if nproc > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-               "-m", "dtrain.cli.train", f"run_dir={run_dir}", *COMMON, *args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={nproc}",
+            "-m",
+            "dtrain.cli.train",
+            f"run_dir={run_dir}",
+            *COMMON,
+            *args,
+        ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=400, cwd=REPO, env=env)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
@@ -61,12 +80,21 @@ def test_launch_script_and_many_buckets(tmp_path):
     script = os.path.join(REPO, "launch", "torchrun_peer.sh")
     bad = subprocess.run([script, "two"], capture_output=True, text=True, timeout=30)
     assert bad.returncode == 2 and "usage" in bad.stderr
-    env = {**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"],
-           "OMP_NUM_THREADS": "1"}
+    env = {
+        **os.environ,
+        "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"],
+        "OMP_NUM_THREADS": "1",
+    }
     run_dir = tmp_path / "script"
     # small buckets and a bigger sandwich: still one synchronisation (of several buckets) per step
-    p = subprocess.run([script, "2", f"run_dir={run_dir}", *COMMON, "steps=2", "bucket_mb=0.01",
-                        "sandwich.num_random=3"], capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
+    p = subprocess.run(
+        [script, "2", f"run_dir={run_dir}", *COMMON, "steps=2", "bucket_mb=0.01", "sandwich.num_random=3"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=REPO,
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     s = json.load(open(run_dir / "summary.json"))
     assert s["world_size"] == 2 and s["ranks_in_sync"]

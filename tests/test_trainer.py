@@ -145,8 +145,15 @@ def test_grad_accum_matches_full_batch_without_bn_effects(tmp_path):
 
 
 def test_synthetic_rgb_data_trains(tmp_path):
-    cfg = fast_cfg(tmp_path, "steps=2", "eval_every=0", "data=synthetic", "data.num_samples=64",
-                   "data.shape=[3,8,8]", "model.in_channels=3")
+    cfg = fast_cfg(
+        tmp_path,
+        "steps=2",
+        "eval_every=0",
+        "data=synthetic",
+        "data.num_samples=64",
+        "data.shape=[3,8,8]",
+        "model.in_channels=3",
+    )
     assert train(cfg)["finished"]
 
 
@@ -158,11 +165,12 @@ def test_cifar10_binary_directory_trains(tmp_path):
     rng = np.random.default_rng(0)
     root = tmp_path / "cifar"
     root.mkdir()
-    write_cifar10_binary(root / "data_batch_1.bin", rng.integers(0, 256, (40, 3, 32, 32), dtype=np.uint8),
-                         rng.integers(0, 10, 40))
-    write_cifar10_binary(root / "test_batch.bin", rng.integers(0, 256, (10, 3, 32, 32), dtype=np.uint8),
-                         rng.integers(0, 10, 10))
-    cfg = fast_cfg(tmp_path, "steps=2", "eval_every=0", "data=cifar10", f"data.root={root}",
-                   "model.in_channels=3")
+    write_cifar10_binary(
+        root / "data_batch_1.bin", rng.integers(0, 256, (40, 3, 32, 32), dtype=np.uint8), rng.integers(0, 10, 40)
+    )
+    write_cifar10_binary(
+        root / "test_batch.bin", rng.integers(0, 256, (10, 3, 32, 32), dtype=np.uint8), rng.integers(0, 10, 10)
+    )
+    cfg = fast_cfg(tmp_path, "steps=2", "eval_every=0", "data=cifar10", f"data.root={root}", "model.in_channels=3")
     summary = train(cfg)
     assert summary["finished"] and "test_acc" in summary["results"]["max"]

@@ -22,11 +22,24 @@ pytestmark = pytest.mark.timeout(420)
 
 # appended to the README's commands: the same pipeline, small enough for the test suite
 FASTER = {
-    "dtrain-train": ["steps=10", "batch_size=32", "eval_every=0", "threads=1", "logger.progress=off",
-                     "calib_batches=2"],
+    "dtrain-train": [
+        "steps=10",
+        "batch_size=32",
+        "eval_every=0",
+        "threads=1",
+        "logger.progress=off",
+        "calib_batches=2",
+    ],
     "dtrain-latency": ["repeats=2", "warmup=0", "threads=1"],
-    "dtrain-search": ["evolution.population=4", "evolution.parents=2", "evolution.generations=2",
-                      "predictor.warmup=4", "predictor.epochs=30", "eval.calib_batches=2", "threads=1"],
+    "dtrain-search": [
+        "evolution.population=4",
+        "evolution.parents=2",
+        "evolution.generations=2",
+        "predictor.warmup=4",
+        "predictor.epochs=30",
+        "eval.calib_batches=2",
+        "threads=1",
+    ],
     "dtrain-export": ["eval.calib_batches=2", "threads=1"],
     "dtrain-report": ["dpi=40"],
 }
@@ -48,8 +61,14 @@ def _console_script(name: str):
 
 def test_readme_walkthrough(tmp_path, monkeypatch, capsys):
     cmds = walkthrough_commands()
-    assert [c[0] for c in cmds] == ["dtrain-train", "dtrain-latency", "dtrain-search", "dtrain-export",
-                                    "dtrain-report", "python"]
+    assert [c[0] for c in cmds] == [
+        "dtrain-train",
+        "dtrain-latency",
+        "dtrain-search",
+        "dtrain-export",
+        "dtrain-report",
+        "python",
+    ]
     # each command runs in this process (what its console script calls), in the directory the README
     # assumes: the same code path without paying five interpreter and torch start-ups
     monkeypatch.chdir(tmp_path)
@@ -66,8 +85,16 @@ def test_readme_walkthrough(tmp_path, monkeypatch, capsys):
         out, err = capsys.readouterr()
         assert code in (0, None), (cmd, out[-2000:], err[-3000:])
     run = tmp_path / "runs" / "digits"
-    for f in ("search/pareto.json", "search/pareto.png", "export/model.safetensors", "export/model.ts",
-              "export/arch.json", "report/report.md", "report/loss.png", "latency.json"):
+    for f in (
+        "search/pareto.json",
+        "search/pareto.png",
+        "export/model.safetensors",
+        "export/model.ts",
+        "export/arch.json",
+        "report/report.md",
+        "report/loss.png",
+        "latency.json",
+    ):
         assert (run / f).stat().st_size > 0, f
     doc = json.load(open(run / "export" / "arch.json"))
     front = json.load(open(run / "search" / "pareto.json"))["pareto"]
@@ -95,11 +122,25 @@ def test_readme_walkthrough(tmp_path, monkeypatch, capsys):
         "logits = m(d['x']); torch.save(logits, sys.argv[3])\n"
         "acc = (logits.argmax(1) == d['y']).double().mean().item()\n"
         "assert not [k for k in sys.modules if k.split('.')[0] == 'dtrain'], 'dtrain was imported'\n"
-        "print(repr(acc))\n")
+        "print(repr(acc))\n"
+    )
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    p = subprocess.run([sys.executable, "-I", "-c", script, str(run / "export" / "model.ts"), str(tmp_path / "test.pt"),
-                        str(tmp_path / "logits.pt")], capture_output=True, text=True, timeout=120, cwd=tmp_path,
-                       env=env)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-I",
+            "-c",
+            script,
+            str(run / "export" / "model.ts"),
+            str(tmp_path / "test.pt"),
+            str(tmp_path / "logits.pt"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+        env=env,
+    )
     assert p.returncode == 0, p.stderr[-2000:]
     torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), want, atol=1e-5, rtol=1e-5)
     assert float(p.stdout.strip()) == doc["metrics"]["accuracy_supernet"] == doc["metrics"]["accuracy_export"]

@@ -11,10 +11,15 @@ from hypothesis import strategies as st
 
 from dtrain.control.work_plan import WorkPlan, assign_local_steps
 
-rates_st = st.dictionaries(st.sampled_from([f"p{i}" for i in range(8)]),
-                           st.floats(min_value=0.0, max_value=1e4, allow_nan=False), min_size=1)
-plan_st = st.builds(lambda h, m, tol: WorkPlan(h, min(m, h), True, tol), st.integers(1, 500), st.integers(0, 50),
-                    st.floats(min_value=0.0, max_value=0.5))
+rates_st = st.dictionaries(
+    st.sampled_from([f"p{i}" for i in range(8)]), st.floats(min_value=0.0, max_value=1e4, allow_nan=False), min_size=1
+)
+plan_st = st.builds(
+    lambda h, m, tol: WorkPlan(h, min(m, h), True, tol),
+    st.integers(1, 500),
+    st.integers(0, 50),
+    st.floats(min_value=0.0, max_value=0.5),
+)
 
 
 @settings(max_examples=300, deadline=None)
@@ -35,8 +40,12 @@ def test_assignment_is_bounded_deterministic_and_follows_the_fastest(rates, plan
 
 
 @settings(max_examples=300, deadline=None)
-@given(plan_st, st.floats(min_value=1e-3, max_value=1e3), st.floats(min_value=1e-3, max_value=1e3),
-       st.floats(min_value=1e-3, max_value=1e3))
+@given(
+    plan_st,
+    st.floats(min_value=1e-3, max_value=1e3),
+    st.floats(min_value=1e-3, max_value=1e3),
+    st.floats(min_value=1e-3, max_value=1e3),
+)
 def test_assignment_is_monotone_in_the_rate(plan, fastest, slow, slower):
     lo, hi = sorted((slow, slower))
     fastest = max(fastest, hi)

@@ -67,8 +67,9 @@ def describe_error(ex: BaseException) -> str:
     if isinstance(cause, OmegaConfBaseException):
         return _describe_omegaconf(cause)
     msg = str(ex).strip()
-    m = re.search(r"Could not find '([^']+)'.*?Available options in '([^']+)':\s*(.*?)(?:Config search path|$)",
-                  msg, re.S)
+    m = re.search(
+        r"Could not find '([^']+)'.*?Available options in '([^']+)':\s*(.*?)(?:Config search path|$)", msg, re.S
+    )
     if m:
         opts = [o.strip() for o in m.group(3).split() if o.strip() and not o.startswith("schema")]
         return f"no config {m.group(1)!r}: available options in {m.group(2)!r} are {', '.join(opts)}"
@@ -108,8 +109,7 @@ def to_object(cfg):
                 names = [f.name for f in dataclasses.fields(typ)]
                 for k in node.keys():
                     if k not in names:
-                        raise ConfigError(f"unknown config key {path + str(k)!r}: allowed keys are "
-                                          + ", ".join(names))
+                        raise ConfigError(f"unknown config key {path + str(k)!r}: allowed keys are " + ", ".join(names))
             for k in node.keys():
                 walk(node._get_node(k), f"{path}{k}.")
         elif isinstance(node, ListConfig):
@@ -120,8 +120,7 @@ def to_object(cfg):
     return OmegaConf.to_object(cfg)
 
 
-def _preflight(config_name: str, overrides: List[str], prog: str,
-               outputs: Optional[Callable]) -> List[Output]:
+def _preflight(config_name: str, overrides: List[str], prog: str, outputs: Optional[Callable]) -> List[Output]:
     """Compose and check the config, then try its output locations; the locations, for later errors."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
@@ -164,7 +163,8 @@ def _hydra_run_dir(cfg) -> Optional[Tuple[str, str, bool]]:
         handlers = OmegaConf.select(cfg.hydra, "job_logging.handlers", default=None)
         handlers = OmegaConf.to_container(handlers, resolve=False) if handlers is not None else {}
         writes = cfg.hydra.output_subdir is not None or any(
-            isinstance(h, dict) and "filename" in h for h in handlers.values())
+            isinstance(h, dict) and "filename" in h for h in handlers.values()
+        )
         return key, path, writes
     except Exception:
         return None
@@ -172,8 +172,19 @@ def _hydra_run_dir(cfg) -> Optional[Tuple[str, str, bool]]:
 
 # --------------------------------------------------------------------------- output locations
 
-_CREATE_ERRNOS = {errno.ENOENT, errno.ENOTDIR, errno.EEXIST, errno.EISDIR, errno.EACCES, errno.EPERM,
-                  errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENAMETOOLONG, errno.ELOOP}
+_CREATE_ERRNOS = {
+    errno.ENOENT,
+    errno.ENOTDIR,
+    errno.EEXIST,
+    errno.EISDIR,
+    errno.EACCES,
+    errno.EPERM,
+    errno.EROFS,
+    errno.ENOSPC,
+    errno.EDQUOT,
+    errno.ENAMETOOLONG,
+    errno.ELOOP,
+}
 _WRITE_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT}
 
 
@@ -254,8 +265,13 @@ def output_error(ex: BaseException, outputs: Sequence[Output]) -> Optional[str]:
     return None
 
 
-def run_app(prog: str, config_name: str, task: Callable, argv: Optional[List[str]] = None,
-            outputs: Optional[Callable[[object], Sequence[Output]]] = None) -> None:
+def run_app(
+    prog: str,
+    config_name: str,
+    task: Callable,
+    argv: Optional[List[str]] = None,
+    outputs: Optional[Callable[[object], Sequence[Output]]] = None,
+) -> None:
     """Compose ``config_name`` with the shell's overrides and run ``task(cfg_object)``.
 
     ``outputs(cfg_object)`` lists the script's output locations as (key, path, kind) triples.

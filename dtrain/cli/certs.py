@@ -18,9 +18,11 @@ PROG = "dtrain-certs"
 
 def usage(files) -> str:
     """The lines telling which config keys take which file."""
-    lines = [f"coordinator (TLS):        tls.cert={files.server_cert} tls.key={files.server_key}",
-             f"coordinator (mutual TLS): add tls.client_ca={files.ca_cert}",
-             f"peers, dtrain-status:     tls.ca={files.ca_cert}"]
+    lines = [
+        f"coordinator (TLS):        tls.cert={files.server_cert} tls.key={files.server_key}",
+        f"coordinator (mutual TLS): add tls.client_ca={files.ca_cert}",
+        f"peers, dtrain-status:     tls.ca={files.ca_cert}",
+    ]
     for name, (cert, key) in files.clients.items():
         lines.append(f"  + under mutual TLS, as {name!r}: tls.cert={cert} tls.key={key}")
     return "\n".join(lines)

@@ -89,21 +89,34 @@ def _rows(node: DictConfig, prefix: str, groups: Dict[str, Tuple[List[str], str]
     for key in node.keys():
         path = f"{prefix}{key}"
         child = node._get_node(key)
-        if isinstance(child, DictConfig) and child._is_missing() is False and child._is_none() is False \
-                and dataclasses.is_dataclass(OmegaConf.get_type(child)):
+        if (
+            isinstance(child, DictConfig)
+            and child._is_missing() is False
+            and child._is_none() is False
+            and dataclasses.is_dataclass(OmegaConf.get_type(child))
+        ):
             if path in groups:
                 rows.append(_group_row(path, groups[path], comments.get(key, "")))
             rows += _rows(child, path + ".", groups)
             continue
         kind = str(fields[key].type) if key in fields else ""
         raw = OmegaConf.to_container(node, resolve=False)[key]
-        val = "???" if raw == "???" else _value(child._value() if not isinstance(child, (DictConfig, ListConfig))
-                                                  else child)
+        val = (
+            "???"
+            if raw == "???"
+            else _value(child._value() if not isinstance(child, (DictConfig, ListConfig)) else child)
+        )
         if path in groups:  # a group with no option chosen by default (data: null)
             rows.append(_group_row(path, groups[path], comments.get(key, "")))
             continue
-        rows.append([f"`{path}`", f"`{kind}`" if kind else "", f"`{val}`" if val else "",
-                     comments.get(key, "").replace("|", "\\|")])
+        rows.append(
+            [
+                f"`{path}`",
+                f"`{kind}`" if kind else "",
+                f"`{val}`" if val else "",
+                comments.get(key, "").replace("|", "\\|"),
+            ]
+        )
     return rows
 
 
@@ -121,7 +134,7 @@ def _groups(name: str) -> Dict[str, Tuple[List[str], str]]:
     for entry in doc.get("defaults", []):
         if not isinstance(entry, dict):
             continue
-        (group, default), = entry.items()
+        ((group, default),) = entry.items()
         gdir = os.path.join(conf_dir(), group)
         if group.startswith(("/", "override")) or not os.path.isdir(gdir):
             continue
@@ -134,13 +147,21 @@ def render() -> str:
     from ..config import register_configs
 
     register_configs()
-    parts = [START, "",
-             "Generated from `dtrain/config.py` and `conf/` by `make docs` "
-             "(`tests/test_config_reference.py` fails when it is stale). `???` marks a key you must set.", ""]
+    parts = [
+        START,
+        "",
+        "Generated from `dtrain/config.py` and `conf/` by `make docs` "
+        "(`tests/test_config_reference.py` fails when it is stale). `???` marks a key you must set.",
+        "",
+    ]
     for prog, name, what in APPS:
         cfg = _compose(name)
-        parts += [f"<details><summary><code>{prog}</code>: {what} (<code>conf/{name}.yaml</code>)</summary>", "",
-                  "| key | type | default | meaning |", "|---|---|---|---|"]
+        parts += [
+            f"<details><summary><code>{prog}</code>: {what} (<code>conf/{name}.yaml</code>)</summary>",
+            "",
+            "| key | type | default | meaning |",
+            "|---|---|---|---|",
+        ]
         parts += ["| " + " | ".join(r) + " |" for r in _rows(cfg, "", _groups(name))]
         parts += ["", "</details>", ""]
     parts.append(END)
@@ -155,7 +176,7 @@ def current_section(text: str) -> str:
     i, j = text.find(START), text.find(END)
     if i < 0 or j < 0:
         return ""
-    return text[i:j + len(END)]
+    return text[i : j + len(END)]
 
 
 def main(argv=None) -> int:

@@ -1,7 +1,7 @@
 """``dtrain-coordinator``: the control-plane server (Hydra app over conf/coordinator.yaml).
 
-    dtrain-coordinator port=0 state_dir=runs/coord
-    # first stdout line: coordinator listening on 127.0.0.1:PORT
+dtrain-coordinator port=0 state_dir=runs/coord
+# first stdout line: coordinator listening on 127.0.0.1:PORT
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """``dtrain-export``: one subnet as a standalone model (Hydra app over conf/export.yaml).
 
-    dtrain-export checkpoint=runs/x pareto=runs/x/search/pareto.json index=2 out_dir=runs/x/export
+dtrain-export checkpoint=runs/x pareto=runs/x/search/pareto.json index=2 out_dir=runs/x/export
 """
 
 from __future__ import annotations

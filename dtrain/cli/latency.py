@@ -1,7 +1,7 @@
 """``dtrain-latency``: build a latency table of a space's blocks (Hydra app over conf/latency.yaml).
 
-    dtrain-latency model=mbv3_tiny out=latency.json
-    dtrain-latency checkpoint=runs/x out=runs/x/latency.json device=cuda
+dtrain-latency model=mbv3_tiny out=latency.json
+dtrain-latency checkpoint=runs/x out=runs/x/latency.json device=cuda
 """
 
 from __future__ import annotations
@@ -38,15 +38,26 @@ def _task(cfg) -> int:
         table["check"] = check_table(model, table, device, cfg.check, cfg.warmup, cfg.repeats)
     save_table(cfg.out, table)
     e = table["entries"]
-    print(f"timed {len(e)} units of the {table['space']} space on {table['device']} "
-          f"(batch {cfg.batch_size}, median of {cfg.repeats}): {min(e.values()):.3f}-{max(e.values()):.3f} ms each")
-    print(f"largest subnet {predict_ms(model, e, model.space.max()):.3f} ms, smallest "
-          f"{predict_ms(model, e, model.space.min()):.3f} ms (predicted); wrote {cfg.out}")
+    print(
+        f"timed {len(e)} units of the {table['space']} space on {table['device']} "
+        f"(batch {cfg.batch_size}, median of {cfg.repeats}): {min(e.values()):.3f}-{max(e.values()):.3f} ms each"
+    )
+    print(
+        f"largest subnet {predict_ms(model, e, model.space.max()):.3f} ms, smallest "
+        f"{predict_ms(model, e, model.space.min()):.3f} ms (predicted); wrote {cfg.out}"
+    )
     if cfg.check:
-        rows = [[r["name"], f"{r['predicted_ms']:.3f}", f"{r['measured_ms']:.3f}", f"{r['ratio']:.2f}"]
-                for r in table["check"]]
-        print(format_table(["subnet", "predicted ms", "measured ms", "predicted / measured"], rows,
-                           title="the table against whole extracted subnets"))
+        rows = [
+            [r["name"], f"{r['predicted_ms']:.3f}", f"{r['measured_ms']:.3f}", f"{r['ratio']:.2f}"]
+            for r in table["check"]
+        ]
+        print(
+            format_table(
+                ["subnet", "predicted ms", "measured ms", "predicted / measured"],
+                rows,
+                title="the table against whole extracted subnets",
+            )
+        )
     return 0
 
 

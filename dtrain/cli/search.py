@@ -1,7 +1,7 @@
 """``dtrain-search``: evolutionary search of a trained supernet (Hydra app over conf/search.yaml).
 
-    dtrain-search checkpoint=runs/x out_dir=runs/x/search constraints.max_macs=2e6
-    torchrun --nproc-per-node 2 -m dtrain.cli.search checkpoint=runs/x out_dir=runs/x/search
+dtrain-search checkpoint=runs/x out_dir=runs/x/search constraints.max_macs=2e6
+torchrun --nproc-per-node 2 -m dtrain.cli.search checkpoint=runs/x out_dir=runs/x/search
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """``dtrain-train``: train one peer's supernet (Hydra app over conf/train.yaml).
 
-    dtrain-train                                  # tiny mbv3 on digits
-    dtrain-train model=gpt_tiny data=text steps=2000
-    torchrun --nproc-per-node 2 -m dtrain.cli.train run_dir=runs/x
+dtrain-train                                  # tiny mbv3 on digits
+dtrain-train model=gpt_tiny data=text steps=2000
+torchrun --nproc-per-node 2 -m dtrain.cli.train run_dir=runs/x
 """
 
 from __future__ import annotations

@@ -60,8 +60,8 @@ import torch
 import torch.distributed as dist
 
 from ..errors import one_line
-from ..wire.codec import Codec, CodecError
 from ..outer.weighting import weighted_sum_into
+from ..wire.codec import Codec, CodecError
 from .collective import Collective, CollectiveError, CollectiveResult, Group
 
 log = logging.getLogger("dtrain.comm")
@@ -103,8 +103,13 @@ class GlooCollective(Collective):
 
     name = "gloo"
 
-    def __init__(self, codec: Codec, timeout_margin_s: float = 2.0, hostname: Optional[str] = None,
-                 interface: Optional[str] = None):
+    def __init__(
+        self,
+        codec: Codec,
+        timeout_margin_s: float = 2.0,
+        hostname: Optional[str] = None,
+        interface: Optional[str] = None,
+    ):
         if not timeout_margin_s >= 0:
             raise ValueError(f"timeout_margin_s={timeout_margin_s} must be >= 0")
         self.codec = codec
@@ -150,8 +155,12 @@ class GlooCollective(Collective):
         return CollectiveResult(mean, moved, moved, time.monotonic() - t0)
 
     def _check_args(self, flat: torch.Tensor, group: Group, deadline_s: float) -> None:
-        if not isinstance(flat, torch.Tensor) or flat.dim() != 1 or flat.dtype != torch.float32 \
-                or flat.device.type != "cpu":
+        if (
+            not isinstance(flat, torch.Tensor)
+            or flat.dim() != 1
+            or flat.dtype != torch.float32
+            or flat.device.type != "cpu"
+        ):
             raise ValueError("flat must be a 1-D float32 CPU tensor")
         ids = [m[0] for m in group.members]
         if group.me not in ids or len(set(ids)) != len(ids) or not all(ids):
@@ -166,8 +175,9 @@ class GlooCollective(Collective):
         try:
             out = self.codec.decode(self.codec.encode(x), x.numel())
         except CodecError as e:
-            raise CollectiveError(f"{self.codec.name} cannot encode this member's input: {e}",
-                                  culprit=group.me) from None
+            raise CollectiveError(
+                f"{self.codec.name} cannot encode this member's input: {e}", culprit=group.me
+            ) from None
         return out
 
     # ------------------------------------------------------------ fp32: native allreduce
@@ -225,12 +235,20 @@ class GlooCollective(Collective):
             try:
                 part = self.codec.decode(buf[1:].numpy().tobytes(), n)
             except CodecError as e:
-                raise CollectiveError(f"member {peer!r} sent an invalid {self.codec.name} payload: {e}",
-                                      culprit=peer) from None
-            if not isinstance(part, torch.Tensor) or part.dtype != torch.float32 or part.shape != (n,) \
-                    or not _finite(part):
-                raise CollectiveError(f"member {peer!r}'s {self.codec.name} payload decodes to something other "
-                                      f"than {n} finite float32 values", culprit=peer)
+                raise CollectiveError(
+                    f"member {peer!r} sent an invalid {self.codec.name} payload: {e}", culprit=peer
+                ) from None
+            if (
+                not isinstance(part, torch.Tensor)
+                or part.dtype != torch.float32
+                or part.shape != (n,)
+                or not _finite(part)
+            ):
+                raise CollectiveError(
+                    f"member {peer!r}'s {self.codec.name} payload decodes to something other "
+                    f"than {n} finite float32 values",
+                    culprit=peer,
+                )
             weight = group.weight(r)
             if total is None:
                 total = part if weight == 1 else part.mul_(weight)  # decode returns a new tensor
@@ -263,8 +281,9 @@ class GlooCollective(Collective):
         def work():
             e = entry if entry is not None else self._build(group, n, key, left)
             if left() <= 0:
-                raise CollectiveError(f"deadline passed before the exchange (quorum {group.quorum_id}, "
-                                      f"op {group.op!r})")
+                raise CollectiveError(
+                    f"deadline passed before the exchange (quorum {group.quorum_id}, op {group.op!r})"
+                )
             return e, fn(e.pg, left)
 
         try:
@@ -276,8 +295,9 @@ class GlooCollective(Collective):
             if isinstance(err, CollectiveError):
                 raise
             if isinstance(err, (RuntimeError, OSError, ValueError)):  # gloo, TCPStore (DistError: RuntimeError)
-                raise CollectiveError(f"gloo exchange failed (quorum {group.quorum_id}, op {group.op!r}, "
-                                      f"{how} group): {one_line(err)}") from err
+                raise CollectiveError(
+                    f"gloo exchange failed (quorum {group.quorum_id}, op {group.op!r}, {how} group): {one_line(err)}"
+                ) from err
             raise
         if entry is None:
             with self._lock:
@@ -301,8 +321,10 @@ class GlooCollective(Collective):
         t.start()
         t.join(max(0.0, deadline + self.timeout_margin_s - time.monotonic()))
         if t.is_alive():
-            raise CollectiveError(f"gloo exchange did not end by the deadline + {self.timeout_margin_s:.1f}s "
-                                  f"margin (quorum {group.quorum_id}, op {group.op!r}); abandoned")
+            raise CollectiveError(
+                f"gloo exchange did not end by the deadline + {self.timeout_margin_s:.1f}s "
+                f"margin (quorum {group.quorum_id}, op {group.op!r}); abandoned"
+            )
         if "error" in box:
             raise box["error"]
         return box["value"]
@@ -346,8 +368,9 @@ class GlooCollective(Collective):
             counts = {m: metas.count(m) for m in metas}
             ref = max(metas, key=lambda m: (counts[m], -metas.index(m)))  # majority; tie: the earliest
             bad = next(r for r, m in enumerate(metas) if m != ref)
-            raise CollectiveError(f"member {ids[bad]!r} has (codec, numel, members) {metas[bad]!r}, "
-                                  f"the others {ref!r}", culprit=ids[bad])
+            raise CollectiveError(
+                f"member {ids[bad]!r} has (codec, numel, members) {metas[bad]!r}, the others {ref!r}", culprit=ids[bad]
+            )
         # torch's stubs (torch/_C/_distributed_c10d.pyi) omit ProcessGroupGloo._Options, the bound class that
         # has _devices and _threads (the stubs' ProcessGroupGloo.Options is Backend.Options at runtime)
         opts = dist.ProcessGroupGloo._Options()  # pyright: ignore[reportAttributeAccessIssue]

@@ -70,11 +70,11 @@ from typing import Dict, List, Optional, Tuple
 import grpc
 import torch
 
+from ..outer.weighting import weighted_sum_into
 from ..v1 import dtrain_pb2 as pb
 from ..wire.auth import auth_metadata, make_channel
 from ..wire.codec import Codec, CodecError
 from ..wire.snapshot import DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES, MAX_MESSAGE_BYTES
-from ..outer.weighting import weighted_sum_into
 from .collective import Collective, CollectiveError, CollectiveResult, Group
 from .shard_inbox import Key, ShardInbox
 from .shard_wire import GRPC_FRAME_BYTES, frame
@@ -181,9 +181,17 @@ class GrpcCollective(Collective):
 
     name = "grpc"
 
-    def __init__(self, codec: Codec, me: str, token: str = "", tls=None, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-                 streams: int = DEFAULT_STREAMS, inbox: Optional[ShardInbox] = None,
-                 culprit_grace_s: float = DEFAULT_CULPRIT_GRACE_S):
+    def __init__(
+        self,
+        codec: Codec,
+        me: str,
+        token: str = "",
+        tls=None,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        streams: int = DEFAULT_STREAMS,
+        inbox: Optional[ShardInbox] = None,
+        culprit_grace_s: float = DEFAULT_CULPRIT_GRACE_S,
+    ):
         if not 1 <= chunk_bytes <= MAX_CHUNK_BYTES:
             raise ValueError(f"chunk_bytes={chunk_bytes} is not allowed: 1..{MAX_CHUNK_BYTES}")
         if not 1 <= streams <= MAX_STREAMS:
@@ -199,7 +207,8 @@ class GrpcCollective(Collective):
         self._lock = threading.Lock()
         # (address, lane) -> (channel, its PushShard callable)
         self._channels: "OrderedDict[Tuple[str, int], Tuple[grpc.Channel, grpc.StreamUnaryMultiCallable]]" = (
-            OrderedDict())
+            OrderedDict()
+        )
 
     # ------------------------------------------------------------ channels
 
@@ -211,8 +220,9 @@ class GrpcCollective(Collective):
                 # Channels with identical arguments share one connection; a message limit that differs by
                 # ``lane`` bytes (harmless) gives every lane a connection of its own.
                 channel = make_channel(address, self.tls, MAX_MESSAGE_BYTES + lane)
-                push = channel.stream_unary(PUSH_SHARD, request_serializer=None,
-                                            response_deserializer=pb.PushAck.FromString)
+                push = channel.stream_unary(
+                    PUSH_SHARD, request_serializer=None, response_deserializer=pb.PushAck.FromString
+                )
                 entry = self._channels[(address, lane)] = (channel, push)
                 while len(self._channels) > MAX_CHANNELS:
                     self._channels.popitem(last=False)[1][0].close()
@@ -241,22 +251,32 @@ class GrpcCollective(Collective):
                 expected[(1, r, peer)] = bounds[r][1]  # their slice of my shard
                 expected[(2, j, peer)] = bounds[j][1]  # their mean shard
         self.inbox.open(key, self.me, ids, self.codec, expected)
-        pushes = _Pushes(lambda err, second_hand: self.inbox.fail(
-            key, err, self.culprit_grace_s if second_hand else 0.0))
+        pushes = _Pushes(
+            lambda err, second_hand: self.inbox.fail(key, err, self.culprit_grace_s if second_hand else 0.0)
+        )
         try:
             result = self._run(flat.detach().contiguous(), group, key, bounds, pushes, deadline)
         except BaseException as e:
             pushes.cancel()
             self.inbox.close(key, f"failed: {e}")
-            log.warning("collective (quorum %d, round %d, op %r) failed on %s after %.2fs: %s", *key, self.me,
-                        time.monotonic() - t0, e)
+            log.warning(
+                "collective (quorum %d, round %d, op %r) failed on %s after %.2fs: %s",
+                *key,
+                self.me,
+                time.monotonic() - t0,
+                e,
+            )
             raise
         bytes_recv = self.inbox.close(key)
         return CollectiveResult(result, pushes.bytes_sent, bytes_recv, time.monotonic() - t0)
 
     def _check_args(self, flat: torch.Tensor, group: Group, deadline_s: float) -> None:
-        if not isinstance(flat, torch.Tensor) or flat.dim() != 1 or flat.dtype != torch.float32 \
-                or flat.device.type != "cpu":
+        if (
+            not isinstance(flat, torch.Tensor)
+            or flat.dim() != 1
+            or flat.dtype != torch.float32
+            or flat.device.type != "cpu"
+        ):
             raise ValueError("flat must be a 1-D float32 CPU tensor")
         if group.me != self.me:
             raise ValueError(f"group.me={group.me!r} is not this collective's member {self.me!r}")
@@ -266,8 +286,15 @@ class GrpcCollective(Collective):
         if not deadline_s > 0:
             raise ValueError(f"deadline_s={deadline_s} must be > 0")
 
-    def _run(self, flat: torch.Tensor, group: Group, key: Key, bounds: List[Tuple[int, int]], pushes: _Pushes,
-             deadline: float) -> torch.Tensor:
+    def _run(
+        self,
+        flat: torch.Tensor,
+        group: Group,
+        key: Key,
+        bounds: List[Tuple[int, int]],
+        pushes: _Pushes,
+        deadline: float,
+    ) -> torch.Tensor:
         ids = [m[0] for m in group.members]
         k, r = len(ids), group.rank
         start_r, n_r = bounds[r]
@@ -276,9 +303,9 @@ class GrpcCollective(Collective):
         for step in range(1, k):
             i = (r + step) % k
             start, n = bounds[i]
-            payload = self._encode(flat[start:start + n], f"shard {i}")
+            payload = self._encode(flat[start : start + n], f"shard {i}")
             self._push(pushes, group, i, 1, i, payload, n, deadline)
-        mine = self._decode_own(self._encode(flat[start_r:start_r + n_r], f"shard {r}"), n_r)
+        mine = self._decode_own(self._encode(flat[start_r : start_r + n_r], f"shard {r}"), n_r)
         slices = self.inbox.wait(key, 1, deadline)
         total = torch.zeros(n_r, dtype=torch.float32)
         for j in range(k):  # ring order: the same sum on every run
@@ -290,12 +317,12 @@ class GrpcCollective(Collective):
             j = (r + step) % k
             self._push(pushes, group, j, 2, r, mean_payload, n_r, deadline)
         result = torch.empty(flat.numel(), dtype=torch.float32)
-        result[start_r:start_r + n_r] = self._decode_own(mean_payload, n_r)
+        result[start_r : start_r + n_r] = self._decode_own(mean_payload, n_r)
         means = self.inbox.wait(key, 2, deadline)
         for j in range(k):
             if j != r:
                 start, n = bounds[j]
-                result[start:start + n] = means[(j, ids[j])]
+                result[start : start + n] = means[(j, ids[j])]
         pushes.wait(deadline)
         return result
 
@@ -311,16 +338,26 @@ class GrpcCollective(Collective):
         except CodecError as e:
             raise CollectiveError(f"{self.codec.name} refuses this member's own encoding: {e}") from None
 
-    def _push(self, pushes: _Pushes, group: Group, dest: int, phase: int, shard: int, payload,
-              numel: int, deadline: float) -> None:
+    def _push(
+        self, pushes: _Pushes, group: Group, dest: int, phase: int, shard: int, payload, numel: int, deadline: float
+    ) -> None:
         """Send ``payload`` to member ``dest`` in chunks over up to ``streams`` parallel PushShard calls."""
         payload = memoryview(payload).cast("B")
         total = payload.nbytes
         if total == 0:
             return
         peer, address = group.members[dest]
-        fields = dict(quorum_id=group.quorum_id, round=group.round, op=group.op, phase=phase, shard=shard,
-                      sender=self.me, codec=self.codec.name, numel=numel, total_bytes=total)
+        fields = dict(
+            quorum_id=group.quorum_id,
+            round=group.round,
+            op=group.op,
+            phase=phase,
+            shard=shard,
+            sender=self.me,
+            codec=self.codec.name,
+            numel=numel,
+            total_bytes=total,
+        )
         n_chunks = -(-total // self.chunk_bytes)
         lanes = min(self.streams, n_chunks)
         per_lane = -(-n_chunks // lanes)
@@ -332,12 +369,13 @@ class GrpcCollective(Collective):
             if left <= 0:
                 raise CollectiveError(f"deadline passed before the phase-{phase} push to {peer!r}")
             call = self._push_call(address, lane).future(
-                self._chunks(fields, payload, first, last, pushes), timeout=left, metadata=self._metadata)
+                self._chunks(fields, payload, first, last, pushes), timeout=left, metadata=self._metadata
+            )
             pushes.add(call, peer, address, phase)
 
     def _chunks(self, fields: Dict, payload: memoryview, first: int, last: int, pushes: _Pushes):
         cb = self.chunk_bytes
         for c in range(first, last):
-            raw = frame(pb.ShardChunk(offset=c * cb, **fields), payload[c * cb:(c + 1) * cb])
+            raw = frame(pb.ShardChunk(offset=c * cb, **fields), payload[c * cb : (c + 1) * cb])
             pushes.count(len(raw) + GRPC_FRAME_BYTES)
             yield raw

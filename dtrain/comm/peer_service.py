@@ -47,9 +47,16 @@ class PeerServicer(pb_grpc.PeerServicer):
     """Serves this peer's current snapshot (``set_snapshot``) to joiners and healers, and hands
     ``PushShard`` streams to ``inbox`` (a ``dtrain.comm.shard_inbox.ShardInbox``) when given."""
 
-    def __init__(self, schema_hash: str, peer_id: str = "", chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-                 transfer_ttl_s: float = 60.0, min_round_wait_s: float = 5.0, max_transfers: int = 64,
-                 inbox=None):
+    def __init__(
+        self,
+        schema_hash: str,
+        peer_id: str = "",
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        transfer_ttl_s: float = 60.0,
+        min_round_wait_s: float = 5.0,
+        max_transfers: int = 64,
+        inbox=None,
+    ):
         if not 1 <= chunk_bytes <= MAX_CHUNK_BYTES:
             raise ValueError(f"chunk_bytes={chunk_bytes} is not allowed: 1..{MAX_CHUNK_BYTES}")
         self.schema_hash, self.peer_id, self.chunk_bytes = schema_hash, peer_id, int(chunk_bytes)
@@ -83,8 +90,10 @@ class PeerServicer(pb_grpc.PeerServicer):
 
     def _check_schema(self, schema: str, context: grpc.ServicerContext, what: str) -> None:
         if schema != self.schema_hash:
-            msg = (f"schema hash {short_hash(schema)} differs from this peer's {short_hash(self.schema_hash)}: "
-                   "the requester runs other code or another model config")
+            msg = (
+                f"schema hash {short_hash(schema)} differs from this peer's {short_hash(self.schema_hash)}: "
+                "the requester runs other code or another model config"
+            )
             log.info("refused %s: %s", what, msg)
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, msg)
 
@@ -104,8 +113,9 @@ class PeerServicer(pb_grpc.PeerServicer):
         if left is not None:
             wait = max(0.0, min(wait, left - 0.05))
         with self._cond:
-            self._cond.wait_for(lambda: self._snapshot is not None and self._snapshot.round >= request.min_round,
-                                timeout=wait)
+            self._cond.wait_for(
+                lambda: self._snapshot is not None and self._snapshot.round >= request.min_round, timeout=wait
+            )
             snap = self._snapshot
             if snap is None or snap.round < request.min_round:
                 held = "no state" if snap is None else f"round {snap.round}"
@@ -119,10 +129,17 @@ class PeerServicer(pb_grpc.PeerServicer):
             self._purge(now)
         log.info("transfer %s: round %d, %d bytes to %r", tid[:8], snap.round, len(snap.payload), request.requester)
         return pb.StateHeader(
-            transfer_id=tid, round=snap.round, state_hash=snap.state_hash, total_bytes=len(snap.payload),
-            chunk_bytes=self.chunk_bytes, meta_json=snap.meta_json,
-            tensors=[pb.TensorMeta(name=b.name, dtype=b.dtype, shape=list(b.shape), offset=b.offset,
-                                   nbytes=b.nbytes) for b in snap.blobs])
+            transfer_id=tid,
+            round=snap.round,
+            state_hash=snap.state_hash,
+            total_bytes=len(snap.payload),
+            chunk_bytes=self.chunk_bytes,
+            meta_json=snap.meta_json,
+            tensors=[
+                pb.TensorMeta(name=b.name, dtype=b.dtype, shape=list(b.shape), offset=b.offset, nbytes=b.nbytes)
+                for b in snap.blobs
+            ],
+        )
 
     def _pinned(self, transfer_id: str) -> Optional[StateSnapshot]:
         with self._cond:
@@ -138,35 +155,39 @@ class PeerServicer(pb_grpc.PeerServicer):
     def StreamState(self, request: pb.StateChunkRequest, context: grpc.ServicerContext) -> Iterable[pb.StateChunk]:
         snap = self._pinned(request.transfer_id)
         if snap is None:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                          f"unknown or expired transfer id {request.transfer_id[:16]!r}: ask for a header again")
+            context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"unknown or expired transfer id {request.transfer_id[:16]!r}: ask for a header again",
+            )
         total = len(snap.payload)
         start = request.offset
         end = total if request.length == 0 else start + request.length
         if start > total or end > total:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                          f"range [{start}, {end}) is outside the {total}-byte state")
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"range [{start}, {end}) is outside the {total}-byte state")
         view = memoryview(snap.payload)
         pos = start
         while pos < end:
             if not context.is_active():
                 return
             n = min(self.chunk_bytes, end - pos)
-            yield pb.StateChunk(offset=pos, data=bytes(view[pos:pos + n]))
+            yield pb.StateChunk(offset=pos, data=bytes(view[pos : pos + n]))
             pos += n
             self._pinned(request.transfer_id)  # keeps a long transfer alive
 
     def PushShard(self, request_iterator, context: grpc.ServicerContext) -> pb.PushAck:
         if self.inbox is None:
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                          "this peer runs no grpc outer collective (no shard inbox)")
+            context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION, "this peer runs no grpc outer collective (no shard inbox)"
+            )
         return self.inbox.push(request_iterator, context)
 
 
-_HANDLER_KINDS = {(False, False): grpc.unary_unary_rpc_method_handler,
-                  (False, True): grpc.unary_stream_rpc_method_handler,
-                  (True, False): grpc.stream_unary_rpc_method_handler,
-                  (True, True): grpc.stream_stream_rpc_method_handler}
+_HANDLER_KINDS = {
+    (False, False): grpc.unary_unary_rpc_method_handler,
+    (False, True): grpc.unary_stream_rpc_method_handler,
+    (True, False): grpc.stream_unary_rpc_method_handler,
+    (True, True): grpc.stream_stream_rpc_method_handler,
+}
 
 
 def add_peer_service(servicer: PeerServicer, server: grpc.Server) -> None:
@@ -179,7 +200,8 @@ def add_peer_service(servicer: PeerServicer, server: grpc.Server) -> None:
         request, reply = getattr(pb, m.input_type.name), getattr(pb, m.output_type.name)
         parse = shard_wire.parse if m.name == "PushShard" else request.FromString
         handlers[m.name] = _HANDLER_KINDS[(m.client_streaming, m.server_streaming)](
-            getattr(servicer, m.name), request_deserializer=parse, response_serializer=reply.SerializeToString)
+            getattr(servicer, m.name), request_deserializer=parse, response_serializer=reply.SerializeToString
+        )
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
     # grpcio >= 1.62 has it; pyright's bundled typeshed stubs for grpcio do not list it on grpc.Server
     server.add_registered_method_handlers(service.full_name, handlers)  # pyright: ignore[reportAttributeAccessIssue]
@@ -196,12 +218,16 @@ def _add_health(server: grpc.Server) -> None:
     health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
 
 
-def serve_peer(servicer: PeerServicer, host: str = "127.0.0.1", port: int = 0, token: str = "", tls=None,
-               max_workers: int = 8) -> Tuple[grpc.Server, int]:
+def serve_peer(
+    servicer: PeerServicer, host: str = "127.0.0.1", port: int = 0, token: str = "", tls=None, max_workers: int = 8
+) -> Tuple[grpc.Server, int]:
     """Start a thread-pool gRPC server for ``servicer``; returns (server, bound port)."""
     interceptors: List[grpc.ServerInterceptor] = [BlockingTokenInterceptor(token)] if token else []
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="peer-rpc"),
-                         interceptors=interceptors, options=channel_options(MAX_MESSAGE_BYTES))
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="peer-rpc"),
+        interceptors=interceptors,
+        options=channel_options(MAX_MESSAGE_BYTES),
+    )
     add_peer_service(servicer, server)
     _add_health(server)
     bind = f"{host}:{port}"

@@ -85,8 +85,19 @@ def wire_size(chunk) -> int:
     (equal to ``ByteSize()``, which would serialize the data to count it)."""
     if isinstance(chunk, WireChunk):
         return chunk.wire_bytes
-    fields = (chunk.quorum_id, chunk.round, chunk.op, chunk.phase, chunk.shard, chunk.sender, chunk.codec,
-              chunk.numel, chunk.total_bytes, chunk.offset, chunk.data)
+    fields = (
+        chunk.quorum_id,
+        chunk.round,
+        chunk.op,
+        chunk.phase,
+        chunk.shard,
+        chunk.sender,
+        chunk.codec,
+        chunk.numel,
+        chunk.total_bytes,
+        chunk.offset,
+        chunk.data,
+    )
     return sum(_field_len(v) for v in fields) + GRPC_FRAME_BYTES
 
 
@@ -123,8 +134,15 @@ def _key_str(key: Key) -> str:
 class ShardInbox:
     """Receives, checks and assembles the shard chunks pushed to this peer (see the module docstring)."""
 
-    def __init__(self, max_bytes: int = 4 << 30, max_early_bytes: int = 16 << 20, max_early_groups: int = 8,
-                 early_wait_s: float = 5.0, early_ttl_s: float = 60.0, remember_closed: int = 256):
+    def __init__(
+        self,
+        max_bytes: int = 4 << 30,
+        max_early_bytes: int = 16 << 20,
+        max_early_groups: int = 8,
+        early_wait_s: float = 5.0,
+        early_ttl_s: float = 60.0,
+        remember_closed: int = 256,
+    ):
         self.max_bytes, self.max_early_bytes, self.max_early_groups = max_bytes, max_early_bytes, max_early_groups
         self.early_wait_s, self.early_ttl_s, self.remember_closed = early_wait_s, early_ttl_s, remember_closed
         self._cond = threading.Condition()
@@ -144,8 +162,10 @@ class ShardInbox:
             if key in self._groups:
                 raise CollectiveError(f"collective {_key_str(key)} is already running on this peer")
             if self._reserved + reserve > self.max_bytes:
-                raise CollectiveError(f"collective {_key_str(key)} needs {reserve} bytes of receive buffers; "
-                                      f"{self._reserved} of the inbox limit {self.max_bytes} are in use")
+                raise CollectiveError(
+                    f"collective {_key_str(key)} needs {reserve} bytes of receive buffers; "
+                    f"{self._reserved} of the inbox limit {self.max_bytes} are in use"
+                )
             g = _Group(key, me, tuple(members), codec, slots, reserve)
             self._groups[key] = g
             self._reserved += reserve
@@ -181,8 +201,9 @@ class ShardInbox:
                 if now >= deadline:
                     missing = [sid for sid, s in mine.items() if s.value is None]
                     what = ", ".join(f"{sid[2]} ({mine[sid].got}/{mine[sid].total} bytes)" for sid in missing)
-                    raise CollectiveError(f"collective {_key_str(key)}: deadline passed in phase {phase}, "
-                                          f"missing the shards of {what}")
+                    raise CollectiveError(
+                        f"collective {_key_str(key)}: deadline passed in phase {phase}, missing the shards of {what}"
+                    )
                 until = deadline if g.second_hand is None else min(deadline, g.second_hand_at)
                 self._cond.wait(until - now)
 
@@ -255,17 +276,22 @@ class ShardInbox:
             g = self._groups.get(key)
             if g is None:
                 if key in self._closed:
-                    return self._refuse(grpc.StatusCode.FAILED_PRECONDITION, chunk,
-                                        f"collective {_key_str(key)} is over on this peer ({self._closed[key]})")
+                    return self._refuse(
+                        grpc.StatusCode.FAILED_PRECONDITION,
+                        chunk,
+                        f"collective {_key_str(key)} is over on this peer ({self._closed[key]})",
+                    )
                 if self._buffer_early(key, chunk):
                     return None
                 wait = self.early_wait_s if time_left is None else max(0.0, min(self.early_wait_s, time_left))
                 self._cond.wait_for(lambda: key in self._groups or key in self._closed, timeout=wait)
                 g = self._groups.get(key)
                 if g is None:
-                    return self._refuse(grpc.StatusCode.FAILED_PRECONDITION, chunk,
-                                        f"this peer expects no collective {_key_str(key)} (waited {wait:.1f}s; "
-                                        "early buffer full)")
+                    return self._refuse(
+                        grpc.StatusCode.FAILED_PRECONDITION,
+                        chunk,
+                        f"this peer expects no collective {_key_str(key)} (waited {wait:.1f}s; early buffer full)",
+                    )
         return self._take(g, chunk)
 
     def _buffer_early(self, key: Key, chunk: pb.ShardChunk) -> bool:
@@ -300,27 +326,36 @@ class ShardInbox:
         sender = chunk.sender
         with self._cond:
             if self._groups.get(g.key) is not g:
-                return self._refuse(grpc.StatusCode.FAILED_PRECONDITION, chunk,
-                                    f"collective {_key_str(g.key)} is over on this peer "
-                                    f"({self._closed.get(g.key, 'closed')})")
+                return self._refuse(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    chunk,
+                    f"collective {_key_str(g.key)} is over on this peer ({self._closed.get(g.key, 'closed')})",
+                )
             if sender not in g.members or sender == g.me:
-                return self._refuse(grpc.StatusCode.PERMISSION_DENIED, chunk,
-                                    f"{sender!r} is not a member of collective {_key_str(g.key)} sending to {g.me!r}")
+                return self._refuse(
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    chunk,
+                    f"{sender!r} is not a member of collective {_key_str(g.key)} sending to {g.me!r}",
+                )
             if g.error is not None:
-                return self._refuse(grpc.StatusCode.FAILED_PRECONDITION, chunk,
-                                    f"collective {_key_str(g.key)} already failed on this peer: {g.error}")
+                return self._refuse(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    chunk,
+                    f"collective {_key_str(g.key)} already failed on this peer: {g.error}",
+                )
             g.bytes_recv += wire_size(chunk)
             slot = g.slots.get((chunk.phase, chunk.shard, sender))
             if slot is None:
-                return self._fault(g, sender, f"phase {chunk.phase} shard {chunk.shard} is not a shard it should "
-                                              "send here")
+                return self._fault(
+                    g, sender, f"phase {chunk.phase} shard {chunk.shard} is not a shard it should send here"
+                )
             why = self._check(g, slot, chunk)
             if why is not None:
                 return self._fault(g, sender, why)
             o, n = chunk.offset, len(chunk.data)
             if slot.buf is None:
                 slot.buf = bytearray(slot.total)
-            slot.buf[o:o + n] = chunk.data
+            slot.buf[o : o + n] = chunk.data
             self._add_range(slot, o, o + n)
             slot.got += n
             if slot.got < slot.total:

@@ -48,8 +48,20 @@ def frame(header: pb.ShardChunk, data) -> bytes:
 class WireChunk:
     """A received ShardChunk: the header fields as attributes, ``data`` a memoryview into the frame."""
 
-    __slots__ = ("quorum_id", "round", "op", "phase", "shard", "sender", "codec", "numel", "total_bytes",
-                 "offset", "data", "wire_bytes")
+    __slots__ = (
+        "quorum_id",
+        "round",
+        "op",
+        "phase",
+        "shard",
+        "sender",
+        "codec",
+        "numel",
+        "total_bytes",
+        "offset",
+        "data",
+        "wire_bytes",
+    )
 
     def __init__(self, header: pb.ShardChunk, data: memoryview, wire_bytes: int):
         self.quorum_id, self.round, self.op = header.quorum_id, header.round, header.op
@@ -99,4 +111,4 @@ def parse(raw: bytes) -> WireChunk:
         header = pb.ShardChunk.FromString(b"".join(rest))
     except Exception as e:  # noqa: BLE001 - the protobuf runtime's DecodeError and friends
         raise MalformedChunk(f"header does not parse: {type(e).__name__}") from None
-    return WireChunk(header, buf[data_span[0]:data_span[1]], len(raw) + GRPC_FRAME_BYTES)
+    return WireChunk(header, buf[data_span[0] : data_span[1]], len(raw) + GRPC_FRAME_BYTES)

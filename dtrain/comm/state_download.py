@@ -93,19 +93,33 @@ def _check_header(h: pb.StateHeader, address: str, min_round: int, max_bytes: in
     blobs = []
     for t in h.tensors:
         if t.offset + t.nbytes > h.total_bytes:
-            raise bad(f"tensor {t.name!r} [{t.offset}, {t.offset + t.nbytes}) lies outside the "
-                      f"{h.total_bytes}-byte state")
+            raise bad(
+                f"tensor {t.name!r} [{t.offset}, {t.offset + t.nbytes}) lies outside the {h.total_bytes}-byte state"
+            )
         blobs.append(BlobMeta(t.name, t.offset, t.nbytes, t.dtype, tuple(t.shape)))
     if len({b.name for b in blobs}) != len(blobs):
         raise bad("a tensor name appears twice")
     return tuple(blobs)
 
 
-def _stream_range(stub, header: pb.StateHeader, address: str, md, buf: bytearray, lo: int, hi: int,
-                  deadline: float, chunk_timeout: float, calls: list) -> None:
+def _stream_range(
+    stub,
+    header: pb.StateHeader,
+    address: str,
+    md,
+    buf: bytearray,
+    lo: int,
+    hi: int,
+    deadline: float,
+    chunk_timeout: float,
+    calls: list,
+) -> None:
     """Receive ``[lo, hi)`` of a pinned transfer into ``buf``; StateTransferError on any misstep."""
-    call = stub.StreamState(pb.StateChunkRequest(transfer_id=header.transfer_id, offset=lo, length=hi - lo),
-                            timeout=max(0.001, deadline - time.monotonic()), metadata=md)
+    call = stub.StreamState(
+        pb.StateChunkRequest(transfer_id=header.transfer_id, offset=lo, length=hi - lo),
+        timeout=max(0.001, deadline - time.monotonic()),
+        metadata=md,
+    )
     calls.append(call)
     dog = _Watchdog(chunk_timeout, call.cancel)
     pos = lo
@@ -114,31 +128,47 @@ def _stream_range(stub, header: pb.StateHeader, address: str, md, buf: bytearray
             dog.kick()
             n = len(chunk.data)
             if chunk.offset != pos:
-                raise StateTransferError(f"state transfer from {address}: chunk at offset {chunk.offset}, "
-                                         f"expected {pos}")
+                raise StateTransferError(
+                    f"state transfer from {address}: chunk at offset {chunk.offset}, expected {pos}"
+                )
             if n == 0 or n > header.chunk_bytes or pos + n > hi:
-                raise StateTransferError(f"state transfer from {address}: chunk of {n} bytes at offset {pos} "
-                                         f"does not fit (chunk_bytes {header.chunk_bytes}, range end {hi})")
-            buf[pos:pos + n] = chunk.data
+                raise StateTransferError(
+                    f"state transfer from {address}: chunk of {n} bytes at offset {pos} "
+                    f"does not fit (chunk_bytes {header.chunk_bytes}, range end {hi})"
+                )
+            buf[pos : pos + n] = chunk.data
             pos += n
     except grpc.RpcError as e:
         if dog.fired:
-            raise StateTransferError(f"state transfer from {address}: stalled: no chunk for {chunk_timeout:g}s "
-                                     f"at offset {pos} of {header.total_bytes}",
-                                     grpc.StatusCode.DEADLINE_EXCEEDED) from None
+            raise StateTransferError(
+                f"state transfer from {address}: stalled: no chunk for {chunk_timeout:g}s "
+                f"at offset {pos} of {header.total_bytes}",
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+            ) from None
         raise _refusal(address, f"stream failed at offset {pos} of {header.total_bytes}", e) from None
     finally:
         dog.stop()
         if pos < hi:
             call.cancel()
     if pos != hi:
-        raise StateTransferError(f"state transfer from {address}: truncated: the range [{lo}, {hi}) ended at {pos} "
-                                 f"({pos - lo} of {hi - lo} bytes)")
+        raise StateTransferError(
+            f"state transfer from {address}: truncated: the range [{lo}, {hi}) ended at {pos} "
+            f"({pos - lo} of {hi - lo} bytes)"
+        )
 
 
-def fetch_state(address: str, schema_hash: str, min_round: int = 0, token: str = "", tls=None,
-                timeout: float = 30.0, chunk_timeout: float = 10.0, requester: str = "",
-                max_bytes: int = 1 << 36, streams: int = 4) -> StateSnapshot:
+def fetch_state(
+    address: str,
+    schema_hash: str,
+    min_round: int = 0,
+    token: str = "",
+    tls=None,
+    timeout: float = 30.0,
+    chunk_timeout: float = 10.0,
+    requester: str = "",
+    max_bytes: int = 1 << 36,
+    streams: int = 4,
+) -> StateSnapshot:
     """Fetch the donor's state (round >= ``min_round``), verified against its length and state hash.
 
     The payload is split into ``streams`` contiguous ranges received in parallel (several TCP-level
@@ -151,7 +181,9 @@ def fetch_state(address: str, schema_hash: str, min_round: int = 0, token: str =
         try:
             header = stub.GetStateHeader(
                 pb.StateRequest(schema_hash=schema_hash, requester=requester, min_round=min_round),
-                timeout=max(0.001, deadline - time.monotonic()), metadata=md)
+                timeout=max(0.001, deadline - time.monotonic()),
+                metadata=md,
+            )
         except grpc.RpcError as e:
             raise _refusal(address, "header refused", e) from None
         blobs = _check_header(header, address, min_round, max_bytes)
@@ -173,22 +205,28 @@ def fetch_state(address: str, schema_hash: str, min_round: int = 0, token: str =
                     for c in list(calls):
                         c.cancel()
 
-            threads = [threading.Thread(target=run, args=(bounds[i], bounds[i + 1]), daemon=True,
-                                        name=f"state-range-{i}") for i in range(n) if bounds[i] < bounds[i + 1]]
+            threads = [
+                threading.Thread(target=run, args=(bounds[i], bounds[i + 1]), daemon=True, name=f"state-range-{i}")
+                for i in range(n)
+                if bounds[i] < bounds[i + 1]
+            ]
             for t in threads:
                 t.start()
             for t in threads:
                 t.join()
             if errors:
-                first = next((e for e in errors if isinstance(e, StateTransferError)
-                              and "CANCELLED" not in str(e)), errors[0])
+                first = next(
+                    (e for e in errors if isinstance(e, StateTransferError) and "CANCELLED" not in str(e)), errors[0]
+                )
                 if isinstance(first, StateTransferError):
                     raise first
                 raise StateTransferError(f"state transfer from {address}: {type(first).__name__}: {first}")
         got = state_hash(buf)
         if got != header.state_hash:
-            raise StateTransferError(f"state transfer from {address}: hash mismatch: received bytes hash to "
-                                     f"{short_hash(got)}, the header says {short_hash(header.state_hash)}")
+            raise StateTransferError(
+                f"state transfer from {address}: hash mismatch: received bytes hash to "
+                f"{short_hash(got)}, the header says {short_hash(header.state_hash)}"
+            )
         return StateSnapshot(header.round, bytes(buf), header.meta_json or "{}", blobs, got)
     finally:
         channel.close()
@@ -198,8 +236,9 @@ def ping(address: str, schema_hash: str = "", token: str = "", tls=None, timeout
     """A peer's (peer_id, round, state_hash); StateTransferError when it refuses or is unreachable."""
     channel = make_channel(address, tls, MAX_MESSAGE_BYTES)
     try:
-        r = pb_grpc.PeerStub(channel).Ping(pb.PingRequest(schema_hash=schema_hash), timeout=timeout,
-                                           metadata=auth_metadata(token))
+        r = pb_grpc.PeerStub(channel).Ping(
+            pb.PingRequest(schema_hash=schema_hash), timeout=timeout, metadata=auth_metadata(token)
+        )
         return r.peer_id, r.round, r.state_hash
     except grpc.RpcError as e:
         raise _refusal(address, "ping refused", e) from None

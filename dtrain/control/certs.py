@@ -57,16 +57,21 @@ def plan(out_dir: str, clients: Sequence[str]) -> CertFiles:
     """The paths :func:`generate` would write; CertsError for unusable client names."""
     out = os.path.abspath(out_dir)
     seen = set()
-    files = CertFiles(os.path.join(out, "ca.pem"), os.path.join(out, "ca.key"),
-                      os.path.join(out, "server.pem"), os.path.join(out, "server.key"))
+    files = CertFiles(
+        os.path.join(out, "ca.pem"),
+        os.path.join(out, "ca.key"),
+        os.path.join(out, "server.pem"),
+        os.path.join(out, "server.key"),
+    )
     for name in clients:
         name = str(name)
         if not _NAME.match(name):
-            raise CertsError(f"clients: {name!r} is not a usable name: letters, digits, '.', '_', '-' "
-                             "(not starting with a punctuation mark)")
+            raise CertsError(
+                f"clients: {name!r} is not a usable name: letters, digits, '.', '_', '-' "
+                "(not starting with a punctuation mark)"
+            )
         if name in RESERVED:
-            raise CertsError(f"clients: {name!r} would clash with the {name}.pem / {name}.key files: "
-                             "pick another name")
+            raise CertsError(f"clients: {name!r} would clash with the {name}.pem / {name}.key files: pick another name")
         if name in seen:
             raise CertsError(f"clients: {name!r} is given twice")
         seen.add(name)
@@ -98,47 +103,83 @@ def _new_key() -> ec.EllipticCurvePrivateKey:
 
 
 def _name(cn: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "dtrain"),
-                      x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+    return x509.Name(
+        [x509.NameAttribute(NameOID.ORGANIZATION_NAME, "dtrain"), x509.NameAttribute(NameOID.COMMON_NAME, cn)]
+    )
 
 
 def _builder(subject: x509.Name, issuer: x509.Name, key, days: int) -> x509.CertificateBuilder:
     now = dt.datetime.now(dt.timezone.utc)
-    return (x509.CertificateBuilder()
-            .subject_name(subject).issuer_name(issuer).public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - _SKEW).not_valid_after(now + dt.timedelta(days=days))
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False))
+    return (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - _SKEW)
+        .not_valid_after(now + dt.timedelta(days=days))
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+    )
 
 
 def make_ca(days: int = 365, common_name: str = "dtrain CA") -> Tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
     """A self-signed CA that may sign leaf certificates only."""
     key = _new_key()
     name = _name(common_name)
-    cert = (_builder(name, name, key, days)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
-                                         content_commitment=False, key_encipherment=False,
-                                         data_encipherment=False, key_agreement=False,
-                                         encipher_only=False, decipher_only=False), critical=True)
-            .sign(key, hashes.SHA256()))
+    cert = (
+        _builder(name, name, key, days)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .sign(key, hashes.SHA256())
+    )
     return key, cert
 
 
-def issue(ca_key, ca_cert: x509.Certificate, common_name: str, *, hosts: Sequence[str] = (),
-          client: bool = False, days: int = 365) -> Tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+def issue(
+    ca_key,
+    ca_cert: x509.Certificate,
+    common_name: str,
+    *,
+    hosts: Sequence[str] = (),
+    client: bool = False,
+    days: int = 365,
+) -> Tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
     """A leaf certificate signed by the CA: a server one (SANs = hosts) or a client one."""
     key = _new_key()
     usage = ExtendedKeyUsageOID.CLIENT_AUTH if client else ExtendedKeyUsageOID.SERVER_AUTH
-    b = (_builder(_name(common_name), ca_cert.subject, key, days)
-         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-         .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=False, crl_sign=False,
-                                      content_commitment=False, key_encipherment=False,
-                                      data_encipherment=False, key_agreement=False,
-                                      encipher_only=False, decipher_only=False), critical=True)
-         .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
-                        critical=False))
+    b = (
+        _builder(_name(common_name), ca_cert.subject, key, days)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                key_cert_sign=False,
+                crl_sign=False,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+    )
     if hosts:
         b = b.add_extension(x509.SubjectAlternativeName(san_entries(hosts)), critical=False)
     return key, b.sign(ca_key, hashes.SHA256())
@@ -149,8 +190,9 @@ def cert_pem(cert: x509.Certificate) -> bytes:
 
 
 def key_pem(key) -> bytes:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
 
 
 def _write(path: str, data: bytes, mode: int, overwrite: bool) -> None:
@@ -163,8 +205,13 @@ def _write(path: str, data: bytes, mode: int, overwrite: bool) -> None:
         os.close(fd)
 
 
-def generate(out_dir: str, hosts: Sequence[str] = ("localhost", "127.0.0.1"),
-             clients: Sequence[str] = ("client",), days: int = 365, overwrite: bool = False) -> CertFiles:
+def generate(
+    out_dir: str,
+    hosts: Sequence[str] = ("localhost", "127.0.0.1"),
+    clients: Sequence[str] = ("client",),
+    days: int = 365,
+    overwrite: bool = False,
+) -> CertFiles:
     """Write the CA, the server certificate for ``hosts`` and one client certificate per name.
 
     FileExistsError (naming the file) when a target exists and ``overwrite`` is false;
@@ -185,8 +232,12 @@ def generate(out_dir: str, hosts: Sequence[str] = ("localhost", "127.0.0.1"),
 
     ca_key, ca_cert = make_ca(days)
     srv_key, srv_cert = issue(ca_key, ca_cert, hosts[0].strip("[]"), hosts=hosts, days=days)
-    out = [(files.ca_cert, cert_pem(ca_cert), 0o644), (files.ca_key, key_pem(ca_key), 0o600),
-           (files.server_cert, cert_pem(srv_cert), 0o644), (files.server_key, key_pem(srv_key), 0o600)]
+    out = [
+        (files.ca_cert, cert_pem(ca_cert), 0o644),
+        (files.ca_key, key_pem(ca_key), 0o600),
+        (files.server_cert, cert_pem(srv_cert), 0o644),
+        (files.server_key, key_pem(srv_key), 0o600),
+    ]
     for name, (cert_path, key_path) in files.clients.items():
         k, c = issue(ca_key, ca_cert, name, client=True, days=days)
         out += [(cert_path, cert_pem(c), 0o644), (key_path, key_pem(k), 0o600)]

@@ -29,7 +29,6 @@ import grpc
 
 from ..v1 import dtrain_pb2 as pb
 from ..v1 import dtrain_pb2_grpc as pb_grpc
-from .work_plan import WorkPlan
 from ..wire.auth import auth_metadata, make_channel
 from ..wire.outcomes import (
     CommitDecision,
@@ -38,6 +37,7 @@ from ..wire.outcomes import (
     commit_decision_from_proto,
     sync_outcome_from_proto,
 )
+from .work_plan import WorkPlan
 
 log = logging.getLogger("dtrain.control")
 
@@ -105,8 +105,20 @@ class CoordinatorUnavailable(ControlError):
     hint = "is the coordinator running, and is the address right?"
 
 
-_BY_CODE = {c.code: c for c in (SchemaMismatch, DuplicatePeer, StaleRound, NotAuthenticated, NotMember,
-                                AheadOfCoordinator, MessageTooLarge, InvalidRequest, CoordinatorUnavailable)}
+_BY_CODE = {
+    c.code: c
+    for c in (
+        SchemaMismatch,
+        DuplicatePeer,
+        StaleRound,
+        NotAuthenticated,
+        NotMember,
+        AheadOfCoordinator,
+        MessageTooLarge,
+        InvalidRequest,
+        CoordinatorUnavailable,
+    )
+}
 _TRANSIENT = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 
@@ -197,8 +209,9 @@ def _decision(reply: pb.CommitReply) -> CommitDecision:
 def _plan_pb(plan: Optional[WorkPlan]) -> Optional[pb.WorkPlan]:
     if plan is None:
         return None
-    return pb.WorkPlan(sync_every=plan.sync_every, min_steps=plan.min_steps, balanced=plan.balanced,
-                       tolerance=plan.tolerance)
+    return pb.WorkPlan(
+        sync_every=plan.sync_every, min_steps=plan.min_steps, balanced=plan.balanced, tolerance=plan.tolerance
+    )
 
 
 def _donor(d: pb.Donor) -> Optional[DonorInfo]:
@@ -214,7 +227,7 @@ class Backoff:
         self.base, self.cap, self.attempts = base, cap, 0
 
     def sleep(self, until: Optional[float] = None) -> None:
-        delay = random.uniform(0, min(self.cap, self.base * (2 ** self.attempts)))
+        delay = random.uniform(0, min(self.cap, self.base * (2**self.attempts)))
         self.attempts += 1
         if until is not None:
             delay = max(0.0, min(delay, until - time.monotonic()))
@@ -228,10 +241,21 @@ class Backoff:
 
 
 class CoordinatorClient:
-    def __init__(self, target: str, peer_id: str, address: str, schema_hash: str, world_size: int = 1,
-                 region: str = "", token: str = "", tls=None, rpc_timeout: float = 10.0,
-                 max_message_bytes: int = 4 * 2 ** 20,
-                 state_fn: Optional[Callable[[], Tuple[int, str]]] = None, plan: Optional[WorkPlan] = None):
+    def __init__(
+        self,
+        target: str,
+        peer_id: str,
+        address: str,
+        schema_hash: str,
+        world_size: int = 1,
+        region: str = "",
+        token: str = "",
+        tls=None,
+        rpc_timeout: float = 10.0,
+        max_message_bytes: int = 4 * 2**20,
+        state_fn: Optional[Callable[[], Tuple[int, str]]] = None,
+        plan: Optional[WorkPlan] = None,
+    ):
         self.target, self.peer_id, self.address = target, peer_id, address
         self.schema_hash, self.world_size, self.region = schema_hash, world_size, region
         self.rpc_timeout = rpc_timeout
@@ -267,15 +291,24 @@ class CoordinatorClient:
         backoff = Backoff()
         while True:
             rnd, h = self.state_fn()
-            req = pb.JoinRequest(peer_id=self.peer_id, address=self.address, schema_hash=self.schema_hash,
-                                 world_size=self.world_size, region=self.region, incarnation=self.incarnation,
-                                 round=rnd, state_hash=h, plan=_plan_pb(self.plan))
+            req = pb.JoinRequest(
+                peer_id=self.peer_id,
+                address=self.address,
+                schema_hash=self.schema_hash,
+                world_size=self.world_size,
+                region=self.region,
+                incarnation=self.incarnation,
+                round=rnd,
+                state_hash=h,
+                plan=_plan_pb(self.plan),
+            )
             try:
                 r = self._rpc("Join", req)
             except (CoordinatorUnavailable, DuplicatePeer) as e:
                 if time.monotonic() >= deadline:
-                    raise type(e)(f"join of {self.peer_id!r} at {self.target} gave up after {timeout:g}s: "
-                                  f"{e.detail}", e.code) from None
+                    raise type(e)(
+                        f"join of {self.peer_id!r} at {self.target} gave up after {timeout:g}s: {e.detail}", e.code
+                    ) from None
                 log.debug("join retry: %s", e)
                 backoff.sleep(deadline)
                 continue
@@ -284,8 +317,16 @@ class CoordinatorClient:
                     backoff.sleep(deadline)
                     continue
                 raise
-            info = JoinInfo(r.committed_round, r.committed_state_hash, r.must_heal, _donor(r.donor), r.quorum_id,
-                            r.lease_timeout_ms / 1000.0, r.heartbeat_interval_ms / 1000.0, r.min_peers)
+            info = JoinInfo(
+                r.committed_round,
+                r.committed_state_hash,
+                r.must_heal,
+                _donor(r.donor),
+                r.quorum_id,
+                r.lease_timeout_ms / 1000.0,
+                r.heartbeat_interval_ms / 1000.0,
+                r.min_peers,
+            )
             with self._lock:
                 self.joined = info
             return info
@@ -312,8 +353,11 @@ class CoordinatorClient:
                 self._stop.wait(interval - quiet)
                 continue
             try:
-                self._rpc("Heartbeat", pb.HeartbeatRequest(peer_id=self.peer_id, incarnation=self.incarnation),
-                          timeout=max(interval, 1.0))
+                self._rpc(
+                    "Heartbeat",
+                    pb.HeartbeatRequest(peer_id=self.peer_id, incarnation=self.incarnation),
+                    timeout=max(interval, 1.0),
+                )
                 self.last_heartbeat = time.monotonic()
                 backoff.reset()
             except NotMember:
@@ -337,8 +381,11 @@ class CoordinatorClient:
         self._left = True
         self.stop_heartbeat()
         try:
-            self._rpc("Leave", pb.LeaveRequest(peer_id=self.peer_id, incarnation=self.incarnation, reason=reason),
-                      timeout=min(self.rpc_timeout, 3.0))
+            self._rpc(
+                "Leave",
+                pb.LeaveRequest(peer_id=self.peer_id, incarnation=self.incarnation, reason=reason),
+                timeout=min(self.rpc_timeout, 3.0),
+            )
         except ControlError as e:
             log.warning("leave failed (the lease will expire instead): %s", e)
 
@@ -347,8 +394,9 @@ class CoordinatorClient:
         self._channel.close()
 
     # -- rounds ---------------------------------------------------------------------------
-    def _retrying(self, method: str, make_request: Callable[[int], object], timeout: Optional[float],
-                  done: Callable[[R], bool]) -> R:
+    def _retrying(
+        self, method: str, make_request: Callable[[int], object], timeout: Optional[float], done: Callable[[R], bool]
+    ) -> R:
         """Call ``method`` until ``done(reply)``; rides out restarts and re-joins."""
         deadline = None if timeout is None else time.monotonic() + timeout
         backoff = Backoff()
@@ -376,14 +424,22 @@ class CoordinatorClient:
             if done(reply):
                 return reply
 
-    def sync(self, round: int, state_hash: str, timeout: Optional[float] = None,
-             report: SyncReport = SyncReport()):
+    def sync(self, round: int, state_hash: str, timeout: Optional[float] = None, report: Optional[SyncReport] = None):
         """Report that this peer holds S_round (and its work in the round); returns a QuorumView or a
         HealOrder."""
+        report = report or SyncReport()
+
         def req(wait_ms):
-            return pb.SyncRequest(peer_id=self.peer_id, incarnation=self.incarnation, round=round,
-                                  state_hash=state_hash, wait_ms=wait_ms, step_rate=report.step_rate,
-                                  steps=report.steps, samples=report.samples)
+            return pb.SyncRequest(
+                peer_id=self.peer_id,
+                incarnation=self.incarnation,
+                round=round,
+                state_hash=state_hash,
+                wait_ms=wait_ms,
+                step_rate=report.step_rate,
+                steps=report.steps,
+                samples=report.samples,
+            )
 
         r: pb.SyncReply = self._retrying("Sync", req, timeout, lambda r: _sync_outcome(r) is not SyncOutcome.WAIT)
         if _sync_outcome(r) is SyncOutcome.HEAL:
@@ -392,21 +448,36 @@ class CoordinatorClient:
                 raise ControlError("the coordinator sent HEAL without a donor")
             return HealOrder(donor, r.committed_round, r.reason)
         q = r.quorum
-        return QuorumView(q.quorum_id, q.round,
-                          tuple((m.peer_id, m.address, m.world_size, m.region) for m in q.members),
-                          q.state_hash, q.commit_timeout_ms / 1000.0, q.store_address,
-                          tuple(MemberWork(m.steps, m.samples, m.next_steps, m.step_rate) for m in q.members))
+        return QuorumView(
+            q.quorum_id,
+            q.round,
+            tuple((m.peer_id, m.address, m.world_size, m.region) for m in q.members),
+            q.state_hash,
+            q.commit_timeout_ms / 1000.0,
+            q.store_address,
+            tuple(MemberWork(m.steps, m.samples, m.next_steps, m.step_rate) for m in q.members),
+        )
 
-    def commit(self, round: int, quorum_id: int, ok: bool, reason: str = "",
-               timeout: Optional[float] = None) -> CommitDecision:
+    def commit(
+        self, round: int, quorum_id: int, ok: bool, reason: str = "", timeout: Optional[float] = None
+    ) -> CommitDecision:
         """Vote on round ``round`` of quorum ``quorum_id``: COMMIT or RETRY (a stale vote is a RETRY)."""
+
         def req(wait_ms):
-            return pb.CommitRequest(peer_id=self.peer_id, incarnation=self.incarnation, round=round,
-                                    quorum_id=quorum_id, ok=ok, reason=reason, wait_ms=wait_ms)
+            return pb.CommitRequest(
+                peer_id=self.peer_id,
+                incarnation=self.incarnation,
+                round=round,
+                quorum_id=quorum_id,
+                ok=ok,
+                reason=reason,
+                wait_ms=wait_ms,
+            )
 
         try:
-            r: pb.CommitReply = self._retrying("Commit", req, timeout,
-                                               lambda r: _decision(r) is not CommitDecision.WAIT)
+            r: pb.CommitReply = self._retrying(
+                "Commit", req, timeout, lambda r: _decision(r) is not CommitDecision.WAIT
+            )
         except StaleRound as e:
             log.info("commit of round %d quorum %d is stale: %s", round, quorum_id, e)
             return CommitDecision.RETRY
@@ -414,8 +485,14 @@ class CoordinatorClient:
 
     def report(self, round: int, quorum_id: int, culprit: str, reason: str) -> bool:
         """Report a quorum member that sent garbage; True when the coordinator excluded it."""
-        req = pb.ReportRequest(peer_id=self.peer_id, incarnation=self.incarnation, round=round,
-                               quorum_id=quorum_id, culprit=culprit, reason=reason[:200])
+        req = pb.ReportRequest(
+            peer_id=self.peer_id,
+            incarnation=self.incarnation,
+            round=round,
+            quorum_id=quorum_id,
+            culprit=culprit,
+            reason=reason[:200],
+        )
         try:
             return self._rpc("Report", req).excluded
         except ControlError as e:

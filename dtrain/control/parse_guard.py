@@ -24,6 +24,7 @@ def _parser(deserializer, method: str):
             return deserializer(raw)
         except Exception as e:  # noqa: BLE001 - any parse failure is the client's fault
             raise _Malformed(f"malformed request to {method}: {type(e).__name__}") from None
+
     return parse
 
 
@@ -68,6 +69,7 @@ def _guard(handler, method: str):
             except _Malformed as e:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
             return await inner(request, context)
+
         return grpc.unary_unary_rpc_method_handler(unary_unary, None, ser)
     if not handler.request_streaming:
         inner_us = handler.unary_stream
@@ -78,6 +80,7 @@ def _guard(handler, method: str):
             except _Malformed as e:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
             await _drain(inner_us(request, context), context)
+
         return grpc.unary_stream_rpc_method_handler(unary_stream, None, ser)
 
     async def parsed(raw_iter, context):
@@ -92,9 +95,11 @@ def _guard(handler, method: str):
 
         async def stream_stream(raw_iter, context):
             await _drain(inner_ss(parsed(raw_iter, context), context), context)
+
         return grpc.stream_stream_rpc_method_handler(stream_stream, None, ser)
     inner_su = handler.stream_unary
 
     async def stream_unary(raw_iter, context):
         return await inner_su(parsed(raw_iter, context), context)
+
     return grpc.stream_unary_rpc_method_handler(stream_unary, None, ser)

@@ -181,8 +181,13 @@ class CommitRecord:
 
 def _record_dict(r: CommitRecord) -> dict:
     """A commit record as plain data (cheaper than dataclasses.asdict's deep copies)."""
-    return {"round": r.round, "quorum_id": r.quorum_id, "members": list(r.members),
-            "state_hash": r.state_hash, "time": r.time}
+    return {
+        "round": r.round,
+        "quorum_id": r.quorum_id,
+        "members": list(r.members),
+        "state_hash": r.state_hash,
+        "time": r.time,
+    }
 
 
 @dataclass
@@ -203,8 +208,7 @@ class _Voting:
 
 
 class QuorumMachine:
-    def __init__(self, params: Params, snapshot: Optional[dict] = None,
-                 wall_clock: Callable[[], float] = time.time):
+    def __init__(self, params: Params, snapshot: Optional[dict] = None, wall_clock: Callable[[], float] = time.time):
         self.params = params
         self.wall_clock = wall_clock  # unix seconds for the commit history (for humans); injected like `now`
         self.members: Dict[str, Member] = {}
@@ -238,9 +242,14 @@ class QuorumMachine:
 
     # ------------------------------------------------------------------ persistence
     def snapshot(self) -> dict:
-        return {"version": 1, "committed_round": self.committed_round, "state_hash": self.known_hash,
-                "quorum_id": self.quorum_id, "schema_hash": self.schema_hash,
-                "history": [_record_dict(r) for r in self.history[-PERSISTED_HISTORY:]]}
+        return {
+            "version": 1,
+            "committed_round": self.committed_round,
+            "state_hash": self.known_hash,
+            "quorum_id": self.quorum_id,
+            "schema_hash": self.schema_hash,
+            "history": [_record_dict(r) for r in self.history[-PERSISTED_HISTORY:]],
+        }
 
     def _restore(self, s: dict) -> None:
         self.committed_round = int(s["committed_round"])
@@ -261,11 +270,15 @@ class QuorumMachine:
     def _member(self, peer_id: str, incarnation: str, now: float) -> Member:
         m = self.members.get(peer_id)
         if m is None:
-            raise Refusal("PERMISSION_DENIED", f"peer {peer_id!r} is not a member (never joined, left, "
-                                               "or its lease expired): join again")
+            raise Refusal(
+                "PERMISSION_DENIED",
+                f"peer {peer_id!r} is not a member (never joined, left, or its lease expired): join again",
+            )
         if m.incarnation != incarnation:
-            raise Refusal("PERMISSION_DENIED", f"peer {peer_id!r}: incarnation {incarnation!r} is not the "
-                                               "member's current one: join again")
+            raise Refusal(
+                "PERMISSION_DENIED",
+                f"peer {peer_id!r}: incarnation {incarnation!r} is not the member's current one: join again",
+            )
         self._touch(m, now)
         return m
 
@@ -274,18 +287,32 @@ class QuorumMachine:
         m.last_seen = now
         heapq.heappush(self._leases, (now, m.peer_id))
 
-    def join(self, peer_id: str, incarnation: str, address: str, schema_hash: str, world_size: int,
-             region: str, round: int, state_hash: str, now: float, plan: Optional[WorkPlan] = None) -> JoinResult:
+    def join(
+        self,
+        peer_id: str,
+        incarnation: str,
+        address: str,
+        schema_hash: str,
+        world_size: int,
+        region: str,
+        round: int,
+        state_hash: str,
+        now: float,
+        plan: Optional[WorkPlan] = None,
+    ) -> JoinResult:
         if not _PEER_ID.fullmatch(peer_id or ""):
-            raise Refusal("INVALID_ARGUMENT", f"peer_id={peer_id!r} is not allowed: 1-128 letters, digits, "
-                                              "'.', '_' or '-'")
+            raise Refusal(
+                "INVALID_ARGUMENT", f"peer_id={peer_id!r} is not allowed: 1-128 letters, digits, '.', '_' or '-'"
+            )
         if not _ADDRESS.fullmatch(address or ""):
             raise Refusal("INVALID_ARGUMENT", f"address={(address or '')[:80]!r} is not allowed: use host:port")
         if not _TOKENISH.fullmatch(incarnation or ""):
             raise Refusal("INVALID_ARGUMENT", "incarnation must be 1-64 letters, digits, '.', '_' or '-'")
         if not _LABEL.fullmatch(region or ""):
-            raise Refusal("INVALID_ARGUMENT", f"region={(region or '')[:80]!r} is not allowed: up to 64 letters, "
-                                              "digits, '.', '_' or '-'")
+            raise Refusal(
+                "INVALID_ARGUMENT",
+                f"region={(region or '')[:80]!r} is not allowed: up to 64 letters, digits, '.', '_' or '-'",
+            )
         if len(state_hash or "") > MAX_HASH or len(schema_hash or "") > MAX_HASH:
             raise Refusal("INVALID_ARGUMENT", f"hashes are at most {MAX_HASH} characters")
         if world_size < 1:
@@ -293,36 +320,55 @@ class QuorumMachine:
         if not schema_hash:
             raise Refusal("INVALID_ARGUMENT", "schema_hash must not be empty")
         if self.schema_hash and schema_hash != self.schema_hash:
-            raise Refusal("FAILED_PRECONDITION",
-                          f"schema hash {schema_hash[:12]}... differs from the run's {self.schema_hash[:12]}...: "
-                          "the peer runs other code or another model config")
+            raise Refusal(
+                "FAILED_PRECONDITION",
+                f"schema hash {schema_hash[:12]}... differs from the run's {self.schema_hash[:12]}...: "
+                "the peer runs other code or another model config",
+            )
         self._advance(now)
         R = self.committed_round
         if int(round) > R:
-            raise Refusal("OUT_OF_RANGE",
-                          f"peer {peer_id!r} holds round {round} but only {R} rounds are committed here: "
-                          "start the coordinator on the run's state_dir")
+            raise Refusal(
+                "OUT_OF_RANGE",
+                f"peer {peer_id!r} holds round {round} but only {R} rounds are committed here: "
+                "start the coordinator on the run's state_dir",
+            )
         old = self.members.get(peer_id)
         if old is not None and old.incarnation != incarnation:
             left = self.params.lease_timeout - (now - old.last_seen)
-            raise Refusal("ALREADY_EXISTS", f"peer id {peer_id!r} is held by a live peer (incarnation "
-                                            f"{old.incarnation!r}); its lease expires in {max(left, 0):.1f}s")
+            raise Refusal(
+                "ALREADY_EXISTS",
+                f"peer id {peer_id!r} is held by a live peer (incarnation "
+                f"{old.incarnation!r}); its lease expires in {max(left, 0):.1f}s",
+            )
         if not self.schema_hash:
             self.schema_hash = schema_hash
             self.dirty = True
         if old is None:
-            self.members[peer_id] = Member(peer_id, incarnation, address, int(world_size), region, now, now,
-                                           round=int(round), state_hash=state_hash, plan=plan or WorkPlan())
+            self.members[peer_id] = Member(
+                peer_id,
+                incarnation,
+                address,
+                int(world_size),
+                region,
+                now,
+                now,
+                round=int(round),
+                state_hash=state_hash,
+                plan=plan or WorkPlan(),
+            )
             self._touch(self.members[peer_id], now)
             self.epoch += 1
-            self._event("join", peer_id=peer_id, address=address, region=region, world_size=int(world_size),
-                        round=int(round))
+            self._event(
+                "join", peer_id=peer_id, address=address, region=region, world_size=int(world_size), round=int(round)
+            )
         else:
             old.address, old.world_size, old.region = address, int(world_size), region
             old.plan = plan or WorkPlan()
             self._touch(old, now)
-        up_to_date = int(round) == R and (state_hash == self.known_hash if self.known_hash else
-                                          (R == 0 or bool(state_hash)))
+        up_to_date = int(round) == R and (
+            state_hash == self.known_hash if self.known_hash else (R == 0 or bool(state_hash))
+        )
         if R == 0 and not self.known_hash and not self.history:
             up_to_date = True  # a fresh run: every peer starts from the seeded initial state
         if self.excluded.get(peer_id) == R:
@@ -353,8 +399,9 @@ class QuorumMachine:
             return  # idempotent
         self._remove([peer_id], now, "leave", reason or "left")
 
-    def report(self, peer_id: str, incarnation: str, round: int, quorum_id: int, culprit: str, reason: str,
-               now: float) -> bool:
+    def report(
+        self, peer_id: str, incarnation: str, round: int, quorum_id: int, culprit: str, reason: str, now: float
+    ) -> bool:
         """A quorum member reports another one for sending garbage: the culprit is excluded
         (removed; it must re-join and heal), so the retry forms without it. Only reports
         about the quorum being voted on count; returns whether the culprit was excluded."""
@@ -364,10 +411,23 @@ class QuorumMachine:
         # the quorum being voted on, or the one that just failed in this round (the culprit's
         # own not-ok vote may have decided the retry before the receivers' reports arrived)
         q = self.voting.quorum if self.voting is not None else self.last_failed
-        if (q is None or q.quorum_id != quorum_id or round != q.round or round != self.committed_round
-                or peer_id not in q.id_set or culprit not in q.id_set or culprit == peer_id):
-            self._event("report_ignored", peer_id=peer_id, culprit=culprit, round=int(round),
-                        quorum_id=int(quorum_id), reason=why)
+        if (
+            q is None
+            or q.quorum_id != quorum_id
+            or round != q.round
+            or round != self.committed_round
+            or peer_id not in q.id_set
+            or culprit not in q.id_set
+            or culprit == peer_id
+        ):
+            self._event(
+                "report_ignored",
+                peer_id=peer_id,
+                culprit=culprit,
+                round=int(round),
+                quorum_id=int(quorum_id),
+                reason=why,
+            )
             return False
         self.excluded[culprit] = self.committed_round
         if culprit in self.members:
@@ -439,24 +499,37 @@ class QuorumMachine:
         return SyncAnswer(SyncOutcome.HEAL, round, donor=donor, reason=why)
 
     # ------------------------------------------------------------------ sync
-    def sync(self, peer_id: str, incarnation: str, round: int, state_hash: str, now: float,
-             step_rate: float = 0.0, steps: int = 0, samples: int = 0) -> Optional[SyncAnswer]:
+    def sync(
+        self,
+        peer_id: str,
+        incarnation: str,
+        round: int,
+        state_hash: str,
+        now: float,
+        step_rate: float = 0.0,
+        steps: int = 0,
+        samples: int = 0,
+    ) -> Optional[SyncAnswer]:
         """``step_rate``: the member's measured inner steps per second; ``steps`` / ``samples``: what it
         trained in this round (its weight in the mean)."""
         self._advance(now)
         m = self._member(peer_id, incarnation, now)
         if not (math.isfinite(step_rate) and 0 <= step_rate <= MAX_RATE) or steps < 0 or samples < 0:
-            raise Refusal("INVALID_ARGUMENT", f"peer {peer_id!r}: step_rate={step_rate!r} must be in "
-                                              f"[0, {MAX_RATE:g}], steps and samples >= 0")
+            raise Refusal(
+                "INVALID_ARGUMENT",
+                f"peer {peer_id!r}: step_rate={step_rate!r} must be in [0, {MAX_RATE:g}], steps and samples >= 0",
+            )
         ready = self._sync_answers.get(peer_id)
         if ready is not None and ready.round == round:
             return self._sync_answers.pop(peer_id)
         self._sync_answers.pop(peer_id, None)
         R = self.committed_round
         if round > R:
-            raise Refusal("OUT_OF_RANGE",
-                          f"peer {peer_id!r} holds round {round} but only {R} rounds are committed here: "
-                          "start the coordinator on the run's state_dir")
+            raise Refusal(
+                "OUT_OF_RANGE",
+                f"peer {peer_id!r} holds round {round} but only {R} rounds are committed here: "
+                "start the coordinator on the run's state_dir",
+            )
         if not state_hash or len(state_hash) > MAX_HASH:
             raise Refusal("INVALID_ARGUMENT", f"peer {peer_id!r}: state_hash must be 1-{MAX_HASH} characters")
         self.healing.pop(peer_id, None)
@@ -518,11 +591,11 @@ class QuorumMachine:
         if self.voting is not None or not self.syncs:
             return
         active = self._expected()
-        present = {pid for pid in self.syncs
-                   if pid in self.members and self.excluded.get(pid) != self.committed_round}
+        present = {pid for pid in self.syncs if pid in self.members and self.excluded.get(pid) != self.committed_round}
         healers = {pid for pid, r in self.healing.items() if r == self.committed_round and pid in self.members}
-        if not (active | healers) <= present and (self.first_sync_at is None
-                                                  or now < self._wait_until(self.first_sync_at, healers, present)):
+        if not (active | healers) <= present and (
+            self.first_sync_at is None or now < self._wait_until(self.first_sync_at, healers, present)
+        ):
             return
         self.grace_spent = True  # from now on only events (syncs, removals) can make it form
         counts: Dict[str, int] = {}
@@ -536,8 +609,12 @@ class QuorumMachine:
         if len(matching) < self.params.min_peers or 2 * len(matching) <= len(active):
             return
         ids = frozenset(matching)
-        keep = (self.last_quorum is not None and self.last_quorum[0] == ids
-                and self.last_quorum[1] == self.epoch and self.last_quorum[2] is CommitDecision.COMMIT)
+        keep = (
+            self.last_quorum is not None
+            and self.last_quorum[0] == ids
+            and self.last_quorum[1] == self.epoch
+            and self.last_quorum[2] is CommitDecision.COMMIT
+        )
         if not keep or self.quorum_id == 0:
             self.quorum_id += 1
             self.dirty = True
@@ -547,22 +624,40 @@ class QuorumMachine:
         ordered = sorted(matching, key=lambda pid: (self.members[pid].region, pid))
         plan = self.members[ordered[0]].plan  # one plan per run (it is part of the schema hash)
         assigned = assign_local_steps({pid: self.members[pid].step_rate for pid in ordered}, plan)
-        q = QuorumInfo(self.quorum_id, self.committed_round,
-                       tuple((pid, self.members[pid].address, self.members[pid].world_size,
-                              self.members[pid].region) for pid in ordered),
-                       ref, self.params.commit_timeout,
-                       tuple((self.members[pid].steps, self.members[pid].samples, assigned[pid],
-                              self.members[pid].step_rate) for pid in ordered))
+        q = QuorumInfo(
+            self.quorum_id,
+            self.committed_round,
+            tuple(
+                (pid, self.members[pid].address, self.members[pid].world_size, self.members[pid].region)
+                for pid in ordered
+            ),
+            ref,
+            self.params.commit_timeout,
+            tuple(
+                (self.members[pid].steps, self.members[pid].samples, assigned[pid], self.members[pid].step_rate)
+                for pid in ordered
+            ),
+        )
         self.holders |= set(matching)
         self.voting = _Voting(q, now + self.params.commit_timeout, first_sync_at=self.first_sync_at or now)
-        self._event("quorum", quorum_id=q.quorum_id, round=q.round, members=list(q.ids), state_hash=ref,
-                    steps={pid: w[0] for pid, w in zip(q.ids, q.work)},
-                    next_steps={pid: w[2] for pid, w in zip(q.ids, q.work)})
+        self._event(
+            "quorum",
+            quorum_id=q.quorum_id,
+            round=q.round,
+            members=list(q.ids),
+            state_hash=ref,
+            steps={pid: w[0] for pid, w in zip(q.ids, q.work)},
+            next_steps={pid: w[2] for pid, w in zip(q.ids, q.work)},
+        )
         for pid in matching:
             self._post_sync(pid, SyncAnswer(SyncOutcome.QUORUM, q.round, quorum=q))
         for pid in sorted(present - ids):
-            self._post_sync(pid, self._heal(pid, q.round, f"state hash {self.syncs[pid][:12]}... differs "
-                                                          f"from the majority's {ref[:12]}..."))
+            self._post_sync(
+                pid,
+                self._heal(
+                    pid, q.round, f"state hash {self.syncs[pid][:12]}... differs from the majority's {ref[:12]}..."
+                ),
+            )
         self.syncs, self.first_sync_at = {}, None
 
     def grace(self) -> float:
@@ -586,8 +681,9 @@ class QuorumMachine:
     def _committed_by(self, round: int, quorum_id: int) -> bool:
         return any(r.round == round and r.quorum_id == quorum_id for r in reversed(self.history))
 
-    def commit(self, peer_id: str, incarnation: str, round: int, quorum_id: int, ok: bool, now: float,
-               reason: str = "") -> Optional[CommitAnswer]:
+    def commit(
+        self, peer_id: str, incarnation: str, round: int, quorum_id: int, ok: bool, now: float, reason: str = ""
+    ) -> Optional[CommitAnswer]:
         self._advance(now)
         if self._committed_by(round, quorum_id):  # idempotent, for anyone (also after a restart)
             m = self.members.get(peer_id)
@@ -601,11 +697,18 @@ class QuorumMachine:
             return ready
         self._commit_answers.pop(peer_id, None)  # an uncollected answer for another quorum is obsolete
         v = self.voting
-        if (v is None or round != self.committed_round or quorum_id != v.quorum.quorum_id
-                or peer_id not in v.quorum.id_set):
+        if (
+            v is None
+            or round != self.committed_round
+            or quorum_id != v.quorum.quorum_id
+            or peer_id not in v.quorum.id_set
+        ):
             current = v.quorum.quorum_id if v is not None else self.quorum_id
-            raise Refusal("ABORTED", f"stale commit: round {round} quorum {quorum_id} is not being voted on "
-                                     f"(committed round {self.committed_round}, quorum {current})")
+            raise Refusal(
+                "ABORTED",
+                f"stale commit: round {round} quorum {quorum_id} is not being voted on "
+                f"(committed round {self.committed_round}, quorum {current})",
+            )
         v.votes[peer_id] = bool(ok)
         if not ok:
             why = (reason or "no reason given")[:MAX_REASON]
@@ -630,9 +733,8 @@ class QuorumMachine:
         """Commit the vote ``v`` (``self.voting``, whose votes are all in and ok)."""
         q = v.quorum
         self._drop_answers_of(q)
-        self.history.append(CommitRecord(q.round, q.quorum_id, list(q.ids), q.state_hash,
-                                         self.wall_clock()))
-        del self.history[:max(0, len(self.history) - self.params.history)]
+        self.history.append(CommitRecord(q.round, q.quorum_id, list(q.ids), q.state_hash, self.wall_clock()))
+        del self.history[: max(0, len(self.history) - self.params.history)]
         self.committed_round = q.round + 1
         self.known_hash = ""
         self.holders = {pid for pid in q.ids if pid in self.members}
@@ -706,9 +808,18 @@ class QuorumMachine:
             "phase": self.phase,
             "schema_hash": self.schema_hash,
             "min_peers": self.params.min_peers,
-            "members": [{"peer_id": m.peer_id, "address": m.address, "region": m.region,
-                         "world_size": m.world_size, "round": m.round, "state": m.state.value,
-                         "state_hash": m.state_hash, "lease_age": max(0.0, now - m.last_seen)}
-                        for m in sorted(self.members.values(), key=lambda m: m.peer_id)],
+            "members": [
+                {
+                    "peer_id": m.peer_id,
+                    "address": m.address,
+                    "region": m.region,
+                    "world_size": m.world_size,
+                    "round": m.round,
+                    "state": m.state.value,
+                    "state_hash": m.state_hash,
+                    "lease_age": max(0.0, now - m.last_seen),
+                }
+                for m in sorted(self.members.values(), key=lambda m: m.peer_id)
+            ],
             "commits": [_record_dict(r) for r in self.history[-20:]],
         }

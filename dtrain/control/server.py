@@ -38,10 +38,18 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Coordinator"].full_name
 
 
 def params_from(cfg) -> Params:
-    return Params(min_peers=cfg.min_peers, lease_timeout=cfg.lease_timeout_s,
-                  heartbeat_interval=cfg.heartbeat_interval_s, grace=cfg.grace_s, heal_grace=cfg.heal_grace_s,
-                  commit_timeout=cfg.commit_timeout_s, history=cfg.history, schema_hash=cfg.schema_hash,
-                  adaptive_grace=cfg.adaptive_grace, grace_cap=cfg.grace_cap_s)
+    return Params(
+        min_peers=cfg.min_peers,
+        lease_timeout=cfg.lease_timeout_s,
+        heartbeat_interval=cfg.heartbeat_interval_s,
+        grace=cfg.grace_s,
+        heal_grace=cfg.heal_grace_s,
+        commit_timeout=cfg.commit_timeout_s,
+        history=cfg.history,
+        schema_hash=cfg.schema_hash,
+        adaptive_grace=cfg.adaptive_grace,
+        grace_cap=cfg.grace_cap_s,
+    )
 
 
 # pyright's bundled typeshed stubs for grpcio-health-checking lack ``health.aio`` (grpc_health.v1._async) and
@@ -50,8 +58,8 @@ class HealthServicer(health.aio.HealthServicer):  # pyright: ignore[reportAttrib
     """The standard health service, with the List method the upstream one leaves out."""
 
     async def List(self, request, context):
-        return health_pb2.HealthListResponse(statuses={  # pyright: ignore[reportAttributeAccessIssue]
-            name: health_pb2.HealthCheckResponse(status=status) for name, status in self._server_status.items()})
+        statuses = {name: health_pb2.HealthCheckResponse(status=status) for name, status in self._server_status.items()}
+        return health_pb2.HealthListResponse(statuses=statuses)  # pyright: ignore[reportAttributeAccessIssue]
 
 
 class CoordinatorServer:
@@ -74,8 +82,9 @@ class CoordinatorServer:
         interceptors = ([TokenInterceptor(token)] if token else []) + [ParseGuardInterceptor()]
         if not token:
             log.warning("no auth token configured (auth.token / DTRAIN_TOKEN): any caller is accepted")
-        self.server = grpc.aio.server(interceptors=interceptors,
-                                      options=channel_options(int(cfg.max_message_mb * 2 ** 20)))
+        self.server = grpc.aio.server(
+            interceptors=interceptors, options=channel_options(int(cfg.max_message_mb * 2**20))
+        )
         store_address = self._start_gloo_store() if cfg.gloo_store else ""
         self.service = CoordinatorService(self.machine, self.store, cfg.max_wait_s, store_address=store_address)
         pb_grpc.add_CoordinatorServicer_to_server(self.service, self.server)
@@ -87,8 +96,9 @@ class CoordinatorServer:
             reflection.enable_server_reflection(names, self.server)
         bind = f"{cfg.host}:{cfg.port}"
         creds = server_credentials(cfg.tls)
-        self.port = (self.server.add_secure_port(bind, creds) if creds is not None
-                     else self.server.add_insecure_port(bind))
+        self.port = (
+            self.server.add_secure_port(bind, creds) if creds is not None else self.server.add_insecure_port(bind)
+        )
         if not self.port:
             raise OSError(f"cannot bind {bind}")
         await self.server.start()
@@ -104,8 +114,13 @@ class CoordinatorServer:
         serve it only where every host that can reach its port is trusted."""
         import torch.distributed as dist
 
-        self._tcp_store = dist.TCPStore(self.cfg.host, self.cfg.gloo_store_port, is_master=True,
-                                        wait_for_workers=False, timeout=datetime.timedelta(seconds=60))
+        self._tcp_store = dist.TCPStore(
+            self.cfg.host,
+            self.cfg.gloo_store_port,
+            is_master=True,
+            wait_for_workers=False,
+            timeout=datetime.timedelta(seconds=60),
+        )
         return f"{self.cfg.host}:{self._tcp_store.port}"
 
     async def stop(self, grace: float = 0.5) -> None:
@@ -122,9 +137,16 @@ async def _serve(cfg) -> None:
     address = await srv.start()
     print(f"coordinator listening on {address}", flush=True)
     m = srv.machine
-    log.info("state_dir %s | %s | committed round %d, quorum id %d, min_peers %d, lease %.1fs, TLS %s",
-             srv.store.dir, "resumed" if srv.resumed else "new", m.committed_round, m.quorum_id,
-             cfg.min_peers, cfg.lease_timeout_s, "on" if cfg.tls.server_enabled else "off")
+    log.info(
+        "state_dir %s | %s | committed round %d, quorum id %d, min_peers %d, lease %.1fs, TLS %s",
+        srv.store.dir,
+        "resumed" if srv.resumed else "new",
+        m.committed_round,
+        m.quorum_id,
+        cfg.min_peers,
+        cfg.lease_timeout_s,
+        "on" if cfg.tls.server_enabled else "off",
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -61,8 +61,14 @@ def _donor_pb(d: Donor) -> pb.Donor:
 
 
 class CoordinatorService(pb_grpc.CoordinatorServicer):
-    def __init__(self, machine: QuorumMachine, store: Optional[StateStore], max_wait_s: float,
-                 clock: Callable[[], float] = time.monotonic, store_address: str = ""):
+    def __init__(
+        self,
+        machine: QuorumMachine,
+        store: Optional[StateStore],
+        max_wait_s: float,
+        clock: Callable[[], float] = time.monotonic,
+        store_address: str = "",
+    ):
         self.machine, self.store, self.max_wait_s, self.clock = machine, store, max_wait_s, clock
         self._waiters: Dict[str, asyncio.Future] = {}  # peer -> the future its held call awaits
         self._wake_timer = asyncio.Event()
@@ -100,8 +106,9 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         if nxt is not None and (self._timer_target is None or nxt < self._timer_target):
             self._wake_timer.set()
 
-    async def _call(self, context: grpc.aio.ServicerContext, fn: Callable[P, T], *args: P.args,
-                    **kwargs: P.kwargs) -> T:
+    async def _call(
+        self, context: grpc.aio.ServicerContext, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs
+    ) -> T:
         try:
             return fn(*args, **kwargs)
         except Refusal as r:
@@ -151,22 +158,40 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
 
     # ------------------------------------------------------------------ membership
     async def Join(self, req: pb.JoinRequest, context) -> pb.JoinReply:
-        r = await self._call(context, lambda: self.machine.join(
-            req.peer_id, req.incarnation, req.address, req.schema_hash, req.world_size, req.region, req.round,
-            req.state_hash, now=self.clock(), plan=_work_plan(req)))
+        r = await self._call(
+            context,
+            lambda: self.machine.join(
+                req.peer_id,
+                req.incarnation,
+                req.address,
+                req.schema_hash,
+                req.world_size,
+                req.region,
+                req.round,
+                req.state_hash,
+                now=self.clock(),
+                plan=_work_plan(req),
+            ),
+        )
         p = self.machine.params
-        reply = pb.JoinReply(lease_timeout_ms=int(p.lease_timeout * 1000),
-                             heartbeat_interval_ms=int(p.heartbeat_interval * 1000),
-                             committed_round=r.committed_round, committed_state_hash=r.committed_state_hash,
-                             must_heal=r.must_heal, quorum_id=r.quorum_id, min_peers=p.min_peers)
+        reply = pb.JoinReply(
+            lease_timeout_ms=int(p.lease_timeout * 1000),
+            heartbeat_interval_ms=int(p.heartbeat_interval * 1000),
+            committed_round=r.committed_round,
+            committed_state_hash=r.committed_state_hash,
+            must_heal=r.must_heal,
+            quorum_id=r.quorum_id,
+            min_peers=p.min_peers,
+        )
         if r.donor is not None:
             reply.donor.CopyFrom(_donor_pb(r.donor))
         return reply
 
     async def Heartbeat(self, req: pb.HeartbeatRequest, context) -> pb.HeartbeatReply:
         rnd, qid = await self._call(context, self.machine.heartbeat, req.peer_id, req.incarnation, now=self.clock())
-        return pb.HeartbeatReply(committed_round=rnd, quorum_id=qid,
-                                 lease_timeout_ms=int(self.machine.params.lease_timeout * 1000))
+        return pb.HeartbeatReply(
+            committed_round=rnd, quorum_id=qid, lease_timeout_ms=int(self.machine.params.lease_timeout * 1000)
+        )
 
     async def Leave(self, req: pb.LeaveRequest, context) -> pb.LeaveReply:
         await self._call(context, self.machine.leave, req.peer_id, req.incarnation, now=self.clock(), reason=req.reason)
@@ -175,10 +200,14 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
     # ------------------------------------------------------------------ rounds
     def _sync_reply(self, a: Optional[SyncAnswer]) -> pb.SyncReply:
         if a is None:
-            return pb.SyncReply(outcome=sync_outcome_to_proto(SyncOutcome.WAIT), reason="no quorum yet",
-                                committed_round=self.machine.committed_round)
-        reply = pb.SyncReply(outcome=sync_outcome_to_proto(a.outcome), reason=a.reason,
-                             committed_round=self.machine.committed_round)
+            return pb.SyncReply(
+                outcome=sync_outcome_to_proto(SyncOutcome.WAIT),
+                reason="no quorum yet",
+                committed_round=self.machine.committed_round,
+            )
+        reply = pb.SyncReply(
+            outcome=sync_outcome_to_proto(a.outcome), reason=a.reason, committed_round=self.machine.committed_round
+        )
         if a.quorum is not None:
             reply.quorum.CopyFrom(self._quorum_message(a.quorum))
         if a.donor is not None:
@@ -188,54 +217,128 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
     def _quorum_message(self, q) -> pb.Quorum:
         cached = self._quorum_pb
         if cached is None or cached[:2] != (q.quorum_id, q.round):
-            msg = pb.Quorum(quorum_id=q.quorum_id, round=q.round, state_hash=q.state_hash,
-                            commit_timeout_ms=int(q.commit_timeout * 1000), store_address=self.store_address,
-                            members=[pb.Member(peer_id=i, address=a, world_size=w, region=g, steps=work[0],
-                                               samples=work[1], next_steps=work[2], step_rate=work[3])
-                                     for (i, a, w, g), work in zip(q.members, q.work or [(0, 0, 0, 0.0)] * len(q.members))])
+            msg = pb.Quorum(
+                quorum_id=q.quorum_id,
+                round=q.round,
+                state_hash=q.state_hash,
+                commit_timeout_ms=int(q.commit_timeout * 1000),
+                store_address=self.store_address,
+                members=[
+                    pb.Member(
+                        peer_id=i,
+                        address=a,
+                        world_size=w,
+                        region=g,
+                        steps=work[0],
+                        samples=work[1],
+                        next_steps=work[2],
+                        step_rate=work[3],
+                    )
+                    for (i, a, w, g), work in zip(q.members, q.work or [(0, 0, 0, 0.0)] * len(q.members))
+                ],
+            )
             self._quorum_pb = cached = (q.quorum_id, q.round, msg)
         return cached[2]
 
     async def Sync(self, req: pb.SyncRequest, context) -> pb.SyncReply:
-        ans = await self._call(context, self.machine.sync, req.peer_id, req.incarnation, req.round, req.state_hash,
-                               now=self.clock(), step_rate=req.step_rate, steps=req.steps, samples=req.samples)
+        ans = await self._call(
+            context,
+            self.machine.sync,
+            req.peer_id,
+            req.incarnation,
+            req.round,
+            req.state_hash,
+            now=self.clock(),
+            step_rate=req.step_rate,
+            steps=req.steps,
+            samples=req.samples,
+        )
         if ans is None:
-            ans = await self._wait_for(req.peer_id, lambda: self.machine.take_sync_answer(req.peer_id, req.round),
-                                       req.wait_ms)
+            ans = await self._wait_for(
+                req.peer_id, lambda: self.machine.take_sync_answer(req.peer_id, req.round), req.wait_ms
+            )
         return self._sync_reply(ans)
 
     def _commit_reply(self, a: Optional[CommitAnswer], req: pb.CommitRequest) -> pb.CommitReply:
         if a is None:
-            return pb.CommitReply(decision=commit_decision_to_proto(CommitDecision.WAIT), round=req.round,
-                                  quorum_id=req.quorum_id, committed_round=self.machine.committed_round,
-                                  reason="votes still missing")
-        return pb.CommitReply(decision=commit_decision_to_proto(a.decision), round=a.round, quorum_id=a.quorum_id,
-                              committed_round=self.machine.committed_round, reason=a.reason)
+            return pb.CommitReply(
+                decision=commit_decision_to_proto(CommitDecision.WAIT),
+                round=req.round,
+                quorum_id=req.quorum_id,
+                committed_round=self.machine.committed_round,
+                reason="votes still missing",
+            )
+        return pb.CommitReply(
+            decision=commit_decision_to_proto(a.decision),
+            round=a.round,
+            quorum_id=a.quorum_id,
+            committed_round=self.machine.committed_round,
+            reason=a.reason,
+        )
 
     async def Commit(self, req: pb.CommitRequest, context) -> pb.CommitReply:
-        ans = await self._call(context, self.machine.commit, req.peer_id, req.incarnation, req.round, req.quorum_id,
-                               req.ok, now=self.clock(), reason=req.reason)
+        ans = await self._call(
+            context,
+            self.machine.commit,
+            req.peer_id,
+            req.incarnation,
+            req.round,
+            req.quorum_id,
+            req.ok,
+            now=self.clock(),
+            reason=req.reason,
+        )
         if ans is None:
             ans = await self._wait_for(
-                req.peer_id, lambda: self.machine.take_commit_answer(req.peer_id, req.round, req.quorum_id),
-                req.wait_ms)
+                req.peer_id, lambda: self.machine.take_commit_answer(req.peer_id, req.round, req.quorum_id), req.wait_ms
+            )
         return self._commit_reply(ans, req)
 
     async def Report(self, req: pb.ReportRequest, context) -> pb.ReportReply:
-        excluded = await self._call(context, self.machine.report, req.peer_id, req.incarnation, req.round,
-                                    req.quorum_id, req.culprit, req.reason, now=self.clock())
+        excluded = await self._call(
+            context,
+            self.machine.report,
+            req.peer_id,
+            req.incarnation,
+            req.round,
+            req.quorum_id,
+            req.culprit,
+            req.reason,
+            now=self.clock(),
+        )
         return pb.ReportReply(excluded=excluded)
 
     # ------------------------------------------------------------------ status
     async def Status(self, req: pb.StatusRequest, context) -> pb.StatusReply:
         s = self.machine.status(self.clock())
         return pb.StatusReply(
-            committed_round=s["committed_round"], quorum_id=s["quorum_id"], schema_hash=s["schema_hash"],
-            min_peers=s["min_peers"], phase=s["phase"], lease_timeout_ms=int(self.machine.params.lease_timeout * 1000),
-            members=[pb.MemberStatus(peer_id=m["peer_id"], address=m["address"], region=m["region"],
-                                     world_size=m["world_size"], round=m["round"],
-                                     lease_age_ms=int(m["lease_age"] * 1000), state=m["state"],
-                                     state_hash=m["state_hash"]) for m in s["members"]],
-            commits=[pb.CommitRecord(round=c["round"], quorum_id=c["quorum_id"], members=c["members"],
-                                     state_hash=c["state_hash"], unix_ms=int(c["time"] * 1000))
-                     for c in s["commits"]])
+            committed_round=s["committed_round"],
+            quorum_id=s["quorum_id"],
+            schema_hash=s["schema_hash"],
+            min_peers=s["min_peers"],
+            phase=s["phase"],
+            lease_timeout_ms=int(self.machine.params.lease_timeout * 1000),
+            members=[
+                pb.MemberStatus(
+                    peer_id=m["peer_id"],
+                    address=m["address"],
+                    region=m["region"],
+                    world_size=m["world_size"],
+                    round=m["round"],
+                    lease_age_ms=int(m["lease_age"] * 1000),
+                    state=m["state"],
+                    state_hash=m["state_hash"],
+                )
+                for m in s["members"]
+            ],
+            commits=[
+                pb.CommitRecord(
+                    round=c["round"],
+                    quorum_id=c["quorum_id"],
+                    members=c["members"],
+                    state_hash=c["state_hash"],
+                    unix_ms=int(c["time"] * 1000),
+                )
+                for c in s["commits"]
+            ],
+        )

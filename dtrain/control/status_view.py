@@ -41,26 +41,34 @@ def describe_rpc_error(address: str, err: grpc.RpcError, tls_on: bool, timeout_s
     code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
     details = _core_reason(one_line(err.details() if hasattr(err, "details") else err)) or code.name
     if code == grpc.StatusCode.UNAUTHENTICATED:
-        return (f"coordinator at {address} refused the token ({details}): "
-                "set auth.token=... or DTRAIN_TOKEN to the run's token")
+        return (
+            f"coordinator at {address} refused the token ({details}): "
+            "set auth.token=... or DTRAIN_TOKEN to the run's token"
+        )
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return f"coordinator at {address} did not answer within {timeout_s:g}s (timeout_s=...)"
     if code == grpc.StatusCode.UNAVAILABLE:
         if _TLS_WORDS.search(details):
-            hint = ("check tls.ca (the CA that signed the server certificate), tls.server_name, and "
-                    "tls.cert/tls.key when the coordinator requires client certificates")
+            hint = (
+                "check tls.ca (the CA that signed the server certificate), tls.server_name, and "
+                "tls.cert/tls.key when the coordinator requires client certificates"
+            )
             return f"TLS with coordinator at {address} failed ({details}): {hint}"
         hint = "is it running, is the address right"
-        hint += (", does it serve TLS, does it require a client certificate (tls.cert/tls.key)?" if tls_on
-                 else ", does it require TLS (tls.ca=...)?")
+        hint += (
+            ", does it serve TLS, does it require a client certificate (tls.cert/tls.key)?"
+            if tls_on
+            else ", does it require TLS (tls.ca=...)?"
+        )
         return f"cannot reach coordinator at {address} ({details}): {hint}"
     if code == grpc.StatusCode.UNIMPLEMENTED:
         return f"{address} does not serve the dtrain Coordinator service ({details})"
     return f"Status call to coordinator at {address} failed: {code.name}: {details}"
 
 
-def fetch_status(address: str, tls=None, token: str = "", timeout_s: float = 5.0,
-                 max_message_bytes: int = 64 * 2 ** 20) -> pb.StatusReply:
+def fetch_status(
+    address: str, tls=None, token: str = "", timeout_s: float = 5.0, max_message_bytes: int = 64 * 2**20
+) -> pb.StatusReply:
     """The coordinator's StatusReply; StatusError (one line) on any failure."""
     try:
         channel = make_channel(address, tls, max_message_bytes)
@@ -90,12 +98,30 @@ def status_dict(r: pb.StatusReply, address: str = "") -> dict:
         "min_peers": r.min_peers,
         "schema_hash": r.schema_hash,
         "lease_timeout_ms": r.lease_timeout_ms,
-        "members": [{"peer_id": m.peer_id, "address": m.address, "region": m.region,
-                     "world_size": m.world_size, "state": m.state, "round": m.round,
-                     "lease_age_ms": m.lease_age_ms, "state_hash": m.state_hash} for m in r.members],
-        "commits": [{"round": c.round, "quorum_id": c.quorum_id, "members": list(c.members),
-                     "state_hash": c.state_hash, "unix_ms": c.unix_ms, "time": _iso(c.unix_ms)}
-                    for c in r.commits],
+        "members": [
+            {
+                "peer_id": m.peer_id,
+                "address": m.address,
+                "region": m.region,
+                "world_size": m.world_size,
+                "state": m.state,
+                "round": m.round,
+                "lease_age_ms": m.lease_age_ms,
+                "state_hash": m.state_hash,
+            }
+            for m in r.members
+        ],
+        "commits": [
+            {
+                "round": c.round,
+                "quorum_id": c.quorum_id,
+                "members": list(c.members),
+                "state_hash": c.state_hash,
+                "unix_ms": c.unix_ms,
+                "time": _iso(c.unix_ms),
+            }
+            for c in r.commits
+        ],
     }
 
 
@@ -106,23 +132,47 @@ def _hash_column(h: str) -> str:
 def render(d: dict) -> str:
     """Header line, members table, last-commits table (from :func:`status_dict`)."""
     where = f"coordinator {d['coordinator']} | " if d.get("coordinator") else ""
-    header = (f"{where}committed round {d['committed_round']} | quorum {d['quorum_id']} | "
-              f"phase {d['phase'] or '-'} | min_peers {d['min_peers']} | schema {_hash_column(d['schema_hash'])}")
+    header = (
+        f"{where}committed round {d['committed_round']} | quorum {d['quorum_id']} | "
+        f"phase {d['phase'] or '-'} | min_peers {d['min_peers']} | schema {_hash_column(d['schema_hash'])}"
+    )
     # numbers go in as strings: format_table would abbreviate large ints (12345 -> 12.35k)
-    members = [[m["peer_id"], m["address"], m["region"] or "-", str(m["world_size"]), m["state"],
-                str(m["round"]), f"{m['lease_age_ms'] / 1000:.1f}"] for m in d["members"]]
-    commits = [[str(c["round"]), str(c["quorum_id"]), ",".join(c["members"]), _hash_column(c["state_hash"]), c["time"]]
-               for c in d["commits"]]
+    members = [
+        [
+            m["peer_id"],
+            m["address"],
+            m["region"] or "-",
+            str(m["world_size"]),
+            m["state"],
+            str(m["round"]),
+            f"{m['lease_age_ms'] / 1000:.1f}",
+        ]
+        for m in d["members"]
+    ]
+    commits = [
+        [str(c["round"]), str(c["quorum_id"]), ",".join(c["members"]), _hash_column(c["state_hash"]), c["time"]]
+        for c in d["commits"]
+    ]
     parts = [header, ""]
     if members:
-        parts.append(format_table(["id", "address", "region", "world size", "state", "round", "lease age (s)"],
-                                  members, title=f"members ({len(members)})"))
+        parts.append(
+            format_table(
+                ["id", "address", "region", "world size", "state", "round", "lease age (s)"],
+                members,
+                title=f"members ({len(members)})",
+            )
+        )
     else:
         parts.append("members (0): none")
     parts.append("")
     if commits:
-        parts.append(format_table(["round", "quorum id", "members", "state hash", "time (UTC)"], commits,
-                                  title=f"last commits ({len(commits)}, newest last)"))
+        parts.append(
+            format_table(
+                ["round", "quorum id", "members", "state hash", "time (UTC)"],
+                commits,
+                title=f"last commits ({len(commits)}, newest last)",
+            )
+        )
     else:
         parts.append("last commits: none yet")
     return "\n".join(parts)
@@ -132,4 +182,3 @@ def show(address: str, tls=None, token: str = "", timeout_s: float = 5.0, as_jso
     """What ``dtrain-status`` prints: the tables, or one JSON object; StatusError on failure."""
     d = status_dict(fetch_status(address, tls, token, timeout_s), address)
     return json.dumps(d) if as_json else render(d)
-

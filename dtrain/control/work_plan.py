@@ -40,8 +40,10 @@ class WorkPlan:
 
     def __post_init__(self) -> None:
         if self.sync_every < 1 or not 0 <= self.min_steps <= self.sync_every or not 0 <= self.tolerance < 1:
-            raise ValueError(f"work plan {self} is not allowed: need sync_every >= 1, 0 <= min_steps <= "
-                             "sync_every and 0 <= tolerance < 1")
+            raise ValueError(
+                f"work plan {self} is not allowed: need sync_every >= 1, 0 <= min_steps <= "
+                "sync_every and 0 <= tolerance < 1"
+            )
 
 
 def assign_local_steps(rates: Mapping[str, float], plan: WorkPlan) -> Dict[str, int]:

@@ -37,8 +37,10 @@ DATA_SOURCES: Dict[type, Callable[..., DataBundle]] = {
     SyntheticConfig: lambda cfg, seq_len: load_synthetic(cfg, seq_len),
 }
 if set(DATA_SOURCES) != set(DATA_CONFIGS.values()):  # pragma: no cover - a source added to one list only
-    raise ImportError(f"dtrain.data loads {sorted(c.__name__ for c in DATA_SOURCES)}, "
-                      f"dtrain.config.DATA_CONFIGS lists {sorted(DATA_CONFIGS)}")
+    raise ImportError(
+        f"dtrain.data loads {sorted(c.__name__ for c in DATA_SOURCES)}, "
+        f"dtrain.config.DATA_CONFIGS lists {sorted(DATA_CONFIGS)}"
+    )
 
 
 def build_data(cfg, seq_len: Optional[int] = None) -> DataBundle:

@@ -56,8 +56,9 @@ class WindowSplit(Split):
         if stride < 1 or seq_len < 1:
             raise DataError(f"window seq_len={seq_len} and stride={stride} must both be >= 1")
         if len(data) < seq_len + 1:
-            raise DataError(f"a text split of {len(data)} bytes is shorter than one window "
-                            f"of seq_len+1={seq_len + 1} bytes")
+            raise DataError(
+                f"a text split of {len(data)} bytes is shorter than one window of seq_len+1={seq_len + 1} bytes"
+            )
         self.data, self.seq_len, self.stride = data, seq_len, stride
         self._n = (len(data) - seq_len - 1) // stride + 1
         self._offsets = torch.arange(seq_len + 1)
@@ -83,8 +84,10 @@ class DataBundle:
     info: dict = field(default_factory=dict)  # e.g. {"unigram_bpb": float} for lm
 
     def describe(self) -> str:
-        return (f"{self.name}: {self.task}, train={len(self.train)} val={len(self.val)} "
-                f"test={len(self.test)}, classes={self.num_classes}, input={tuple(self.input_shape)}")
+        return (
+            f"{self.name}: {self.task}, train={len(self.train)} val={len(self.val)} "
+            f"test={len(self.test)}, classes={self.num_classes}, input={tuple(self.input_shape)}"
+        )
 
 
 def split_indices(n: int, val_fraction: float, test_fraction: float, seed: int):
@@ -93,7 +96,7 @@ def split_indices(n: int, val_fraction: float, test_fraction: float, seed: int):
     perm = torch.randperm(n, generator=g)
     n_test = int(round(n * test_fraction))
     n_val = int(round(n * val_fraction))
-    test, val, train = perm[:n_test], perm[n_test:n_test + n_val], perm[n_test + n_val:]
+    test, val, train = perm[:n_test], perm[n_test : n_test + n_val], perm[n_test + n_val :]
     return train.sort().values, val.sort().values, test.sort().values
 
 

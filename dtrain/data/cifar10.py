@@ -20,8 +20,9 @@ from .base import DataBundle, DataError, TensorSplit, split_indices, standardise
 RECORD_BYTES = 1 + 3 * 32 * 32
 TRAIN_FILES = tuple(f"data_batch_{i}.bin" for i in range(1, 6))
 TEST_FILE = "test_batch.bin"
-_CONTENTS = ("it must contain test_batch.bin and at least one of data_batch_1.bin .. data_batch_5.bin "
-             "(CIFAR-10 binary version)")
+_CONTENTS = (
+    "it must contain test_batch.bin and at least one of data_batch_1.bin .. data_batch_5.bin (CIFAR-10 binary version)"
+)
 
 
 def read_cifar10_binary(path: str) -> Tuple[np.ndarray, np.ndarray]:
@@ -31,14 +32,15 @@ def read_cifar10_binary(path: str) -> Tuple[np.ndarray, np.ndarray]:
     except OSError as e:
         raise DataError(f"CIFAR-10 file {path!r} cannot be read: {e.strerror}") from None
     if size == 0 or size % RECORD_BYTES:
-        raise DataError(f"CIFAR-10 file {path!r} has {size} bytes: must be a positive multiple of "
-                        f"{RECORD_BYTES} (1 label byte + 3072 pixel bytes per record)")
+        raise DataError(
+            f"CIFAR-10 file {path!r} has {size} bytes: must be a positive multiple of "
+            f"{RECORD_BYTES} (1 label byte + 3072 pixel bytes per record)"
+        )
     records = np.fromfile(path, dtype=np.uint8).reshape(-1, RECORD_BYTES)
     labels = records[:, 0].astype(np.int64)
     bad = np.flatnonzero(labels > 9)
     if bad.size:
-        raise DataError(f"CIFAR-10 file {path!r} has label {labels[bad[0]]} at record {bad[0]}: "
-                        "labels must be in 0..9")
+        raise DataError(f"CIFAR-10 file {path!r} has label {labels[bad[0]]} at record {bad[0]}: labels must be in 0..9")
     return records[:, 1:].reshape(-1, 3, 32, 32), labels
 
 
@@ -47,8 +49,9 @@ def write_cifar10_binary(path: str, images, labels) -> None:
     images = np.asarray(images.numpy() if isinstance(images, torch.Tensor) else images)
     labels = np.asarray(labels.numpy() if isinstance(labels, torch.Tensor) else labels)
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (3, 32, 32):
-        raise DataError(f"images of dtype {images.dtype} and shape {tuple(images.shape)} are not "
-                        "allowed: must be uint8 [N,3,32,32]")
+        raise DataError(
+            f"images of dtype {images.dtype} and shape {tuple(images.shape)} are not allowed: must be uint8 [N,3,32,32]"
+        )
     if labels.shape != (len(images),):
         raise DataError(f"labels of shape {tuple(labels.shape)} are not allowed: must be [{len(images)}]")
     if labels.size and (labels.min() < 0 or labels.max() > 9):
@@ -71,8 +74,9 @@ def find_cifar10_files(root: str) -> Tuple[List[str], str]:
         root = nested
     train = [os.path.join(root, f) for f in TRAIN_FILES if os.path.isfile(os.path.join(root, f))]
     test = os.path.join(root, TEST_FILE)
-    missing = ([] if train else ["data_batch_1.bin .. data_batch_5.bin"]) + \
-              ([] if os.path.isfile(test) else [TEST_FILE])
+    missing = ([] if train else ["data_batch_1.bin .. data_batch_5.bin"]) + (
+        [] if os.path.isfile(test) else [TEST_FILE]
+    )
     if missing:
         raise DataError(f"CIFAR-10 directory {root!r} lacks {' and '.join(missing)}: {_CONTENTS}")
     return train, test
@@ -86,8 +90,9 @@ def load_cifar10(cfg: CIFAR10Config) -> DataBundle:
     labels = torch.from_numpy(np.concatenate([p[1] for p in parts]))
     test_images, test_labels = (torch.from_numpy(a) for a in read_cifar10_binary(test_path))
     train_idx, val_idx, _ = split_indices(len(images), cfg.val_fraction, 0.0, cfg.split_seed)
-    x_train, x_val, x_test = standardise(*(t.float() / 255.0 for t in
-                                           (images[train_idx], images[val_idx], test_images)))
+    x_train, x_val, x_test = standardise(
+        *(t.float() / 255.0 for t in (images[train_idx], images[val_idx], test_images))
+    )
     return DataBundle(
         name="cifar10",
         task="classification",

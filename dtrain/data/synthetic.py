@@ -34,14 +34,23 @@ def _classification(cfg: SyntheticConfig, g: torch.Generator, n_eval: int) -> Da
     targets = torch.randint(0, cfg.num_classes, (total,), generator=g, dtype=torch.long)
     cuts = [(0, n), (n, n + n_eval), (n + n_eval, total)]
     train, val, test = (TensorSplit(inputs[a:b], targets[a:b]) for a, b in cuts)
-    return DataBundle(name="synthetic", task="classification", train=train, val=val, test=test,
-                      num_classes=cfg.num_classes, input_shape=shape)
+    return DataBundle(
+        name="synthetic",
+        task="classification",
+        train=train,
+        val=val,
+        test=test,
+        num_classes=cfg.num_classes,
+        input_shape=shape,
+    )
 
 
 def _lm(cfg: SyntheticConfig, g: torch.Generator, n_eval: int, seq_len: Optional[int]) -> DataBundle:
     if cfg.num_classes > 256:
-        raise DataError(f"data.num_classes={cfg.num_classes} is not allowed for task lm: "
-                        "the vocabulary of a byte stream must be <= 256")
+        raise DataError(
+            f"data.num_classes={cfg.num_classes} is not allowed for task lm: "
+            "the vocabulary of a byte stream must be <= 256"
+        )
     seq_len = int(cfg.shape[0]) if seq_len is None else int(seq_len)
     if seq_len < 1:
         raise DataError(f"seq_len={seq_len} is not allowed: must be >= 1")
@@ -49,8 +58,15 @@ def _lm(cfg: SyntheticConfig, g: torch.Generator, n_eval: int, seq_len: Optional
     n_held = n_eval * seq_len + 1  # n_eval non-overlapping windows
     stream = torch.randint(0, cfg.num_classes, (n_train + 2 * n_held,), generator=g).to(torch.uint8)
     train = WindowSplit(stream[:n_train], seq_len, stride=1)
-    val = WindowSplit(stream[n_train:n_train + n_held], seq_len, stride=seq_len)
-    test = WindowSplit(stream[n_train + n_held:], seq_len, stride=seq_len)
-    return DataBundle(name="synthetic", task="lm", train=train, val=val, test=test,
-                      num_classes=cfg.num_classes, input_shape=(seq_len,),
-                      info={"bytes": len(stream)})
+    val = WindowSplit(stream[n_train : n_train + n_held], seq_len, stride=seq_len)
+    test = WindowSplit(stream[n_train + n_held :], seq_len, stride=seq_len)
+    return DataBundle(
+        name="synthetic",
+        task="lm",
+        train=train,
+        val=val,
+        test=test,
+        num_classes=cfg.num_classes,
+        input_shape=(seq_len,),
+        info={"bytes": len(stream)},
+    )

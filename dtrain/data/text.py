@@ -65,24 +65,28 @@ def load_text(cfg: TextConfig, seq_len: int) -> DataBundle:
     paths = [str(p) for p in cfg.paths] if cfg.paths else default_text_paths()
     raw = read_corpus(paths)
     if cfg.max_bytes > 0:
-        raw = raw[:cfg.max_bytes]
+        raw = raw[: cfg.max_bytes]
     n = len(raw)
     n_val = int(round(n * cfg.val_fraction))
     n_test = int(round(n * cfg.test_fraction))
     n_train = n - n_val - n_test
     need = seq_len + 1
     if min(n_val, n_test) < need:
-        raise DataError(f"data.val_fraction={cfg.val_fraction} and data.test_fraction={cfg.test_fraction} "
-                        f"of {n} bytes give val/test parts of {n_val}/{n_test} bytes: each needs at least "
-                        f"seq_len+1={need} bytes (raise the fractions or use more text)")
+        raise DataError(
+            f"data.val_fraction={cfg.val_fraction} and data.test_fraction={cfg.test_fraction} "
+            f"of {n} bytes give val/test parts of {n_val}/{n_test} bytes: each needs at least "
+            f"seq_len+1={need} bytes (raise the fractions or use more text)"
+        )
     if n_train < need:
-        raise DataError(f"the train part of {n_train} bytes (of {n}) is shorter than seq_len+1={need} "
-                        "bytes: lower data.val_fraction/data.test_fraction or use more text")
+        raise DataError(
+            f"the train part of {n_train} bytes (of {n}) is shorter than seq_len+1={need} "
+            "bytes: lower data.val_fraction/data.test_fraction or use more text"
+        )
     arr = np.frombuffer(raw, dtype=np.uint8)
     data = torch.from_numpy(arr.copy())
     train = data[:n_train]
-    val = data[n_train:n_train + n_val]
-    test = data[n_train + n_val:]
+    val = data[n_train : n_train + n_val]
+    test = data[n_train + n_val :]
     return DataBundle(
         name="text",
         task="lm",
@@ -91,6 +95,9 @@ def load_text(cfg: TextConfig, seq_len: int) -> DataBundle:
         test=WindowSplit(test, seq_len, stride=seq_len),
         num_classes=256,
         input_shape=(seq_len,),
-        info={"unigram_bpb": unigram_bits_per_byte(arr[:n_train], arr[n_train:n_train + n_val]),
-              "bytes": n, "files": paths},
+        info={
+            "unigram_bpb": unigram_bits_per_byte(arr[:n_train], arr[n_train : n_train + n_val]),
+            "bytes": n,
+            "files": paths,
+        },
     )

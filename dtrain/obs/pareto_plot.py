@@ -6,8 +6,9 @@ from __future__ import annotations
 from typing import List
 
 
-def plot_pareto(candidates: List[dict], front: List[int], path: str, metric: str = "accuracy",
-                title: str = "", dpi: int = 110) -> None:
+def plot_pareto(
+    candidates: List[dict], front: List[int], path: str, metric: str = "accuracy", title: str = "", dpi: int = 110
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -19,15 +20,33 @@ def plot_pareto(candidates: List[dict], front: List[int], path: str, metric: str
     fig, ax = plt.subplots(figsize=(7, 4.5))
     feas = [c for c in candidates if c["feasible"]]
     over = [c for c in candidates if not c["feasible"]]
-    ax.scatter([c["cost"]["macs"] / 1e6 for c in feas], [y(c) for c in feas], s=14, c="tab:blue", alpha=0.45,
-               label=f"evaluated ({len(candidates)})")
+    ax.scatter(
+        [c["cost"]["macs"] / 1e6 for c in feas],
+        [y(c) for c in feas],
+        s=14,
+        c="tab:blue",
+        alpha=0.45,
+        label=f"evaluated ({len(candidates)})",
+    )
     if over:
-        ax.scatter([c["cost"]["macs"] / 1e6 for c in over], [y(c) for c in over], s=14, facecolors="none",
-                   edgecolors="tab:gray", label="over budget")
+        ax.scatter(
+            [c["cost"]["macs"] / 1e6 for c in over],
+            [y(c) for c in over],
+            s=14,
+            facecolors="none",
+            edgecolors="tab:gray",
+            label="over budget",
+        )
     pts = [candidates[i] for i in front]
     ax.step([c["cost"]["macs"] / 1e6 for c in pts], [y(c) for c in pts], where="post", c="tab:red", lw=1.2)
-    ax.scatter([c["cost"]["macs"] / 1e6 for c in pts], [y(c) for c in pts], s=28, c="tab:red",
-               label=f"Pareto front ({len(pts)})", zorder=3)
+    ax.scatter(
+        [c["cost"]["macs"] / 1e6 for c in pts],
+        [y(c) for c in pts],
+        s=28,
+        c="tab:red",
+        label=f"Pareto front ({len(pts)})",
+        zorder=3,
+    )
     for role, marker in (("largest", "^"), ("smallest", "v")):
         for c in candidates:
             if c.get("role") == role:

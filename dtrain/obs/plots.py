@@ -14,8 +14,15 @@ from . import run_series as S
 from .run_reader import Run
 
 SUBNETS = (("max", "largest (max)"), ("min", "smallest (min)"), ("random", "random (mean)"))
-EVENT_COLORS = {"kill": "tab:red", "join": "tab:green", "restart": "tab:olive", "coordinator_restart": "tab:purple",
-                "cluster_restart": "black", "link_reset": "tab:orange", "link_stall": "tab:brown"}
+EVENT_COLORS = {
+    "kill": "tab:red",
+    "join": "tab:green",
+    "restart": "tab:olive",
+    "coordinator_restart": "tab:purple",
+    "cluster_restart": "black",
+    "link_reset": "tab:orange",
+    "link_stall": "tab:brown",
+}
 MAX_EVENT_LABELS = 12  # more chaos events than this: colours and a legend only, no text per line
 
 
@@ -111,9 +118,16 @@ def plot_accuracy(run: Run, path: str, dpi: int) -> Optional[str]:
         if metric == "acc":
             ys = [100 * y for y in ys]
         label = f"{arch} ({split})"
-        ax.plot(xs, ys, color=color[arch], ls="-" if split == "val" else "--",
-                marker="o" if split == "val" else "s", ms=4, alpha=0.6 if several else 1.0,
-                label=None if label in labelled else label)
+        ax.plot(
+            xs,
+            ys,
+            color=color[arch],
+            ls="-" if split == "val" else "--",
+            marker="o" if split == "val" else "s",
+            ms=4,
+            alpha=0.6 if several else 1.0,
+            label=None if label in labelled else label,
+        )
         labelled.add(label)
     ax.set_xlabel(axis)
     ax.set_xlim(left=0, right=max(x for pts in series.values() for x, _ in pts) * 1.05 + 0.5)
@@ -124,8 +138,11 @@ def plot_accuracy(run: Run, path: str, dpi: int) -> Optional[str]:
     ax.set_ylabel("accuracy (%)" if metric == "acc" else "bits per byte (lower is better)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    ax.set_title(("accuracy" if metric == "acc" else "bits per byte") + f" over {axis}s"
-                 + (" (one line per peer)" if several else ""))
+    ax.set_title(
+        ("accuracy" if metric == "acc" else "bits per byte")
+        + f" over {axis}s"
+        + (" (one line per peer)" if several else "")
+    )
     _save(fig, path, dpi)
     return None
 
@@ -137,8 +154,9 @@ def plot_membership(run: Run, path: str, dpi: int) -> Optional[str]:
     events = m["events"]
     kinds = sorted({k for _, k, _ in events}, key=lambda k: list(EVENT_COLORS).index(k) if k in EVENT_COLORS else 99)
     if events:
-        fig, (ax, strip) = _subplots(2, 1, figsize=(9, 5), sharex=True,
-                                     gridspec_kw={"height_ratios": [4, 0.4 + 0.35 * len(kinds)]})
+        fig, (ax, strip) = _subplots(
+            2, 1, figsize=(9, 5), sharex=True, gridspec_kw={"height_ratios": [4, 0.4 + 0.35 * len(kinds)]}
+        )
     else:
         fig, ax = _subplots(figsize=(9, 4))
     if m["live"]:
@@ -164,8 +182,11 @@ def plot_membership(run: Run, path: str, dpi: int) -> Optional[str]:
         for i, kind in enumerate(kinds):
             ts = [t for t, k, _ in events if k == kind]
             strip.plot(ts, [i] * len(ts), "|", ms=10, mew=1.5, color=EVENT_COLORS.get(kind, "gray"))
-        strip.set_yticks(range(len(kinds)), [f"{k.replace('_', ' ')} ({sum(1 for e in events if e[1] == k)})"
-                                            for k in kinds], fontsize=8)
+        strip.set_yticks(
+            range(len(kinds)),
+            [f"{k.replace('_', ' ')} ({sum(1 for e in events if e[1] == k)})" for k in kinds],
+            fontsize=8,
+        )
         strip.set_ylim(-0.6, len(kinds) - 0.4)
         strip.grid(alpha=0.3, axis="x")
         strip.set_xlabel("seconds since the run started")
@@ -184,14 +205,21 @@ def plot_bytes(run: Run, path: str, dpi: int) -> Optional[str]:
     bottom = {r: 0.0 for r in rounds}
     colors = _peer_colors(list(outer))
     for peer in sorted(outer):
-        ys = [outer[peer].get(r, 0) / 2 ** 20 for r in rounds]
+        ys = [outer[peer].get(r, 0) / 2**20 for r in rounds]
         ax.bar(rounds, ys, bottom=[bottom[r] for r in rounds], color=colors[peer], label=peer)
         for r, y in zip(rounds, ys):
             bottom[r] += y
     if heals:
-        ys = [heals.get(r, 0) / 2 ** 20 for r in rounds]
-        ax.bar(rounds, ys, bottom=[bottom[r] for r in rounds], color="lightgray", hatch="//",
-               edgecolor="gray", label="state transfer (heals)")
+        ys = [heals.get(r, 0) / 2**20 for r in rounds]
+        ax.bar(
+            rounds,
+            ys,
+            bottom=[bottom[r] for r in rounds],
+            color="lightgray",
+            hatch="//",
+            edgecolor="gray",
+            label="state transfer (heals)",
+        )
     ax.set_xlabel("round")
     ax.set_ylabel("MiB")
     ax.grid(alpha=0.3, axis="y")
@@ -208,8 +236,9 @@ def plot_round_time(run: Run, path: str, dpi: int) -> Optional[str]:
     fig, ax = _subplots(figsize=(8, 4))
     rounds = [r[0] for r in rows]
     bottom = [0.0] * len(rows)
-    for i, (name, color) in enumerate((("compute", "tab:green"), ("comm", "tab:blue"), ("wait", "tab:red"),
-                                       ("other", "lightgray")), start=1):
+    for i, (name, color) in enumerate(
+        (("compute", "tab:green"), ("comm", "tab:blue"), ("wait", "tab:red"), ("other", "lightgray")), start=1
+    ):
         ys = [r[i] for r in rows]
         if not any(ys):
             continue

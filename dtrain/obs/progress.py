@@ -18,8 +18,13 @@ class Progress:
             )
             from rich.progress import Progress as RichProgress
 
-            self._bar = RichProgress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-                                     TimeRemainingColumn(), TextColumn("{task.fields[info]}"))
+            self._bar = RichProgress(
+                TextColumn("[bold]train"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeRemainingColumn(),
+                TextColumn("{task.fields[info]}"),
+            )
             self._bar.start()
             self._task = self._bar.add_task("train", total=total, completed=start, info="")
 

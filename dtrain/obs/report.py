@@ -36,9 +36,14 @@ def render_plots(run: Run, out_dir: str, dpi: int) -> List[Tuple[str, str, Optio
 
 def report_markdown(run: Run, plots: List[Tuple[str, str, Optional[str]]]) -> str:
     title = os.path.basename(run.dir.rstrip(os.sep)) or run.dir
-    lines = [f"# dtrain report: {title}", "",
-             f"Run directory: `{run.dir}` ({'dtrain-sim' if run.kind == 'sim' else 'dtrain-train'})", "",
-             "| | value |", "|---|---|"]
+    lines = [
+        f"# dtrain report: {title}",
+        "",
+        f"Run directory: `{run.dir}` ({'dtrain-sim' if run.kind == 'sim' else 'dtrain-train'})",
+        "",
+        "| | value |",
+        "|---|---|",
+    ]
     lines += [f"| {k} | {str(v).replace('|', '/')} |" for k, v in summary_rows(run)]
     for name, title, why in plots:
         lines += ["", f"## {title}", ""]

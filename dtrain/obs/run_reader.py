@@ -62,8 +62,7 @@ class Run:
         for ev in self.events:
             if ev.get("event") == "sim_start" and isinstance(ev.get("time"), (int, float)):
                 return float(ev["time"])
-        times = [r["time"] for pr in self.peers.values() for r in pr.records
-                 if isinstance(r.get("time"), (int, float))]
+        times = [r["time"] for pr in self.peers.values() for r in pr.records if isinstance(r.get("time"), (int, float))]
         times += [e["time"] for e in self.events + self.coordinator if isinstance(e.get("time"), (int, float))]
         return min(times) if times else None
 
@@ -86,7 +85,7 @@ def read_jsonl(path: str, torn: Optional[List[str]] = None) -> List[dict]:
         if ok:
             out.append(rec)
             continue
-        last = i == len(lines) - 1 or all(not x.strip() for x in lines[i + 1:])
+        last = i == len(lines) - 1 or all(not x.strip() for x in lines[i + 1 :])
         rest = _appended_record(line)
         if last or rest is not None:
             if torn is not None:
@@ -94,8 +93,9 @@ def read_jsonl(path: str, torn: Optional[List[str]] = None) -> List[dict]:
             if rest is not None:
                 out.append(rest)
             continue
-        raise ConfigError(f"{path} line {i + 1} is not a JSON object ({_snippet(line)}): "
-                          "the file is corrupt; fix or remove that line")
+        raise ConfigError(
+            f"{path} line {i + 1} is not a JSON object ({_snippet(line)}): the file is corrupt; fix or remove that line"
+        )
     return out
 
 
@@ -134,8 +134,13 @@ def _read_json(path: str) -> dict:
 
 
 def _peer(peer: str, d: str, torn: List[str]) -> PeerRun:
-    return PeerRun(peer, d, read_jsonl(os.path.join(d, "metrics.jsonl"), torn),
-                   _read_json(os.path.join(d, "config.json")), _read_json(os.path.join(d, "summary.json")))
+    return PeerRun(
+        peer,
+        d,
+        read_jsonl(os.path.join(d, "metrics.jsonl"), torn),
+        _read_json(os.path.join(d, "config.json")),
+        _read_json(os.path.join(d, "summary.json")),
+    )
 
 
 def load_run(run_dir: str) -> Run:
@@ -146,30 +151,50 @@ def load_run(run_dir: str) -> Run:
     if not os.path.exists(run_dir):
         raise ConfigError(f"run_dir={shown} does not exist")
     if not os.path.isdir(run_dir):
-        raise ConfigError(f"run_dir={shown} is a file, not a directory: give the run directory "
-                          "(the one holding metrics.jsonl or events.jsonl)")
+        raise ConfigError(
+            f"run_dir={shown} is a file, not a directory: give the run directory "
+            "(the one holding metrics.jsonl or events.jsonl)"
+        )
     d = os.path.abspath(run_dir)
     torn: List[str] = []
-    peer_dirs = sorted(x for x in os.listdir(d) if x.startswith("peer-")
-                       and os.path.isfile(os.path.join(d, x, "metrics.jsonl")))
+    peer_dirs = sorted(
+        x for x in os.listdir(d) if x.startswith("peer-") and os.path.isfile(os.path.join(d, x, "metrics.jsonl"))
+    )
     if os.path.isfile(os.path.join(d, "events.jsonl")) or peer_dirs:
         if not peer_dirs:
-            raise ConfigError(f"run_dir={shown} is a dtrain-sim run without any peer-*/metrics.jsonl: "
-                              "no peer has written metrics yet")
+            raise ConfigError(
+                f"run_dir={shown} is a dtrain-sim run without any peer-*/metrics.jsonl: no peer has written metrics yet"
+            )
         peers = {x[5:]: _peer(x[5:], os.path.join(d, x), torn) for x in peer_dirs}
         coord = os.path.join(d, "coordinator")
-        events = read_jsonl(os.path.join(d, "events.jsonl"), torn) if os.path.isfile(
-            os.path.join(d, "events.jsonl")) else []
-        clog = read_jsonl(os.path.join(coord, "events.jsonl"), torn) if os.path.isfile(
-            os.path.join(coord, "events.jsonl")) else []
-        return Run("sim", d, peers, events, clog, _read_json(os.path.join(coord, "state.json")),
-                   _read_json(os.path.join(d, "summary.json")), torn)
+        events = (
+            read_jsonl(os.path.join(d, "events.jsonl"), torn) if os.path.isfile(os.path.join(d, "events.jsonl")) else []
+        )
+        clog = (
+            read_jsonl(os.path.join(coord, "events.jsonl"), torn)
+            if os.path.isfile(os.path.join(coord, "events.jsonl"))
+            else []
+        )
+        return Run(
+            "sim",
+            d,
+            peers,
+            events,
+            clog,
+            _read_json(os.path.join(coord, "state.json")),
+            _read_json(os.path.join(d, "summary.json")),
+            torn,
+        )
     if not os.path.isfile(os.path.join(d, "metrics.jsonl")):
-        raise ConfigError(f"run_dir={shown} holds no metrics.jsonl, events.jsonl or peer-*/metrics.jsonl: "
-                          "not a dtrain-train or dtrain-sim run directory")
+        raise ConfigError(
+            f"run_dir={shown} holds no metrics.jsonl, events.jsonl or peer-*/metrics.jsonl: "
+            "not a dtrain-train or dtrain-sim run directory"
+        )
     pr = _peer("", d, torn)
-    pr.peer = str(pr.config.get("peer_id") or next(
-        (r["peer_id"] for r in pr.records if r.get("kind") == "run" and r.get("peer_id")), "peer"))
+    pr.peer = str(
+        pr.config.get("peer_id")
+        or next((r["peer_id"] for r in pr.records if r.get("kind") == "run" and r.get("peer_id")), "peer")
+    )
     if not pr.records:
         raise ConfigError(f"run_dir={shown}: metrics.jsonl holds no records yet")
     return Run("single", d, {pr.peer: pr}, torn_lines=torn)

@@ -85,8 +85,10 @@ def round_records(run: Run) -> Dict[str, Dict[int, dict]]:
 
 def bytes_per_round(run: Run) -> Tuple[Dict[str, Dict[int, int]], Dict[int, int]]:
     """({peer: {round: bytes sent + received}}, {round: state-transfer bytes of heals to it})."""
-    outer = {p: {r: int(rec.get("bytes_sent") or 0) + int(rec.get("bytes_recv") or 0) for r, rec in rr.items()}
-             for p, rr in round_records(run).items()}
+    outer = {
+        p: {r: int(rec.get("bytes_sent") or 0) + int(rec.get("bytes_recv") or 0) for r, rec in rr.items()}
+        for p, rr in round_records(run).items()
+    }
     heals: Dict[int, int] = defaultdict(int)
     for _, h in run.records("heal"):
         if isinstance(h.get("round"), int) and int(h.get("bytes") or 0) > 0:
@@ -118,17 +120,33 @@ def membership(run: Run) -> dict:
     the coordinator is restarted), the quorum of every commit and the chaos
     events; a single peer gives the quorum of its committed rounds."""
     t0 = run.t0() or 0.0
-    live = _count_over_time(run.events, t0, add=lambda e: e.get("event") == "peer_start" and [e.get("peer")],
-                            remove=lambda e: (e.get("event") == "peer_exit" and [e.get("peer")])
-                            or (e.get("event") == "cluster_restart" and e.get("peers_killed")))
-    restarts = [{"time": e["time"], "event": "_reset"} for e in run.events
-                if e.get("event") in ("coordinator_restart", "cluster_restart") and "time" in e]
+    live = _count_over_time(
+        run.events,
+        t0,
+        add=lambda e: e.get("event") == "peer_start" and [e.get("peer")],
+        remove=lambda e: (
+            (e.get("event") == "peer_exit" and [e.get("peer")])
+            or (e.get("event") == "cluster_restart" and e.get("peers_killed"))
+        ),
+    )
+    restarts = [
+        {"time": e["time"], "event": "_reset"}
+        for e in run.events
+        if e.get("event") in ("coordinator_restart", "cluster_restart") and "time" in e
+    ]
     clog = sorted(run.coordinator + restarts, key=lambda e: e.get("time") or 0.0)
-    members = _count_over_time(clog, t0, add=lambda e: e.get("event") == "join" and [e.get("peer_id")],
-                               remove=lambda e: e.get("event") in ("leave", "expire") and [e.get("peer_id")],
-                               reset=lambda e: e.get("event") == "_reset")
-    quorum = [(t, len(ev.get("members") or [])) for ev in run.coordinator
-              if ev.get("event") == "commit" and (t := _t(ev, t0)) is not None]
+    members = _count_over_time(
+        clog,
+        t0,
+        add=lambda e: e.get("event") == "join" and [e.get("peer_id")],
+        remove=lambda e: e.get("event") in ("leave", "expire") and [e.get("peer_id")],
+        reset=lambda e: e.get("event") == "_reset",
+    )
+    quorum = [
+        (t, len(ev.get("members") or []))
+        for ev in run.coordinator
+        if ev.get("event") == "commit" and (t := _t(ev, t0)) is not None
+    ]
     if not quorum:
         seen: Dict[int, Point] = {}
         for rr in round_records(run).values():
@@ -196,8 +214,12 @@ def final_results(run: Run) -> Tuple[Dict[str, float], str]:
                     out.setdefault(arch, float(v))
         last: Dict[str, Tuple[int, float]] = {}
         for _, r in run.records("eval"):
-            if r.get("split", "val") == split and r.get("arch_name") in ("max", "min") and isinstance(
-                    r.get(metric), (int, float)) and r.get("step", 0) >= last.get(r["arch_name"], (-1, 0.0))[0]:
+            if (
+                r.get("split", "val") == split
+                and r.get("arch_name") in ("max", "min")
+                and isinstance(r.get(metric), (int, float))
+                and r.get("step", 0) >= last.get(r["arch_name"], (-1, 0.0))[0]
+            ):
                 last[r["arch_name"]] = (r.get("step", 0), float(r[metric]))
         for arch, (_, v) in last.items():
             out.setdefault(arch, v)
@@ -222,19 +244,29 @@ def summary_rows(run: Run) -> List[Tuple[str, str]]:
     committed = s.get("rounds_committed", run.coordinator_state.get("committed_round"))
     if committed is None and rr:
         committed = len({r for d in rr.values() for r in d})
-    rows.append(("rounds committed", "-" if committed is None else str(committed)
-                 + (f" of {s['rounds_target']}" if s.get("rounds_target") else "")))
+    rows.append(
+        (
+            "rounds committed",
+            "-"
+            if committed is None
+            else str(committed) + (f" of {s['rounds_target']}" if s.get("rounds_target") else ""),
+        )
+    )
     metric = eval_metric(run)
     res, split = final_results(run)
     fmt = (lambda v: f"{100 * v:.2f}%") if metric == "acc" else (lambda v: f"{v:.3f} bpb")
-    rows.append((f"final {split + ' ' if split else ''}{'accuracy' if metric == 'acc' else 'bits per byte'}"
-                 " (max / min)",
-                 " / ".join(fmt(res[k]) if k in res else "-" for k in ("max", "min"))))
+    rows.append(
+        (
+            f"final {split + ' ' if split else ''}{'accuracy' if metric == 'acc' else 'bits per byte'} (max / min)",
+            " / ".join(fmt(res[k]) if k in res else "-" for k in ("max", "min")),
+        )
+    )
     if "faults_injected" in s:
         faults = ", ".join(f"{k}: {v}" for k, v in sorted((s.get("faults") or {}).items()))
         rows.append(("faults injected", f"{s['faults_injected']}" + (f" ({faults})" if faults else "")))
-        rows.append(("recoveries", f"{s.get('recoveries', 0)} ({s.get('heals', 0)} heals, "
-                                   f"{s.get('retries', 0)} round retries)"))
+        rows.append(
+            ("recoveries", f"{s.get('recoveries', 0)} ({s.get('heals', 0)} heals, {s.get('retries', 0)} round retries)")
+        )
     if "parity" in s:
         rows.append(("parity", ("ok" if s["parity"] else "FAILED") + f" ({s.get('rounds_checked', 0)} rounds checked)"))
         rows.append(("rounds lost", str(s.get("rounds_lost", 0))))

@@ -7,8 +7,7 @@ from typing import Sequence
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence], title: str = "") -> str:
     cells = [[_fmt(c) for c in row] for row in rows]
-    widths = [max(len(str(h)), *(len(r[i]) for r in cells)) if cells else len(str(h))
-              for i, h in enumerate(headers)]
+    widths = [max(len(str(h)), *(len(r[i]) for r in cells)) if cells else len(str(h)) for i, h in enumerate(headers)]
     line = "-|-".join("-" * w for w in widths)
     out = []
     if title:

@@ -30,9 +30,16 @@ class WandbSink:
         self.run_dir = run_dir
         self.mode = cfg.mode
         self.last_step = 0
-        self.run = wandb.init(project=cfg.project, entity=cfg.entity, mode=cfg.mode,
-                              tags=list(cfg.tags), dir=run_dir, config=config, name=name,
-                              reinit="finish_previous")
+        self.run = wandb.init(
+            project=cfg.project,
+            entity=cfg.entity,
+            mode=cfg.mode,
+            tags=list(cfg.tags),
+            dir=run_dir,
+            config=config,
+            name=name,
+            reinit="finish_previous",
+        )
 
     def log(self, rec: dict) -> None:
         kind = rec.get("kind")
@@ -56,8 +63,11 @@ class WandbSink:
         tmp = tempfile.mkdtemp(prefix="dtrain-report-")
         try:
             plots = render_plots(load_run(self.run_dir), tmp, dpi=100)
-            images = {f"report/{name[:-len('.png')]}": self._wandb.Image(os.path.join(tmp, name), caption=title)
-                      for name, title, why in plots if why is None}
+            images = {
+                f"report/{name[: -len('.png')]}": self._wandb.Image(os.path.join(tmp, name), caption=title)
+                for name, title, why in plots
+                if why is None
+            }
             if images:
                 self.run.log(images, step=self.last_step)
             return len(images)

@@ -81,8 +81,7 @@ def _check_input(codec: str, x: torch.Tensor) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{codec}.encode: expected a torch.Tensor, got {type(x).__name__}")
     if x.dtype != torch.float32 or x.dim() != 1 or x.device.type != "cpu":
-        raise ValueError(f"{codec}.encode: expected a 1-D float32 CPU tensor, got "
-                         f"{x.dim()}-D {x.dtype} on {x.device}")
+        raise ValueError(f"{codec}.encode: expected a 1-D float32 CPU tensor, got {x.dim()}-D {x.dtype} on {x.device}")
     return x.detach().contiguous()
 
 
@@ -98,11 +97,9 @@ def _check_length(codec: str, payload, numel: int, expected: int) -> memoryview:
     try:
         view = memoryview(payload).cast("B")
     except TypeError:
-        raise CodecError(f"{codec} payload: expected a bytes-like object, "
-                         f"got {type(payload).__name__}") from None
+        raise CodecError(f"{codec} payload: expected a bytes-like object, got {type(payload).__name__}") from None
     if view.nbytes != expected:
-        raise CodecError(f"{codec} payload: expected {expected} bytes for {numel} values, "
-                         f"got {view.nbytes}")
+        raise CodecError(f"{codec} payload: expected {expected} bytes for {numel} values, got {view.nbytes}")
     return view
 
 
@@ -135,8 +132,7 @@ class _FloatCodec(Codec):
         if not np.isfinite(a):
             raise _non_finite(self.name, x)
         if not np.isfinite(float(torch.tensor(a, dtype=torch.float32).to(self._torch_dtype))):
-            raise CodecError(f"{self.name}.encode: max |x| = {a:.6g} overflows {self.name} "
-                             f"(limit {self._limit})")
+            raise CodecError(f"{self.name}.encode: max |x| = {a:.6g} overflows {self.name} (limit {self._limit})")
         bits = x.to(self._torch_dtype).view(self._bits_dtype).numpy()
         return bits.astype(self._np_wire, copy=False).data.cast("B")  # fp32 on little-endian: x itself
 
@@ -152,8 +148,7 @@ class _FloatCodec(Codec):
         lo, hi = torch.aminmax(out)
         if not (torch.isfinite(lo) and torch.isfinite(hi)):
             i = int((~torch.isfinite(out)).nonzero()[0, 0])
-            raise CodecError(f"{self.name} payload: expected finite values, got {float(out[i])} "
-                             f"at index {i}")
+            raise CodecError(f"{self.name} payload: expected finite values, got {float(out[i])} at index {i}")
         return out
 
     def __repr__(self) -> str:
@@ -229,18 +224,18 @@ class _BlockCodec(Codec):
     def _quantise(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """(uf16 scale patterns as int32 [nb], codes int8 [n]) for a non-empty x."""
         parts = self._parts(x)
-        absmax = torch.cat([torch.maximum(-lo, hi) for lo, hi in
-                            (torch.aminmax(p, dim=1) for p in parts)])
+        absmax = torch.cat([torch.maximum(-lo, hi) for lo, hi in (torch.aminmax(p, dim=1) for p in parts)])
         if not bool(torch.isfinite(absmax).all()):
             raise _non_finite(self.name, x)
         s = absmax / self.qmax
         u = torch.bitwise_right_shift(s.view(torch.int32), 15)  # floor onto uf16 (s >= 0)
         # blocks with a <= 2^-127 would quantise to all zeros: send them as zero blocks
-        u = torch.where(absmax > 2.0 ** -127, u.clamp_min(_MIN_SCALE_U16), torch.zeros_like(u))
+        u = torch.where(absmax > 2.0**-127, u.clamp_min(_MIN_SCALE_U16), torch.zeros_like(u))
         scale = torch.bitwise_left_shift(u, 15).view(torch.float32)
         if not bool(torch.isfinite(scale * self.qmax).all()):
-            raise CodecError(f"{self.name}.encode: max |x| = {float(absmax.max()):.6g} is too large "
-                             f"to quantise (limit about 3.4e38)")
+            raise CodecError(
+                f"{self.name}.encode: max |x| = {float(absmax.max()):.6g} is too large to quantise (limit about 3.4e38)"
+            )
         safe = torch.where(scale > 0, scale, torch.ones_like(scale))
         codes = torch.empty(x.numel(), dtype=torch.int8)
         # work in cache-sized chunks of whole blocks (elementwise, so chunking
@@ -250,11 +245,11 @@ class _BlockCodec(Codec):
         start, row = 0, 0
         for p in parts:
             for r in range(0, p.shape[0], chunk_rows):
-                blk = p[r:r + chunk_rows]
-                y = buf[:blk.numel()].view(blk.shape)
-                torch.div(blk, safe[row + r:row + r + blk.shape[0], None], out=y)
+                blk = p[r : r + chunk_rows]
+                y = buf[: blk.numel()].view(blk.shape)
+                torch.div(blk, safe[row + r : row + r + blk.shape[0], None], out=y)
                 y.round_().clamp_(-self.qmax, self.qmax)
-                codes[start:start + y.numel()].copy_(y.view(-1))
+                codes[start : start + y.numel()].copy_(y.view(-1))
                 start += y.numel()
             row += p.shape[0]
         return u, codes
@@ -270,8 +265,8 @@ class _BlockCodec(Codec):
         u, codes = self._quantise(x)
         out = np.empty(self.encoded_size(n), dtype=np.uint8)
         nb = u.numel()
-        out[:2 * nb] = u.numpy().astype("<u2").view(np.uint8)
-        out[2 * nb:] = self._pack(codes)
+        out[: 2 * nb] = u.numpy().astype("<u2").view(np.uint8)
+        out[2 * nb :] = self._pack(codes)
         return out.tobytes()
 
     # -- decode ---------------------------------------------------------------
@@ -286,22 +281,26 @@ class _BlockCodec(Codec):
             return torch.empty(0, dtype=torch.float32)
         nb = self.num_blocks(numel)
         raw = np.frombuffer(view, dtype=np.uint8)
-        u = raw[:2 * nb].view("<u2").astype(np.int32)
+        u = raw[: 2 * nb].view("<u2").astype(np.int32)
         bad = np.flatnonzero(u >= _INF_SCALE_U16)
         if bad.size:
             i = int(bad[0])
-            raise CodecError(f"{self.name} payload: expected finite scales, got "
-                             f"{'inf' if u[i] == _INF_SCALE_U16 else 'NaN'} for block {i}")
+            raise CodecError(
+                f"{self.name} payload: expected finite scales, got "
+                f"{'inf' if u[i] == _INF_SCALE_U16 else 'NaN'} for block {i}"
+            )
         scale = torch.from_numpy(np.left_shift(u, 15)).view(torch.float32)
         over = (~torch.isfinite(scale * self.qmax)).nonzero()
         if over.numel():
             i = int(over[0, 0])
-            raise CodecError(f"{self.name} payload: expected scale <= {3.4028235e38 / self.qmax:.4g}, "
-                             f"got {float(scale[i]):.6g} for block {i} (decoded values would overflow)")
-        out = torch.from_numpy(self._unpack(raw[2 * nb:], numel))
+            raise CodecError(
+                f"{self.name} payload: expected scale <= {3.4028235e38 / self.qmax:.4g}, "
+                f"got {float(scale[i]):.6g} for block {i} (decoded values would overflow)"
+            )
+        out = torch.from_numpy(self._unpack(raw[2 * nb :], numel))
         row = 0
         for p in self._parts(out):
-            p.mul_(scale[row:row + p.shape[0], None])
+            p.mul_(scale[row : row + p.shape[0], None])
             row += p.shape[0]
         return out
 
@@ -320,8 +319,7 @@ class Int8Codec(_BlockCodec):
         q = codes.view(np.int8)
         if int(q.min()) < -self.qmax:
             i = int(np.argmin(q))
-            raise CodecError(f"int8 payload: expected codes in [-127, 127], got {int(q[i])} "
-                             f"at index {i}")
+            raise CodecError(f"int8 payload: expected codes in [-127, 127], got {int(q[i])} at index {i}")
         return q.astype(np.float32)
 
 
@@ -345,8 +343,7 @@ class Int4Codec(_BlockCodec):
         np.right_shift(codes, 4, out=nib[:, 1])
         flat = nib.reshape(-1)
         if numel % 2 and flat[-1] != 0:
-            raise CodecError(f"int4 payload: expected padding nibble 0 after {numel} values, "
-                             f"got {int(flat[-1])}")
+            raise CodecError(f"int4 payload: expected padding nibble 0 after {numel} values, got {int(flat[-1])}")
         flat = flat[:numel]
         if int(flat.min()) == 0:
             i = int(np.argmin(flat))

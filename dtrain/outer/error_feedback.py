@@ -45,10 +45,8 @@ from dtrain.wire.codec import Codec
 
 
 def _check_vec(what: str, t: torch.Tensor) -> None:
-    if not isinstance(t, torch.Tensor) or t.dtype != torch.float32 or t.dim() != 1 \
-            or t.device.type != "cpu":
-        desc = (f"{t.dim()}-D {t.dtype} on {t.device}" if isinstance(t, torch.Tensor)
-                else type(t).__name__)
+    if not isinstance(t, torch.Tensor) or t.dtype != torch.float32 or t.dim() != 1 or t.device.type != "cpu":
+        desc = f"{t.dim()}-D {t.dtype} on {t.device}" if isinstance(t, torch.Tensor) else type(t).__name__
         raise ValueError(f"{what}: expected a 1-D float32 CPU tensor, got {desc}")
 
 
@@ -75,11 +73,15 @@ class ErrorFeedback:
         if e is None:
             return x.detach().clone(memory_format=torch.contiguous_format)
         if e.shape != x.shape:
-            raise ValueError(f"error feedback {name!r}: residual has {e.numel()} values but the "
-                             f"input has {x.numel()}; reset() after changing the parameter layout")
+            raise ValueError(
+                f"error feedback {name!r}: residual has {e.numel()} values but the "
+                f"input has {x.numel()}; reset() after changing the parameter layout"
+            )
         if weight <= 0:
-            raise ValueError(f"error feedback {name!r}: weight={weight} must be > 0 (a member that sits out "
-                             "sends nothing and skips error feedback)")
+            raise ValueError(
+                f"error feedback {name!r}: weight={weight} must be > 0 (a member that sits out "
+                "sends nothing and skips error feedback)"
+            )
         return x.detach() + (e if weight == 1.0 else e / weight)
 
     def update(self, name: str, sent_exact: torch.Tensor, sent_decoded: torch.Tensor, weight: float = 1.0) -> None:
@@ -87,8 +89,9 @@ class ErrorFeedback:
         _check_vec(f"error feedback {name!r} (exact)", sent_exact)
         _check_vec(f"error feedback {name!r} (decoded)", sent_decoded)
         if sent_exact.shape != sent_decoded.shape:
-            raise ValueError(f"error feedback {name!r}: exact has {sent_exact.numel()} values, "
-                             f"decoded has {sent_decoded.numel()}")
+            raise ValueError(
+                f"error feedback {name!r}: exact has {sent_exact.numel()} values, decoded has {sent_decoded.numel()}"
+            )
         dropped = (sent_exact.detach() - sent_decoded.detach()).contiguous()
         self._residual[name] = dropped if weight == 1.0 else dropped.mul_(weight)
 

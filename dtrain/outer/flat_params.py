@@ -69,9 +69,9 @@ class FlatLayout:
             n = p.numel()
             if off + n <= lo or off >= hi:
                 continue
-            p.copy_(flat[off - lo:off - lo + n].view_as(p).to(p.device, p.dtype))
+            p.copy_(flat[off - lo : off - lo + n].view_as(p).to(p.device, p.dtype))
 
     @torch.no_grad()
     def load(self, model: nn.Module, flat: torch.Tensor) -> None:
         for p, off in zip(model.parameters(), self.offsets):
-            p.copy_(flat[off:off + p.numel()].view_as(p).to(p.device, p.dtype))
+            p.copy_(flat[off : off + p.numel()].view_as(p).to(p.device, p.dtype))

@@ -110,8 +110,9 @@ class GlobalState:
             parts.append(data)
             offset += len(data)
         payload = b"".join(parts)
-        return StateSnapshot(self._round, payload, json.dumps(meta or {}, sort_keys=True), tuple(blobs),
-                             state_hash=self.hash())
+        return StateSnapshot(
+            self._round, payload, json.dumps(meta or {}, sort_keys=True), tuple(blobs), state_hash=self.hash()
+        )
 
     def adopt(self, snap: StateSnapshot) -> None:
         """Heal: take a received snapshot; StateError (and nothing changed) if it does not match ours."""
@@ -122,9 +123,11 @@ class GlobalState:
         for name, mine in self._tensors.items():
             b = got[name]
             if b.dtype != "float32" or b.nbytes != mine.numel() * 4:
-                raise StateError(f"received tensor {name!r} is {b.dtype} of {b.nbytes} bytes, expected "
-                                 f"float32 of {mine.numel() * 4} bytes")
-            t = torch.frombuffer(bytearray(snap.payload[b.offset:b.offset + b.nbytes]), dtype=torch.float32)
+                raise StateError(
+                    f"received tensor {name!r} is {b.dtype} of {b.nbytes} bytes, expected "
+                    f"float32 of {mine.numel() * 4} bytes"
+                )
+            t = torch.frombuffer(bytearray(snap.payload[b.offset : b.offset + b.nbytes]), dtype=torch.float32)
             if not torch.isfinite(t).all():
                 raise StateError(f"received tensor {name!r} has non-finite values")
             new[name] = _cpu_f32(t)

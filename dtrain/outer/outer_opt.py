@@ -21,8 +21,15 @@ import torch
 
 
 class OuterNesterov:
-    def __init__(self, lr: float = 0.7, momentum: float = 0.9, nesterov: bool = True,
-                 schedule: str = "constant", total_rounds: int = 0, min_lr_ratio: float = 0.0):
+    def __init__(
+        self,
+        lr: float = 0.7,
+        momentum: float = 0.9,
+        nesterov: bool = True,
+        schedule: str = "constant",
+        total_rounds: int = 0,
+        min_lr_ratio: float = 0.0,
+    ):
         if schedule not in ("constant", "cosine"):
             raise ValueError(f"outer lr schedule {schedule!r} is not allowed: constant or cosine")
         self.lr, self.momentum, self.nesterov = lr, momentum, nesterov

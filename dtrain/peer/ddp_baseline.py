@@ -37,8 +37,17 @@ log = logging.getLogger("dtrain")
 
 
 class DdpBaseline(OuterComponent):
-    def __init__(self, cfg: TrainConfig, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *,
-                 is_leader: bool, world_size: int, distributed: bool, should_stop: Callable[[], bool]):
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        *,
+        is_leader: bool,
+        world_size: int,
+        distributed: bool,
+        should_stop: Callable[[], bool],
+    ):
         outer = cfg.outer
         self.outer_cfg, self.model, self.optimizer = outer, model, optimizer
         self.params: List[torch.nn.Parameter] = list(model.parameters())
@@ -49,11 +58,19 @@ class DdpBaseline(OuterComponent):
         if not is_leader:
             return
         self.state = GlobalState(self._state_tensors())
-        settings = ExchangeSettings(outer.backend, outer.streams, int(outer.chunk_mb * 2 ** 20), outer.deadline_s,
-                                    outer.sync_timeout_s)
-        self.session = PeerSession(cfg.peer_id, cfg.control, run_schema_hash(cfg), self.state,
-                                   get_codec(outer.codec, outer.block_size), settings, world_size=world_size,
-                                   should_stop=should_stop)
+        settings = ExchangeSettings(
+            outer.backend, outer.streams, int(outer.chunk_mb * 2**20), outer.deadline_s, outer.sync_timeout_s
+        )
+        self.session = PeerSession(
+            cfg.peer_id,
+            cfg.control,
+            run_schema_hash(cfg),
+            self.state,
+            get_codec(outer.codec, outer.block_size),
+            settings,
+            world_size=world_size,
+            should_stop=should_stop,
+        )
 
     def _state_tensors(self):
         return [("theta", self.layout.flatten(self.model))] + optimizer_flat_state(self.optimizer, self.params)
@@ -84,8 +101,10 @@ class DdpBaseline(OuterComponent):
         try:
             self.state.replace(saved["tensors"], int(saved["round"]))
         except StateError as e:
-            raise ConfigError(f"the checkpoint holds another outer state ({e}): use the same outer.*, optim.* "
-                              "and model.* settings or a new run_dir") from None
+            raise ConfigError(
+                f"the checkpoint holds another outer state ({e}): use the same outer.*, optim.* "
+                "and model.* settings or a new run_dir"
+            ) from None
 
     # ------------------------------------------------------------------ rounds
     def before_optimizer_step(self, step: int) -> RoundEvent:
@@ -101,8 +120,9 @@ class DdpBaseline(OuterComponent):
         return event
 
     def _exchange(self, step: int) -> RoundEvent:
-        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float().cpu()
-                          for p in self.params])
+        flat = torch.cat(
+            [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float().cpu() for p in self.params]
+        )
         self.clock.exchange_starts()
         try:
             result = self.session.engine.exchange(flat, "grad")
@@ -117,7 +137,7 @@ class DdpBaseline(OuterComponent):
             n = p.numel()
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-            p.grad.copy_(result.mean[offset:offset + n].view_as(p))
+            p.grad.copy_(result.mean[offset : offset + n].view_as(p))
             offset += n
         self.committed = result
         return RoundEvent(RoundOutcome.COMMIT, step)
@@ -128,14 +148,18 @@ class DdpBaseline(OuterComponent):
         if not self.is_leader or result is None:
             return RoundEvent(step=step)
         self.session.install(GlobalState(self._state_tensors(), round=result.round + 1))
-        return RoundEvent(RoundOutcome.COMMIT, step,
-                          records=[round_record(result, self.state, self.clock, self.outer_cfg.codec, step)])
+        return RoundEvent(
+            RoundOutcome.COMMIT,
+            step,
+            records=[round_record(result, self.state, self.clock, self.outer_cfg.codec, step)],
+        )
 
     def _adopt(self, result: ExchangeResult, event: RoundEvent) -> RoundEvent:
         """After a heal: parameters and optimizer state <- the adopted global state."""
         self.layout.load(self.model, self.state.tensors["theta"])
-        load_optimizer_flat_state(self.optimizer, self.params,
-                                  [(n, t) for n, t in self.state.tensors.items() if n != "theta"])
+        load_optimizer_flat_state(
+            self.optimizer, self.params, [(n, t) for n, t in self.state.tensors.items() if n != "theta"]
+        )
         event.outcome, event.step = RoundOutcome.HEAL, self.state.round
         event.records.append(heal_record(result, self.state, self.clock))
         event.checkpoint = bool(self.outer_cfg.checkpoint_every_rounds)

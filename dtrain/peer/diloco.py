@@ -55,8 +55,17 @@ log = logging.getLogger("dtrain")
 
 
 class DilocoLoop(OuterComponent):
-    def __init__(self, cfg: TrainConfig, model: torch.nn.Module, *, is_leader: bool, world_size: int,
-                 distributed: bool, run_dir: str, should_stop: Callable[[], bool]):
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        model: torch.nn.Module,
+        *,
+        is_leader: bool,
+        world_size: int,
+        distributed: bool,
+        run_dir: str,
+        should_stop: Callable[[], bool],
+    ):
         outer = cfg.outer
         self.outer_cfg, self.model = outer, model
         self.layout = FlatLayout(model, outer.fragments)
@@ -77,17 +86,36 @@ class DilocoLoop(OuterComponent):
             return
         self.codec = get_codec(outer.codec, outer.block_size)
         self.error_feedback = ErrorFeedback() if outer.error_feedback else None
-        self.outer_opt = OuterNesterov(outer.lr, outer.momentum, outer.nesterov, outer.lr_schedule,
-                                       total_rounds=max(1, cfg.steps // self.period))
+        self.outer_opt = OuterNesterov(
+            outer.lr, outer.momentum, outer.nesterov, outer.lr_schedule, total_rounds=max(1, cfg.steps // self.period)
+        )
         theta = self.layout.flatten(model)
         self.state = GlobalState([("theta", theta), ("velocity", torch.zeros_like(theta))])
         self.schema = run_schema_hash(cfg)
-        self.durable = (DurableCommit(os.path.join(run_dir, "checkpoints", "next_global.pt"), self.schema)
-                        if outer.durable_commit else None)
-        settings = ExchangeSettings(outer.backend, outer.streams, int(outer.chunk_mb * 2 ** 20), outer.deadline_s,
-                                    outer.sync_timeout_s, outer.weighting)
-        self.session = PeerSession(cfg.peer_id, cfg.control, self.schema, self.state, self.codec, settings,
-                                   world_size=world_size, should_stop=should_stop, plan=work_plan(cfg))
+        self.durable = (
+            DurableCommit(os.path.join(run_dir, "checkpoints", "next_global.pt"), self.schema)
+            if outer.durable_commit
+            else None
+        )
+        settings = ExchangeSettings(
+            outer.backend,
+            outer.streams,
+            int(outer.chunk_mb * 2**20),
+            outer.deadline_s,
+            outer.sync_timeout_s,
+            outer.weighting,
+        )
+        self.session = PeerSession(
+            cfg.peer_id,
+            cfg.control,
+            self.schema,
+            self.state,
+            self.codec,
+            settings,
+            world_size=world_size,
+            should_stop=should_stop,
+            plan=work_plan(cfg),
+        )
         self.join_timeout_s = cfg.control.join_timeout_s
         self.executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="outer") if self.tau else None
 
@@ -135,8 +163,11 @@ class DilocoLoop(OuterComponent):
         if not self.is_leader:
             return {}
         ef = self.error_feedback
-        return {"round": self.state.round, "tensors": dict(self.state.tensors),
-                "error_feedback": ef.state_dict() if ef is not None else {}}
+        return {
+            "round": self.state.round,
+            "tensors": dict(self.state.tensors),
+            "error_feedback": ef.state_dict() if ef is not None else {},
+        }
 
     def load_state_dict(self, saved: dict) -> None:
         if not self.is_leader or not saved:
@@ -144,8 +175,10 @@ class DilocoLoop(OuterComponent):
         try:
             self.state.replace(saved["tensors"], int(saved["round"]))
         except StateError as e:
-            raise ConfigError(f"the checkpoint holds another outer state ({e}): use the same outer.* and "
-                              "model.* settings or a new run_dir") from None
+            raise ConfigError(
+                f"the checkpoint holds another outer state ({e}): use the same outer.* and "
+                "model.* settings or a new run_dir"
+            ) from None
         if self.error_feedback is not None and saved.get("error_feedback"):
             self.error_feedback.load_state_dict(saved["error_feedback"])
 
@@ -203,8 +236,12 @@ class DilocoLoop(OuterComponent):
         result = self.session.engine.exchange(payload, f"f{fragment}", self._prepare, report)
         event = self._apply(result, fragment, step)
         for rec in event.records:
-            rec.update(steps=trained, sat_out=sits_out, steps_lost=trained if (sits_out or rec["kind"] == "heal") else 0,
-                       step_rate=report.step_rate)
+            rec.update(
+                steps=trained,
+                sat_out=sits_out,
+                steps_lost=trained if (sits_out or rec["kind"] == "heal") else 0,
+                step_rate=report.step_rate,
+            )
         return event
 
     def _adapt_deadline(self) -> None:
@@ -273,8 +310,13 @@ class DilocoLoop(OuterComponent):
         next_steps = result.next_steps.get(self.session.peer_id, self.period) if self.balanced else self.period
         # balanced: the next round starts at its nominal step round * H, whatever this peer trained
         next_step = self.state.round * self.period if self.balanced else step
-        return RoundEvent(RoundOutcome.COMMIT, next_step, records=[record],
-                          checkpoint=bool(every) and self.state.round % every == 0, local_steps=next_steps)
+        return RoundEvent(
+            RoundOutcome.COMMIT,
+            next_step,
+            records=[record],
+            checkpoint=bool(every) and self.state.round % every == 0,
+            local_steps=next_steps,
+        )
 
     def _adopt(self, result: ExchangeResult, event: RoundEvent) -> RoundEvent:
         """After a heal: local parameters <- global ones; continue from the state's round."""
@@ -297,8 +339,9 @@ class DilocoLoop(OuterComponent):
         self.state.install(nxt)
         result = ExchangeResult(RoundOutcome.HEAL, nxt.round)
         event = self._adopt(result, RoundEvent())
-        event.records[-1].update(donor=self.session.peer_id,
-                                 reason="state written before the vote of a committed round")
+        event.records[-1].update(
+            donor=self.session.peer_id, reason="state written before the vote of a committed round"
+        )
         return event
 
     def _share(self, event: RoundEvent) -> RoundEvent:

@@ -32,8 +32,17 @@ class DurableCommit:
 
     def persist(self, nxt: GlobalState, quorum_id: int, base_hash: str) -> None:
         """Write S_{r+1} before the vote on round r (OSError: this peer votes not ok)."""
-        save_checkpoint(self.path, {"round": nxt.round, "tensors": dict(nxt.tensors), "state_hash": nxt.hash(),
-                                    "quorum_id": int(quorum_id), "from_hash": base_hash, "schema": self.schema})
+        save_checkpoint(
+            self.path,
+            {
+                "round": nxt.round,
+                "tensors": dict(nxt.tensors),
+                "state_hash": nxt.hash(),
+                "quorum_id": int(quorum_id),
+                "from_hash": base_hash,
+                "schema": self.schema,
+            },
+        )
 
     def recover(self, state: GlobalState, commits: Callable[[], Iterable], wait_s: float) -> Optional[GlobalState]:
         """The S_{r+1} written before a vote, when round r committed with that quorum; else None.
@@ -48,8 +57,11 @@ class DurableCommit:
         except Exception as e:  # noqa: BLE001 - a torn or foreign file is ignored, the checkpoint stands
             log.warning("ignoring %s: %s", self.path, e)
             return None
-        if saved.get("schema") != self.schema or rnd <= state.round or \
-                sorted(saved.get("tensors", {})) != sorted(state.tensors):
+        if (
+            saved.get("schema") != self.schema
+            or rnd <= state.round
+            or sorted(saved.get("tensors", {})) != sorted(state.tensors)
+        ):
             return None
         history, deadline = None, time.monotonic() + wait_s
         while history is None:
@@ -61,13 +73,19 @@ class DurableCommit:
                     return None
                 time.sleep(0.5)  # e.g. the coordinator is restarting with the cluster
         if not any(c.round == rnd - 1 and c.quorum_id == qid and c.state_hash == base for c in history):
-            log.info("S_%d written before a vote is not the committed one: using the checkpoint (S_%d)",
-                     rnd, state.round)
+            log.info(
+                "S_%d written before a vote is not the committed one: using the checkpoint (S_%d)", rnd, state.round
+            )
             return None
         cand = GlobalState([(k, saved["tensors"][k]) for k in state.tensors], round=rnd)
         if cand.hash() != saved.get("state_hash"):
             log.warning("ignoring %s: its tensors do not match its state hash", self.path)
             return None
-        log.info("round %d committed after this peer's vote: continuing from S_%d written before the vote "
-                 "(checkpoint holds S_%d)", rnd - 1, rnd, state.round)
+        log.info(
+            "round %d committed after this peer's vote: continuing from S_%d written before the vote "
+            "(checkpoint holds S_%d)",
+            rnd - 1,
+            rnd,
+            state.round,
+        )
         return cand

@@ -39,8 +39,9 @@ def optimizer_flat_state(optimizer, params: Sequence[torch.nn.Parameter]) -> Lis
 
 
 @torch.no_grad()
-def load_optimizer_flat_state(optimizer, params: Sequence[torch.nn.Parameter],
-                              tensors: Sequence[Tuple[str, torch.Tensor]]) -> None:
+def load_optimizer_flat_state(
+    optimizer, params: Sequence[torch.nn.Parameter], tensors: Sequence[Tuple[str, torch.Tensor]]
+) -> None:
     flat = dict(tensors)
     for key in _keys(optimizer):
         t = flat[f"opt.{key}"]
@@ -51,5 +52,5 @@ def load_optimizer_flat_state(optimizer, params: Sequence[torch.nn.Parameter],
                 st[key] = torch.tensor(float(t[i]), dtype=torch.float32)
             else:
                 n = p.numel()
-                st[key] = t[off:off + n].view_as(p).to(p.device, p.dtype).clone()
+                st[key] = t[off : off + n].view_as(p).to(p.device, p.dtype).clone()
                 off += n

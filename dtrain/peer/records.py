@@ -36,16 +36,34 @@ class RoundClock:
 
 def round_record(result: ExchangeResult, state: GlobalState, clock: RoundClock, codec: str, step: int) -> dict:
     round_s, compute_s = clock.restart()
-    return {"kind": "round", "round": result.round, "quorum_id": result.quorum_id,
-            "quorum_size": len(result.members), "members": result.members, "state_hash": state.hash(),
-            "bytes_sent": result.bytes_sent, "bytes_recv": result.bytes_recv, "round_s": round_s,
-            "compute_s": compute_s, "comm_s": result.comm_s, "wait_s": result.wait_s, "codec": codec,
-            "attempts": result.attempts, "step": step}
+    return {
+        "kind": "round",
+        "round": result.round,
+        "quorum_id": result.quorum_id,
+        "quorum_size": len(result.members),
+        "members": result.members,
+        "state_hash": state.hash(),
+        "bytes_sent": result.bytes_sent,
+        "bytes_recv": result.bytes_recv,
+        "round_s": round_s,
+        "compute_s": compute_s,
+        "comm_s": result.comm_s,
+        "wait_s": result.wait_s,
+        "codec": codec,
+        "attempts": result.attempts,
+        "step": step,
+    }
 
 
 def heal_record(result: ExchangeResult, state: GlobalState, clock: RoundClock) -> dict:
     clock.restart()
     heal = result.heal
-    return {"kind": "heal", "round": result.round, "donor": heal.donor if heal else "",
-            "bytes": heal.bytes if heal else 0, "seconds": heal.seconds if heal else 0.0,
-            "state_hash": state.hash(), "reason": heal.reason if heal else ""}
+    return {
+        "kind": "heal",
+        "round": result.round,
+        "donor": heal.donor if heal else "",
+        "bytes": heal.bytes if heal else 0,
+        "seconds": heal.seconds if heal else 0.0,
+        "state_hash": state.hash(),
+        "reason": heal.reason if heal else "",
+    }

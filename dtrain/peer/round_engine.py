@@ -77,20 +77,37 @@ class ExchangeResult:
 
 
 class RoundEngine:
-    def __init__(self, client: CoordinatorClient, collective: Optional[Collective], state: GlobalState,
-                 publish: Callable[[], None], peer_id: str, schema_hash: str, token: str = "", tls=None,
-                 deadline_s: float = 30.0, sync_timeout_s: float = 600.0, transfer_timeout_s: float = 120.0,
-                 weighting: str = "uniform"):
+    def __init__(
+        self,
+        client: CoordinatorClient,
+        collective: Optional[Collective],
+        state: GlobalState,
+        publish: Callable[[], None],
+        peer_id: str,
+        schema_hash: str,
+        token: str = "",
+        tls=None,
+        deadline_s: float = 30.0,
+        sync_timeout_s: float = 600.0,
+        transfer_timeout_s: float = 120.0,
+        weighting: str = "uniform",
+    ):
         self.client, self.collective, self.state = client, collective, state
         self.publish = publish  # serve the current state to joiners (after a heal)
         self.peer_id, self.schema_hash, self.token, self.tls = peer_id, schema_hash, token, tls
         self.deadline_s, self.sync_timeout_s, self.transfer_timeout_s = deadline_s, sync_timeout_s, transfer_timeout_s
         self.weighting = weighting  # samples | uniform (dtrain.outer.weighting)
 
-    def exchange(self, payload: torch.Tensor, op: str = "all", prepare: Optional[Prepare] = None,
-                 report: SyncReport = SyncReport()) -> ExchangeResult:
+    def exchange(
+        self,
+        payload: torch.Tensor,
+        op: str = "all",
+        prepare: Optional[Prepare] = None,
+        report: Optional[SyncReport] = None,
+    ) -> ExchangeResult:
         """One round; ``report`` (this member's rate and work in the round) goes with every Sync."""
         out = ExchangeResult(RoundOutcome.COMMIT, self.state.round)
+        report = report or SyncReport()
         while True:
             out.attempts += 1
             t0 = time.perf_counter()
@@ -101,8 +118,15 @@ class RoundEngine:
                     return out
                 continue
             weights = self._weights(ans)
-            group = Group(ans.quorum_id, ans.round, tuple((m[0], m[1]) for m in ans.members), self.peer_id, op,
-                          ans.store_address, weights)
+            group = Group(
+                ans.quorum_id,
+                ans.round,
+                tuple((m[0], m[1]) for m in ans.members),
+                self.peer_id,
+                op,
+                ans.store_address,
+                weights,
+            )
             t1 = time.perf_counter()
             ok, reason = True, ""
             result: Optional[CollectiveResult] = None
@@ -153,11 +177,20 @@ class RoundEngine:
         donor = order.donor
         t0 = time.perf_counter()
         try:
-            snap = fetch_state(donor.address, self.schema_hash, min_round=donor.round, token=self.token,
-                               tls=self.tls, timeout=self.transfer_timeout_s, requester=self.peer_id)
+            snap = fetch_state(
+                donor.address,
+                self.schema_hash,
+                min_round=donor.round,
+                token=self.token,
+                tls=self.tls,
+                timeout=self.transfer_timeout_s,
+                requester=self.peer_id,
+            )
             if donor.state_hash and snap.round == donor.round and snap.state_hash != donor.state_hash:
-                raise StateError(f"the donor's state hashes to {snap.state_hash[:12]}..., the coordinator "
-                                 f"knows S_{donor.round} as {donor.state_hash[:12]}...")
+                raise StateError(
+                    f"the donor's state hashes to {snap.state_hash[:12]}..., the coordinator "
+                    f"knows S_{donor.round} as {donor.state_hash[:12]}..."
+                )
             self.state.adopt(snap)
         except (StateTransferError, StateError) as e:
             log.warning("heal from %s at %s failed: %s", donor.peer_id, donor.address, e)
@@ -166,6 +199,12 @@ class RoundEngine:
         self.publish()
         out.outcome, out.round = RoundOutcome.HEAL, self.state.round
         out.heal = HealInfo(donor.peer_id, len(snap.payload), seconds, order.reason)
-        log.info("healed to round %d from %s (%d bytes in %.2fs): %s", self.state.round, donor.peer_id,
-                 len(snap.payload), seconds, order.reason)
+        log.info(
+            "healed to round %d from %s (%d bytes in %.2fs): %s",
+            self.state.round,
+            donor.peer_id,
+            len(snap.payload),
+            seconds,
+            order.reason,
+        )
         return True

@@ -53,60 +53,108 @@ class ExchangeSettings:
     weighting: str = "uniform"  # samples | uniform: the members' weights in the mean
 
 
-def build_collective(codec: Codec, settings: ExchangeSettings, peer_id: str, control: ControlConfig,
-                     token: str, inbox: ShardInbox) -> Collective:
+def build_collective(
+    codec: Codec, settings: ExchangeSettings, peer_id: str, control: ControlConfig, token: str, inbox: ShardInbox
+) -> Collective:
     """The outer collective of ``settings.backend`` for this peer."""
     if settings.backend == "gloo":
         wildcard = control.host in ("0.0.0.0", "::", "")
         return GlooCollective(codec, hostname=None if wildcard else control.host)
     tls = control.tls if control.tls.client_enabled else None
-    return GrpcCollective(codec, peer_id, token=token, tls=tls, chunk_bytes=settings.chunk_bytes,
-                          streams=settings.streams, inbox=inbox)
+    return GrpcCollective(
+        codec, peer_id, token=token, tls=tls, chunk_bytes=settings.chunk_bytes, streams=settings.streams, inbox=inbox
+    )
 
 
 def run_schema_hash(cfg: TrainConfig) -> str:
     """What every peer of a run must share: the wire contract, the model, the outer protocol."""
     outer = cfg.outer
-    return schema_hash({"model": dataclasses.asdict(cfg.model),
-                        "outer": {"name": outer.name, "sync_every": outer.sync_every, "fragments": outer.fragments,
-                                  "codec": outer.codec, "block_size": outer.block_size, "backend": outer.backend,
-                                  "optim": cfg.optim.name, "local_steps": outer.local_steps,
-                                  "min_local_steps": outer.min_local_steps,
-                                  "balance_tolerance": outer.balance_tolerance, "weighting": outer.weighting}})
+    return schema_hash(
+        {
+            "model": dataclasses.asdict(cfg.model),
+            "outer": {
+                "name": outer.name,
+                "sync_every": outer.sync_every,
+                "fragments": outer.fragments,
+                "codec": outer.codec,
+                "block_size": outer.block_size,
+                "backend": outer.backend,
+                "optim": cfg.optim.name,
+                "local_steps": outer.local_steps,
+                "min_local_steps": outer.min_local_steps,
+                "balance_tolerance": outer.balance_tolerance,
+                "weighting": outer.weighting,
+            },
+        }
+    )
 
 
 def work_plan(cfg: TrainConfig) -> WorkPlan:
     """The round plan a training peer declares at join."""
     outer = cfg.outer
-    return WorkPlan(outer.sync_every, outer.min_local_steps, outer.local_steps == "balanced",
-                    outer.balance_tolerance)
+    return WorkPlan(outer.sync_every, outer.min_local_steps, outer.local_steps == "balanced", outer.balance_tolerance)
 
 
 class PeerSession:
-    def __init__(self, peer_id: str, control: ControlConfig, schema: str, state: GlobalState,
-                 codec: Optional[Codec], settings: ExchangeSettings, world_size: int = 1,
-                 should_stop: Optional[Callable[[], bool]] = None, meta: Optional[dict] = None,
-                 plan: Optional[WorkPlan] = None, transfer_chunk_bytes: int = DEFAULT_CHUNK_BYTES):
+    def __init__(
+        self,
+        peer_id: str,
+        control: ControlConfig,
+        schema: str,
+        state: GlobalState,
+        codec: Optional[Codec],
+        settings: ExchangeSettings,
+        world_size: int = 1,
+        should_stop: Optional[Callable[[], bool]] = None,
+        meta: Optional[dict] = None,
+        plan: Optional[WorkPlan] = None,
+        transfer_chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    ):
         self.peer_id, self.control, self.schema, self.state = peer_id, control, schema, state
         self.meta = {"peer_id": peer_id, **(meta or {})}
         self.token = resolve_token(control.auth.token)
         client_tls = control.tls if control.tls.client_enabled else None
         self.inbox = ShardInbox()
         self.servicer = PeerServicer(schema, peer_id, chunk_bytes=transfer_chunk_bytes, inbox=self.inbox)
-        self.server, port = serve_peer(self.servicer, control.host, control.port, token=self.token,
-                                       tls=control.tls if control.tls.server_enabled else None)
+        self.server, port = serve_peer(
+            self.servicer,
+            control.host,
+            control.port,
+            token=self.token,
+            tls=control.tls if control.tls.server_enabled else None,
+        )
         self.address = control.advertise or f"{control.host}:{port}"
-        self.collective = None if codec is None else build_collective(codec, settings, peer_id, control,
-                                                                      self.token, self.inbox)
-        self.client = CoordinatorClient(control.coordinator, peer_id, self.address, schema, world_size=world_size,
-                                        region=control.region, token=self.token, tls=client_tls,
-                                        rpc_timeout=control.rpc_timeout_s,
-                                        state_fn=lambda: (self.state.round, self.state.hash()), plan=plan)
+        self.collective = (
+            None if codec is None else build_collective(codec, settings, peer_id, control, self.token, self.inbox)
+        )
+        self.client = CoordinatorClient(
+            control.coordinator,
+            peer_id,
+            self.address,
+            schema,
+            world_size=world_size,
+            region=control.region,
+            token=self.token,
+            tls=client_tls,
+            rpc_timeout=control.rpc_timeout_s,
+            state_fn=lambda: (self.state.round, self.state.hash()),
+            plan=plan,
+        )
         self.client.should_stop = should_stop
-        self.engine = RoundEngine(self.client, self.collective, state, self.publish, peer_id, schema,
-                                  token=self.token, tls=client_tls, deadline_s=settings.deadline_s,
-                                  sync_timeout_s=settings.sync_timeout_s,
-                                  transfer_timeout_s=control.transfer_timeout_s, weighting=settings.weighting)
+        self.engine = RoundEngine(
+            self.client,
+            self.collective,
+            state,
+            self.publish,
+            peer_id,
+            schema,
+            token=self.token,
+            tls=client_tls,
+            deadline_s=settings.deadline_s,
+            sync_timeout_s=settings.sync_timeout_s,
+            transfer_timeout_s=control.transfer_timeout_s,
+            weighting=settings.weighting,
+        )
 
     def publish(self) -> None:
         """Serve the current global state to joiners and healers."""
@@ -122,8 +170,14 @@ class PeerSession:
         self.publish()
         info = self.client.join(timeout=self.control.join_timeout_s)
         self.client.start_heartbeat()
-        log.info("joined %s as %s (data plane %s): committed round %d, must heal: %s", self.control.coordinator,
-                 self.peer_id, self.address, info.committed_round, info.must_heal)
+        log.info(
+            "joined %s as %s (data plane %s): committed round %d, must heal: %s",
+            self.control.coordinator,
+            self.peer_id,
+            self.address,
+            info.committed_round,
+            info.must_heal,
+        )
         if info.must_heal and info.donor is not None:
             return self.engine.heal(HealOrder(info.donor, info.committed_round, "joined behind"))
         return None

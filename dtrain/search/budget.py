@@ -18,8 +18,7 @@ LIMITS = (("max_macs", "macs"), ("max_params", "params"), ("max_latency_ms", "la
 class Budget:
     def __init__(self, model, model_cfg, constraints):
         self.model, self.constraints = model, constraints
-        self.latency = (LatencyTable(constraints.latency_table, model, model_cfg)
-                        if constraints.latency_table else None)
+        self.latency = LatencyTable(constraints.latency_table, model, model_cfg) if constraints.latency_table else None
         self._cache: dict = {}
 
     def cost(self, arch: dict) -> dict:
@@ -44,5 +43,7 @@ class Budget:
         if why is not None:
             cost = self.cost(smallest)
             limit, key = next((lim, k) for lim, k in LIMITS if f"constraints.{lim}=" in why)
-            raise ConfigError(f"constraints.{limit}={getattr(self.constraints, limit):g} is not allowed: the smallest "
-                              f"subnet already has {key}={cost[key]:g}; raise the budget to at least that")
+            raise ConfigError(
+                f"constraints.{limit}={getattr(self.constraints, limit):g} is not allowed: the smallest "
+                f"subnet already has {key}={cost[key]:g}; raise the budget to at least that"
+            )

@@ -43,9 +43,17 @@ class SearchResult:
 
 
 class EvolutionarySearch:
-    def __init__(self, space, cfg, evaluate: Callable[[List[dict]], List[dict]], cost: Callable[[dict], dict],
-                 violation: Callable[[dict], Optional[str]], cost_key: str = "macs", predictor_cfg=None,
-                 on_generation: Optional[Callable[[int, List[dict]], None]] = None):
+    def __init__(
+        self,
+        space,
+        cfg,
+        evaluate: Callable[[List[dict]], List[dict]],
+        cost: Callable[[dict], dict],
+        violation: Callable[[dict], Optional[str]],
+        cost_key: str = "macs",
+        predictor_cfg=None,
+        on_generation: Optional[Callable[[int, List[dict]], None]] = None,
+    ):
         self.space, self.cfg = space, cfg
         self.evaluate_fn, self.cost_fn, self.violation_fn = evaluate, cost, violation
         self.cost_key = cost_key
@@ -66,11 +74,19 @@ class EvolutionarySearch:
         results = self.evaluate_fn(archs)
         for j, (arch, res) in enumerate(zip(archs, results)):
             cost = self.cost_fn(arch)
-            self.candidates.append({
-                "arch": arch, "key": self.space.key(arch), "generation": generation,
-                "score": float(res["score"]), "metrics": {k: v for k, v in res.items() if k != "score"},
-                "cost": cost, "feasible": self.violation_fn(cost) is None,
-                "role": roles[j] if roles else "", "predicted": predicted[j] if predicted else None})
+            self.candidates.append(
+                {
+                    "arch": arch,
+                    "key": self.space.key(arch),
+                    "generation": generation,
+                    "score": float(res["score"]),
+                    "metrics": {k: v for k, v in res.items() if k != "score"},
+                    "cost": cost,
+                    "feasible": self.violation_fn(cost) is None,
+                    "role": roles[j] if roles else "",
+                    "predicted": predicted[j] if predicted else None,
+                }
+            )
             self.seen.add(self.space.key(arch))
         if self.on_generation is not None:
             self.on_generation(generation, self.candidates)
@@ -84,7 +100,7 @@ class EvolutionarySearch:
     def _parents(self, feasible: List[dict], k: int) -> List[dict]:
         """Half the parents are the best scores (they push the top of the front up), the
         rest the best by Pareto rank among the others (they keep the cheap end alive)."""
-        best = sorted(feasible, key=lambda c: (-c["score"], c["key"]))[:(k + 1) // 2]
+        best = sorted(feasible, key=lambda c: (-c["score"], c["key"]))[: (k + 1) // 2]
         keys = {c["key"] for c in best}
         return best + self._select([c for c in feasible if c["key"] not in keys], k - len(best))
 
@@ -123,8 +139,9 @@ class EvolutionarySearch:
         pred = AccuracyPredictor(self.encoder.dim, self.pcfg.hidden, self.pcfg.epochs, self.pcfg.lr, self.pcfg.seed)
         pred.fit(self.encoder.encode([c["arch"] for c in evaluated]), [c["score"] for c in evaluated])
         scores = pred.predict(self.encoder.encode(children))
-        proposals = [{"arch": a, "key": self.space.key(a), "pred": s, "cost": self.cost_fn(a)}
-                     for a, s in zip(children, scores)]
+        proposals = [
+            {"arch": a, "key": self.space.key(a), "pred": s, "cost": self.cost_fn(a)} for a, s in zip(children, scores)
+        ]
         kept = self._select(proposals, n, score_key="pred")
         return [p["arch"] for p in kept], [p["pred"] for p in kept]
 
@@ -132,9 +149,10 @@ class EvolutionarySearch:
     def run(self) -> SearchResult:
         cfg = self.cfg
         anchors = [self.space.max(), self.space.min()]
-        anchors = [a for i, a in enumerate(anchors) if self.space.key(a) not in
-                   {self.space.key(b) for b in anchors[:i]}]
-        roles = ["largest", "smallest"][:len(anchors)]
+        anchors = [
+            a for i, a in enumerate(anchors) if self.space.key(a) not in {self.space.key(b) for b in anchors[:i]}
+        ]
+        roles = ["largest", "smallest"][: len(anchors)]
         for a in anchors:
             self.seen.add(self.space.key(a))
         n_feasible_anchors = sum(self._feasible(a) for a in anchors)

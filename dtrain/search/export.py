@@ -59,10 +59,12 @@ def resolve_arch(cfg, space) -> Tuple[dict, str]:
     doc = _read_json(cfg.pareto, "pareto")
     points = doc.get("pareto") if isinstance(doc, dict) else None
     if not isinstance(points, list) or not points:
-        raise ConfigError(f"pareto={cfg.pareto!r} is not a dtrain-search pareto.json (no \"pareto\" points)")
+        raise ConfigError(f'pareto={cfg.pareto!r} is not a dtrain-search pareto.json (no "pareto" points)')
     if not -len(points) <= cfg.index < len(points):
-        raise ConfigError(f"index={cfg.index} is not allowed: {cfg.pareto} has points 0..{len(points) - 1} "
-                          f"(or -1..-{len(points)} from the end)")
+        raise ConfigError(
+            f"index={cfg.index} is not allowed: {cfg.pareto} has points 0..{len(points) - 1} "
+            f"(or -1..-{len(points)} from the end)"
+        )
     index = cfg.index % len(points)
     return space.validate(points[index]["arch"]), f"{os.path.abspath(cfg.pareto)}#{index}"
 
@@ -97,12 +99,21 @@ def accuracy(logits: torch.Tensor, targets: torch.Tensor) -> float:
 def _deployable(model, arch: dict) -> Tuple[nn.Module, dict]:
     static = model.extract(arch).eval()
     if model.task == "lm":
-        spec = {"kind": "token ids", "dtype": "int64", "shape": ["batch", f"time <= {model.cfg.block_size}"],
-                "output": "logits [batch, time, vocab]"}
+        spec = {
+            "kind": "token ids",
+            "dtype": "int64",
+            "shape": ["batch", f"time <= {model.cfg.block_size}"],
+            "output": "logits [batch, time, vocab]",
+        }
         return static, spec
-    spec = {"kind": "images", "dtype": "float32", "shape": ["batch", model.cfg.in_channels, "H", "W"],
-            "resolution": arch["resolution"], "output": "logits [batch, classes]",
-            "note": "inputs standardised as dtrain's data pipeline does; resized to the resolution inside"}
+    spec = {
+        "kind": "images",
+        "dtype": "float32",
+        "shape": ["batch", model.cfg.in_channels, "H", "W"],
+        "resolution": arch["resolution"],
+        "output": "logits [batch, classes]",
+        "note": "inputs standardised as dtrain's data pipeline does; resized to the resolution inside",
+    }
     return ResizedInput(static, arch["resolution"]).eval(), spec
 
 
@@ -136,8 +147,10 @@ def onnx_wanted(mode: str) -> bool:
         import onnx  # noqa: F401
     except ImportError:
         if mode == "on":
-            raise ConfigError("onnx=on is not allowed: the onnx package is not installed "
-                              "(pip install 'dtrain[onnx]'), or use onnx=auto / off") from None
+            raise ConfigError(
+                "onnx=on is not allowed: the onnx package is not installed "
+                "(pip install 'dtrain[onnx]'), or use onnx=auto / off"
+            ) from None
         return False
     return True
 
@@ -146,8 +159,9 @@ def _save_onnx(module: nn.Module, example: torch.Tensor, out_dir: str, task: str
     """model.onnx for inputs shaped like ``example`` (batch, and time for LMs, dynamic)."""
     path = os.path.join(out_dir, "model.onnx")
     dyn = {"input": {0: "batch", 1: "time"}} if task == "lm" else {"input": {0: "batch"}}
-    torch.onnx.export(module, (example,), path, input_names=["input"], output_names=["logits"],
-                      dynamic_axes=dyn, dynamo=False)
+    torch.onnx.export(
+        module, (example,), path, input_names=["input"], output_names=["logits"], dynamic_axes=dyn, dynamo=False
+    )
     return path
 
 
@@ -157,8 +171,9 @@ def run_export(cfg) -> dict:
     src, data, scorer = prepare(cfg, ctx)
     model, split = src.model, getattr(data, cfg.eval.split)
     arch, origin = resolve_arch(cfg, model.space)
-    res = evaluate_arch(model, arch, split, scorer.calib, cfg.eval.batch_size, ctx.device, model.task,
-                        keep_bn=False)  # the supernet keeps the calibrated statistics of this arch
+    res = evaluate_arch(
+        model, arch, split, scorer.calib, cfg.eval.batch_size, ctx.device, model.task, keep_bn=False
+    )  # the supernet keeps the calibrated statistics of this arch
     model.set_active(arch)
     model.eval()
     super_logits, targets = _outputs(model, split, cfg.eval.batch_size, ctx.device, prepare=model.adapt_input)
@@ -173,17 +188,31 @@ def run_export(cfg) -> dict:
     if want_onnx:
         files.append(_save_onnx(deploy, example, cfg.out_dir, model.task))
         spec["onnx_input_shape"] = ["batch", *example.shape[1:]] if model.task != "lm" else ["batch", "time"]
-    metrics = {"split": cfg.eval.split, "count": int(targets.numel()),
-               "accuracy_supernet": accuracy(super_logits, targets), "accuracy_export": accuracy(exp_logits, targets),
-               "loss_supernet": res["loss"], "max_abs_logit_diff": float((super_logits - exp_logits).abs().max())}
+    metrics = {
+        "split": cfg.eval.split,
+        "count": int(targets.numel()),
+        "accuracy_supernet": accuracy(super_logits, targets),
+        "accuracy_export": accuracy(exp_logits, targets),
+        "loss_supernet": res["loss"],
+        "max_abs_logit_diff": float((super_logits - exp_logits).abs().max()),
+    }
     exp_loss = float(F.cross_entropy(exp_logits.reshape(-1, exp_logits.shape[-1]), targets.reshape(-1)))
     metrics["loss_export"] = exp_loss
     if "bpb" in res:
         metrics["bpb_supernet"], metrics["bpb_export"] = res["bpb"], exp_loss / math.log(2)
-    doc = {"version": 1, "space": model.space.name, "arch": arch, "arch_from": origin,
-           "model_config": dataclasses.asdict(src.model_cfg), "data": data.name, "input": spec,
-           "cost": model.cost(arch), "metrics": metrics, "source": src.info,
-           "files": [os.path.basename(f) for f in files] + ["arch.json"]}
+    doc = {
+        "version": 1,
+        "space": model.space.name,
+        "arch": arch,
+        "arch_from": origin,
+        "model_config": dataclasses.asdict(src.model_cfg),
+        "data": data.name,
+        "input": spec,
+        "cost": model.cost(arch),
+        "metrics": metrics,
+        "source": src.info,
+        "files": [os.path.basename(f) for f in files] + ["arch.json"],
+    }
     atomic_write_bytes(os.path.join(cfg.out_dir, "arch.json"), (json.dumps(doc, indent=1) + "\n").encode())
     for name in doc["files"]:  # artifacts to hand out: readable like any other file
         os.chmod(os.path.join(cfg.out_dir, name), 0o644)
@@ -194,13 +223,23 @@ def run_export(cfg) -> dict:
 def _print(doc: dict, out_dir: str) -> None:
     m = doc["metrics"]
     lm = "bpb_supernet" in m
-    rows = [["in the supernet (calibrated)", f"{100 * m['accuracy_supernet']:.2f}"],
-            ["exported", f"{100 * m['accuracy_export']:.2f}"]]
+    rows = [
+        ["in the supernet (calibrated)", f"{100 * m['accuracy_supernet']:.2f}"],
+        ["exported", f"{100 * m['accuracy_export']:.2f}"],
+    ]
     if lm:
         rows[0].append(f"{m['bpb_supernet']:.4f}")
         rows[1].append(f"{m['bpb_export']:.4f}")
-    print(format_table(["subnet", f"{m['split']} acc %"] + (["bpb"] if lm else []), rows,
-                       title=f"exported {doc['space']} subnet: {human(doc['cost']['macs'])} MACs, "
-                             f"{human(doc['cost']['params'])} params"))
-    print(f"max |logit difference| {m['max_abs_logit_diff']:.2e} over {m['count']} targets; "
-          f"wrote {', '.join(doc['files'])} to {out_dir}", flush=True)
+    print(
+        format_table(
+            ["subnet", f"{m['split']} acc %"] + (["bpb"] if lm else []),
+            rows,
+            title=f"exported {doc['space']} subnet: {human(doc['cost']['macs'])} MACs, "
+            f"{human(doc['cost']['params'])} params",
+        )
+    )
+    print(
+        f"max |logit difference| {m['max_abs_logit_diff']:.2e} over {m['count']} targets; "
+        f"wrote {', '.join(doc['files'])} to {out_dir}",
+        flush=True,
+    )

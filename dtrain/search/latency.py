@@ -54,8 +54,15 @@ def time_module(module, x, device: torch.device, warmup: int, repeats: int) -> f
     return statistics.median(times)
 
 
-def build_table(model, model_cfg, device: torch.device, batch_size: int, warmup: int, repeats: int,
-                progress: Optional[Callable[[str, float], None]] = None) -> dict:
+def build_table(
+    model,
+    model_cfg,
+    device: torch.device,
+    batch_size: int,
+    warmup: int,
+    repeats: int,
+    progress: Optional[Callable[[str, float], None]] = None,
+) -> dict:
     model.to(device).eval()
     entries = {}
     for name, module, x in latency_units.modules(model, batch_size):
@@ -63,9 +70,18 @@ def build_table(model, model_cfg, device: torch.device, batch_size: int, warmup:
         entries[name] = round(time_module(module, x.to(device), device, warmup, repeats), 6)
         if progress is not None:
             progress(name, entries[name])
-    return {"version": TABLE_VERSION, "space": model.space.name, "model_config_hash": model_config_hash(model_cfg),
-            "device": _device_name(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "batch_size": batch_size, "repeats": repeats, "unit": "ms", "entries": entries}
+    return {
+        "version": TABLE_VERSION,
+        "space": model.space.name,
+        "model_config_hash": model_config_hash(model_cfg),
+        "device": _device_name(device),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "batch_size": batch_size,
+        "repeats": repeats,
+        "unit": "ms",
+        "entries": entries,
+    }
 
 
 def predict_ms(model, entries: dict, arch: dict, where: str = "the latency table") -> float:
@@ -92,8 +108,15 @@ def check_table(model, table: dict, device: torch.device, n: int, warmup: int, r
         x = latency_units.example_input(model, arch, table["batch_size"], device)
         measured = time_module(net, x, device, warmup, repeats)
         predicted = predict_ms(model, table["entries"], arch)
-        rows.append({"name": name, "arch": arch, "predicted_ms": round(predicted, 6),
-                     "measured_ms": round(measured, 6), "ratio": round(predicted / measured, 4)})
+        rows.append(
+            {
+                "name": name,
+                "arch": arch,
+                "predicted_ms": round(predicted, 6),
+                "measured_ms": round(measured, 6),
+                "ratio": round(predicted / measured, 4),
+            }
+        )
     return rows
 
 
@@ -114,8 +137,10 @@ class LatencyTable:
         if not isinstance(table, dict) or table.get("version") != TABLE_VERSION or "entries" not in table:
             raise ConfigError(f"latency table {path!r} is not a dtrain-latency table (version {TABLE_VERSION})")
         if table.get("model_config_hash") != model_config_hash(model_cfg):
-            raise ConfigError(f"latency table {path!r} was built for another model config: rebuild it with "
-                              f"dtrain-latency checkpoint=... out={path}")
+            raise ConfigError(
+                f"latency table {path!r} was built for another model config: rebuild it with "
+                f"dtrain-latency checkpoint=... out={path}"
+            )
         self.path, self.model, self.table = path, model, table
         self.entries = table["entries"]
 

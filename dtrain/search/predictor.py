@@ -30,8 +30,13 @@ class AccuracyPredictor:
         t = (t - self.mean) / self.std
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
-            self.net = nn.Sequential(nn.Linear(self.dim, self.hidden), nn.ReLU(),
-                                     nn.Linear(self.hidden, self.hidden), nn.ReLU(), nn.Linear(self.hidden, 1))
+            self.net = nn.Sequential(
+                nn.Linear(self.dim, self.hidden),
+                nn.ReLU(),
+                nn.Linear(self.hidden, self.hidden),
+                nn.ReLU(),
+                nn.Linear(self.hidden, 1),
+            )
         opt = torch.optim.Adam(self.net.parameters(), lr=self.lr)
         loss = torch.zeros(())
         for _ in range(self.epochs):

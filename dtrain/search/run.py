@@ -42,19 +42,26 @@ def prepare(cfg, ctx):
     check_model_data(src.model, data, src.model_cfg)
     split = getattr(data, cfg.eval.split)
     if len(split) == 0:
-
         raise ConfigError(f"eval.split={cfg.eval.split!r} is empty for data {data.name!r}: choose val or test")
-    calib = calibration_batches(data.train, cfg.eval.calib_batches, cfg.eval.calib_batch_size,
-                                derive_seed(src.seed, "calib"))
+    calib = calibration_batches(
+        data.train, cfg.eval.calib_batches, cfg.eval.calib_batch_size, derive_seed(src.seed, "calib")
+    )
     scorer = SubnetScorer(src.model, split, calib, cfg.eval.batch_size, ctx.device, ctx.rank, ctx.world_size)
     return src, data, scorer
 
 
 def point(c: dict, index: int) -> dict:
     m, cost = c["metrics"], c["cost"]
-    out = {"index": index, "arch": c["arch"], "accuracy": m["acc"], "loss": m["loss"],
-           "macs": cost["macs"], "params": cost["params"], "latency_ms": cost["latency_ms"],
-           "generation": c["generation"]}
+    out = {
+        "index": index,
+        "arch": c["arch"],
+        "accuracy": m["acc"],
+        "loss": m["loss"],
+        "macs": cost["macs"],
+        "params": cost["params"],
+        "latency_ms": cost["latency_ms"],
+        "generation": c["generation"],
+    }
     if "bpb" in m:
         out["bpb"] = m["bpb"]
     return out
@@ -81,11 +88,23 @@ def run_search(cfg) -> dict:
         def progress(gen, cands):
             if leader:
                 best = max((c for c in cands if c["feasible"]), key=lambda c: c["score"], default=None)
-                print(f"generation {gen}: {len(cands)} evaluated, best score "
-                      f"{best['score']:.4f}" if best else f"generation {gen}: nothing feasible yet", flush=True)
+                print(
+                    f"generation {gen}: {len(cands)} evaluated, best score {best['score']:.4f}"
+                    if best
+                    else f"generation {gen}: nothing feasible yet",
+                    flush=True,
+                )
 
-        search = EvolutionarySearch(src.model.space, cfg.evolution, scorer, budget.cost, budget.violation,
-                                    cost_key="macs", predictor_cfg=cfg.predictor, on_generation=progress)
+        search = EvolutionarySearch(
+            src.model.space,
+            cfg.evolution,
+            scorer,
+            budget.cost,
+            budget.violation,
+            cost_key="macs",
+            predictor_cfg=cfg.predictor,
+            on_generation=progress,
+        )
         result = search.run()
         out = _report(cfg, src, data, result, time.time() - t0)
         if leader:
@@ -101,15 +120,27 @@ def _report(cfg, src, data, result, seconds: float) -> dict:
     front = [point(cands[i], j) for j, i in enumerate(result.front)]
     roles = {c["role"]: c for c in cands if c["role"]}
     return {
-        "version": 1, "checkpoint": src.info.get("checkpoint"), "source": src.info, "space": src.model.space.name,
-        "data": data.name, "split": cfg.eval.split, "metric": "bpb" if src.model.task == "lm" else "accuracy",
-        "constraints": {k: getattr(cfg.constraints, k) for k in ("max_macs", "max_params", "max_latency_ms",
-                                                                   "latency_table")},
-        "evolution": {k: getattr(cfg.evolution, k) for k in ("population", "generations", "parents", "mutate_prob",
-                                                               "crossover_fraction", "seed")},
-        "evaluated": len(cands), "seconds": round(seconds, 2),
-        "predictor": {"enabled": cfg.predictor.enabled, "spearman": result.predictor_spearman,
-                      "held_out": result.predictor_held_out},
+        "version": 1,
+        "checkpoint": src.info.get("checkpoint"),
+        "source": src.info,
+        "space": src.model.space.name,
+        "data": data.name,
+        "split": cfg.eval.split,
+        "metric": "bpb" if src.model.task == "lm" else "accuracy",
+        "constraints": {
+            k: getattr(cfg.constraints, k) for k in ("max_macs", "max_params", "max_latency_ms", "latency_table")
+        },
+        "evolution": {
+            k: getattr(cfg.evolution, k)
+            for k in ("population", "generations", "parents", "mutate_prob", "crossover_fraction", "seed")
+        },
+        "evaluated": len(cands),
+        "seconds": round(seconds, 2),
+        "predictor": {
+            "enabled": cfg.predictor.enabled,
+            "spearman": result.predictor_spearman,
+            "held_out": result.predictor_held_out,
+        },
         "largest": point(roles["largest"], -1) if "largest" in roles else None,
         "smallest": point(roles["smallest"], -1) if "smallest" in roles else None,
         "pareto": front,
@@ -121,13 +152,22 @@ def _write(cfg, src, result, out: dict) -> None:
     atomic_write_bytes(os.path.join(cfg.out_dir, "pareto.json"), (json.dumps(out, indent=1) + "\n").encode())
     lines = [json.dumps({k: v for k, v in c.items() if k != "key"}) for c in result.candidates]
     atomic_write_bytes(os.path.join(cfg.out_dir, "candidates.jsonl"), ("\n".join(lines) + "\n").encode())
-    plot_pareto(result.candidates, result.front, os.path.join(cfg.out_dir, "pareto.png"), metric=out["metric"],
-                title=f"{out['space']} on {out['data']} ({out['split']}): {out['evaluated']} subnets evaluated")
+    plot_pareto(
+        result.candidates,
+        result.front,
+        os.path.join(cfg.out_dir, "pareto.png"),
+        metric=out["metric"],
+        title=f"{out['space']} on {out['data']} ({out['split']}): {out['evaluated']} subnets evaluated",
+    )
     print(results_table(out, cfg.show), flush=True)
     rho = out["predictor"]["spearman"]
     if out["predictor"]["enabled"]:
-        print(f"accuracy predictor: Spearman rank correlation {rho:.3f} on {out['predictor']['held_out']} held-out "
-              "evaluations" if rho is not None else "accuracy predictor: too few held-out evaluations to rank")
+        print(
+            f"accuracy predictor: Spearman rank correlation {rho:.3f} on {out['predictor']['held_out']} held-out "
+            "evaluations"
+            if rho is not None
+            else "accuracy predictor: too few held-out evaluations to rank"
+        )
     print(f"wrote {cfg.out_dir}/pareto.json, pareto.png, candidates.jsonl", flush=True)
 
 
@@ -143,5 +183,8 @@ def results_table(out: dict, show: int) -> str:
         val = f"{p['bpb']:.4f}" if metric == "bpb" else f"{100 * p['accuracy']:.2f}"
         rows.append([p["index"], human(p["macs"]), human(p["params"]), lat, val, arch_summary(p["arch"])])
     head = ["#", "MACs", "params", "latency ms", "bpb" if metric == "bpb" else "acc %", "arch"]
-    return format_table(head, rows, title=f"Pareto front ({len(out['pareto'])} points of {out['evaluated']} "
-                                          f"evaluated, {out['split']} split)")
+    return format_table(
+        head,
+        rows,
+        title=f"Pareto front ({len(out['pareto'])} points of {out['evaluated']} evaluated, {out['split']} split)",
+    )

@@ -22,8 +22,7 @@ FIELDS = ("acc", "loss", "bpb")
 
 
 class SubnetScorer:
-    def __init__(self, model, split, calib: List[torch.Tensor], batch_size: int, device, rank: int = 0,
-                 world: int = 1):
+    def __init__(self, model, split, calib: List[torch.Tensor], batch_size: int, device, rank: int = 0, world: int = 1):
         self.model, self.split, self.calib = model, split, calib
         self.batch_size, self.device = batch_size, device
         self.rank, self.world = rank, world
@@ -32,8 +31,18 @@ class SubnetScorer:
         self.evaluations = 0
 
     def _one(self, arch: dict) -> List[float]:
-        res = evaluate_arch(self.model, arch, self.split, self.calib, self.batch_size, self.device, self.task,
-                            rank=0, world=1, keep_bn=True)
+        res = evaluate_arch(
+            self.model,
+            arch,
+            self.split,
+            self.calib,
+            self.batch_size,
+            self.device,
+            self.task,
+            rank=0,
+            world=1,
+            keep_bn=True,
+        )
         return [float(res.get(k, 0.0)) for k in FIELDS]
 
     def __call__(self, archs: List[dict]) -> List[dict]:

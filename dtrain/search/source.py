@@ -49,8 +49,10 @@ def _load(path: str) -> dict:
     try:
         return load_checkpoint(path)
     except Exception as ex:  # truncated / not a torch file / unpicklable object
-        raise ConfigError(f"checkpoint={path!r} cannot be read as a dtrain checkpoint: "
-                          f"{type(ex).__name__}: {str(ex).splitlines()[0] if str(ex) else ''}") from ex
+        raise ConfigError(
+            f"checkpoint={path!r} cannot be read as a dtrain checkpoint: "
+            f"{type(ex).__name__}: {str(ex).splitlines()[0] if str(ex) else ''}"
+        ) from ex
 
 
 def _global_hash(outer: dict) -> str:
@@ -63,13 +65,15 @@ def _pick_from_sim(run_dir: str) -> Tuple[str, dict]:
         with open(state_path, encoding="utf-8") as f:
             state = json.load(f)
     except (OSError, ValueError) as ex:
-        raise ConfigError(f"checkpoint={run_dir!r} looks like a dtrain-sim run but {state_path} cannot be "
-                          f"read ({ex}): give one peer's checkpoint file instead") from ex
+        raise ConfigError(
+            f"checkpoint={run_dir!r} looks like a dtrain-sim run but {state_path} cannot be "
+            f"read ({ex}): give one peer's checkpoint file instead"
+        ) from ex
     committed = int(state.get("committed_round", -1))
     history = {int(h["round"]): h["state_hash"] for h in state.get("history", [])}
     found, refused = [], []
     for ckpt in sorted(glob.glob(os.path.join(run_dir, "peer-*", "checkpoints", "latest.pt"))):
-        peer = os.path.basename(os.path.dirname(os.path.dirname(ckpt)))[len("peer-"):]
+        peer = os.path.basename(os.path.dirname(os.path.dirname(ckpt)))[len("peer-") :]
         outer = _load(ckpt).get("outer")
         if not outer or "theta" not in outer.get("tensors", {}):
             refused.append(f"{peer}: no global state")
@@ -89,10 +93,15 @@ def _pick_from_sim(run_dir: str) -> Tuple[str, dict]:
     votes = collections.Counter(h for _, h, _, _ in at_top)
     best_hash = max(votes, key=lambda h: (votes[h], -min(i for i, f in enumerate(at_top) if f[1] == h)))
     rnd, h, peer, ckpt = next(f for f in at_top if f[1] == best_hash)
-    how = ("in the coordinator's commit history" if rnd in history
-           else f"produced by committed round {rnd - 1}")
-    return ckpt, {"peer": peer, "round": rnd, "state_hash": h, "confirmed": how,
-                  "peers_agreeing": votes[best_hash], "committed_round": committed}
+    how = "in the coordinator's commit history" if rnd in history else f"produced by committed round {rnd - 1}"
+    return ckpt, {
+        "peer": peer,
+        "round": rnd,
+        "state_hash": h,
+        "confirmed": how,
+        "peers_agreeing": votes[best_hash],
+        "committed_round": committed,
+    }
 
 
 def resolve_checkpoint(path: str) -> Tuple[str, dict]:
@@ -102,8 +111,10 @@ def resolve_checkpoint(path: str) -> Tuple[str, dict]:
     if os.path.isfile(path):
         return path, {"confirmed": "given file"}
     if not os.path.isdir(path):
-        raise ConfigError(f"checkpoint={path!r} does not exist: give a checkpoint file, a dtrain-train run dir "
-                          "or a dtrain-sim run dir")
+        raise ConfigError(
+            f"checkpoint={path!r} does not exist: give a checkpoint file, a dtrain-train run dir "
+            "or a dtrain-sim run dir"
+        )
     if os.path.isdir(os.path.join(path, "coordinator")) and glob.glob(os.path.join(path, "peer-*")):
         return _pick_from_sim(path)
     ckpt = os.path.join(path, "checkpoints", "latest.pt")
@@ -141,12 +152,15 @@ def load_source(path: str, device="cpu", data: Any = None) -> Source:
     run_cfg = _run_config(ckpt)
     if data is None:
         if run_cfg is None or "data" not in run_cfg:
-            raise ConfigError(f"no config.json beside {ckpt!r} says which data it was trained on: "
-                              "give data=... (digits, text, cifar10, synthetic)")
+            raise ConfigError(
+                f"no config.json beside {ckpt!r} says which data it was trained on: "
+                "give data=... (digits, text, cifar10, synthetic)"
+            )
         data = run_cfg["data"]
     data_cfg = data_config_from(data)
-    info.update({"checkpoint": os.path.abspath(ckpt), "step": int(state.get("step", 0)),
-                 "peer_id": state.get("peer_id", "")})
+    info.update(
+        {"checkpoint": os.path.abspath(ckpt), "step": int(state.get("step", 0)), "peer_id": state.get("peer_id", "")}
+    )
     model.to(device).eval()
     seed = int(run_cfg.get("seed", 0)) if run_cfg else 0
     return Source(ckpt, model, model_cfg, data_cfg, seed, info)

@@ -104,8 +104,12 @@ class Simulation:
     # ------------------------------------------------------------------ processes
     def start_coordinator(self) -> None:
         port = self.coord_port or free_port()
-        cmd = [venv_script("dtrain-coordinator"), f"port={port}", f"state_dir={self.coord_dir}",
-               *self.s.coordinator_args]
+        cmd = [
+            venv_script("dtrain-coordinator"),
+            f"port={port}",
+            f"state_dir={self.coord_dir}",
+            *self.s.coordinator_args,
+        ]
         proc = spawn(COORD, cmd, self.run_dir, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         line = wait_for_line(proc.log_path, "coordinator listening on", proc, 60.0)
         self.coord_port = int(line.rsplit(":", 1)[1])
@@ -119,8 +123,7 @@ class Simulation:
 
     def peer_env(self, peer_id: str) -> Dict[str, str]:
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-        for k in ("no_proxy", "NO_PROXY", "no_grpc_proxy", "http_proxy", "https_proxy", "HTTP_PROXY",
-                  "HTTPS_PROXY"):
+        for k in ("no_proxy", "NO_PROXY", "no_grpc_proxy", "http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
             env.pop(k, None)
         if peer_id in self.proxy_url:
             env["grpc_proxy"] = self.proxy_url[peer_id]
@@ -131,15 +134,45 @@ class Simulation:
         peer_dir = os.path.join(self.run_dir, f"peer-{peer_id}")
         os.makedirs(peer_dir, exist_ok=True)
         if s.peer == "model_free":
-            return [sys.executable, "-m", "dtrain.sim.model_free_peer", "--coordinator", self.coord_address(),
-                    "--peer-id", peer_id, "--rounds", str(s.rounds), "--out", os.path.join(peer_dir, "metrics.jsonl"),
-                    "--numel", str(s.numel), "--step-s", str(s.step_s), "--port", str(port),
-                    "--join-timeout", "120", "--sync-timeout-s", "120", "--deadline-s", "20",
-                    "--token", os.environ.get("DTRAIN_TOKEN", "")]
-        ours = {"peer_id": peer_id, "run_dir": peer_dir, "control.coordinator": self.coord_address(),
-                "control.port": str(port), "control.region": self.region_of(index),
-                "outer.sync_every": str(s.inner_steps), "steps": str(s.rounds * s.inner_steps),
-                "resume": "true", "threads": "1", "logger.progress": "off"}
+            return [
+                sys.executable,
+                "-m",
+                "dtrain.sim.model_free_peer",
+                "--coordinator",
+                self.coord_address(),
+                "--peer-id",
+                peer_id,
+                "--rounds",
+                str(s.rounds),
+                "--out",
+                os.path.join(peer_dir, "metrics.jsonl"),
+                "--numel",
+                str(s.numel),
+                "--step-s",
+                str(s.step_s),
+                "--port",
+                str(port),
+                "--join-timeout",
+                "120",
+                "--sync-timeout-s",
+                "120",
+                "--deadline-s",
+                "20",
+                "--token",
+                os.environ.get("DTRAIN_TOKEN", ""),
+            ]
+        ours = {
+            "peer_id": peer_id,
+            "run_dir": peer_dir,
+            "control.coordinator": self.coord_address(),
+            "control.port": str(port),
+            "control.region": self.region_of(index),
+            "outer.sync_every": str(s.inner_steps),
+            "steps": str(s.rounds * s.inner_steps),
+            "resume": "true",
+            "threads": "1",
+            "logger.progress": "off",
+        }
         user = list(s.peer_args)
         user_keys = {_override_key(a) for a in user}
         args = [f"{k}={v}" for k, v in ours.items() if k not in user_keys]
@@ -148,8 +181,17 @@ class Simulation:
         nproc = s.nproc_per_peer[index % len(s.nproc_per_peer)]
         if nproc == 1:
             return [venv_script("dtrain-train"), *args, *user]
-        return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-                "-m", "dtrain.cli.train", *args, *user]
+        return [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={nproc}",
+            "-m",
+            "dtrain.cli.train",
+            *args,
+            *user,
+        ]
 
     def start_peer(self, peer_id: str, reason: str) -> None:
         index = self.peer_index.setdefault(peer_id, len(self.peer_index))
@@ -159,12 +201,24 @@ class Simulation:
         if self.wan is not None:
             self.wan.register(peer_id, f"127.0.0.1:{port}")
         cmd = self.peer_command(peer_id, index, port)
-        proc = spawn(f"peer-{peer_id}", cmd, os.path.join(self.run_dir, f"peer-{peer_id}"),
-                     env=self.peer_env(peer_id), term_children="torch.distributed.run" in cmd)
+        proc = spawn(
+            f"peer-{peer_id}",
+            cmd,
+            os.path.join(self.run_dir, f"peer-{peer_id}"),
+            env=self.peer_env(peer_id),
+            term_children="torch.distributed.run" in cmd,
+        )
         self.peers[peer_id] = proc
         self.exited.pop(peer_id, None)
-        self.event("peer_start", peer=peer_id, pid=proc.pid, reason=reason, region=self.region_of(index),
-                   nproc=self.s.nproc_per_peer[index % len(self.s.nproc_per_peer)], port=port)
+        self.event(
+            "peer_start",
+            peer=peer_id,
+            pid=proc.pid,
+            reason=reason,
+            region=self.region_of(index),
+            nproc=self.s.nproc_per_peer[index % len(self.s.nproc_per_peer)],
+            port=port,
+        )
 
     def live_peers(self, include_stopped: bool = False) -> List[str]:
         return sorted(p for p, pr in self.peers.items() if pr.alive() and (include_stopped or not pr.stopped))
@@ -196,8 +250,9 @@ class Simulation:
             self.peers[victim].signal(_SIGNALS[c.signal])
             self.event("kill", peer=victim, signal=c.signal, committed_round=self.committed)
             if c.restart_after_s is not None:
-                self.pending.append((time.monotonic() + c.restart_after_s,
-                                     "cont" if c.signal == "STOP" else "restart", victim))
+                self.pending.append(
+                    (time.monotonic() + c.restart_after_s, "cont" if c.signal == "STOP" else "restart", victim)
+                )
         elif a.kind == "join":
             new = f"p{len(self.peer_index)}"
             self.start_peer(new, "chaos join")
@@ -252,19 +307,20 @@ class Simulation:
     def run(self) -> dict:
         s, cfg = self.s, self.cfg
         status, error = "ok", ""
-        self.event("sim_start", peers=s.peers, rounds=s.rounds, resume=cfg.resume, peer_kind=s.peer,
-                   wan=cfg.wan.enabled)
+        self.event(
+            "sim_start", peers=s.peers, rounds=s.rounds, resume=cfg.resume, peer_kind=s.peer, wan=cfg.wan.enabled
+        )
         schedule = build_schedule(self.chaos, cfg.wan, s.timeout_s)
         try:
             if cfg.wan.enabled:
-                self.wan = WanEmulator(lambda a, b: self.link_of(a, b), seed=self.chaos.seed,
-                                       buffer_bytes=int(cfg.wan.buffer_mb * 2 ** 20))
+                self.wan = WanEmulator(
+                    lambda a, b: self.link_of(a, b), seed=self.chaos.seed, buffer_bytes=int(cfg.wan.buffer_mb * 2**20)
+                )
                 self.wan.add_node(COORD, self.coord_region())
             self.start_coordinator()
             ids = [f"p{i}" for i in range(s.peers)]
             if cfg.resume:  # every peer the run has seen before, too
-                ids += sorted(d[5:] for d in os.listdir(self.run_dir)
-                              if d.startswith("peer-") and d[5:] not in ids)
+                ids += sorted(d[5:] for d in os.listdir(self.run_dir) if d.startswith("peer-") and d[5:] not in ids)
             for pid in ids:
                 self.start_peer(pid, "resume" if cfg.resume else "start")
             chaos_t0, nxt, start_committed, finished_at = None, 0, self.read_committed(), None
@@ -296,15 +352,19 @@ class Simulation:
                             self.event("resume_stopped", peer=p, reason="run finished")
                     if not self.peers and not any(x[1] == "coordinator" for x in self.pending):
                         break
-                elif not self.peers and not self.pending and not any(
-                        a.kind in ("join",) for a in schedule[nxt:]):
-                    raise SimError(f"every peer is gone at committed round {committed} of {s.rounds} "
-                                   "and none is due to restart or join")
+                elif not self.peers and not self.pending and not any(a.kind in ("join",) for a in schedule[nxt:]):
+                    raise SimError(
+                        f"every peer is gone at committed round {committed} of {s.rounds} "
+                        "and none is due to restart or join"
+                    )
                 if now - self.t0 > s.timeout_s and not self.duration_reached:
-                    raise SimError(f"the run did not finish within sim.timeout_s={s.timeout_s:g}s "
-                                   f"(committed round {committed} of {s.rounds})")
-                while (chaos_t0 is not None and not finished and nxt < len(schedule)
-                       and now - chaos_t0 >= schedule[nxt].t):
+                    raise SimError(
+                        f"the run did not finish within sim.timeout_s={s.timeout_s:g}s "
+                        f"(committed round {committed} of {s.rounds})"
+                    )
+                while (
+                    chaos_t0 is not None and not finished and nxt < len(schedule) and now - chaos_t0 >= schedule[nxt].t
+                ):
                     self.fire(schedule[nxt])
                     nxt += 1
                 self.run_pending(now, finished)
@@ -316,10 +376,15 @@ class Simulation:
         finally:
             self.shutdown()
         self.event("sim_end", status=status, error=error, committed_round=self.committed)
-        summary = summarize(self.run_dir, 1 if s.duration_s else s.rounds, status=status, error=error,
-                            require_falling_loss=bool(s.duration_s) and s.peer == "train",
-                            lost_by_restart=self.lost_by_restart,
-                            link_bytes=self.wan.link_bytes() if self.wan is not None else {})
+        summary = summarize(
+            self.run_dir,
+            1 if s.duration_s else s.rounds,
+            status=status,
+            error=error,
+            require_falling_loss=bool(s.duration_s) and s.peer == "train",
+            lost_by_restart=self.lost_by_restart,
+            link_bytes=self.wan.link_bytes() if self.wan is not None else {},
+        )
         with open(os.path.join(self.run_dir, "summary.json"), "w", encoding="utf-8") as f:
             json.dump(summary, f, indent=2)
         self.events.close()

@@ -120,8 +120,15 @@ class TimedCollective(Collective):
         self.log: List[dict] = []
 
     def allreduce_mean(self, flat: torch.Tensor, group: Group, deadline_s: float) -> CollectiveResult:
-        entry = {"quorum_id": group.quorum_id, "round": group.round, "members": [m[0] for m in group.members],
-                 "start": time.time(), "ok": False, "error": "", "culprit": ""}
+        entry = {
+            "quorum_id": group.quorum_id,
+            "round": group.round,
+            "members": [m[0] for m in group.members],
+            "start": time.time(),
+            "ok": False,
+            "error": "",
+            "culprit": "",
+        }
         self.log.append(entry)
         if self.on_start is not None:
             self.on_start(self.log)
@@ -151,8 +158,18 @@ def fragments_of(numel: int, f: int) -> List[Tuple[int, int]]:
 
 def run_schema(a: argparse.Namespace) -> str:
     """What the peers of a run must share: the state's shape and the round schedule."""
-    return schema_hash({"model_free": {"numel": a.numel, "fragments": a.fragments, "codecs": a.codecs,
-                                       "backends": a.backends, "block_size": a.block_size, "schema": a.schema}})
+    return schema_hash(
+        {
+            "model_free": {
+                "numel": a.numel,
+                "fragments": a.fragments,
+                "codecs": a.codecs,
+                "backends": a.backends,
+                "block_size": a.block_size,
+                "schema": a.schema,
+            }
+        }
+    )
 
 
 class ModelFreePeer:
@@ -167,17 +184,32 @@ class ModelFreePeer:
         self.data_plane = self.backends != ["none"]
         self.opt = OuterNesterov(a.outer_lr, 0.9, True)
         self.ef = ErrorFeedback() if a.error_feedback else None
-        self.control = ControlConfig(coordinator=a.coordinator, host="127.0.0.1", port=a.port, region=a.region,
-                                     join_timeout_s=a.join_timeout, rpc_timeout_s=a.rpc_timeout,
-                                     transfer_timeout_s=a.transfer_timeout, auth=AuthConfig(a.token))
+        self.control = ControlConfig(
+            coordinator=a.coordinator,
+            host="127.0.0.1",
+            port=a.port,
+            region=a.region,
+            join_timeout_s=a.join_timeout,
+            rpc_timeout_s=a.rpc_timeout,
+            transfer_timeout_s=a.transfer_timeout,
+            auth=AuthConfig(a.token),
+        )
         self.settings = ExchangeSettings(self.backends[0], a.streams, a.chunk_bytes, a.deadline_s, a.sync_timeout_s)
         self.collectives: Dict[Tuple[str, str], Collective] = {}
         self.failed_vote = False
         self.out = open(a.out, "a", encoding="utf-8")
         try:
-            self.session = PeerSession(a.peer_id, self.control, run_schema(a), self.state, None, self.settings,
-                                       should_stop=self.stopping.is_set, meta={"model_free": True},
-                                       transfer_chunk_bytes=a.transfer_chunk_bytes)
+            self.session = PeerSession(
+                a.peer_id,
+                self.control,
+                run_schema(a),
+                self.state,
+                None,
+                self.settings,
+                should_stop=self.stopping.is_set,
+                meta={"model_free": True},
+                transfer_chunk_bytes=a.transfer_chunk_bytes,
+            )
         except BaseException:
             self.out.close()
             raise
@@ -192,8 +224,13 @@ class ModelFreePeer:
         self.record("heal", round=out.round, state_hash=self.state.hash(), **dataclasses.asdict(out.heal))
 
     def _record_retry(self, attempt: dict) -> None:
-        self.record("retry", round=attempt["round"], quorum_id=attempt["quorum_id"], members=attempt["members"],
-                    error=attempt["error"])
+        self.record(
+            "retry",
+            round=attempt["round"],
+            quorum_id=attempt["quorum_id"],
+            members=attempt["members"],
+            error=attempt["error"],
+        )
 
     def _on_attempt(self, attempts: List[dict]) -> None:
         """A collective attempt starts: the one before it in this exchange did not commit."""
@@ -221,9 +258,14 @@ class ModelFreePeer:
                 self.collectives[key] = KnownMean()
             else:
                 s = self.session
-                self.collectives[key] = build_collective(get_codec(codec_name, self.a.block_size),
-                                                         dataclasses.replace(self.settings, backend=backend),
-                                                         self.a.peer_id, self.control, s.token, s.inbox)
+                self.collectives[key] = build_collective(
+                    get_codec(codec_name, self.a.block_size),
+                    dataclasses.replace(self.settings, backend=backend),
+                    self.a.peer_id,
+                    self.control,
+                    s.token,
+                    s.inbox,
+                )
         return self.collectives[key]
 
     def gloo_groups(self) -> int:
@@ -253,8 +295,13 @@ class ModelFreePeer:
         start_round, start_hash = self.state.round, self.state.hash()
         healed = self.session.join()
         joined = self.session.client.joined
-        self.record("start", round=start_round, state_hash=start_hash, address=self.session.address,
-                    committed_round=joined.committed_round if joined is not None else 0)
+        self.record(
+            "start",
+            round=start_round,
+            state_hash=start_hash,
+            address=self.session.address,
+            committed_round=joined.committed_round if joined is not None else 0,
+        )
         if healed is not None:
             self._record_heal(healed)
         if a.wait_peers > 0:
@@ -274,8 +321,9 @@ class ModelFreePeer:
             self.session.engine.collective = timed
             before = self.state.hash()
             try:
-                out = self.session.engine.exchange(payload, f"f{f}",
-                                                   lambda rnd, qid, mean, f=f: self._prepare(rnd, f, mean))
+                out = self.session.engine.exchange(
+                    payload, f"f{f}", lambda rnd, qid, mean, f=f: self._prepare(rnd, f, mean)
+                )
             except Stopping as e:
                 log.info("%s", e)
                 if timed.log:
@@ -292,11 +340,25 @@ class ModelFreePeer:
             assert out.next_state is not None
             self.session.install(out.next_state)
             lo, hi = self.frags[f]
-            self.record("round", round=out.round, quorum_id=out.quorum_id, members=out.members,
-                        state_hash=self.state.hash(), state_hash_before=before, bytes_sent=out.bytes_sent,
-                        bytes_recv=out.bytes_recv, comm_s=out.comm_s, wait_s=out.wait_s, attempts=out.attempts,
-                        codec=codec_name, backend=backend, fragment=f, numel=hi - lo,
-                        gloo_groups=self.gloo_groups(), attempt_log=timed.log)
+            self.record(
+                "round",
+                round=out.round,
+                quorum_id=out.quorum_id,
+                members=out.members,
+                state_hash=self.state.hash(),
+                state_hash_before=before,
+                bytes_sent=out.bytes_sent,
+                bytes_recv=out.bytes_recv,
+                comm_s=out.comm_s,
+                wait_s=out.wait_s,
+                attempts=out.attempts,
+                codec=codec_name,
+                backend=backend,
+                fragment=f,
+                numel=hi - lo,
+                gloo_groups=self.gloo_groups(),
+                attempt_log=timed.log,
+            )
         self.record("done", round=self.state.round, stop=self.stop_reason)
 
     def _prepare(self, rnd: int, fragment: int, mean: torch.Tensor) -> GlobalState:
@@ -324,6 +386,7 @@ def _positive(kind):
         if not v > 0:
             raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
         return v
+
     return parse
 
 
@@ -333,25 +396,31 @@ def _non_negative(kind):
         if v < 0:
             raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
         return v
+
     return parse
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m dtrain.sim.model_free_peer",
-                                description="The model-free peer: a real peer leader without the supernet.")
+    p = argparse.ArgumentParser(
+        prog="python -m dtrain.sim.model_free_peer",
+        description="The model-free peer: a real peer leader without the supernet.",
+    )
     p.add_argument("--coordinator", required=True, help="HOST:PORT of the coordinator")
     p.add_argument("--peer-id", required=True)
     p.add_argument("--rounds", type=_non_negative(int), default=5, help="stop once the state of this round is held")
     p.add_argument("--out", required=True, help="JSON-lines records (see the module docstring)")
     p.add_argument("--numel", type=_positive(int), default=10_000, help="parameters (theta; velocity as many)")
-    p.add_argument("--backends", default="grpc",
-                   help="grpc,gloo: round r's collective (see the docstring); none: no data plane (identical "
-                        "pseudo-gradients on every peer, no exchange)")
+    p.add_argument(
+        "--backends",
+        default="grpc",
+        help="grpc,gloo: round r's collective (see the docstring); none: no data plane (identical "
+        "pseudo-gradients on every peer, no exchange)",
+    )
     p.add_argument("--codecs", default="fp32", help="round r's codec: codecs[r mod C] (data plane only)")
     p.add_argument("--fragments", type=_positive(int), default=1)
     p.add_argument("--block-size", type=_positive(int), default=128)
     p.add_argument("--error-feedback", action="store_true")
-    p.add_argument("--step-s", type=_non_negative(float), default=0.0, help="seconds of \"inner steps\" per round")
+    p.add_argument("--step-s", type=_non_negative(float), default=0.0, help='seconds of "inner steps" per round')
     p.add_argument("--noise", type=float, default=0.01)
     p.add_argument("--outer-lr", type=float, default=0.7)
     p.add_argument("--seed", type=int, default=0)
@@ -361,16 +430,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rpc-timeout", type=_positive(float), default=5.0)
     p.add_argument("--join-timeout", type=_positive(float), default=30.0)
     p.add_argument("--transfer-timeout", type=_positive(float), default=30.0, help="state transfer (heal) timeout")
-    p.add_argument("--transfer-chunk-bytes", type=_positive(int), default=DEFAULT_CHUNK_BYTES,
-                   help="chunk size of the state this peer serves to joiners")
+    p.add_argument(
+        "--transfer-chunk-bytes",
+        type=_positive(int),
+        default=DEFAULT_CHUNK_BYTES,
+        help="chunk size of the state this peer serves to joiners",
+    )
     p.add_argument("--chunk-bytes", type=_positive(int), default=1 << 20, help="grpc collective chunk size")
     p.add_argument("--streams", type=_positive(int), default=2, help="grpc collective streams per destination")
     p.add_argument("--token", default="", help="the run's token (default: $DTRAIN_TOKEN)")
     p.add_argument("--region", default="")
     p.add_argument("--port", type=int, default=0, help="data-plane port (0: the OS picks)")
-    p.add_argument("--rounds-file", default="",
-                   help="once this file exists, the round count it holds replaces --rounds (stop all peers "
-                        "at one round boundary)")
+    p.add_argument(
+        "--rounds-file",
+        default="",
+        help="once this file exists, the round count it holds replaces --rounds (stop all peers at one round boundary)",
+    )
     p.add_argument("--wait-peers", type=int, default=0, help="hold the first round until this many peers have joined")
     p.add_argument("--fail-commit-at", type=int, default=None, help="vote not ok once, in round R")
     p.add_argument("--trace", action="store_true", help="also record the start of every collective attempt")
@@ -394,8 +469,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     a = parse_args(argv)
-    logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING, stream=sys.stderr,
-                        format=f"[{a.peer_id}] %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if a.verbose else logging.WARNING,
+        stream=sys.stderr,
+        format=f"[{a.peer_id}] %(levelname)s %(message)s",
+    )
     torch.set_num_threads(1)
     try:
         peer = ModelFreePeer(a)

@@ -120,15 +120,17 @@ def descendants(pid: int) -> List[int]:
     return out
 
 
-def spawn(name: str, cmd: List[str], log_dir: str, env: Optional[Dict[str, str]] = None,
-          term_children: bool = False) -> Proc:
+def spawn(
+    name: str, cmd: List[str], log_dir: str, env: Optional[Dict[str, str]] = None, term_children: bool = False
+) -> Proc:
     os.makedirs(log_dir, exist_ok=True)
     log_path = os.path.join(log_dir, f"{name}.log")
     out = open(log_path, "ab")
     offset = out.tell()
     try:
-        p = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                             env=env, start_new_session=True)
+        p = subprocess.Popen(
+            cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True
+        )
     finally:
         out.close()
     return Proc(name, p, log_path, log_offset=offset, term_children=term_children)
@@ -148,7 +150,8 @@ def wait_for_line(path: str, prefix: str, proc: Proc, timeout: float) -> str:
         except FileNotFoundError:
             pass
         if not proc.alive():
-            raise RuntimeError(f"{proc.name} exited with status {proc.popen.returncode} before saying "
-                               f"{prefix!r}; see {path}")
+            raise RuntimeError(
+                f"{proc.name} exited with status {proc.popen.returncode} before saying {prefix!r}; see {path}"
+            )
         time.sleep(0.05)
     raise RuntimeError(f"{proc.name} did not say {prefix!r} within {timeout:g}s; see {path}")

@@ -38,12 +38,22 @@ def read_jsonl(path: str) -> List[dict]:
 
 
 def _peer_dirs(run_dir: str) -> Dict[str, str]:
-    return {d[5:]: os.path.join(run_dir, d) for d in sorted(os.listdir(run_dir))
-            if d.startswith("peer-") and os.path.isdir(os.path.join(run_dir, d))}
+    return {
+        d[5:]: os.path.join(run_dir, d)
+        for d in sorted(os.listdir(run_dir))
+        if d.startswith("peer-") and os.path.isdir(os.path.join(run_dir, d))
+    }
 
 
-def summarize(run_dir: str, target_rounds: int, status: str = "ok", error: str = "", lost_by_restart: int = 0,
-              link_bytes: Dict[str, int] = None, require_falling_loss: bool = False) -> dict:
+def summarize(
+    run_dir: str,
+    target_rounds: int,
+    status: str = "ok",
+    error: str = "",
+    lost_by_restart: int = 0,
+    link_bytes: Dict[str, int] = None,
+    require_falling_loss: bool = False,
+) -> dict:
     after: Dict[int, Dict[str, str]] = defaultdict(dict)  # round r -> peer -> hash of S_{r+1}
     heals: List[dict] = []
     rounds = []
@@ -70,14 +80,14 @@ def summarize(run_dir: str, target_rounds: int, status: str = "ok", error: str =
     problems: List[str] = []
     for r, by_peer in sorted(after.items()):
         if len(set(by_peer.values())) > 1:
-            problems.append(f"round {r}: peers disagree: "
-                            + ", ".join(f"{p}={h[:12]}" for p, h in sorted(by_peer.items())))
+            problems.append(
+                f"round {r}: peers disagree: " + ", ".join(f"{p}={h[:12]}" for p, h in sorted(by_peer.items()))
+            )
     for h in heals:
         r = int(h["round"])
         want = next(iter(set(after.get(r - 1, {}).values())), None)
         if want is not None and h.get("state_hash") and h["state_hash"] != want:
-            problems.append(f"heal of {h['peer']} to round {r}: adopted {h['state_hash'][:12]}, "
-                            f"peers hold {want[:12]}")
+            problems.append(f"heal of {h['peer']} to round {r}: adopted {h['state_hash'][:12]}, peers hold {want[:12]}")
     coord_events = read_jsonl(os.path.join(run_dir, "coordinator", "events.jsonl"))
     commits: Dict[int, dict] = {}
     for ev in coord_events:
@@ -85,13 +95,15 @@ def summarize(run_dir: str, target_rounds: int, status: str = "ok", error: str =
             continue
         r = int(ev["round"])
         if r in commits and commits[r].get("quorum_id") != ev.get("quorum_id"):
-            problems.append(f"round {r} committed twice "
-                            f"(quorums {commits[r].get('quorum_id')} and {ev.get('quorum_id')})")
+            problems.append(
+                f"round {r} committed twice (quorums {commits[r].get('quorum_id')} and {ev.get('quorum_id')})"
+            )
         commits[r] = ev
         before = next(iter(set(after.get(r - 1, {}).values())), None) if r > 0 else None
         if before is not None and ev.get("state_hash") and ev["state_hash"] != before:
-            problems.append(f"round {r}: the coordinator committed from {ev['state_hash'][:12]}, "
-                            f"peers held {before[:12]}")
+            problems.append(
+                f"round {r}: the coordinator committed from {ev['state_hash'][:12]}, peers held {before[:12]}"
+            )
     try:
         with open(os.path.join(run_dir, "coordinator", "state.json"), encoding="utf-8") as f:
             committed = int(json.load(f)["committed_round"])
@@ -112,12 +124,20 @@ def summarize(run_dir: str, target_rounds: int, status: str = "ok", error: str =
     losses_max.sort()
     parity_ok = not problems
     summary = {
-        "status": status, "error": error,
-        "rounds_target": target_rounds, "rounds_committed": committed,
-        "parity": parity_ok, "parity_problems": problems[:20],
-        "rounds_checked": len(after), "rounds_lost": lost, "unrecorded_commits": unrecorded[:20],
-        "faults": dict(faults), "faults_injected": sum(faults.values()),
-        "heals": len(heals), "retries": retries, "peer_starts_after_chaos": joins,
+        "status": status,
+        "error": error,
+        "rounds_target": target_rounds,
+        "rounds_committed": committed,
+        "parity": parity_ok,
+        "parity_problems": problems[:20],
+        "rounds_checked": len(after),
+        "rounds_lost": lost,
+        "unrecorded_commits": unrecorded[:20],
+        "faults": dict(faults),
+        "faults_injected": sum(faults.values()),
+        "heals": len(heals),
+        "retries": retries,
+        "peer_starts_after_chaos": joins,
         "recoveries": len(heals) + retries,
         "bytes_moved": sum(int(r.get("bytes_sent", 0)) for r in rounds) + sum(int(h.get("bytes", 0)) for h in heals),
         "bytes_outer": sum(int(r.get("bytes_sent", 0)) for r in rounds),
@@ -136,8 +156,13 @@ def summarize(run_dir: str, target_rounds: int, status: str = "ok", error: str =
         last = sum(v for _, v in losses_max[-q:]) / q
         loss_fell = last < first
     summary["loss_fell"] = loss_fell
-    summary["ok"] = (status == "ok" and parity_ok and lost == 0 and committed >= target_rounds
-                     and (loss_fell is True or not require_falling_loss))
+    summary["ok"] = (
+        status == "ok"
+        and parity_ok
+        and lost == 0
+        and committed >= target_rounds
+        and (loss_fell is True or not require_falling_loss)
+    )
     return summary
 
 

@@ -73,8 +73,13 @@ class _Conn:
 class WanEmulator:
     """Egress proxies for named nodes; ``link_of(src_region, dst_region) -> LinkSpec`` gives each link."""
 
-    def __init__(self, link_of: Callable[[str, str], LinkSpec], seed: int = 0, buffer_bytes: int = 8 << 20,
-                 host: str = "127.0.0.1"):
+    def __init__(
+        self,
+        link_of: Callable[[str, str], LinkSpec],
+        seed: int = 0,
+        buffer_bytes: int = 8 << 20,
+        host: str = "127.0.0.1",
+    ):
         self.link_of, self.host, self.buffer_bytes = link_of, host, buffer_bytes
         self.rng = random.Random(seed)
         self.regions: Dict[str, str] = {}  # node -> region
@@ -139,9 +144,11 @@ class WanEmulator:
 
     def stall(self, a: str, b: str, seconds: float) -> None:
         """Deliver nothing between a and b for ``seconds`` (bytes wait in the buffers)."""
+
         async def go():
             st = self._link(a, b)
             st.stalled_until = max(st.stalled_until, time.monotonic() + seconds)
+
         self._call(go())
 
     def link_bytes(self) -> Dict[str, int]:
@@ -155,6 +162,7 @@ class WanEmulator:
                 for conn in st.conns:
                     for w in conn.writers:
                         _abort(w)
+
         try:
             self._call(stop())
         except Exception:  # noqa: BLE001 - closing anyway
@@ -175,8 +183,7 @@ class WanEmulator:
             target = line[1]
             host, _, port = target.rpartition(":")
             up_r, up_w = await asyncio.open_connection(host.strip("[]"), int(port))
-        except (OSError, ValueError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
-                asyncio.TimeoutError) as e:
+        except (OSError, ValueError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, asyncio.TimeoutError) as e:
             log.debug("wan proxy of %s: bad connect: %s", src, e)
             try:
                 writer.write(b"HTTP/1.1 502 Bad Gateway\r\n\r\n")
@@ -192,8 +199,9 @@ class WanEmulator:
         writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
         await writer.drain()
         try:
-            await asyncio.gather(self._pump(reader, up_w, st, direction, src),
-                                 self._pump(up_r, writer, st, 1 - direction, dst))
+            await asyncio.gather(
+                self._pump(reader, up_w, st, direction, src), self._pump(up_r, writer, st, 1 - direction, dst)
+            )
         finally:
             st.conns.discard(conn)
             for w in (writer, up_w):
@@ -202,8 +210,9 @@ class WanEmulator:
                 except OSError:
                     pass
 
-    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, st: _LinkState,
-                    direction: int, sender: str) -> None:
+    async def _pump(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, st: _LinkState, direction: int, sender: str
+    ) -> None:
         """Read -> schedule delivery -> write, with at most ``buffer_bytes`` in flight."""
         queue: "collections.deque[Tuple[float, bytes]]" = collections.deque()
         in_flight = [0]

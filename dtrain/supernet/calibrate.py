@@ -32,9 +32,13 @@ def batch_norms(model: nn.Module) -> List[nn.Module]:
 
 
 @torch.no_grad()
-def calibrate_bn(model: nn.Module, batches: Iterable[torch.Tensor],
-                 prepare: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
-                 group=None, sync: bool = True) -> int:
+def calibrate_bn(
+    model: nn.Module,
+    batches: Iterable[torch.Tensor],
+    prepare: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+    group=None,
+    sync: bool = True,
+) -> int:
     """Recalibrate ``model``'s BN statistics on ``batches``; returns the batches used here.
 
     ``prepare`` maps a raw batch to the model input (e.g. the supernet's
@@ -76,7 +80,7 @@ def _average_across_ranks(bns, n: int, group) -> None:
         return
     off = 0
     for t in stats:
-        t.copy_(flat[off:off + t.numel()].view_as(t) / total)
+        t.copy_(flat[off : off + t.numel()].view_as(t) / total)
         off += t.numel()
     for m in bns:
         m.num_batches_tracked.fill_(int(total))
@@ -86,8 +90,9 @@ def _average_across_ranks(bns, n: int, group) -> None:
 def preserved_bn_state(model: nn.Module):
     """Restore every BN buffer on exit, so evaluating subnets mid-training leaves
     the training run bit-identical to one that never evaluated."""
-    saved = [(m, m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone())
-             for m in batch_norms(model)]
+    saved = [
+        (m, m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()) for m in batch_norms(model)
+    ]
     try:
         yield
     finally:

@@ -23,8 +23,7 @@ from .static_gpt import CausalSelfAttention, split_heads_qkv
 
 
 class ElasticCausalSelfAttention(nn.Module):
-    def __init__(self, embed_max: int, heads_max: int, head_dim: int, dropout: float = 0.0,
-                 bias: bool = True):
+    def __init__(self, embed_max: int, heads_max: int, head_dim: int, dropout: float = 0.0, bias: bool = True):
         super().__init__()
         self.embed_max, self.heads_max, self.head_dim = embed_max, heads_max, head_dim
         self.dropout = dropout
@@ -51,9 +50,12 @@ class ElasticCausalSelfAttention(nn.Module):
 
     def to_static(self, embed: int) -> CausalSelfAttention:
         width = self.active_heads * self.head_dim
-        return CausalSelfAttention(self.qkv.to_static(embed), self.proj.to_static(width),
-                                   self.active_heads, self.head_dim, self.dropout)
+        return CausalSelfAttention(
+            self.qkv.to_static(embed), self.proj.to_static(width), self.active_heads, self.head_dim, self.dropout
+        )
 
     def extra_repr(self) -> str:
-        return (f"embed_max={self.embed_max}, heads_max={self.heads_max}, head_dim={self.head_dim}, "
-                f"active_heads={self.active_heads}")
+        return (
+            f"embed_max={self.embed_max}, heads_max={self.heads_max}, head_dim={self.head_dim}, "
+            f"active_heads={self.active_heads}"
+        )

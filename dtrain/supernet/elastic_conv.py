@@ -27,12 +27,11 @@ from .static_copy import copy_weight_bias
 def centre_crop(w: torch.Tensor, k: int) -> torch.Tensor:
     big = w.shape[-1]
     s = (big - k) // 2
-    return w[..., s:s + k, s:s + k]
+    return w[..., s : s + k, s : s + k]
 
 
 class ElasticConv2d(nn.Module):
-    def __init__(self, in_max: int, out_max: int, kernel_size: int = 1, stride: int = 1,
-                 bias: bool = False):
+    def __init__(self, in_max: int, out_max: int, kernel_size: int = 1, stride: int = 1, bias: bool = False):
         super().__init__()
         self.in_max, self.out_max = in_max, out_max
         self.kernel_size, self.stride = kernel_size, stride
@@ -53,14 +52,12 @@ class ElasticConv2d(nn.Module):
 
     def to_static(self, in_ch: int) -> nn.Conv2d:
         w, b = self.active_weight(in_ch)
-        m = nn.Conv2d(in_ch, self.active_out, self.kernel_size, self.stride,
-                      self.kernel_size // 2, bias=b is not None)
+        m = nn.Conv2d(in_ch, self.active_out, self.kernel_size, self.stride, self.kernel_size // 2, bias=b is not None)
         return copy_weight_bias(m, w, b)
 
 
 class ElasticDepthwiseConv2d(nn.Module):
-    def __init__(self, channels_max: int, kernel_sizes: List[int], stride: int = 1,
-                 kernel_transform: bool = True):
+    def __init__(self, channels_max: int, kernel_sizes: List[int], stride: int = 1, kernel_transform: bool = True):
         super().__init__()
         self.channels_max = channels_max
         self.kernel_sizes = sorted(kernel_sizes)
@@ -100,8 +97,10 @@ class ElasticDepthwiseConv2d(nn.Module):
         return m
 
     def extra_repr(self) -> str:
-        return (f"{self.channels_max}, kernels={self.kernel_sizes}, stride={self.stride}, "
-                f"transform={self.kernel_transform}, active_kernel={self.active_kernel}")
+        return (
+            f"{self.channels_max}, kernels={self.kernel_sizes}, stride={self.stride}, "
+            f"transform={self.kernel_transform}, active_kernel={self.active_kernel}"
+        )
 
 
 def make_divisible(v: float, divisor: int = 8, min_value: int = None) -> int:
@@ -111,5 +110,3 @@ def make_divisible(v: float, divisor: int = 8, min_value: int = None) -> int:
     if new_v < 0.9 * v:
         new_v += divisor
     return int(new_v)
-
-

@@ -49,8 +49,7 @@ class ElasticBatchNorm2d(nn.Module):
         factor = 0.0
         if self.training:
             self.num_batches_tracked.add_(1)
-            factor = (1.0 / float(self.num_batches_tracked) if self.momentum is None
-                      else self.momentum)
+            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
         return F.batch_norm(x, rm, rv, w, b, self.training, factor, self.eps)
 
     def to_static(self, c: int) -> nn.BatchNorm2d:

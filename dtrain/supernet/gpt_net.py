@@ -86,8 +86,7 @@ class ElasticGPTBlock(nn.Module):
 
     def to_static(self) -> S.GPTBlock:
         e = self.embed
-        return S.GPTBlock(self.ln1.to_static(e), self.attn.to_static(e), self.ln2.to_static(e),
-                          self.mlp.to_static(e))
+        return S.GPTBlock(self.ln1.to_static(e), self.attn.to_static(e), self.ln2.to_static(e), self.mlp.to_static(e))
 
 
 class GPTSupernet(Supernet):
@@ -141,8 +140,9 @@ class GPTSupernet(Supernet):
             raise ValueError(f"expected token ids of shape [batch, time], got shape {tuple(x.shape)}")
         t = x.shape[1]
         if t > self.cfg.block_size:
-            raise ValueError(f"input has {t} tokens but model.block_size is {self.cfg.block_size}: "
-                             "crop or split the sequence")
+            raise ValueError(
+                f"input has {t} tokens but model.block_size is {self.cfg.block_size}: crop or split the sequence"
+            )
         reg = self.regularizing
         e = self._embed
         tok = self.tok_emb.weight[:, :e]
@@ -155,8 +155,9 @@ class GPTSupernet(Supernet):
         if not return_clean:
             return logits
         if reg and self.teacher_needs_extra_forward():
-            raise RuntimeError("dropout / drop-path is on inside the blocks: the clean teacher "
-                               "needs its own forward pass")
+            raise RuntimeError(
+                "dropout / drop-path is on inside the blocks: the clean teacher needs its own forward pass"
+            )
         return logits, logits.detach()
 
     # -- extraction and cost ----------------------------------------------------------

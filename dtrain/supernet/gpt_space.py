@@ -59,12 +59,14 @@ class GPTSpace(SearchSpace):
     def min(self, elastic: Optional[Iterable[str]] = None) -> dict:
         el = self._elastic(elastic)
         pick = lambda dim, c: c[0] if dim in el else c[-1]  # noqa: E731
-        return self._canonical({
-            "depth": pick("depth", self.depths),
-            "embed": pick("embed", self.embed_dims),
-            "heads": [pick("heads", self.heads)] * self.max_depth,
-            "mlp_ratio": [pick("mlp_ratio", self.mlp_ratios)] * self.max_depth,
-        })
+        return self._canonical(
+            {
+                "depth": pick("depth", self.depths),
+                "embed": pick("embed", self.embed_dims),
+                "heads": [pick("heads", self.heads)] * self.max_depth,
+                "mlp_ratio": [pick("mlp_ratio", self.mlp_ratios)] * self.max_depth,
+            }
+        )
 
     def validate(self, arch: dict) -> dict:
         check_keys(arch, KEYS, self.name)
@@ -79,7 +81,7 @@ class GPTSpace(SearchSpace):
 
     def size(self) -> int:
         per_layer = len(self.heads) * len(self.mlp_ratios)
-        return len(self.embed_dims) * sum(per_layer ** d for d in self.depths)
+        return len(self.embed_dims) * sum(per_layer**d for d in self.depths)
 
     def active_layers(self, arch: dict):
         """(layer index, heads, mlp_ratio) of every layer that runs."""

@@ -28,8 +28,11 @@ def units(model, arch: dict) -> List[str]:
     arch = model.space.validate(arch)
     if model.space.name == "mbv3":
         r = arch["resolution"]
-        return ([f"stem@{r}"] + [f"block{s}.{i}:k{k}e{e}@{r}" for s, i, k, e in model.space.active_blocks(arch)]
-                + [f"head@{r}"])
+        return (
+            [f"stem@{r}"]
+            + [f"block{s}.{i}:k{k}e{e}@{r}" for s, i, k, e in model.space.active_blocks(arch)]
+            + [f"head@{r}"]
+        )
     e = arch["embed"]
     return [f"embed@{e}"] + [f"layer:h{h}r{m}@{e}" for _, h, m in model.space.active_layers(arch)] + [f"head@{e}"]
 
@@ -39,7 +42,8 @@ def example_input(model, arch: dict, batch_size: int, device) -> torch.Tensor:
     if model.space.name == "mbv3":
         r = model.space.validate(arch)["resolution"]
         return torch.zeros(batch_size, model.cfg.in_channels, r, r, device=device).contiguous(
-            memory_format=torch.channels_last)
+            memory_format=torch.channels_last
+        )
     return torch.zeros(batch_size, model.cfg.block_size, dtype=torch.long, device=device)
 
 
@@ -70,8 +74,10 @@ def _mbv3(model, batch: int):
         arch = dict(space.max(), resolution=r)
         net = model.extract(arch).eval()
         shapes = []
-        hooks = [b.register_forward_pre_hook(lambda m, a, shapes=shapes: shapes.append(tuple(a[0].shape)))
-                 for b in net.blocks]
+        hooks = [
+            b.register_forward_pre_hook(lambda m, a, shapes=shapes: shapes.append(tuple(a[0].shape)))
+            for b in net.blocks
+        ]
         x = torch.zeros(batch, model.cfg.in_channels, r, r, device=dev).contiguous(memory_format=torch.channels_last)
         with torch.no_grad():
             last = net.blocks(net.first(net.stem(x)))

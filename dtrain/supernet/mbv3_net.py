@@ -31,8 +31,6 @@ def _act(x: torch.Tensor, name: str) -> torch.Tensor:
     return F.relu(x) if name == "relu" else F.hardswish(x)
 
 
-
-
 class ElasticSE(nn.Module):
     def __init__(self, channels_max: int, mid_max: int):
         super().__init__()
@@ -105,8 +103,7 @@ class ElasticMBConv(nn.Module):
         mid = self.expand_conv.active_out if self.has_expand else self.in_ch
         expand = nn.Identity()
         if self.has_expand:
-            expand = S.conv_bn_act(self.expand_conv.to_static(self.in_ch), self.expand_bn.to_static(mid),
-                                   self.act)
+            expand = S.conv_bn_act(self.expand_conv.to_static(self.in_ch), self.expand_bn.to_static(mid), self.act)
         dw = S.conv_bn_act(self.dw.to_static(mid), self.dw_bn.to_static(mid), self.act)
         se = self.se.to_static(mid) if self.se is not None else nn.Identity()
         project = S.conv_bn_act(self.project.to_static(mid), self.project_bn.to_static(self.out_ch))
@@ -131,7 +128,8 @@ class MBV3Supernet(Supernet):
         self.first_pw_bn = nn.BatchNorm2d(L.stem, eps=eps, momentum=mom)
         nn.init.zeros_(self.first_pw_bn.weight)
         self.blocks = nn.ModuleList(
-            ElasticMBConv(L, s, i, cfg) for s in range(len(L.stage_widths)) for i in range(L.max_depth))
+            ElasticMBConv(L, s, i, cfg) for s in range(len(L.stage_widths)) for i in range(L.max_depth)
+        )
         n = len(self.blocks)
         for j, b in enumerate(self.blocks):  # stochastic depth grows linearly with depth
             b.drop_path_rate = cfg.drop_path * (j + 1) / n
@@ -198,11 +196,20 @@ class MBV3Supernet(Supernet):
             nn.Sequential(copy(self.first_dw), copy(self.first_dw_bn), nn.ReLU()),
             nn.Identity(),
             nn.Sequential(copy(self.first_pw), copy(self.first_pw_bn)),
-            True)
+            True,
+        )
         blocks = nn.Sequential(*[b.to_static() for b in self._run])
         final = nn.Sequential(copy(self.final_conv), copy(self.final_bn), nn.Hardswish())
-        net = S.StaticMBV3(stem, first, blocks, final, copy(self.feature_mix), copy(self.classifier),
-                           self.cfg.dropout, arch["resolution"])
+        net = S.StaticMBV3(
+            stem,
+            first,
+            blocks,
+            final,
+            copy(self.feature_mix),
+            copy(self.classifier),
+            self.cfg.dropout,
+            arch["resolution"],
+        )
         net.train(self.training)
         return net.to(memory_format=torch.channels_last)
 
@@ -214,8 +221,7 @@ def resize(x: torch.Tensor, r: int) -> torch.Tensor:
     """Bilinear resize of an image batch to r x r (antialiased when shrinking)."""
     if x.shape[-1] == r and x.shape[-2] == r:
         return x
-    return F.interpolate(x, size=(r, r), mode="bilinear", align_corners=False,
-                         antialias=r < x.shape[-1])
+    return F.interpolate(x, size=(r, r), mode="bilinear", align_corners=False, antialias=r < x.shape[-1])
 
 
 def _clone_module(m: nn.Module) -> nn.Module:

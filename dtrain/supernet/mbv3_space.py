@@ -44,8 +44,7 @@ class MBV3Space(SearchSpace):
             for i in range(d, self.max_depth):
                 kernel[s * self.max_depth + i] = self.kernel_sizes[-1]
                 expand[s * self.max_depth + i] = self.expand_ratios[-1]
-        return {"resolution": arch["resolution"], "depth": list(arch["depth"]),
-                "kernel": kernel, "expand": expand}
+        return {"resolution": arch["resolution"], "depth": list(arch["depth"]), "kernel": kernel, "expand": expand}
 
     # -- SearchSpace ------------------------------------------------------------------
     def sample(self, rng: random.Random, elastic: Optional[Iterable[str]] = None) -> dict:
@@ -61,12 +60,14 @@ class MBV3Space(SearchSpace):
     def min(self, elastic: Optional[Iterable[str]] = None) -> dict:
         el = self._elastic(elastic)
         pick = lambda dim, c: c[0] if dim in el else c[-1]  # noqa: E731
-        return self._canonical({
-            "resolution": pick("resolution", self.resolutions),
-            "depth": [pick("depth", self.depths)] * self.n_stages,
-            "kernel": [pick("kernel", self.kernel_sizes)] * self.n_blocks,
-            "expand": [pick("expand", self.expand_ratios)] * self.n_blocks,
-        })
+        return self._canonical(
+            {
+                "resolution": pick("resolution", self.resolutions),
+                "depth": [pick("depth", self.depths)] * self.n_stages,
+                "kernel": [pick("kernel", self.kernel_sizes)] * self.n_blocks,
+                "expand": [pick("expand", self.expand_ratios)] * self.n_blocks,
+            }
+        )
 
     def validate(self, arch: dict) -> dict:
         check_keys(arch, KEYS, self.name)
@@ -77,13 +78,17 @@ class MBV3Space(SearchSpace):
         return self._canonical(arch)
 
     def choice_table(self) -> dict:
-        return {"resolution": self.resolutions, "depth": self.depths, "kernel": self.kernel_sizes,
-                "expand": self.expand_ratios}
+        return {
+            "resolution": self.resolutions,
+            "depth": self.depths,
+            "kernel": self.kernel_sizes,
+            "expand": self.expand_ratios,
+        }
 
     def size(self) -> int:
         per_block = len(self.kernel_sizes) * len(self.expand_ratios)
-        per_stage = sum(per_block ** d for d in self.depths)
-        return len(self.resolutions) * per_stage ** self.n_stages
+        per_stage = sum(per_block**d for d in self.depths)
+        return len(self.resolutions) * per_stage**self.n_stages
 
     def active_blocks(self, arch: dict):
         """(stage, block index within stage, kernel, expand) of every block that runs."""

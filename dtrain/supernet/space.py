@@ -53,8 +53,7 @@ class SearchSpace(ABC):
         """The allowed values of one arch key; ArchError for a key the space does not have."""
         table = self.choice_table()
         if key not in table:
-            raise ArchError(f"arch key {key!r} is unknown in space {self.name!r}: allowed keys are "
-                            + ", ".join(table))
+            raise ArchError(f"arch key {key!r} is unknown in space {self.name!r}: allowed keys are " + ", ".join(table))
         return list(table[key])
 
     def genes(self) -> list:
@@ -80,8 +79,10 @@ class SearchSpace(ABC):
         chosen = set(elastic)
         unknown = chosen - set(self.dims)
         if unknown:
-            raise ArchError(f"unknown elastic dimension {sorted(unknown)[0]!r} for space "
-                            f"{self.name!r}: allowed are {', '.join(self.dims)}")
+            raise ArchError(
+                f"unknown elastic dimension {sorted(unknown)[0]!r} for space "
+                f"{self.name!r}: allowed are {', '.join(self.dims)}"
+            )
         return chosen
 
 
@@ -92,27 +93,25 @@ def check_keys(arch: dict, required: Iterable[str], space: str) -> None:
     required = list(required)
     for k in arch:
         if k not in required:
-            raise ArchError(f"arch key {k!r} is unknown in space {space!r}: allowed keys are "
-                            + ", ".join(required))
+            raise ArchError(f"arch key {k!r} is unknown in space {space!r}: allowed keys are " + ", ".join(required))
     for k in required:
         if k not in arch:
-            raise ArchError(f"arch key {k!r} is missing (space {space!r} needs "
-                            + ", ".join(required) + ")")
+            raise ArchError(f"arch key {k!r} is missing (space {space!r} needs " + ", ".join(required) + ")")
 
 
 def check_value(key: str, value, allowed) -> None:
     """ArchError unless ``value`` is one of ``allowed`` (ints compared exactly)."""
     ok = isinstance(value, int) and not isinstance(value, bool) and value in allowed
     if not ok:
-        raise ArchError(f"arch {key}={value!r} is not allowed: choose one of "
-                        + ", ".join(map(str, allowed)))
+        raise ArchError(f"arch {key}={value!r} is not allowed: choose one of " + ", ".join(map(str, allowed)))
 
 
 def check_list(key: str, values, length: int, allowed) -> list:
     """ArchError unless ``values`` is a list of ``length`` items each in ``allowed``."""
     if not isinstance(values, (list, tuple)) or len(values) != length:
-        raise ArchError(f"arch {key} must be a list of {length} values from "
-                        + ", ".join(map(str, allowed)) + f", got {values!r}")
+        raise ArchError(
+            f"arch {key} must be a list of {length} values from " + ", ".join(map(str, allowed)) + f", got {values!r}"
+        )
     for i, v in enumerate(values):
         check_value(f"{key}[{i}]", v, allowed)
     return list(values)

@@ -66,8 +66,15 @@ class GPTBlock(nn.Module):
 class StaticGPT(nn.Module):
     """Token + position embedding -> blocks -> final LN -> LM head (tied to the token embedding)."""
 
-    def __init__(self, tok_emb: nn.Embedding, pos_emb: nn.Embedding, blocks: nn.Sequential,
-                 ln_f: nn.LayerNorm, dropout: float, tie: bool = True):
+    def __init__(
+        self,
+        tok_emb: nn.Embedding,
+        pos_emb: nn.Embedding,
+        blocks: nn.Sequential,
+        ln_f: nn.LayerNorm,
+        dropout: float,
+        tie: bool = True,
+    ):
         super().__init__()
         self.tok_emb, self.pos_emb, self.blocks, self.ln_f = tok_emb, pos_emb, blocks, ln_f
         self.dropout = nn.Dropout(dropout)
@@ -83,8 +90,10 @@ class StaticGPT(nn.Module):
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         t = idx.shape[1]
         if t > self.block_size:
-            raise ValueError(f"input has {t} tokens but the model's context (block_size) is "
-                             f"{self.block_size}: crop or split the sequence")
+            raise ValueError(
+                f"input has {t} tokens but the model's context (block_size) is "
+                f"{self.block_size}: crop or split the sequence"
+            )
         pos = torch.arange(t, device=idx.device)
         h = self.dropout(self.tok_emb(idx) + self.pos_emb(pos))
         h = self.ln_f(self.blocks(h))

@@ -30,8 +30,7 @@ class SqueezeExcite(nn.Module):
 class InvertedResidual(nn.Module):
     """expand (1x1) -> depthwise -> [SE] -> project (1x1), with a skip when shapes match."""
 
-    def __init__(self, expand: nn.Module, depthwise: nn.Module, se: nn.Module, project: nn.Module,
-                 residual: bool):
+    def __init__(self, expand: nn.Module, depthwise: nn.Module, se: nn.Module, project: nn.Module, residual: bool):
         super().__init__()
         self.expand, self.depthwise, self.se, self.project = expand, depthwise, se, project
         self.residual = residual
@@ -44,8 +43,17 @@ class InvertedResidual(nn.Module):
 
 
 class StaticMBV3(nn.Module):
-    def __init__(self, stem: nn.Module, first: nn.Module, blocks: nn.Sequential, final: nn.Module,
-                 feature_mix: nn.Linear, classifier: nn.Linear, dropout: float, resolution: int):
+    def __init__(
+        self,
+        stem: nn.Module,
+        first: nn.Module,
+        blocks: nn.Sequential,
+        final: nn.Module,
+        feature_mix: nn.Linear,
+        classifier: nn.Linear,
+        dropout: float,
+        resolution: int,
+    ):
         super().__init__()
         self.stem, self.first, self.blocks, self.final = stem, first, blocks, final
         self.feature_mix, self.classifier = feature_mix, classifier

@@ -54,7 +54,6 @@ def pick_device(pref: str, local_rank: int) -> torch.device:
         return torch.device("cpu")
     if pref.startswith("cuda"):
         if not torch.cuda.is_available():
-
             raise ConfigError(f"device={pref!r} is not allowed: CUDA is not available here, use device=cpu or auto")
         return torch.device(pref if ":" in pref else f"cuda:{local_rank}")
     return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
@@ -119,7 +118,7 @@ class GradientSync:
     def __init__(self, model: nn.Module, bucket_mb: float, ctx: DistContext):
         self.ctx = ctx
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.buckets = _buckets(self.params, int(bucket_mb * 2 ** 20))
+        self.buckets = _buckets(self.params, int(bucket_mb * 2**20))
         self.calls = 0  # all-reduce calls issued (tests count them)
 
     def sync(self, scalars: Sequence[float] = ()) -> List[float]:
@@ -130,8 +129,10 @@ class GradientSync:
         device = self.params[0].device if self.params else self.ctx.device
         flats, works = [], []
         for i, bucket in enumerate(self.buckets):
-            pieces = [p.grad.reshape(-1) if p.grad is not None else
-                      torch.zeros(p.numel(), device=p.device, dtype=p.dtype) for p in bucket]
+            pieces = [
+                p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel(), device=p.device, dtype=p.dtype)
+                for p in bucket
+            ]
             if i == len(self.buckets) - 1:
                 pieces.append(torch.tensor(list(scalars), dtype=bucket[0].dtype, device=device))
             flat = torch.cat(pieces)
@@ -147,7 +148,7 @@ class GradientSync:
             for p in bucket:
                 n = p.numel()
                 if p.grad is not None:
-                    p.grad.copy_(flat[off:off + n].view_as(p.grad))
+                    p.grad.copy_(flat[off : off + n].view_as(p.grad))
                 off += n
             if i == len(self.buckets) - 1:
                 out = flat[off:].tolist()

@@ -19,8 +19,9 @@ from ..supernet.calibrate import calibrate_bn, preserved_bn_state
 
 
 @torch.no_grad()
-def evaluate_split(model, split, batch_size: int, device, task: str, rank: int = 0, world: int = 1,
-                   prepare=None) -> dict:
+def evaluate_split(
+    model, split, batch_size: int, device, task: str, rank: int = 0, world: int = 1, prepare=None
+) -> dict:
     """Sum of loss and correct predictions of the model as it is (no calibration)."""
     model.eval()
     n = len(split)
@@ -50,8 +51,18 @@ def evaluate_split(model, split, batch_size: int, device, task: str, rank: int =
     return out
 
 
-def evaluate_arch(model, arch: dict, split, calib: List[torch.Tensor], batch_size: int, device,
-                  task: str, rank: int = 0, world: int = 1, keep_bn: bool = True) -> dict:
+def evaluate_arch(
+    model,
+    arch: dict,
+    split,
+    calib: List[torch.Tensor],
+    batch_size: int,
+    device,
+    task: str,
+    rank: int = 0,
+    world: int = 1,
+    keep_bn: bool = True,
+) -> dict:
     """Activate ``arch``, recalibrate BN on this rank's calibration batches, evaluate ``split``.
 
     ``keep_bn=True`` restores the supernet's BN buffers afterwards. With ``world=1`` the
@@ -62,8 +73,7 @@ def evaluate_arch(model, arch: dict, split, calib: List[torch.Tensor], batch_siz
     with ctx:
         model.set_active(arch)
         calibrate_bn(model, [c.to(device) for c in calib], prepare=model.adapt_input, sync=world > 1)
-        out = evaluate_split(model, split, batch_size, device, task, rank, world,
-                             prepare=model.adapt_input)
+        out = evaluate_split(model, split, batch_size, device, task, rank, world, prepare=model.adapt_input)
     model.set_active(before)
     model.train(was_training)
     return out
@@ -77,17 +87,24 @@ class _null:
         return False
 
 
-def calibration_batches(split, n_batches: int, batch_size: int, seed: int, rank: int = 0,
-                        world: int = 1, generator_seed: Optional[int] = None) -> List[torch.Tensor]:
+def calibration_batches(
+    split,
+    n_batches: int,
+    batch_size: int,
+    seed: int,
+    rank: int = 0,
+    world: int = 1,
+    generator_seed: Optional[int] = None,
+) -> List[torch.Tensor]:
     """The fixed calibration set: ``n_batches`` batches of train inputs from a seeded
     permutation; rank r keeps batches r, r+W, r+2W, ..."""
     g = torch.Generator().manual_seed(seed if generator_seed is None else generator_seed)
     perm = torch.randperm(len(split), generator=g)
     out = []
     for b in range(n_batches):
-        idx = perm[(b * batch_size) % len(split):][:batch_size]
+        idx = perm[(b * batch_size) % len(split) :][:batch_size]
         if len(idx) < batch_size:  # wrap around small splits
-            idx = torch.cat([idx, perm[:batch_size - len(idx)]])
+            idx = torch.cat([idx, perm[: batch_size - len(idx)]])
         if b % world == rank:
             out.append(split.batch(idx)[0])
     return out

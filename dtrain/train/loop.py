@@ -101,8 +101,10 @@ class Trainer:
         c, ctx = cfg, self.ctx
         per_rank = c.batch_size // ctx.world_size
         if c.batch_size % (ctx.world_size * c.grad_accum):
-            raise ConfigError(f"batch_size={c.batch_size} is not allowed: it must divide evenly into "
-                              f"{ctx.world_size} rank(s) x grad_accum={c.grad_accum} micro-batches")
+            raise ConfigError(
+                f"batch_size={c.batch_size} is not allowed: it must divide evenly into "
+                f"{ctx.world_size} rank(s) x grad_accum={c.grad_accum} micro-batches"
+            )
         self.micro = per_rank // c.grad_accum
         self.run_dir = self._agree_run_dir(c.run_dir)
         torch.manual_seed(derive_seed(c.seed, "init"))
@@ -119,20 +121,27 @@ class Trainer:
         if ctx.enabled:
             broadcast_module(self.model)
         self.optimizer = build_optimizer(self.model, c.optim)
-        self.scheduler = WarmupCosine(self.optimizer, c.optim.lr, c.optim.warmup_steps, c.steps,
-                                      c.optim.min_lr_ratio)
+        self.scheduler = WarmupCosine(self.optimizer, c.optim.lr, c.optim.warmup_steps, c.steps, c.optim.min_lr_ratio)
         # each peer draws its own batch order (DiLoCo workers train on different data)
         self.sampler = BatchSampler(len(self.data.train), c.batch_size, derive_seed(c.seed, "data", c.peer_id))
         self.grad_sync = GradientSync(self.model, c.bucket_mb, ctx)
-        self.calib = calibration_batches(self.data.train, c.calib_batches, c.calib_batch_size,
-                                         derive_seed(c.seed, "calib"), ctx.rank, ctx.world_size)
+        self.calib = calibration_batches(
+            self.data.train, c.calib_batches, c.calib_batch_size, derive_seed(c.seed, "calib"), ctx.rank, ctx.world_size
+        )
         self.step = 0
         self.stall_s = 0.0  # time inner steps waited for an overlapped exchange
         self.stop_requested: Optional[str] = None  # set by SIGTERM / SIGINT
         self.stop_everywhere = False
-        self.outer = build_outer_component(c, self.model, self.optimizer, is_leader=ctx.is_leader,
-                                           world_size=ctx.world_size, distributed=ctx.enabled,
-                                           run_dir=self.run_dir, should_stop=lambda: self.stop_requested is not None)
+        self.outer = build_outer_component(
+            c,
+            self.model,
+            self.optimizer,
+            is_leader=ctx.is_leader,
+            world_size=ctx.world_size,
+            distributed=ctx.enabled,
+            run_dir=self.run_dir,
+            should_stop=lambda: self.stop_requested is not None,
+        )
         self.metrics: Optional[MetricsWriter] = None
         self.ckpt_path = os.path.join(self.run_dir, "checkpoints", "latest.pt")
 
@@ -156,8 +165,7 @@ class Trainer:
         if self.cfg.logger.name == "wandb":
             from ..obs.wandb_sink import WandbSink
 
-            sinks.append(WandbSink(self.cfg.logger.wandb, self.run_dir, self.config_dict(),
-                                   name=f"{self.cfg.peer_id}"))
+            sinks.append(WandbSink(self.cfg.logger.wandb, self.run_dir, self.config_dict(), name=f"{self.cfg.peer_id}"))
         self.metrics = MetricsWriter(os.path.join(self.run_dir, "metrics.jsonl"), sinks)
         with open(os.path.join(self.run_dir, "config.json"), "w", encoding="utf-8") as f:
             json.dump(self.config_dict(), f, indent=2)
@@ -191,8 +199,10 @@ class Trainer:
         state = load_checkpoint(path, map_location=self.ctx.device)
         mine = json.dumps(dataclasses.asdict(self.cfg.model), sort_keys=True)
         if state.get("model_config") != mine:
-            raise ConfigError(f"resume=true but {path} was written for another model config: "
-                              "use the same model.* settings or a new run_dir")
+            raise ConfigError(
+                f"resume=true but {path} was written for another model config: "
+                "use the same model.* settings or a new run_dir"
+            )
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -209,7 +219,7 @@ class Trainer:
         mine = shard(indices, self.ctx.rank, self.ctx.world_size)
         out = []
         for i in range(self.cfg.grad_accum):
-            x, y = self.data.train.batch(mine[i * self.micro:(i + 1) * self.micro])
+            x, y = self.data.train.batch(mine[i * self.micro : (i + 1) * self.micro])
             out.append((x.to(self.ctx.device, non_blocking=True), y.to(self.ctx.device, non_blocking=True)))
         return out
 
@@ -281,12 +291,29 @@ class Trainer:
             return []
         recs = []
         for name, arch in self.eval_archs:
-            res = evaluate_arch(self.model, arch, split, self.calib, self.cfg.eval_batch_size,
-                                self.ctx.device, self.model.task, self.ctx.rank, self.ctx.world_size)
+            res = evaluate_arch(
+                self.model,
+                arch,
+                split,
+                self.calib,
+                self.cfg.eval_batch_size,
+                self.ctx.device,
+                self.model.task,
+                self.ctx.rank,
+                self.ctx.world_size,
+            )
             cost = self.model.cost(arch)
-            rec = {"kind": "eval", "step": self.step, "split": split_name, "arch_name": name,
-                   "arch": arch, "acc": res["acc"], "loss": res["loss"],
-                   "params": cost["params"], "macs": cost["macs"]}
+            rec = {
+                "kind": "eval",
+                "step": self.step,
+                "split": split_name,
+                "arch_name": name,
+                "arch": arch,
+                "acc": res["acc"],
+                "loss": res["loss"],
+                "params": cost["params"],
+                "macs": cost["macs"],
+            }
             if "bpb" in res:
                 rec["bpb"] = res["bpb"]
             recs.append(rec)
@@ -328,8 +355,16 @@ class Trainer:
                     now = time.perf_counter()
                     sps = (self.step - n_last) * c.batch_size / max(now - t_last, 1e-9)
                     t_last, n_last = now, self.step
-                    self._record({"kind": "step", "step": self.step, "lr": lr, "loss": losses,
-                                  "samples_per_s": sps, "phase": self.shrink.at(self.step - 1).phase})
+                    self._record(
+                        {
+                            "kind": "step",
+                            "step": self.step,
+                            "lr": lr,
+                            "loss": losses,
+                            "samples_per_s": sps,
+                            "phase": self.shrink.at(self.step - 1).phase,
+                        }
+                    )
                     bar.update(self.step, " ".join(f"{k}={v:.3f}" for k, v in losses.items()))
                 if c.eval_every and self.step % c.eval_every == 0 and self.step < stop:
                     last_val = self.evaluate("val")
@@ -354,10 +389,16 @@ class Trainer:
                 self.metrics.close()
             return {"kind": "summary", "step": self.step, "finished": False, "stopped": self.stop_requested}
         finished = self.step >= c.steps
-        summary = {"kind": "summary", "step": self.step, "finished": finished,
-                   "world_size": self.ctx.world_size, **self._rank_parity(),
-                   "grad_allreduce_calls": self.grad_sync.calls, "stall_s": self.stall_s,
-                   "grad_buckets": len(self.grad_sync.buckets) if self.ctx.enabled else 0}
+        summary = {
+            "kind": "summary",
+            "step": self.step,
+            "finished": finished,
+            "world_size": self.ctx.world_size,
+            **self._rank_parity(),
+            "grad_allreduce_calls": self.grad_sync.calls,
+            "stall_s": self.stall_s,
+            "grad_buckets": len(self.grad_sync.buckets) if self.ctx.enabled else 0,
+        }
         if finished or c.stop_at:
             val = self.evaluate("val")
             test = self.evaluate("test")
@@ -403,29 +444,53 @@ class Trainer:
             return
         c, m = self.cfg, self.model
         sw = c.sandwich
-        distill = ("off (small subnets learn from hard labels)" if sw.distill == "none" else
-                   f"{sw.distill} (T={sw.temperature}, hard-label weight {sw.hard_label_weight})")
-        log.info("run_dir %s | %s ranks on %s | %s", self.run_dir, self.ctx.world_size,
-                 self.ctx.device, self.data.describe())
-        log.info("supernet %s: %s params, %s subnets | sandwich: max + min + %d random, "
-                 "schedule %s, in-place distillation %s", c.model.space,
-                 human(sum(p.numel() for p in m.parameters())), f"{self.space.size():.3g}",
-                 sw.num_random, sw.schedule, distill)
+        distill = (
+            "off (small subnets learn from hard labels)"
+            if sw.distill == "none"
+            else f"{sw.distill} (T={sw.temperature}, hard-label weight {sw.hard_label_weight})"
+        )
+        log.info(
+            "run_dir %s | %s ranks on %s | %s", self.run_dir, self.ctx.world_size, self.ctx.device, self.data.describe()
+        )
+        log.info(
+            "supernet %s: %s params, %s subnets | sandwich: max + min + %d random, "
+            "schedule %s, in-place distillation %s",
+            c.model.space,
+            human(sum(p.numel() for p in m.parameters())),
+            f"{self.space.size():.3g}",
+            sw.num_random,
+            sw.schedule,
+            distill,
+        )
         if c.outer.name != "none":
             o = c.outer
-            log.info("outer loop %s: H=%d, %d fragment(s), overlap %d, codec %s%s, backend %s, coordinator %s",
-                     o.name, o.sync_every, o.fragments, o.overlap_steps, o.codec,
-                     " + error feedback" if o.error_feedback else "", o.backend, c.control.coordinator)
+            log.info(
+                "outer loop %s: H=%d, %d fragment(s), overlap %d, codec %s%s, backend %s, coordinator %s",
+                o.name,
+                o.sync_every,
+                o.fragments,
+                o.overlap_steps,
+                o.codec,
+                " + error feedback" if o.error_feedback else "",
+                o.backend,
+                c.control.coordinator,
+            )
         if resumed:
             log.info("resumed from %s at step %d", self.ckpt_path, self.step)
-        self._record({"kind": "run", "event": "resume" if resumed else "start", "step": self.step,
-                      "world_size": self.ctx.world_size, "peer_id": c.peer_id})
+        self._record(
+            {
+                "kind": "run",
+                "event": "resume" if resumed else "start",
+                "step": self.step,
+                "world_size": self.ctx.world_size,
+                "peer_id": c.peer_id,
+            }
+        )
 
     def _log_evals(self, recs: List[dict]) -> None:
         if self.ctx.is_leader and recs:
             metric = "bpb" if self.model.task == "lm" else "acc"
-            log.info("step %d | val %s", self.step,
-                     " ".join(f"{r['arch_name']}={r[metric]:.4f}" for r in recs))
+            log.info("step %d | val %s", self.step, " ".join(f"{r['arch_name']}={r[metric]:.4f}" for r in recs))
 
     def _summarise(self, val: List[dict], test: List[dict]) -> dict:
         metric = "bpb" if self.model.task == "lm" else "acc"
@@ -448,8 +513,9 @@ class Trainer:
                 d[split] = r[metric]
         rows = []
         for name, d in by_name.items():
-            rows.append([name, human(d["params"]), human(d["macs"]),
-                         _pct(d.get("val"), metric), _pct(d.get("test"), metric)])
+            rows.append(
+                [name, human(d["params"]), human(d["macs"]), _pct(d.get("val"), metric), _pct(d.get("test"), metric)]
+            )
         has_bn = bool(batch_norms(self.model))
         title = f"subnets{' after BN recalibration' if has_bn else ''} (step {self.step})"
         if metric == "bpb" and "unigram_bpb" in self.data.info:

@@ -36,7 +36,7 @@ def hard_loss(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: floa
 def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     s = F.log_softmax(_flat(student) / temperature, dim=-1)
     t = F.log_softmax(_flat(teacher).detach() / temperature, dim=-1)
-    return F.kl_div(s, t, reduction="batchmean", log_target=True) * temperature ** 2
+    return F.kl_div(s, t, reduction="batchmean", log_target=True) * temperature**2
 
 
 def _alpha_value(log_p: torch.Tensor, log_q: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -59,9 +59,14 @@ def _alpha_surrogate(log_p: torch.Tensor, log_q: torch.Tensor, alpha: float, iw_
     return -(coeff * log_q).sum(-1) / a
 
 
-def alpha_divergence_loss(student: torch.Tensor, teacher: torch.Tensor, alpha_min: float = -1.0,
-                          alpha_max: float = 1.0, iw_clip: float = 5.0,
-                          temperature: float = 1.0) -> torch.Tensor:
+def alpha_divergence_loss(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    alpha_min: float = -1.0,
+    alpha_max: float = 1.0,
+    iw_clip: float = 5.0,
+    temperature: float = 1.0,
+) -> torch.Tensor:
     log_q = F.log_softmax(_flat(student) / temperature, dim=-1)
     log_p = F.log_softmax(_flat(teacher).detach() / temperature, dim=-1)
     with torch.no_grad():
@@ -73,7 +78,7 @@ def alpha_divergence_loss(student: torch.Tensor, teacher: torch.Tensor, alpha_mi
     s_max = _alpha_surrogate(log_p, log_q, alpha_max, iw_clip)
     surrogate = torch.where(use_max, s_max, s_min)
     per_sample = value + (surrogate - surrogate.detach())
-    return per_sample.mean() * temperature ** 2
+    return per_sample.mean() * temperature**2
 
 
 def distill_loss(student, teacher, targets, cfg) -> torch.Tensor:
@@ -83,8 +88,7 @@ def distill_loss(student, teacher, targets, cfg) -> torch.Tensor:
     if cfg.distill == "kd":
         soft = kd_loss(student, teacher, cfg.temperature)
     else:
-        soft = alpha_divergence_loss(student, teacher, cfg.alpha_min, cfg.alpha_max, cfg.iw_clip,
-                                     cfg.temperature)
+        soft = alpha_divergence_loss(student, teacher, cfg.alpha_min, cfg.alpha_max, cfg.iw_clip, cfg.temperature)
     w = cfg.hard_label_weight
     if w == 0:
         return soft

@@ -1,7 +1,7 @@
 """Learning rate: linear warm-up, then cosine decay to ``lr * min_lr_ratio``.
 
-    lr(t) = lr * (t + 1) / W                                   for t < W
-    lr(t) = lr * (m + (1 - m) * (1 + cos(pi * (t - W) / (T - W))) / 2)   otherwise
+lr(t) = lr * (t + 1) / W                                   for t < W
+lr(t) = lr * (m + (1 - m) * (1 + cos(pi * (t - W) / (T - W))) / 2)   otherwise
 """
 
 from __future__ import annotations

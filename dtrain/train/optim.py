@@ -21,8 +21,7 @@ def param_groups(model: nn.Module, weight_decay: float):
         if not p.requires_grad:
             continue
         (no_decay if p.ndim <= 1 or ".transforms." in name else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0}]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def _fused_if_possible(cls, groups, **kw) -> torch.optim.Optimizer:

@@ -32,7 +32,7 @@ class BatchSampler:
         parts, need = [], self.batch_size
         while need > 0:
             perm = self._perm_for(self.epoch)
-            take = perm[self.pos:self.pos + need]
+            take = perm[self.pos : self.pos + need]
             parts.append(take)
             need -= len(take)
             self.pos += len(take)
@@ -50,4 +50,4 @@ class BatchSampler:
 def shard(indices: torch.Tensor, rank: int, world: int) -> torch.Tensor:
     """Rank ``rank``'s contiguous share of a global batch (sizes divide evenly)."""
     per = len(indices) // world
-    return indices[rank * per:(rank + 1) * per]
+    return indices[rank * per : (rank + 1) * per]

@@ -26,9 +26,14 @@ from ..supernet.calibrate import frozen_bn_stats
 from .losses import distill_loss, hard_loss
 
 
-def sandwich_backward(model, micro_batches: Sequence[Tuple[torch.Tensor, torch.Tensor]],
-                      archs: List[Tuple[str, dict]], small_weight: float, cfg,
-                      seeds: Optional[Sequence[int]] = None) -> Dict[str, float]:
+def sandwich_backward(
+    model,
+    micro_batches: Sequence[Tuple[torch.Tensor, torch.Tensor]],
+    archs: List[Tuple[str, dict]],
+    small_weight: float,
+    cfg,
+    seeds: Optional[Sequence[int]] = None,
+) -> Dict[str, float]:
     """Forward and backward of every (name, arch) on every micro-batch. archs[0] is the largest.
 
     ``seeds[i]`` reseeds torch's RNG (dropout, drop-path) before micro-batch i, so a

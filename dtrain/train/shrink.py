@@ -37,7 +37,8 @@ class ShrinkSchedule:
             if len(fr) != len(self.order) + 1:
                 raise ConfigError(
                     f"sandwich.progressive_fractions={fr} is not allowed: it needs "
-                    f"{len(self.order) + 1} entries (full net, then {', '.join(self.order)})")
+                    f"{len(self.order) + 1} entries (full net, then {', '.join(self.order)})"
+                )
             bounds, acc = [], 0.0
             for f in fr:
                 acc += f

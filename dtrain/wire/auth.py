@@ -40,8 +40,7 @@ def _read(path: str, what: str) -> bytes:
 
 
 def channel_options(max_message_bytes: int) -> List[Tuple[str, int]]:
-    return [("grpc.max_send_message_length", max_message_bytes),
-            ("grpc.max_receive_message_length", max_message_bytes)]
+    return [("grpc.max_send_message_length", max_message_bytes), ("grpc.max_receive_message_length", max_message_bytes)]
 
 
 # reconnect quickly after a coordinator restart instead of gRPC's default backoff (up to 120 s)
@@ -56,8 +55,9 @@ def server_credentials(tls) -> Optional[grpc.ServerCredentials]:
         return None
     pair = [(_read(tls.key, "tls.key"), _read(tls.cert, "tls.cert"))]
     if tls.client_ca:
-        return grpc.ssl_server_credentials(pair, root_certificates=_read(tls.client_ca, "tls.client_ca"),
-                                           require_client_auth=True)
+        return grpc.ssl_server_credentials(
+            pair, root_certificates=_read(tls.client_ca, "tls.client_ca"), require_client_auth=True
+        )
     return grpc.ssl_server_credentials(pair)
 
 
@@ -67,8 +67,9 @@ def client_credentials(tls) -> Optional[grpc.ChannelCredentials]:
         return None
     key = _read(tls.key, "tls.key") if tls.key else None
     cert = _read(tls.cert, "tls.cert") if tls.cert else None
-    return grpc.ssl_channel_credentials(root_certificates=_read(tls.ca, "tls.ca"), private_key=key,
-                                        certificate_chain=cert)
+    return grpc.ssl_channel_credentials(
+        root_certificates=_read(tls.ca, "tls.ca"), private_key=key, certificate_chain=cert
+    )
 
 
 def make_channel(address: str, tls, max_message_bytes: int) -> grpc.Channel:
@@ -89,7 +90,7 @@ def auth_metadata(token: str) -> Tuple[Tuple[str, str], ...]:
 def _bearer(metadata) -> str:
     for key, value in metadata or ():
         if key == "authorization" and isinstance(value, str) and value.startswith("Bearer "):
-            return value[len("Bearer "):]
+            return value[len("Bearer ") :]
     return ""
 
 
@@ -145,7 +146,8 @@ class BlockingTokenInterceptor(grpc.ServerInterceptor):
     def intercept_service(self, continuation, details):
         handler = continuation(details)
         if details.method.startswith(HEALTH_PREFIX) or hmac.compare_digest(
-                _bearer(details.invocation_metadata).encode(), self._token):
+            _bearer(details.invocation_metadata).encode(), self._token
+        ):
             return handler
         log.warning("refused unauthenticated call to %s", details.method)
         return _denying_blocking(handler)

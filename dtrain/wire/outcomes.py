@@ -51,12 +51,17 @@ class RoundOutcome(enum.Enum):
 
 
 _SYNC: Dict[SyncOutcome, pb.SyncReply.Outcome] = {
-    SyncOutcome.QUORUM: pb.SyncReply.QUORUM, SyncOutcome.HEAL: pb.SyncReply.HEAL, SyncOutcome.WAIT: pb.SyncReply.WAIT}
+    SyncOutcome.QUORUM: pb.SyncReply.QUORUM,
+    SyncOutcome.HEAL: pb.SyncReply.HEAL,
+    SyncOutcome.WAIT: pb.SyncReply.WAIT,
+}
 # keyed by plain int: a reply's field may hold a value the enum has no name for (unspecified, or from a newer peer)
 _SYNC_BACK: Dict[int, SyncOutcome] = {v: k for k, v in _SYNC.items()}
 _DECISION: Dict[CommitDecision, pb.CommitReply.Decision] = {
-    CommitDecision.COMMIT: pb.CommitReply.COMMIT, CommitDecision.RETRY: pb.CommitReply.RETRY,
-    CommitDecision.WAIT: pb.CommitReply.WAIT}
+    CommitDecision.COMMIT: pb.CommitReply.COMMIT,
+    CommitDecision.RETRY: pb.CommitReply.RETRY,
+    CommitDecision.WAIT: pb.CommitReply.WAIT,
+}
 _DECISION_BACK: Dict[int, CommitDecision] = {v: k for k, v in _DECISION.items()}
 
 

@@ -67,8 +67,10 @@ class StateSnapshot:
         names = set()
         for b in self.blobs:
             if b.offset < 0 or b.nbytes < 0 or b.offset + b.nbytes > len(self.payload):
-                raise ValueError(f"blob {b.name!r} [{b.offset}, {b.offset + b.nbytes}) lies outside the "
-                                 f"{len(self.payload)}-byte payload")
+                raise ValueError(
+                    f"blob {b.name!r} [{b.offset}, {b.offset + b.nbytes}) lies outside the "
+                    f"{len(self.payload)}-byte payload"
+                )
             if b.name in names:
                 raise ValueError(f"blob name {b.name!r} appears twice")
             names.add(b.name)
@@ -89,8 +91,8 @@ class StateSnapshot:
     def blob(self, name: str) -> bytes:
         for b in self.blobs:
             if b.name == name:
-                return self.payload[b.offset:b.offset + b.nbytes]
+                return self.payload[b.offset : b.offset + b.nbytes]
         raise KeyError(f"no blob named {name!r} in the snapshot of round {self.round}")
 
     def named_blobs(self) -> List[Tuple[str, bytes]]:
-        return [(b.name, self.payload[b.offset:b.offset + b.nbytes]) for b in self.blobs]
+        return [(b.name, self.payload[b.offset : b.offset + b.nbytes]) for b in self.blobs]
