@@ -407,7 +407,7 @@ class CoordinatorConfig:
     heartbeat_interval_s: float = 1.0  # told to peers at join
     grace_s: float = 1.0  # quorum forms this long after a round's first sync with those present
     adaptive_grace: bool = True  # ... or longer, as late as members have been arriving (up to grace_cap_s)
-    grace_cap_s: float = 30.0
+    grace_cap_s: float = 30.0  # (never below grace_s)
     heal_grace_s: float = 10.0  # ... or this long while a peer that healed (joined) to this round is missing
     commit_timeout_s: float = 30.0  # votes must arrive this long after the quorum formed
     max_wait_s: float = 10.0  # longest a Sync or Commit call is held before answering WAIT
@@ -441,7 +441,7 @@ class CoordinatorConfig:
             "must be shorter than lease_timeout_s",
         )
         _check(self.history >= 1, "history", self.history, "must be >= 1")
-        _check(self.grace_cap_s >= self.grace_s, "grace_cap_s", self.grace_cap_s, f"must be >= grace_s={self.grace_s}")
+        _check(self.grace_cap_s > 0, "grace_cap_s", self.grace_cap_s, "must be > 0")
 
 
 @dataclass

@@ -26,6 +26,7 @@ from dtrain.control.quorum import (
     Refusal,
     SyncAnswer,
 )
+from dtrain.control.work_plan import WorkPlan
 from dtrain.wire.outcomes import CommitDecision, MemberState, SyncOutcome
 
 SCHEMA = "5c" * 32
@@ -1298,3 +1299,67 @@ ProtocolMachine.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
 )
 TestProtocol = ProtocolMachine.TestCase
+
+
+# ---------------------------------------------------------------- balanced rounds, adaptive grace
+
+
+def test_the_quorum_carries_each_members_work_and_its_next_assignment():
+    m = machine(min_peers=2)
+    plan = WorkPlan(sync_every=40, min_steps=8, balanced=True)
+    for pid in ("a", "b", "c"):
+        m.join(pid, "inc1", f"{pid}.example:7000", SCHEMA, 1, "", 0, H(0), 0.0, plan=plan)
+    m.sync("a", "inc1", 0, H(0), 0.1, step_rate=10.0, steps=40, samples=40 * 64)
+    m.sync("b", "inc1", 0, H(0), 0.1, step_rate=5.0, steps=40, samples=40 * 32)
+    ans = m.sync("c", "inc1", 0, H(0), 0.2, step_rate=1.0, steps=40, samples=40 * 64)
+    q = ans.quorum
+    work = dict(zip(q.ids, q.work))
+    assert work == {"a": (40, 2560, 40, 10.0), "b": (40, 1280, 20, 5.0), "c": (40, 2560, 0, 1.0)}
+    assert m.drain_events()[-1]["next_steps"] == {"a": 40, "b": 20, "c": 0}
+
+
+def test_fixed_plans_assign_h_whatever_the_rates():
+    m = machine()
+    m.join("a", "inc1", "a.example:7000", SCHEMA, 1, "", 0, H(0), 0.0, plan=WorkPlan(25, 1, False))
+    ans = m.sync("a", "inc1", 0, H(0), 0.1, step_rate=0.01, steps=25, samples=25)
+    assert ans.quorum.work == ((25, 25, 25, 0.01),)
+
+
+@pytest.mark.parametrize("bad", [dict(step_rate=-1.0), dict(step_rate=float("nan")), dict(steps=-1),
+                                 dict(samples=-5), dict(step_rate=1e12)])
+def test_bad_work_reports_are_refused(bad):
+    m = machine()
+    join(m, "a")
+    refused("INVALID_ARGUMENT", m.sync, "a", "inc1", 0, H(0), 0.1, **bad)
+
+
+def test_the_grace_window_follows_how_late_members_arrive():
+    """b arrives 3 s after the first sync of every round. The fixed grace (1 s) commits each round without
+    it (it heals and is late again); the adaptive grace grows to wait for it (twice the moving average of
+    the spread) from the second round on, never past the cap, and shrinks back once members arrive
+    together."""
+    m = machine(min_peers=1, grace=1.0, grace_cap=5.0, lease_timeout=1e6)
+    fixed = machine(min_peers=1, grace=1.0, adaptive_grace=False, lease_timeout=1e6)
+    members = {id(m): [], id(fixed): []}
+    for mm in (m, fixed):
+        for pid in ("a", "b", "c"):
+            join(mm, pid)
+    t = 0.0
+    for r in range(4):
+        for mm in (m, fixed):
+            mm.sync("a", "inc1", r, H(r), t)
+            mm.sync("c", "inc1", r, H(r), t)
+            mm.poll(t + 2.5)
+            mm.sync("b", "inc1", r, H(r), t + 3.0)
+            mm.poll(t + 3.0)
+            q = mm.voting.quorum
+            members[id(mm)].append(set(q.ids))
+            commit_all(mm, q, t + 3.1)
+        t += 10.0
+    assert members[id(fixed)] == [{"a", "c"}] * 4
+    assert members[id(m)] == [{"a", "c"}] + [{"a", "b", "c"}] * 3
+    assert fixed.grace() == 1.0 and 3.0 < m.grace() <= 5.0
+    for _ in range(10):  # together again: the window shrinks toward grace_s
+        full_round(m, ["a", "b", "c"], t)
+        t += 10.0
+    assert m.grace() < 1.5

@@ -639,7 +639,9 @@ class QuorumMachine:
             ),
         )
         self.holders |= set(matching)
-        self.voting = _Voting(q, now + self.params.commit_timeout, first_sync_at=self.first_sync_at or now)
+        self.voting = _Voting(
+            q, now + self.params.commit_timeout, first_sync_at=now if self.first_sync_at is None else self.first_sync_at
+        )
         self._event(
             "quorum",
             quorum_id=q.quorum_id,
