@@ -1325,8 +1325,9 @@ def test_fixed_plans_assign_h_whatever_the_rates():
     assert ans.quorum.work == ((25, 25, 25, 0.01),)
 
 
-@pytest.mark.parametrize("bad", [dict(step_rate=-1.0), dict(step_rate=float("nan")), dict(steps=-1),
-                                 dict(samples=-5), dict(step_rate=1e12)])
+@pytest.mark.parametrize(
+    "bad", [dict(step_rate=-1.0), dict(step_rate=float("nan")), dict(steps=-1), dict(samples=-5), dict(step_rate=1e12)]
+)
 def test_bad_work_reports_are_refused(bad):
     m = machine()
     join(m, "a")
