@@ -253,3 +253,31 @@ def test_round_committed_just_before_its_only_member_dies_is_not_lost(cluster):
 
 def _records(run_dir, kind):
     return [json.loads(line) for line in open(run_dir / "metrics.jsonl") if json.loads(line)["kind"] == kind]
+
+
+def test_balanced_rounds_with_a_slow_peer_keep_parity_and_lose_no_step(cluster):
+    """Two peers, one emulating a machine at half speed, balanced rounds: from round 1 on the slow peer is
+    assigned fewer steps (recorded identically by both), the mean weights each by the samples it trained,
+    every round has one state hash on both, nobody heals and no trained step is lost."""
+    tmp_path, coordinator, peer = cluster
+    address = coordinator("min_peers=2")
+    args = ["outer=diloco", "outer.sync_every=12", "outer.local_steps=balanced", "steps=72"]
+    peers = {"fast": peer("fast", address, *args), "slow": peer("slow", address, *args, "emulated_speed=0.5")}
+    _finish(tmp_path, peers)
+    fast, slow = (_records(tmp_path / name, "round") for name in ("fast", "slow"))
+    assert [r["round"] for r in fast] == [r["round"] for r in slow] == list(range(6))
+    assert [r["state_hash"] for r in fast] == [r["state_hash"] for r in slow]
+    assert [r["local_steps"] for r in fast] == [r["local_steps"] for r in slow]
+    assert fast[0]["local_steps"] == {"fast": 12, "slow": 12}  # no rates measured yet: H for everyone
+    # round 1 is assigned from rates that still carry each process's slow first steps (imports, warm-up)
+    for r in fast[2:]:  # measured on a shared machine: fewer than the fast peer, at least one
+        assert r["local_steps"]["fast"] == 12 and 1 <= r["local_steps"]["slow"] <= 11, r["local_steps"]
+        by_peer = dict(zip(r["members"], r["weights"]))
+        assert by_peer["fast"] * r["local_steps"]["slow"] == by_peer["slow"] * 12  # samples (same batch)
+    assert sum(r["local_steps"]["slow"] for r in fast[2:]) <= 0.8 * 12 * len(fast[2:])
+    for recs, name in ((fast, "fast"), (slow, "slow")):
+        assert [r["steps"] for r in recs] == [r["local_steps"][name] for r in recs]
+        assert sum(r["steps_lost"] for r in recs) == 0 and not any(r["sat_out"] for r in recs)
+        assert not _records(tmp_path / name, "heal")
+    for name in peers:  # the schedules follow the rounds: both end at the last step
+        assert json.load(open(tmp_path / name / "summary.json"))["step"] == 72
