@@ -152,8 +152,11 @@ def _worker_main() -> int:
                 _Corrupt(codec) if cmd.get("corrupt") else codec, timeout_margin_s=MARGIN_S
             )
         members = tuple((m, f"127.0.0.1:{20000 + i}") for i, m in enumerate(cmd["members"]))
-        group = Group(cmd["qid"], cmd["round"], members, cmd["me"], cmd["op"], cmd["store"])
+        weights = tuple(cmd.get("weights") or ())
+        group = Group(cmd["qid"], cmd["round"], members, cmd["me"], cmd["op"], cmd["store"], weights)
         x = make_input(cmd["seed"], cmd["n"])
+        if "scale" in cmd:
+            x = x * cmd["scale"]
         if cmd.get("nan"):
             x[x.numel() // 2] = float("nan")
         reply = {}
@@ -298,6 +301,7 @@ def run(
     op="all",
     out_dir=None,
     per_member=None,
+    weights=(),
 ):
     """Have ``callers`` (a subset of ``members``) run one collective; their replies in order."""
     ids = [w.id for w in members]
@@ -315,6 +319,7 @@ def run(
             n=n,
             seed=seed_of(w.id, qid, rnd, op),
             out=str(out_dir / f"{w.id}.bin") if out_dir is not None else None,
+            weights=list(weights),
         )
         cmd.update((per_member or {}).get(w.id, {}))
         w.send(**cmd)
@@ -364,6 +369,75 @@ def test_mean_is_bit_identical_on_every_member(pool, store, tmp_path, k):
                 assert torch.equal(got, want), (codec, n)
                 moved = (k - 1) * (1 + make_codec(codec).encoded_size(n))
             assert all(r["sent"] == r["recv"] == moved for r in replies)
+
+
+# --------------------------------------------------------------------------- (a') weighted means
+
+# ring order; a 0 (first for k = 3: gloo starts its sum from that part); weights of 13-14 bits, so that
+# w * part is not exact in float32 even for the few significant bits of decoded fp16 / int8 / int4 values
+WEIGHTED = {3: (0, 8191, 12345), 4: (4099, 0, 12289, 1)}
+REAL_CODECS = ("fp32", "fp16", "bf16", "int8", "int4")  # dtrain.config.CODEC_NAMES, checked below
+
+
+def weighted_expected(ids, qid, rnd, op, codec_label, n, weights, scales):
+    """(float64 weighted mean, inputs) for fp32; for the others the documented float32 arithmetic written
+    out in numpy: decode every payload, ``total + fl(w * part)`` in ring order from zeros, ``/ sum(w)``."""
+    xs = [make_input(seed_of(i, qid, rnd, op), n) * scales[i] for i in ids]
+    codec = make_codec(codec_label)
+    if codec.name == "fp32":
+        w = torch.tensor(weights, dtype=torch.float64).unsqueeze(1)
+        return (w * torch.stack([x.double() for x in xs])).sum(0) / sum(weights), xs
+    total = np.zeros(n, dtype=np.float32)
+    for x, w in zip(xs, weights):
+        if w:
+            total = total + codec.decode(codec.encode(x), n).numpy() * np.float32(w)
+    return torch.from_numpy(total / np.float32(sum(weights))), xs
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("k", sorted(WEIGHTED))
+def test_weighted_mean_is_bit_identical_and_follows_the_weights(pool, store, tmp_path, k):
+    """Unequal weights (one of them 0, its member holding huge values): every member has the same bits,
+    the weighted mean of the decoded payloads in ring order (fp32, gloo's own allreduce: within float32
+    rounding of the float64 weighted mean); all weights 1: exactly the bits of the unweighted group."""
+    if get_codec is not None:
+        from dtrain.config import CODEC_NAMES
+
+        assert tuple(CODEC_NAMES) == REAL_CODECS
+    members = pool.get(k)
+    ids = [w.id for w in members]
+    weights = WEIGHTED[k]
+    qid = next(_qids)
+    for codec in REAL_CODECS if get_codec is not None else ("test-fp32", "test-int8"):
+        base = 1e-2 if codec == "fp16" else 1.0  # fp16 holds |x| <= 65504
+        huge = 0.5 if codec == "fp16" else 1e30  # the 0-weight member: far larger than everyone else
+        scales = {i: (huge if w == 0 else base) for i, w in zip(ids, weights)}
+        per_member = {i: {"scale": s} for i, s in scales.items()}
+        for n in (7, 100_003):
+            op = f"w-{codec}-{n}"
+            kw = dict(op=op, per_member=per_member)
+            check_ok(run(members, members, store, qid, 1, codec, n, out_dir=tmp_path, weights=weights, **kw))
+            got = torch.from_numpy(np.fromfile(tmp_path / f"{ids[0]}.bin", dtype=np.float32))
+            want, xs = weighted_expected(ids, qid, 1, op, codec, n, weights, scales)
+            if want.dtype == torch.float64:  # product, k-1 sums, division: within k+1 float32 roundings
+                w = torch.tensor(weights, dtype=torch.float64).unsqueeze(1)
+                scale = (w * torch.stack([x.abs().double() for x in xs])).sum(0) / sum(weights)
+                bound = (k + 1) * 2.0**-23 * scale
+                assert bool(((got.double() - want).abs() <= bound + 1e-30).all()), (codec, n)
+            else:
+                assert torch.equal(got, want), (codec, n)
+            # all weights 1 (what integer_weights gives equal samples) and no weights: the same bits
+            ones = run(members, members, store, qid, 2, codec, n, weights=(1,) * k, **kw)
+            plain = run(members, members, store, qid, 2, codec, n, **kw)
+            check_ok(ones + plain)
+            assert ones[0]["sha"] == plain[0]["sha"], (codec, n)
+    # finite inputs whose weighted sum overflows: refused by everyone, nobody named, nothing returned
+    for codec in ("fp32", "int8") if get_codec is not None else ():
+        big = {i: {"scale": 1e35} for i in ids}
+        for r in run(
+            members, members, store, qid, 3, codec, 1000, op=f"w-{codec}-1000", per_member=big, weights=weights
+        ):
+            assert not r["ok"] and r["culprit"] is None and "overflowed" in r["error"], (codec, r)
 
 
 # --------------------------------------------------------------------------- (b) reuse, then rebuild

@@ -84,9 +84,9 @@ class Cluster:
     collectives: List[GrpcCollective]
     inboxes: List[ShardInbox]
 
-    def group(self, i: int, round: int, quorum_id: int = 1, op: str = "all", members=None) -> Group:
+    def group(self, i: int, round: int, quorum_id: int = 1, op: str = "all", members=None, weights=()) -> Group:
         members = self.members if members is None else members
-        return Group(quorum_id, round, tuple(members), members[i][0], op)
+        return Group(quorum_id, round, tuple(members), members[i][0], op, weights=tuple(weights))
 
 
 @pytest.fixture
@@ -179,6 +179,21 @@ def reference(xs, codec: Codec) -> torch.Tensor:
     return out
 
 
+def weighted_reference(xs, codec: Codec, weights) -> torch.Tensor:
+    """``reference`` with weights, its float32 arithmetic written out in numpy: owner i adds
+    ``fl(w_j * D(E(x_j[shard i])))`` in ring order from zeros (skipping w_j = 0), divides by sum(w), and
+    everyone decodes E(that)."""
+    k, n = len(xs), xs[0].numpy().size
+    out = torch.empty(n)
+    for start, m in shard_bounds(n, k, getattr(codec, "block_size", 1)):
+        s = np.zeros(m, dtype=np.float32)
+        for x, w in zip(xs, weights):
+            if w:
+                s = s + codec.decode(codec.encode(x[start : start + m].contiguous()), m).numpy() * np.float32(w)
+        out[start : start + m] = codec.decode(codec.encode(torch.from_numpy(s / np.float32(sum(weights)))), m)
+    return out
+
+
 def ok_results(outs) -> List[CollectiveResult]:
     for r, _ in outs:
         if isinstance(r, Exception):
@@ -217,6 +232,53 @@ def test_mean_is_bit_identical_on_every_member(cluster, codec_name, k):
         assert inbox.open_groups() == [] and inbox.early_bytes() == 0
     # channels stay open across calls: one per (destination, lane)
     assert all(len(col._channels) <= (k - 1) * 2 for col in c.collectives)
+
+
+# ring order (k = 4: a 0, whose member holds huge values); 13-14-bit weights, so that w * part is not exact in
+# float32 even for the few significant bits of decoded fp16 / int8 / int4 values
+WEIGHTED = {2: (8191, 12345), 4: (4099, 0, 12289, 1)}
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("codec_name", sorted(CODECS))
+@pytest.mark.parametrize("k", sorted(WEIGHTED))
+def test_weighted_mean_is_bit_identical_and_follows_the_weights(cluster, codec_name, k):
+    """Unequal weights: every member has the same bits, those of the weighted owner sums of the decoded
+    slices in ring order (fp32: within float32 rounding of the float64 weighted mean); a 0-weight member's
+    values, however large, count for nothing; all weights 1: exactly the bits of the unweighted group."""
+    c = cluster(k, codec=CODECS[codec_name], chunk_bytes=1000)
+    codec = CODECS[codec_name]()
+    weights = WEIGHTED[k]
+    huge = 0.5e4 if codec_name == "fp16" else 1e30  # fp16 holds |x| <= 65504
+    gen = torch.Generator().manual_seed(77 * k + len(codec_name))
+    w64 = torch.tensor(weights, dtype=torch.float64).unsqueeze(1)
+    for rnd, n in enumerate([7, k * 37 + 1, 12_345]):
+        xs = [torch.randn(n, generator=gen) * (huge if w == 0 else 1 + j) for j, w in enumerate(weights)]
+        results = ok_results(allreduce(c, xs, 3 * rnd, weights=weights))
+        first = results[0].tensor
+        assert first.dtype == torch.float32 and first.shape == (n,)
+        assert all(torch.equal(r.tensor, first) for r in results[1:])
+        assert torch.equal(first, weighted_reference(xs, codec, weights))
+        mean64 = (w64 * torch.stack([x.double() for x in xs])).sum(0) / sum(weights)
+        scale = float((w64 * torch.stack([x.abs().double() for x in xs])).sum(0).max()) / sum(weights)
+        if codec.lossless:
+            assert float((first.double() - mean64).abs().max()) <= (k + 1) * 2.0**-24 * scale
+        else:  # the huge values are ignored: the error is that of the weighted members' scale
+            assert float((first.double() - mean64).abs().max()) <= TOLERANCE[codec_name] * scale
+        ones = ok_results(allreduce(c, xs, 3 * rnd + 1, weights=(1,) * k))
+        plain = ok_results(allreduce(c, xs, 3 * rnd + 2))
+        assert all(bits(r.tensor) == bits(plain[0].tensor) for r in ones + plain)
+    # finite inputs whose weighted sum overflows: the owners refuse to encode it (k = 2: both owners fail at
+    # once; with more, a member whose slices are all delivered may only learn of it at the deadline)
+    if k == 2 and codec_name != "fp16":
+        xs = [torch.full((1000,), 1e35 * (1 + j)) for j in range(k)]
+        outs = allreduce(c, xs, 99, deadline_s=5.0, weights=weights)
+        assert_all_fail(outs, 5.0)
+        assert any("cannot encode" in str(r) for r, _ in outs)
+
+
+def bits(t: torch.Tensor) -> bytes:
+    return t.numpy().tobytes()
 
 
 @pytest.mark.timeout(30)

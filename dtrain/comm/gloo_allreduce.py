@@ -15,6 +15,10 @@ member returns the same bits of mean = (x_0 + ... + x_{k-1}) / k.
   payload that does not decode (CodecError, shape, non-finite) raises
   CollectiveError naming its sender; the status byte lets a member that cannot
   encode its input (NaN, overflow) take part and be named rather than stall.
+- weights (``group.weights``, ``dtrain.outer.weighting``): fp32 scales x_m by
+  w_m before the SUM; the others add fl(w_m * D(p_m)) (never fused), skipping
+  w_m = 0; both divide by sum(w). All weights 1: the bits above. A sum that
+  overflows (finite inputs) raises CollectiveError naming nobody, both paths.
 
 Bytes per member (sent = received). gloo has no transport counters reachable
 from Python, so these are what the algorithm moves (no TCP framing):
@@ -256,7 +260,10 @@ class GlooCollective(Collective):
                 weighted_sum_into(total, part, weight)
         if total is None:  # one payload per member, this one included: only an empty group gets here
             raise CollectiveError(f"no payloads to average in a group of {group.size}")
-        return total.div_(group.total_weight)
+        total.div_(group.total_weight)
+        if not _finite(total):  # as the fp32 path, and grpc's owner (its encode refuses it): never apply inf
+            raise CollectiveError("the sum of the decoded payloads overflowed (every payload was finite)")
+        return total
 
     # ------------------------------------------------------------ groups
 

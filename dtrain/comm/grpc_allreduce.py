@@ -9,6 +9,8 @@ is **owned** by member i. With E/D the codec's encode/decode:
       for i != m. Owner i computes, in float32 and in ring order,
           s_i = ((0 + D(E(x_0[i]))) + D(E(x_1[i]))) + ... + D(E(x_{k-1}[i]))
           y_i = E(s_i / k)
+      (with ``group.weights``: s_i adds fl(w_j * D(E(x_j[i]))), skipping
+      w_j = 0, and y_i = E(s_i / sum(w)); see ``dtrain.outer.weighting``)
       Its own slice also goes through D(E(.)) (our choice; only the owner
       uses it, so parity holds either way): every contribution is quantised
       the same way wherever it is owned, and error feedback, which assumes the

@@ -25,8 +25,9 @@ weighted units and divided by the next round's own weight when compensating:
 
     v_t     = x_t + e_t / w_t,     e_{t+1} = w_t * (v_t - x̂_t)
 
-so sum_t w_t * x̂_t tracks sum_t w_t * x_t the same way. With w = 1 (and
-whenever the weight does not change) it is exactly the rule above. A round
+so sum_t w_t * x̂_t tracks sum_t w_t * x_t the same way. With w = 1 it is
+the rule above, bit for bit; with any other constant w, the same rule up to
+float32 rounding of (w * d) / w (bit for bit when w is a power of two). A round
 in which the member sits out (w = 0) sends nothing and leaves e unchanged.
 
 When an exchange can fail, use the two-step form: ``v = compensate(name, x)``,

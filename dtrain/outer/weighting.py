@@ -9,9 +9,13 @@ computed exactly as the unweighted one always was::
 
     mean = (w_1 * x_1 + w_2 * x_2 + ... + w_k * x_k) / (w_1 + ... + w_k)
 
-summed in the fixed member (ring) order in float32, one ``add_`` per member
-(``alpha = w_i``, skipped when ``w_i = 0``), then one division: every member
-that sums the same decoded parts in the same order gets the same bits.
+summed in the fixed member (ring) order in float32, from zeros, one term per
+member: ``total += fl(w_i * x_i)`` (the product rounded to float32, then the
+sum: two roundings; skipped when ``w_i = 0``), then one division: every member
+that sums the same decoded parts in the same order gets the same bits, on any
+CPU. (Never ``add_(x_i, alpha=w_i)``: torch fuses that into one FMA in its
+AVX2/AVX512 kernels and not in its default (scalar) ones, so its bits would
+depend on the machine; the gloo members each compute this sum themselves.)
 """
 
 from __future__ import annotations
@@ -38,11 +42,12 @@ def integer_weights(samples: Sequence[int], weighting: str = "samples") -> Tuple
 
 
 def weighted_sum_into(total: torch.Tensor, part: torch.Tensor, weight: int) -> None:
-    """``total += weight * part`` in place (one step of the fixed-order sum; a 0 weight adds nothing)."""
+    """``total += fl(weight * part)`` in place, two roundings (one step of the fixed-order sum; a 0 weight
+    adds nothing)."""
     if weight == 1:
         total.add_(part)
     elif weight:
-        total.add_(part, alpha=weight)
+        total.add_(part * weight)  # not alpha=weight: a fused multiply-add on some CPUs only (module docstring)
 
 
 def finish_mean(total: torch.Tensor, weights: Sequence[int]) -> torch.Tensor:
