@@ -3,6 +3,10 @@ the inner optimizer's flat state, and the outer config checks."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from torch import nn
@@ -142,3 +146,32 @@ def test_outer_config_checks():
     with pytest.raises(ConfigError, match="outer.codec"):
         OuterConfig(codec="int2")
     OuterConfig(name="diloco", sync_every=8, fragments=4, overlap_steps=1)
+
+
+_OUTER_STEP_CHILD = r"""
+import hashlib, numpy as np, torch
+from dtrain.outer.outer_opt import OuterNesterov
+rng = np.random.default_rng(7)
+theta, v, g = (torch.from_numpy(rng.standard_normal(50_003).astype(np.float32)) for _ in range(3))
+for nesterov in (True, False):
+    OuterNesterov(0.7, 0.9, nesterov).step(theta, v, g, round=0)
+digest = hashlib.sha256(theta.numpy().tobytes() + v.numpy().tobytes()).hexdigest()
+print(torch.backends.cpu.get_cpu_capability(), digest)
+"""
+
+
+def test_outer_step_bits_do_not_depend_on_the_cpu_capability():
+    """Peers on different CPUs apply the same outer step: torch's scalar kernels (``ATEN_CPU_CAPABILITY=default``)
+    and this machine's vectorised ones give the same bits (no fused multiply-add)."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    runs = []
+    for capability in ("default", ""):
+        env = {k: v for k, v in os.environ.items() if k != "ATEN_CPU_CAPABILITY"}
+        env.update(PYTHONPATH=repo, OMP_NUM_THREADS="1", **({"ATEN_CPU_CAPABILITY": capability} if capability else {}))
+        out = subprocess.run(
+            [sys.executable, "-c", _OUTER_STEP_CHILD], env=env, capture_output=True, text=True, timeout=120
+        )
+        assert out.returncode == 0, out.stderr
+        runs.append(out.stdout.split())
+    assert runs[0][0] == "DEFAULT" and runs[1][0] != "DEFAULT"
+    assert runs[0][1] == runs[1][1]

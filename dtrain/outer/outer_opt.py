@@ -9,8 +9,9 @@ like a gradient), for the parameters it covers:
 
 DiLoCo's defaults: lr 0.7, mu 0.9. ``lr_t`` is constant or follows a cosine
 over the run's rounds. Everything is float32 on the CPU in a fixed order of
-operations, so every peer that applies the same g to the same state gets the
-same bits (on machines with the same float behaviour).
+operations, each product rounded before it is added (no fused multiply-add,
+which torch uses on some CPUs and not on others), so every peer that applies
+the same g to the same state gets the same bits.
 """
 
 from __future__ import annotations
@@ -46,8 +47,10 @@ class OuterNesterov:
     def step(self, theta: torch.Tensor, velocity: torch.Tensor, g: torch.Tensor, round: int) -> None:
         """Update ``theta`` and ``velocity`` (views of the global state) in place."""
         lr = self.lr_at(round)
+        # every product is rounded on its own before the sum (no ``alpha=``): torch fuses ``add(x, alpha=a)``
+        # into one multiply-add on some CPUs and not on others, which would give peers different bits
         velocity.mul_(self.momentum).add_(g)
         if self.nesterov:
-            theta.sub_(g.add(velocity, alpha=self.momentum), alpha=lr)
+            theta.sub_(g.add(velocity * self.momentum) * lr)
         else:
-            theta.sub_(velocity, alpha=lr)
+            theta.sub_(velocity * lr)
