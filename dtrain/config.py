@@ -584,6 +584,35 @@ class ControlConfig:
 
 
 @dataclass
+class CapacityConfig:
+    """What this peer can train: the whole supernet (every limit null), or the subnets within its budgets.
+
+    The peer derives its top arch, the largest arch within the budgets (``dtrain.supernet.capacity``), and
+    trains only archs inside it: its sandwich is the top arch, the space's smallest subnet and random archs
+    below the top; its outer pseudo-gradient covers the top arch's slice of the supernet."""
+
+    max_macs: Optional[int] = None  # multiply-accumulates of one sample's forward pass
+    max_params: Optional[int] = None
+    max_latency_ms: Optional[float] = None  # predicted from a dtrain-latency table
+    latency_table: str = ""  # the dtrain-latency JSON; required with max_latency_ms
+
+    def __post_init__(self) -> None:
+        for key in ("max_macs", "max_params", "max_latency_ms"):
+            v = getattr(self, key)
+            _check(v is None or v > 0, f"capacity.{key}", v, "must be > 0, or null for the whole supernet")
+        _check(
+            self.max_latency_ms is None or bool(self.latency_table),
+            "capacity.latency_table",
+            self.latency_table,
+            "give a dtrain-latency table with capacity.max_latency_ms",
+        )
+
+    @property
+    def capped(self) -> bool:
+        return any(v is not None for v in (self.max_macs, self.max_params, self.max_latency_ms))
+
+
+@dataclass
 class TrainConfig:
     """``dtrain-train``: one peer training the supernet (one process or torchrun ranks)."""
 
@@ -594,6 +623,7 @@ class TrainConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     outer: OuterConfig = field(default_factory=OuterConfig)  # group outer
     control: ControlConfig = field(default_factory=ControlConfig)  # group control
+    capacity: CapacityConfig = field(default_factory=CapacityConfig)
     seed: int = 0
     peer_id: str = "peer0"
     run_dir: str = MISSING
@@ -625,6 +655,8 @@ class TrainConfig:
             self.outer = OuterConfig(**self.outer)
         if isinstance(self.control, dict):
             self.control = ControlConfig(**self.control)
+        if isinstance(self.capacity, dict):
+            self.capacity = CapacityConfig(**self.capacity)
         _check(
             self.outer.name == "none" or bool(self.control.coordinator),
             "control.coordinator",

@@ -9,8 +9,6 @@ it was built for (its hash is checked) and the machine it was measured on.
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import json
 import os
 import random
@@ -21,15 +19,8 @@ from typing import Callable, Optional
 import torch
 
 from ..atomic_io import atomic_write_bytes
-from ..config import ConfigError
 from ..supernet import latency_units
-
-TABLE_VERSION = 1
-
-
-def model_config_hash(model_cfg) -> str:
-    blob = json.dumps(dataclasses.asdict(model_cfg), sort_keys=True).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
+from ..supernet.latency_table import TABLE_VERSION, model_config_hash, predict_ms
 
 
 def _device_name(device: torch.device) -> str:
@@ -84,16 +75,6 @@ def build_table(
     }
 
 
-def predict_ms(model, entries: dict, arch: dict, where: str = "the latency table") -> float:
-    """The table's latency of ``arch``: the sum of its units' entries."""
-    total = 0.0
-    for unit in latency_units.units(model, arch):
-        if unit not in entries:
-            raise ConfigError(f"{where} has no entry {unit!r}: rebuild it with dtrain-latency")
-        total += entries[unit]
-    return total
-
-
 def check_table(model, table: dict, device: torch.device, n: int, warmup: int, repeats: int, seed: int = 0) -> list:
     """Time ``n`` whole extracted subnets (largest, smallest, then seeded random ones) and set
     each beside the table's prediction: how far the sum of units is from the real thing
@@ -123,26 +104,3 @@ def check_table(model, table: dict, device: torch.device, n: int, warmup: int, r
 def save_table(path: str, table: dict) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     atomic_write_bytes(path, (json.dumps(table, indent=1, sort_keys=True) + "\n").encode())
-
-
-class LatencyTable:
-    """A loaded table that predicts the latency of archs of one model config."""
-
-    def __init__(self, path: str, model, model_cfg):
-        try:
-            with open(path, encoding="utf-8") as f:
-                table = json.load(f)
-        except (OSError, ValueError) as ex:
-            raise ConfigError(f"latency table {path!r} cannot be read ({ex}): build one with dtrain-latency") from ex
-        if not isinstance(table, dict) or table.get("version") != TABLE_VERSION or "entries" not in table:
-            raise ConfigError(f"latency table {path!r} is not a dtrain-latency table (version {TABLE_VERSION})")
-        if table.get("model_config_hash") != model_config_hash(model_cfg):
-            raise ConfigError(
-                f"latency table {path!r} was built for another model config: rebuild it with "
-                f"dtrain-latency checkpoint=... out={path}"
-            )
-        self.path, self.model, self.table = path, model, table
-        self.entries = table["entries"]
-
-    def predict(self, arch: dict) -> float:
-        return predict_ms(self.model, self.entries, arch, where=f"latency table {self.path!r}")

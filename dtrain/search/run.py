@@ -21,11 +21,11 @@ from ..config import ConfigError
 from ..data import build_data
 from ..obs.pareto_plot import plot_pareto
 from ..obs.table import format_table, human
+from ..supernet.budget import Budget
 from ..train.distributed import init_distributed, shutdown_distributed
 from ..train.evaluate import calibration_batches
 from ..train.model_data import check_model_data
 from ..train.seeds import derive_seed
-from .budget import Budget
 from .evolution import EvolutionarySearch
 from .scorer import SubnetScorer
 from .source import load_source

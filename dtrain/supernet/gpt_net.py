@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import activations as act
 from . import static_gpt as S
 from .base import Supernet
 from .drop_path import drop_path
@@ -49,7 +50,7 @@ class ElasticMLP(nn.Module):
         self.fc1.active_out, self.fc2.active_out = ratio * embed, embed
 
     def forward(self, x: torch.Tensor, regularize: bool = False) -> torch.Tensor:
-        y = self.fc2(F.gelu(self.fc1(x)))
+        y = self.fc2(act.gelu(self.fc1(x)))
         p = self.dropout if regularize else 0.0
         return F.dropout(y, p, training=True) if p > 0 else y
 

@@ -83,6 +83,11 @@ class GPTSpace(SearchSpace):
         per_layer = len(self.heads) * len(self.mlp_ratios)
         return len(self.embed_dims) * sum(per_layer**d for d in self.depths)
 
+    def within(self, arch: dict, top: dict) -> bool:
+        if arch["depth"] > top["depth"] or arch["embed"] > top["embed"]:
+            return False
+        return all(h <= top["heads"][i] and r <= top["mlp_ratio"][i] for i, h, r in self.active_layers(arch))
+
     def active_layers(self, arch: dict):
         """(layer index, heads, mlp_ratio) of every layer that runs."""
         for i in range(arch["depth"]):

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import activations as act
 from . import static_mbv3 as S
 from .base import Supernet
 from .drop_path import drop_path
@@ -28,7 +29,7 @@ from .mbv3_space import MBV3Space
 
 
 def _act(x: torch.Tensor, name: str) -> torch.Tensor:
-    return F.relu(x) if name == "relu" else F.hardswish(x)
+    return act.relu(x) if name == "relu" else act.hardswish(x)
 
 
 class ElasticSE(nn.Module):
@@ -42,7 +43,7 @@ class ElasticSE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s = x.mean((2, 3))
-        s = F.hardsigmoid(self.expand(F.relu(self.reduce(s))))
+        s = act.hardsigmoid(self.expand(act.relu(self.reduce(s))))
         return x * s[:, :, None, None]
 
     def to_static(self, channels: int) -> S.SqueezeExcite:
@@ -165,11 +166,11 @@ class MBV3Supernet(Supernet):
     def features(self, x: torch.Tensor) -> torch.Tensor:
         reg = self.regularizing
         h = _act(self.stem_bn(self.stem_conv(x)), self.cfg.stem_act)
-        h = h + self.first_pw_bn(self.first_pw(F.relu(self.first_dw_bn(self.first_dw(h)))))
+        h = h + self.first_pw_bn(self.first_pw(act.relu(self.first_dw_bn(self.first_dw(h)))))
         for block in self._run:
             h = block(h, reg)
-        h = F.hardswish(self.final_bn(self.final_conv(h)))
-        return F.hardswish(self.feature_mix(h.mean((2, 3))))
+        h = act.hardswish(self.final_bn(self.final_conv(h)))
+        return act.hardswish(self.feature_mix(h.mean((2, 3))))
 
     def forward(self, x: torch.Tensor, return_clean: bool = False):
         feat = self.features(x)

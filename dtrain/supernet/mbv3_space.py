@@ -90,6 +90,16 @@ class MBV3Space(SearchSpace):
         per_stage = sum(per_block**d for d in self.depths)
         return len(self.resolutions) * per_stage**self.n_stages
 
+    def within(self, arch: dict, top: dict) -> bool:
+        if arch["resolution"] > top["resolution"]:
+            return False
+        if any(d > t for d, t in zip(arch["depth"], top["depth"])):
+            return False
+        return all(
+            arch["kernel"][j] <= top["kernel"][j] and arch["expand"][j] <= top["expand"][j]
+            for j in (s * self.max_depth + i for s, i, _, _ in self.active_blocks(arch))
+        )
+
     def active_blocks(self, arch: dict):
         """(stage, block index within stage, kernel, expand) of every block that runs."""
         for s, d in enumerate(arch["depth"]):

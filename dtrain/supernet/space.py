@@ -64,6 +64,24 @@ class SearchSpace(ABC):
             out += [(k, i) for i in range(len(v))] if isinstance(v, list) else [(k, None)]
         return out
 
+    @abstractmethod
+    def within(self, arch: dict, top: dict) -> bool:
+        """Whether ``arch`` lies inside ``top``: every value it runs is at most ``top``'s (fewer blocks or
+        layers, narrower, smaller kernels, lower resolution), so it uses only parameters ``top`` uses (and
+        the smaller-kernel transforms below them)."""
+
+    def sample_within(self, top: dict, rng: random.Random) -> dict:
+        """A random arch inside ``top``: every value drawn from the choices up to ``top``'s."""
+        table = self.choice_table()
+        arch = {}
+        for key, value in top.items():
+            choices = table[key]
+            if isinstance(value, list):
+                arch[key] = [rng.choice([c for c in choices if c <= v]) for v in value]
+            else:
+                arch[key] = rng.choice([c for c in choices if c <= value])
+        return self.validate(arch)
+
     def key(self, arch: dict) -> str:
         """A stable string for an arch (canonical JSON), for dedup and caches."""
         return json.dumps(self.validate(arch), sort_keys=True, separators=(",", ":"))
