@@ -764,6 +764,8 @@ class ChaosConfig:
     coordinator_down_s: float = 1.0
     cluster_restart_at_s: List[float] = field(default_factory=list)  # SIGKILL everything, restart from checkpoints
     min_alive: int = 1  # never take the live peers below this
+    slowdown_at_s: List[float] = field(default_factory=list)  # a seeded random peer runs at chaos.slowdown from then
+    slowdown: float = 0.25  # its speed from then on: SIGSTOP/SIGCONT duty cycle, (1 - s) of every 50 ms stopped
 
     def __post_init__(self) -> None:
         _check_interval("chaos.kill_every_s", self.kill_every_s)
@@ -774,12 +776,13 @@ class ChaosConfig:
             self.restart_after_s,
             "null or >= 0",
         )
-        for key in ("kill_at_s", "join_at_s", "coordinator_restart_at_s", "cluster_restart_at_s"):
+        for key in ("kill_at_s", "join_at_s", "coordinator_restart_at_s", "cluster_restart_at_s", "slowdown_at_s"):
             _check(
                 all(x >= 0 for x in getattr(self, key)), f"chaos.{key}", list(getattr(self, key)), "times >= 0 seconds"
             )
         _check(self.coordinator_down_s >= 0, "chaos.coordinator_down_s", self.coordinator_down_s, "must be >= 0")
         _check(self.min_alive >= 1, "chaos.min_alive", self.min_alive, "must be >= 1")
+        _check(0 < self.slowdown < 1, "chaos.slowdown", self.slowdown, "must be in (0, 1): the slowed peer's speed")
 
 
 @dataclass
@@ -791,10 +794,12 @@ class SimSizeConfig:
     inner_steps: int = 10  # H: every peer's outer.sync_every
     nproc_per_peer: List[int] = field(default_factory=lambda: [1])  # ranks of peer i: entry i mod len
     regions: List[str] = field(default_factory=lambda: ["eu", "us"])  # region of peer i: entry i mod len
+    # < 1: the peer's every inner step lasts 1/speed of its natural time (dtrain-train's emulated_speed)
+    speed: List[float] = field(default_factory=lambda: [1.0])  # emulated speed of peer i: entry i mod len, in (0, 1]
     coordinator_region: str = ""  # default: the first region
     peer: str = "train"  # train (dtrain-train) | model_free (dtrain.sim.model_free_peer, tests)
-    peer_args: List[str] = field(
-        default_factory=lambda: [  # extra overrides for every dtrain-train
+    peer_args: List[str] = field(  # extra overrides for every dtrain-train
+        default_factory=lambda: [
             "batch_size=32",
             "eval_every=0",
             "log_every=5",
@@ -819,6 +824,7 @@ class SimSizeConfig:
             list(self.nproc_per_peer),
             "a list of positive rank counts, e.g. [2, 1]",
         )
+        _check_list("sim.speed", self.speed, lambda v: 0 < v <= 1, "a list of speeds in (0, 1], e.g. [1.0, 0.5]")
         _check_choice("sim.peer", self.peer, ("train", "model_free"))
         _check(self.numel >= 1, "sim.numel", self.numel, "must be >= 1")
         _check(self.step_s >= 0, "sim.step_s", self.step_s, "must be >= 0")

@@ -22,6 +22,7 @@ EVENT_COLORS = {
     "cluster_restart": "black",
     "link_reset": "tab:orange",
     "link_stall": "tab:brown",
+    "slowdown": "tab:pink",
 }
 MAX_EVENT_LABELS = 12  # more chaos events than this: colours and a legend only, no text per line
 
@@ -230,10 +231,18 @@ def plot_bytes(run: Run, path: str, dpi: int) -> Optional[str]:
 
 
 def plot_round_time(run: Run, path: str, dpi: int) -> Optional[str]:
+    """Top: the mean round time split into compute / comm / wait / other. Below it, when the round records
+    carry per-peer steps: the inner steps each peer trained into each round (one line per peer; a slower
+    peer under ``outer.local_steps=balanced`` trains fewer), with the rounds chaos slowdowns hit marked."""
     rows = S.round_time_split(run)
     if not rows:
         return "no committed rounds with timings (not a DiLoCo run)"
-    fig, ax = _subplots(figsize=(8, 4))
+    steps = S.steps_per_round(run)
+    if steps:
+        fig, (ax, sax) = _subplots(2, 1, figsize=(8, 6), sharex=True, gridspec_kw={"height_ratios": [3, 2]})
+    else:
+        fig, ax = _subplots(figsize=(8, 4))
+        sax = None
     rounds = [r[0] for r in rows]
     bottom = [0.0] * len(rows)
     for i, (name, color) in enumerate(
@@ -244,12 +253,32 @@ def plot_round_time(run: Run, path: str, dpi: int) -> Optional[str]:
             continue
         ax.bar(rounds, ys, bottom=bottom, color=color, label=name)
         bottom = [b + y for b, y in zip(bottom, ys)]
-    ax.set_xlabel("round")
     ax.set_ylabel("seconds")
     ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize=8)
     several = len(S.round_records(run)) > 1
     ax.set_title("round time: compute / comm / wait" + (" (mean over peers)" if several else ""))
+    if sax is None:
+        ax.set_xlabel("round")
+    else:
+        from matplotlib.ticker import MaxNLocator
+
+        colors = _peer_colors(list(steps))
+        for peer, pts in sorted(steps.items()):
+            xs, ys = zip(*pts)
+            sax.plot(xs, ys, marker="o", ms=3, lw=1.2, color=colors[peer], label=peer, drawstyle="steps-mid")
+        for ev in run.events:
+            if ev.get("event") == "slowdown" and isinstance(ev.get("committed_round"), int):
+                label = f"slowdown {ev.get('peer', '')}"
+                sax.axvline(ev["committed_round"], color=EVENT_COLORS["slowdown"], ls=":", lw=1.2)
+                sax.text(ev["committed_round"], 0, label, rotation=90, va="bottom", ha="right", fontsize=7)
+        sax.set_ylim(bottom=0)
+        sax.yaxis.set_major_locator(MaxNLocator(integer=True))
+        sax.set_xlabel("round")
+        sax.set_ylabel("inner steps")
+        sax.grid(alpha=0.3)
+        sax.legend(fontsize=8, title="peer", loc="upper left", bbox_to_anchor=(1.01, 1.0))
+        sax.set_title("inner steps each peer trained into the round")
     _save(fig, path, dpi)
     return None
 
@@ -259,5 +288,5 @@ PLOTS: List[Tuple[str, str, Callable[[Run, str, int], Optional[str]]]] = [
     ("accuracy.png", "Accuracy", plot_accuracy),
     ("membership.png", "Membership and chaos events", plot_membership),
     ("bytes.png", "Bytes per round", plot_bytes),
-    ("round_time.png", "Round time: compute, communication, waiting", plot_round_time),
+    ("round_time.png", "Round time (compute, communication, waiting) and steps per peer", plot_round_time),
 ]

@@ -6,8 +6,11 @@
 ``report.md`` holds a title, the run's kind, a table of summary numbers
 (steps, rounds committed, final accuracy of the largest / smallest subnet,
 faults, recoveries and parity of a simulation, bytes moved, compute
-utilisation), then every figure, or a note saying why the run has no data
-for it. Stale figures of an earlier report in the same out_dir are removed.
+utilisation; when the round records carry per-peer steps, each peer's mean
+inner steps per round, compute utilisation and steps lost, as defined in
+``run_series.peer_work``), then every figure with its caption, or a note
+saying why the run has no data for it. Stale figures of an earlier report in
+the same out_dir are removed.
 """
 
 from __future__ import annotations
@@ -19,6 +22,15 @@ from ..atomic_io import atomic_write_bytes
 from .plots import PLOTS
 from .run_reader import Run, load_run
 from .run_series import summary_rows
+
+CAPTIONS = {
+    "round_time.png": (
+        "Bars: the mean round time over the peers that recorded the round. Lines (when the rounds record "
+        "per-peer steps): the inner steps each peer trained into the round; with "
+        "`outer.local_steps=balanced` a slower peer trains fewer, so no round waits for it. Dotted: a "
+        "`chaos.slowdown` (at the round committed when it hit)."
+    ),
+}
 
 
 def render_plots(run: Run, out_dir: str, dpi: int) -> List[Tuple[str, str, Optional[str]]]:
@@ -48,6 +60,8 @@ def report_markdown(run: Run, plots: List[Tuple[str, str, Optional[str]]]) -> st
     for name, title, why in plots:
         lines += ["", f"## {title}", ""]
         lines.append(f"_Not plotted: {why}._" if why else f"![{title}]({name})")
+        if not why and name in CAPTIONS:
+            lines += ["", CAPTIONS[name]]
     if run.torn_lines:
         lines += ["", "Torn lines of crashed writers, skipped: " + ", ".join(f"`{t}`" for t in run.torn_lines[:10])]
     return "\n".join(lines) + "\n"

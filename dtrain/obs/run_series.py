@@ -8,7 +8,10 @@ be checked without matplotlib. Conventions:
 - ``random`` is the mean loss of the random subnets ``rand0``, ``rand1``, ...
   of a step;
 - DiLoCo runs put evaluations on the round axis (step / H), others on steps;
-- times are seconds since the run started (``Run.t0``).
+- times are seconds since the run started (``Run.t0``);
+- a peer's work (steps per round, compute utilisation, steps lost) is
+  :func:`peer_work` of its records, the one definition ``dtrain-sim``'s
+  summary uses too.
 """
 
 from __future__ import annotations
@@ -16,10 +19,10 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Dict, List, Optional, Tuple
 
-from .run_reader import Run
+from .run_reader import PeerRun, Run
 from .table import human
 
-CHAOS = ("kill", "coordinator_restart", "cluster_restart", "link_reset", "link_stall")
+CHAOS = ("kill", "coordinator_restart", "cluster_restart", "link_reset", "link_stall", "slowdown")
 Point = Tuple[float, float]
 
 
@@ -48,9 +51,8 @@ def loss_series(run: Run) -> Dict[str, Dict[str, List[Point]]]:
 def outer_period(run: Run) -> int:
     """H (inner steps per round) when the run's peers use DiLoCo, else 0."""
     for pr in run.peers.values():
-        outer = pr.config.get("outer") or {}
-        if outer.get("name") == "diloco" and int(outer.get("sync_every") or 0) > 0:
-            return int(outer["sync_every"])
+        if period := peer_period(pr):
+            return period
     return 0
 
 
@@ -111,6 +113,111 @@ def round_time_split(run: Run) -> List[Tuple[int, float, float, float, float]]:
     return [(r, *(sum(x[i] for x in v) / len(v) for i in range(4))) for r, v in sorted(acc.items())]
 
 
+def round_steps(rec: dict, peer: str) -> Optional[int]:
+    """Inner steps ``peer`` trained into the round of its round record ``rec``: the coordinator's count
+    ``local_steps[peer]`` (0 for a member that sat the round out), else ``steps - steps_lost``; None when
+    the record has neither (model-free peers, records older than per-peer steps)."""
+    counted = rec.get("local_steps")
+    if isinstance(counted, dict) and isinstance(counted.get(peer), int):
+        return int(counted[peer])
+    if isinstance(rec.get("steps"), int):
+        return int(rec["steps"]) - int(rec.get("steps_lost") or 0)
+    return None
+
+
+def steps_per_round(run: Run) -> Dict[str, List[Point]]:
+    """peer -> [(round, inner steps it trained into the round)] (:func:`round_steps`); peers without any left out."""
+    out: Dict[str, List[Point]] = {}
+    for peer, rr in round_records(run).items():
+        pts: List[Point] = [(r, n) for r, rec in sorted(rr.items()) if (n := round_steps(rec, peer)) is not None]
+        if pts:
+            out[peer] = pts
+    return out
+
+
+def peer_work(peer: str, records: List[dict], period: int = 0) -> dict:
+    """One peer's work, from its metrics records in file order; ``period``: H (0: unknown).
+
+    - ``steps_per_round``: ``[[round, steps]]``, :func:`round_steps` of its round
+      records (the last one written per round), and ``mean_steps_per_round``;
+    - ``compute_utilisation``: ``compute_s / wall_s``, where ``wall_s`` is the time
+      from its first round record to its last (their ``time``) and ``compute_s``
+      the sum of ``compute_s`` (inner steps, emulated slowness included) of every
+      round record after the first, i.e. the compute that falls in that window;
+      compute a heal discarded is not in it. None with fewer than 2 round records;
+    - ``steps_lost``: inner steps it trained that no committed round applied:
+      ``steps_lost_rounds`` (``steps_lost`` of its round records: the probe step
+      of a round it sat out), ``steps_lost_heals`` (``steps_lost`` of its heal
+      records: steps trained before a heal replaced them) and
+      ``steps_lost_after_last_round``: for each run of its process (a ``run``
+      start or resume record begins one), the steps its records show past the
+      step where its last round or heal of that run left it (``(round + 1) * H``
+      after a round, ``round * H`` after a heal, the start step before either):
+      a peer stopped, killed or left mid-round. It counts up to the last step a
+      record shows (``step`` records come every ``log_every`` steps, so after a
+      SIGKILL it is a lower bound); None when H is unknown (then not in
+      ``steps_lost``).
+    """
+    rounds = [r for r in records if r.get("kind") == "round" and isinstance(r.get("round"), int)]
+    by_round = {int(r["round"]): r for r in rounds}
+    spr = [[r, n] for r, rec in sorted(by_round.items()) if (n := round_steps(rec, peer)) is not None]
+    timed = sorted((float(r["time"]), r) for r in rounds if isinstance(r.get("time"), (int, float)))
+    wall = timed[-1][0] - timed[0][0] if len(timed) >= 2 else 0.0
+    compute = sum(float(r.get("compute_s") or 0.0) for _, r in timed[1:])
+    lost_rounds = sum(int(r.get("steps_lost") or 0) for r in rounds)
+    lost_heals = sum(int(r.get("steps_lost") or 0) for r in records if r.get("kind") == "heal")
+    tail = _steps_after_last_round(records, period) if period > 0 else None
+    return {
+        "rounds": len(by_round),
+        "steps_per_round": spr,
+        "mean_steps_per_round": (sum(n for _, n in spr) / len(spr)) if spr else None,
+        "compute_s": round(compute, 3),
+        "wall_s": round(wall, 3),
+        "compute_utilisation": (compute / wall) if wall > 0 else None,
+        "steps_lost": lost_rounds + lost_heals + (tail or 0),
+        "steps_lost_rounds": lost_rounds,
+        "steps_lost_heals": lost_heals,
+        "steps_lost_after_last_round": tail,
+    }
+
+
+def _steps_after_last_round(records: List[dict], period: int) -> int:
+    """Steps past the last round / heal of each run of the process (see :func:`peer_work`)."""
+    lost, anchor, furthest = 0, None, None
+    for rec in records:
+        kind, step = rec.get("kind"), rec.get("step")
+        step = step if isinstance(step, int) else None
+        if kind == "run" and rec.get("event") in ("start", "resume"):
+            if anchor is not None and furthest is not None:
+                lost += max(0, furthest - anchor)
+            anchor, furthest = step, None
+        elif kind == "round" and isinstance(rec.get("round"), int):
+            anchor, furthest = max(step or 0, (int(rec["round"]) + 1) * period), None
+        elif kind == "heal" and isinstance(rec.get("round"), int):
+            anchor, furthest = int(rec["round"]) * period, None
+        elif step is not None and kind in ("step", "eval", "summary", "run"):
+            furthest = step if furthest is None else max(furthest, step)
+    if anchor is not None and furthest is not None:
+        lost += max(0, furthest - anchor)
+    return lost
+
+
+def peer_period(pr: PeerRun, default: int = 0) -> int:
+    """H of one peer (its config.json), else ``default``."""
+    outer = pr.config.get("outer") or {}
+    if outer.get("name") == "diloco" and int(outer.get("sync_every") or 0) > 0:
+        return int(outer["sync_every"])
+    return default
+
+
+def work_by_peer(run: Run) -> Dict[str, dict]:
+    """peer -> :func:`peer_work` for the peers with round records."""
+    period = outer_period(run)
+    return {
+        peer: peer_work(peer, pr.records, peer_period(pr, period)) for peer, pr in run.peers.items() if pr.of("round")
+    }
+
+
 def membership(run: Run) -> dict:
     """{"live": [(t, peers running)], "members": [(t, members)], "quorum": [(t, quorum size)],
     "events": [(t, kind, label)]}.
@@ -168,6 +275,8 @@ def chaos_events(run: Run, t0: float) -> List[Tuple[float, str, str]]:
         if kind in CHAOS:
             who = ev.get("peer") or "-".join(str(ev[k]) for k in ("a", "b") if ev.get(k)) or ""
             sig = f" ({ev['signal']})" if ev.get("signal") else ""
+            if kind == "slowdown" and isinstance(ev.get("speed"), (int, float)):
+                sig = f" (x{ev['speed']:g})"
             events.append((t, kind, f"{kind.replace('_', ' ')} {who}{sig}".strip()))
         elif kind == "peer_start" and ev.get("reason") in ("chaos join", "restart"):
             label = "join" if ev["reason"] == "chaos join" else "restart"
@@ -278,6 +387,30 @@ def summary_rows(run: Run) -> List[Tuple[str, str]]:
     total = sum(float(rec.get("round_s") or 0.0) for d in rr.values() for rec in d.values())
     if total > 0:
         rows.append(("mean compute utilisation", f"{100 * compute / total:.1f}%"))
+    rows += _work_rows(work_by_peer(run))
     if run.torn_lines:
         rows.append(("torn lines skipped", str(len(run.torn_lines))))
+    return rows
+
+
+def _work_rows(work: Dict[str, dict]) -> List[Tuple[str, str]]:
+    """Per-peer rows of :func:`peer_work`: steps per round, compute utilisation, steps lost."""
+    rows: List[Tuple[str, str]] = []
+    peers = sorted(work)
+    stepped = [p for p in peers if work[p]["mean_steps_per_round"] is not None]
+    if stepped:
+        rows.append(
+            ("inner steps per round (mean)", ", ".join(f"{p} {work[p]['mean_steps_per_round']:.1f}" for p in stepped))
+        )
+    util = [p for p in peers if work[p]["compute_utilisation"] is not None]
+    if util and (stepped or len(peers) > 1):
+        rows.append(
+            (
+                "compute utilisation per peer",
+                ", ".join(f"{p} {100 * work[p]['compute_utilisation']:.1f}%" for p in util),
+            )
+        )
+    if stepped:
+        total = sum(work[p]["steps_lost"] for p in peers)
+        rows.append(("steps lost", f"{total} (" + ", ".join(f"{p} {work[p]['steps_lost']}" for p in peers) + ")"))
     return rows

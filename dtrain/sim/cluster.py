@@ -11,6 +11,14 @@ is an emulated link. The run ends when the coordinator has committed
 ``sim.timeout_s`` or when every peer is gone. Every action goes to
 ``${run_dir}/events.jsonl`` as ``{"t": seconds since start, "time": unix,
 "event": ..., ...}``.
+
+Emulated slow hardware: peer i gets ``emulated_speed=sim.speed[i mod len]``
+(a ``dtrain-train`` peer sleeps so that its every inner step lasts 1/speed of
+its natural time; a model-free peer's ``--step-s`` is divided by it). A
+``chaos.slowdown_at_s`` action slows a running peer from outside instead
+(:mod:`dtrain.sim.throttle`: SIGSTOP / SIGCONT in a 50 ms duty cycle) to
+``chaos.slowdown`` of its speed until the run ends; the slowdown stays with
+the peer id, so a restarted process of that peer is throttled again.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ from typing import Dict, List, Optional, Tuple
 from .chaos import Action, build_schedule, pick
 from .processes import Proc, free_port, spawn, venv_script, wait_for_line
 from .summary import summarize
+from .throttle import Throttle
 from .wan import LinkSpec, WanEmulator
 
 log = logging.getLogger("dtrain.sim")
@@ -61,6 +70,8 @@ class Simulation:
         self.proxy_url: Dict[str, str] = {}
         self.pending: List[Tuple[float, str, str]] = []  # (due, action, peer or "")
         self.lost_by_restart = 0
+        self.slowed: Dict[str, float] = {}  # peer -> the speed a chaos slowdown holds it at
+        self.throttles: Dict[str, Throttle] = {}  # peer -> the running duty cycle of its process
         self.duration_reached = False
         self._last_scan = 0.0
 
@@ -70,6 +81,9 @@ class Simulation:
         self.events.write(json.dumps(rec) + "\n")
         self.events.flush()
         log.info("%s", " ".join([f"[{rec['t']:7.1f}s]", kind] + [f"{k}={v}" for k, v in fields.items()]))
+
+    def speed_of(self, index: int) -> float:
+        return float(self.s.speed[index % len(self.s.speed)])
 
     def region_of(self, index: int) -> str:
         r = self.s.regions
@@ -149,7 +163,7 @@ class Simulation:
                 "--numel",
                 str(s.numel),
                 "--step-s",
-                str(s.step_s),
+                str(s.step_s / self.speed_of(index)),
                 "--port",
                 str(port),
                 "--join-timeout",
@@ -173,6 +187,8 @@ class Simulation:
             "threads": "1",
             "logger.progress": "off",
         }
+        if self.speed_of(index) != 1.0:
+            ours["emulated_speed"] = repr(self.speed_of(index))
         user = list(s.peer_args)
         user_keys = {_override_key(a) for a in user}
         args = [f"{k}={v}" for k, v in ours.items() if k not in user_keys]
@@ -218,7 +234,9 @@ class Simulation:
             region=self.region_of(index),
             nproc=self.s.nproc_per_peer[index % len(self.s.nproc_per_peer)],
             port=port,
+            speed=self.speed_of(index),
         )
+        self.throttle(peer_id)
 
     def live_peers(self, include_stopped: bool = False) -> List[str]:
         return sorted(p for p, pr in self.peers.items() if pr.alive() and (include_stopped or not pr.stopped))
@@ -232,6 +250,7 @@ class Simulation:
                 proc.remember_tree()
             rc = proc.popen.poll()
             if rc is not None:
+                self.unthrottle(pid)
                 proc.kill_group()
                 del self.peers[pid]
                 self.exited[pid] = rc
@@ -247,6 +266,7 @@ class Simulation:
                 self.event("kill_skipped", reason=f"{len(live)} live peer(s), chaos.min_alive={c.min_alive}")
                 return
             victim = pick(rng, live)
+            self.unthrottle(victim)
             self.peers[victim].signal(_SIGNALS[c.signal])
             self.event("kill", peer=victim, signal=c.signal, committed_round=self.committed)
             if c.restart_after_s is not None:
@@ -264,6 +284,7 @@ class Simulation:
             if a.kind == "cluster_restart":
                 victims = self.live_peers(include_stopped=True)
                 for p in victims:
+                    self.unthrottle(p)
                     self.peers[p].signal(signal.SIGKILL)
                 for p in victims:
                     self.peers[p].popen.wait(10)
@@ -288,6 +309,38 @@ class Simulation:
             else:
                 self.wan.stall(x, y, self.cfg.wan.stall_s)
                 self.event("link_stall", a=x, b=y, seconds=self.cfg.wan.stall_s)
+        elif a.kind == "slowdown":
+            live = self.live_peers()
+            if not live:
+                self.event("slowdown_skipped", planned=a.peer, reason="no running peer")
+                return
+            victim = a.peer if a.peer in live else pick(rng, live)
+            self.slowed[victim] = c.slowdown
+            self.unthrottle(victim)
+            self.throttle(victim)
+            self.event("slowdown", peer=victim, speed=c.slowdown, planned=a.peer, committed_round=self.committed)
+
+    def throttle(self, peer: str) -> None:
+        """Run ``peer``'s process at the speed a slowdown holds it at (no-op when none does)."""
+        proc, speed = self.peers.get(peer), self.slowed.get(peer)
+        if speed is None or proc is None or not proc.alive() or peer in self.throttles:
+            return
+        budget = max(1.0, self.s.timeout_s + self.s.finish_grace_s - (time.monotonic() - self.t0))
+        self.throttles[peer] = Throttle(proc, speed, max_s=budget).start()
+
+    def unthrottle(self, peer: str) -> None:
+        """Stop ``peer``'s duty cycle (its process is left continued)."""
+        t = self.throttles.pop(peer, None)
+        if t is not None:
+            t.stop()
+            share = t.stopped_share()
+            self.event(
+                "throttle_end",
+                peer=peer,
+                seconds=round(t.elapsed_s(), 3),
+                cycles=t.cycles,
+                stopped_share=None if share is None else round(share, 3),
+            )
 
     def run_pending(self, now: float, finished: bool) -> None:
         due = sorted(x for x in self.pending if x[0] <= now)
@@ -298,6 +351,7 @@ class Simulation:
             elif what == "cont" and peer in self.peers:
                 self.peers[peer].signal(signal.SIGCONT)
                 self.event("resume_stopped", peer=peer)
+                self.throttle(peer)
             elif what == "restart" and not finished:
                 if peer in self.peers and self.peers[peer].alive():
                     continue
@@ -308,9 +362,15 @@ class Simulation:
         s, cfg = self.s, self.cfg
         status, error = "ok", ""
         self.event(
-            "sim_start", peers=s.peers, rounds=s.rounds, resume=cfg.resume, peer_kind=s.peer, wan=cfg.wan.enabled
+            "sim_start",
+            peers=s.peers,
+            rounds=s.rounds,
+            resume=cfg.resume,
+            peer_kind=s.peer,
+            wan=cfg.wan.enabled,
+            speed=list(s.speed),
         )
-        schedule = build_schedule(self.chaos, cfg.wan, s.timeout_s)
+        schedule = build_schedule(self.chaos, cfg.wan, s.timeout_s, [f"p{i}" for i in range(s.peers)])
         try:
             if cfg.wan.enabled:
                 self.wan = WanEmulator(
@@ -344,6 +404,7 @@ class Simulation:
                     if now - finished_at > s.finish_grace_s and self.peers:
                         for p in sorted(self.peers):  # e.g. a peer still healing when every donor left
                             self.event("stop_straggler", peer=p, waited_s=round(now - finished_at, 1))
+                            self.unthrottle(p)
                             self.peers[p].stop(grace_s=10.0)
                         self.reap()
                     for p in self.live_peers(include_stopped=True):
@@ -384,6 +445,7 @@ class Simulation:
             require_falling_loss=bool(s.duration_s) and s.peer == "train",
             lost_by_restart=self.lost_by_restart,
             link_bytes=self.wan.link_bytes() if self.wan is not None else {},
+            inner_steps=s.inner_steps if s.peer == "train" else 0,
         )
         with open(os.path.join(self.run_dir, "summary.json"), "w", encoding="utf-8") as f:
             json.dump(summary, f, indent=2)
@@ -391,6 +453,8 @@ class Simulation:
         return summary
 
     def shutdown(self) -> None:
+        for pid in list(self.throttles):
+            self.unthrottle(pid)
         for pid, proc in list(self.peers.items()):
             rc = proc.stop(grace_s=15.0)
             self.exited[pid] = rc if rc is not None else -9
