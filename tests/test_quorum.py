@@ -1364,3 +1364,23 @@ def test_the_grace_window_follows_how_late_members_arrive():
         full_round(m, ["a", "b", "c"], t)
         t += 10.0
     assert m.grace() < 1.5
+
+
+def test_a_healer_is_assigned_its_steps_from_its_rate():
+    """A slow member that missed a quorum heals with an assignment for the round it enters (not a full H)."""
+    m = machine(min_peers=1, lease_timeout=1e6)
+    plan = WorkPlan(sync_every=20, min_steps=2, balanced=True)
+    for pid in ("a", "b", "c"):
+        m.join(pid, "inc1", f"{pid}.example:7000", SCHEMA, 1, "", 0, H(0), 0.0, plan=plan)
+    m.sync("a", "inc1", 0, H(0), 0.1, step_rate=10.0, steps=20, samples=20)
+    m.sync("c", "inc1", 0, H(0), 0.1, step_rate=10.0, steps=20, samples=20)
+    m.poll(5.0)  # the grace window passes without b: a and c form round 0 and commit it
+    q = m.voting.quorum
+    assert set(q.ids) == {"a", "c"}
+    commit_all(m, q, 5.1)
+    late = m.sync("b", "inc1", 0, H(0), 5.2, step_rate=2.5, steps=20, samples=20)
+    assert late.outcome is SyncOutcome.HEAL and late.next_steps == 5  # 20 * 2.5 / 10
+    other = m.sync("b", "inc1", 1, H(1), 5.3)  # healed; then syncs without a rate yet (a restarted peer)
+    assert other is None or other.outcome is not SyncOutcome.HEAL
+    m.members["b"].step_rate = 0.0
+    assert m._healer_steps("b") is None  # no rate: the healer trains H

@@ -190,6 +190,7 @@ class HealOrder:
     donor: DonorInfo
     committed_round: int
     reason: str
+    next_steps: Optional[int] = None  # balanced rounds: the steps assigned for the round it enters
 
 
 def _sync_outcome(reply: pb.SyncReply) -> SyncOutcome:
@@ -446,7 +447,7 @@ class CoordinatorClient:
             donor = _donor(r.donor)
             if donor is None:  # a HEAL without a donor leaves the peer nothing to copy from
                 raise ControlError("the coordinator sent HEAL without a donor")
-            return HealOrder(donor, r.committed_round, r.reason)
+            return HealOrder(donor, r.committed_round, r.reason, r.next_steps if r.HasField("next_steps") else None)
         q = r.quorum
         return QuorumView(
             q.quorum_id,

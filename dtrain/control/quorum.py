@@ -160,6 +160,7 @@ class SyncAnswer:
     quorum: Optional[QuorumInfo] = None
     donor: Optional[Donor] = None
     reason: str = ""
+    next_steps: Optional[int] = None  # HEAL: the inner steps assigned to the healer for the round it enters
 
 
 @dataclass(frozen=True)
@@ -496,7 +497,16 @@ class QuorumMachine:
         if donor is None:
             return SyncAnswer(SyncOutcome.WAIT, round, reason=f"{why}; no up-to-date donor yet")
         self.healing[peer_id] = donor.round
-        return SyncAnswer(SyncOutcome.HEAL, round, donor=donor, reason=why)
+        return SyncAnswer(SyncOutcome.HEAL, round, donor=donor, reason=why, next_steps=self._healer_steps(peer_id))
+
+    def _healer_steps(self, peer_id: str) -> Optional[int]:
+        """A healer's assignment for the round it enters, from every member's latest rate (so a slow peer
+        that missed a quorum does not come back with a full H); None when it has no rate yet."""
+        m = self.members.get(peer_id)
+        if m is None or m.step_rate <= 0:
+            return None
+        rates = {pid: other.step_rate for pid, other in self.members.items()}
+        return assign_local_steps(rates, m.plan)[peer_id]
 
     # ------------------------------------------------------------------ sync
     def sync(

@@ -212,6 +212,8 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             reply.quorum.CopyFrom(self._quorum_message(a.quorum))
         if a.donor is not None:
             reply.donor.CopyFrom(_donor_pb(a.donor))
+        if a.next_steps is not None:
+            reply.next_steps = a.next_steps
         return reply
 
     def _quorum_message(self, q) -> pb.Quorum:

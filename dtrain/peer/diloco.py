@@ -306,7 +306,7 @@ class DilocoLoop(OuterComponent):
         self.comm_s = result.comm_s if not self.comm_s else 0.7 * self.comm_s + 0.3 * result.comm_s
         every = self.outer_cfg.checkpoint_every_rounds
         record = round_record(result, self.state, self.clock, self.outer_cfg.codec, step)
-        record.update(local_steps=result.steps, next_local_steps=result.next_steps, weights=list(result.weights))
+        record.update(local_steps=result.steps, next_local_steps=result.next_steps, weights=list(result.weights) or [1] * len(result.members))
         next_steps = result.next_steps.get(self.session.peer_id, self.period) if self.balanced else self.period
         # balanced: the next round starts at its nominal step round * H, whatever this peer trained
         next_step = self.state.round * self.period if self.balanced else step
@@ -324,6 +324,8 @@ class DilocoLoop(OuterComponent):
         if self.error_feedback is not None:
             self.error_feedback.reset()
         event.outcome, event.step = RoundOutcome.HEAL, self.state.round * self.period
+        if self.balanced and self.session.peer_id in result.next_steps:  # the coordinator's assignment
+            event.local_steps = result.next_steps[self.session.peer_id]
         event.records.append(heal_record(result, self.state, self.clock))
         # the adopted S_R on disk: this peer can restart (or restart the cluster) from it
         event.checkpoint = bool(self.outer_cfg.checkpoint_every_rounds)

@@ -199,6 +199,8 @@ class RoundEngine:
         self.publish()
         out.outcome, out.round = RoundOutcome.HEAL, self.state.round
         out.heal = HealInfo(donor.peer_id, len(snap.payload), seconds, order.reason)
+        if order.next_steps is not None:
+            out.next_steps = {self.peer_id: order.next_steps}
         log.info(
             "healed to round %d from %s (%d bytes in %.2fs): %s",
             self.state.round,

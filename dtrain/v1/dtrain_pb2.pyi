@@ -162,7 +162,7 @@ class Quorum(_message.Message):
     def __init__(self, quorum_id: _Optional[int] = ..., round: _Optional[int] = ..., members: _Optional[_Iterable[_Union[Member, _Mapping]]] = ..., state_hash: _Optional[str] = ..., commit_timeout_ms: _Optional[int] = ..., store_address: _Optional[str] = ...) -> None: ...
 
 class SyncReply(_message.Message):
-    __slots__ = ("outcome", "quorum", "donor", "reason", "committed_round")
+    __slots__ = ("outcome", "quorum", "donor", "reason", "committed_round", "next_steps")
     class Outcome(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         OUTCOME_UNSPECIFIED: _ClassVar[SyncReply.Outcome]
@@ -178,12 +178,14 @@ class SyncReply(_message.Message):
     DONOR_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     COMMITTED_ROUND_FIELD_NUMBER: _ClassVar[int]
+    NEXT_STEPS_FIELD_NUMBER: _ClassVar[int]
     outcome: SyncReply.Outcome
     quorum: Quorum
     donor: Donor
     reason: str
     committed_round: int
-    def __init__(self, outcome: _Optional[_Union[SyncReply.Outcome, str]] = ..., quorum: _Optional[_Union[Quorum, _Mapping]] = ..., donor: _Optional[_Union[Donor, _Mapping]] = ..., reason: _Optional[str] = ..., committed_round: _Optional[int] = ...) -> None: ...
+    next_steps: int
+    def __init__(self, outcome: _Optional[_Union[SyncReply.Outcome, str]] = ..., quorum: _Optional[_Union[Quorum, _Mapping]] = ..., donor: _Optional[_Union[Donor, _Mapping]] = ..., reason: _Optional[str] = ..., committed_round: _Optional[int] = ..., next_steps: _Optional[int] = ...) -> None: ...
 
 class CommitRequest(_message.Message):
     __slots__ = ("peer_id", "incarnation", "round", "quorum_id", "ok", "reason", "wait_ms")
