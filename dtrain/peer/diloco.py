@@ -306,7 +306,11 @@ class DilocoLoop(OuterComponent):
         self.comm_s = result.comm_s if not self.comm_s else 0.7 * self.comm_s + 0.3 * result.comm_s
         every = self.outer_cfg.checkpoint_every_rounds
         record = round_record(result, self.state, self.clock, self.outer_cfg.codec, step)
-        record.update(local_steps=result.steps, next_local_steps=result.next_steps, weights=list(result.weights) or [1] * len(result.members))
+        record.update(
+            local_steps=result.steps,
+            next_local_steps=result.next_steps,
+            weights=list(result.weights) or [1] * len(result.members),
+        )
         next_steps = result.next_steps.get(self.session.peer_id, self.period) if self.balanced else self.period
         # balanced: the next round starts at its nominal step round * H, whatever this peer trained
         next_step = self.state.round * self.period if self.balanced else step
