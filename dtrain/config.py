@@ -689,6 +689,11 @@ class TrainConfig:
         )
         _check(self.threads >= 0, "threads", self.threads, "must be >= 0")
         _check(0 < self.emulated_speed <= 1, "emulated_speed", self.emulated_speed, "must be in (0, 1]")
+        if self.capacity.capped:  # ddp exchanges whole gradients every step; streaming and overlap: not sliced yet
+            why = "a capped peer (capacity.max_*) needs "
+            _check(self.outer.name != "ddp", "outer.name", self.outer.name, why + "outer.name=diloco or none")
+            _check(self.outer.fragments == 1, "outer.fragments", self.outer.fragments, why + "outer.fragments=1")
+            _check(self.outer.overlap_steps == 0, "outer.overlap_steps", self.outer.overlap_steps, why + "0")
 
 
 # --------------------------------------------------------------------------- local simulation
@@ -796,6 +801,8 @@ class SimSizeConfig:
     regions: List[str] = field(default_factory=lambda: ["eu", "us"])  # region of peer i: entry i mod len
     # < 1: the peer's every inner step lasts 1/speed of its natural time (dtrain-train's emulated_speed)
     speed: List[float] = field(default_factory=lambda: [1.0])  # emulated speed of peer i: entry i mod len, in (0, 1]
+    # capacity of peer i: entry i mod len, null (the whole supernet) or {max_macs: N, max_params: N, ...}
+    capacity: List[Any] = field(default_factory=lambda: [None])
     coordinator_region: str = ""  # default: the first region
     peer: str = "train"  # train (dtrain-train) | model_free (dtrain.sim.model_free_peer, tests)
     peer_args: List[str] = field(  # extra overrides for every dtrain-train
@@ -825,6 +832,17 @@ class SimSizeConfig:
             "a list of positive rank counts, e.g. [2, 1]",
         )
         _check_list("sim.speed", self.speed, lambda v: 0 < v <= 1, "a list of speeds in (0, 1], e.g. [1.0, 0.5]")
+        _check(len(self.capacity) > 0, "sim.capacity", list(self.capacity), "a list of capacities, e.g. [null]")
+        for i, entry in enumerate(self.capacity):
+            if entry is not None:
+                _check(isinstance(entry, dict), f"sim.capacity[{i}]", entry, "null or {max_macs: N, max_params: N}")
+                try:
+                    CapacityConfig(**dict(entry))
+                except ConfigError as e:
+                    raise ConfigError(str(e).replace("capacity.", f"sim.capacity[{i}].", 1)) from None
+                except TypeError:
+                    keys = ", ".join(f.name for f in dataclasses.fields(CapacityConfig))
+                    raise ConfigError(f"sim.capacity[{i}]={dict(entry)!r} is not allowed: keys are {keys}") from None
         _check_choice("sim.peer", self.peer, ("train", "model_free"))
         _check(self.numel >= 1, "sim.numel", self.numel, "must be >= 1")
         _check(self.step_s >= 0, "sim.step_s", self.step_s, "must be >= 0")

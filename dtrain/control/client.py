@@ -160,6 +160,7 @@ class QuorumView:
     commit_timeout: float
     store_address: str = ""  # TCPStore for gloo collectives, when the coordinator serves one
     work: Tuple[MemberWork, ...] = ()  # per member, ring order
+    slices: Tuple[str, ...] = ()  # per member, ring order: the top arch it trains within ("": everything)
 
     @property
     def ids(self) -> List[str]:
@@ -256,12 +257,14 @@ class CoordinatorClient:
         max_message_bytes: int = 4 * 2**20,
         state_fn: Optional[Callable[[], Tuple[int, str]]] = None,
         plan: Optional[WorkPlan] = None,
+        slice: str = "",
     ):
         self.target, self.peer_id, self.address = target, peer_id, address
         self.schema_hash, self.world_size, self.region = schema_hash, world_size, region
         self.rpc_timeout = rpc_timeout
         self.state_fn = state_fn or (lambda: (0, ""))
         self.plan = plan  # the round plan declared at join (None: the coordinator's default, H = 1 fixed)
+        self.slice = slice  # capacity: the top arch this peer trains within, canonical JSON ("": everything)
         self.incarnation = uuid.uuid4().hex
         self.should_stop: Optional[Callable[[], bool]] = None  # True: stop waiting for a quorum (Stopping)
         self._md = auth_metadata(token)
@@ -302,6 +305,7 @@ class CoordinatorClient:
                 round=rnd,
                 state_hash=h,
                 plan=_plan_pb(self.plan),
+                slice=self.slice,
             )
             try:
                 r = self._rpc("Join", req)
@@ -457,6 +461,7 @@ class CoordinatorClient:
             q.commit_timeout_ms / 1000.0,
             q.store_address,
             tuple(MemberWork(m.steps, m.samples, m.next_steps, m.step_rate) for m in q.members),
+            tuple(m.slice for m in q.members),
         )
 
     def commit(

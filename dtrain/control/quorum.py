@@ -79,6 +79,7 @@ _ADDRESS = re.compile(r"[A-Za-z0-9._\-\[\]:]{1,250}:[0-9]{1,5}")
 _LABEL = re.compile(r"[A-Za-z0-9._-]{0,64}")  # region
 _TOKENISH = re.compile(r"[A-Za-z0-9._-]{1,64}")  # incarnation
 MAX_HASH = 128
+MAX_SLICE = 16384  # a top arch as canonical JSON
 PERSISTED_HISTORY = 32  # commits kept in state.json: enough to answer re-asked commits after a restart
 MAX_REASON = 200
 MAX_RATE = 1e9  # inner steps per second a member may report
@@ -123,6 +124,7 @@ class Member:
     step_rate: float = 0.0  # inner steps per second it reported with its last sync (0: not measured)
     steps: int = 0  # inner steps it trained in the round it last synced
     samples: int = 0  # samples it trained then: its weight in that round's mean
+    slice: str = ""  # capacity: the top arch it trains within (canonical JSON); "": everything
 
 
 @dataclass(frozen=True)
@@ -143,6 +145,7 @@ class QuorumInfo:
     # per member, in ring order: (steps and samples it trained in this round, steps assigned to it for the
     # next round, the rate that assignment came from)
     work: Tuple[Tuple[int, int, int, float], ...] = ()
+    slices: Tuple[str, ...] = ()  # per member, ring order: the top arch it trains within ("": everything)
 
     @functools.cached_property
     def ids(self) -> Tuple[str, ...]:
@@ -300,6 +303,7 @@ class QuorumMachine:
         state_hash: str,
         now: float,
         plan: Optional[WorkPlan] = None,
+        slice: str = "",
     ) -> JoinResult:
         if not _PEER_ID.fullmatch(peer_id or ""):
             raise Refusal(
@@ -316,6 +320,8 @@ class QuorumMachine:
             )
         if len(state_hash or "") > MAX_HASH or len(schema_hash or "") > MAX_HASH:
             raise Refusal("INVALID_ARGUMENT", f"hashes are at most {MAX_HASH} characters")
+        if len(slice or "") > MAX_SLICE:
+            raise Refusal("INVALID_ARGUMENT", f"slice is at most {MAX_SLICE} characters")
         if world_size < 1:
             raise Refusal("INVALID_ARGUMENT", f"world_size={world_size} is not allowed: must be >= 1")
         if not schema_hash:
@@ -357,6 +363,7 @@ class QuorumMachine:
                 round=int(round),
                 state_hash=state_hash,
                 plan=plan or WorkPlan(),
+                slice=slice or "",
             )
             self._touch(self.members[peer_id], now)
             self.epoch += 1
@@ -365,7 +372,7 @@ class QuorumMachine:
             )
         else:
             old.address, old.world_size, old.region = address, int(world_size), region
-            old.plan = plan or WorkPlan()
+            old.plan, old.slice = plan or WorkPlan(), slice or ""
             self._touch(old, now)
         up_to_date = int(round) == R and (
             state_hash == self.known_hash if self.known_hash else (R == 0 or bool(state_hash))
@@ -647,6 +654,7 @@ class QuorumMachine:
                 (self.members[pid].steps, self.members[pid].samples, assigned[pid], self.members[pid].step_rate)
                 for pid in ordered
             ),
+            tuple(self.members[pid].slice for pid in ordered),
         )
         self.holders |= set(matching)
         self.voting = _Voting(

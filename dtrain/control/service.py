@@ -171,6 +171,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
                 req.state_hash,
                 now=self.clock(),
                 plan=_work_plan(req),
+                slice=req.slice,
             ),
         )
         p = self.machine.params
@@ -235,8 +236,11 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
                         samples=work[1],
                         next_steps=work[2],
                         step_rate=work[3],
+                        slice=piece,
                     )
-                    for (i, a, w, g), work in zip(q.members, q.work or [(0, 0, 0, 0.0)] * len(q.members))
+                    for (i, a, w, g), work, piece in zip(
+                        q.members, q.work or [(0, 0, 0, 0.0)] * len(q.members), q.slices or [""] * len(q.members)
+                    )
                 ],
             )
             self._quorum_pb = cached = (q.quorum_id, q.round, msg)

@@ -156,7 +156,12 @@ def peer_work(peer: str, records: List[dict], period: int = 0) -> dict:
       a peer stopped, killed or left mid-round. It counts up to the last step a
       record shows (``step`` records come every ``log_every`` steps, so after a
       SIGKILL it is a lower bound); None when H is unknown (then not in
-      ``steps_lost``).
+      ``steps_lost``);
+    - ``capacity``: its top arch (None: the whole supernet), ``slice_fraction``
+      (the share of the supernet's parameters it trains and sends; 1.0 when
+      uncapped) and ``params_held`` / ``params_trained``, from its latest ``run``
+      record; ``bytes_sent_per_round``: the mean ``bytes_sent`` of its round
+      records (the outer payload it put on the wire).
     """
     rounds = [r for r in records if r.get("kind") == "round" and isinstance(r.get("round"), int)]
     by_round = {int(r["round"]): r for r in rounds}
@@ -167,7 +172,15 @@ def peer_work(peer: str, records: List[dict], period: int = 0) -> dict:
     lost_rounds = sum(int(r.get("steps_lost") or 0) for r in rounds)
     lost_heals = sum(int(r.get("steps_lost") or 0) for r in records if r.get("kind") == "heal")
     tail = _steps_after_last_round(records, period) if period > 0 else None
+    runs = [r for r in records if r.get("kind") == "run" and r.get("event") in ("start", "resume")]
+    run = runs[-1] if runs else {}
+    sent = [float(r["bytes_sent"]) for r in rounds if isinstance(r.get("bytes_sent"), (int, float))]
     return {
+        "capacity": run.get("top_arch"),
+        "slice_fraction": run.get("slice_fraction"),
+        "params_held": run.get("params_held"),
+        "params_trained": run.get("params_trained"),
+        "bytes_sent_per_round": (sum(sent) / len(sent)) if sent else None,
         "rounds": len(by_round),
         "steps_per_round": spr,
         "mean_steps_per_round": (sum(n for _, n in spr) / len(spr)) if spr else None,

@@ -12,6 +12,7 @@ tensors live on the CPU (pinned when CUDA is present, for fast copies).
 The state owns its changes; nothing else writes its tensors:
 
     nxt = state.outer_step(mean, span, optimizer)   S_{r+1}, computed once (state unchanged)
+    nxt = state.outer_step(mean, span, optimizer, covered)   ... where some coordinates nobody trained
     state.install(nxt)                              commit: S_r -> S_{r+1}
     state.adopt(snapshot)                           heal: a donor's S_R, checked against its hash
     state.replace(tensors, round)                   resume from a checkpoint; the ddp baseline's S_{r+1}
@@ -71,12 +72,29 @@ class GlobalState:
         return self._hash
 
     # -- changes ----------------------------------------------------------------------------
-    def outer_step(self, mean: torch.Tensor, span: Tuple[int, int], optimizer: OuterNesterov) -> "GlobalState":
+    def outer_step(
+        self,
+        mean: torch.Tensor,
+        span: Tuple[int, int],
+        optimizer: OuterNesterov,
+        covered: Optional[torch.Tensor] = None,
+    ) -> "GlobalState":
         """S_{r+1}: the outer optimizer's step with the round's mean pseudo-gradient on ``theta[lo:hi]``
-        and ``velocity[lo:hi]`` (one fragment, or everything); this state is left unchanged."""
+        and ``velocity[lo:hi]`` (one fragment, or everything); this state is left unchanged.
+
+        ``covered`` (bool over the span; None: all): the coordinates some member of the round trained
+        (capacity-aware peers). The rule for the others: they keep their value, and so does their
+        momentum (frozen, not decayed: a coordinate nobody trained this round is as if the round did not
+        happen for it)."""
         lo, hi = span
         theta, velocity = self._tensors["theta"].clone(), self._tensors["velocity"].clone()
-        optimizer.step(theta[lo:hi], velocity[lo:hi], mean, round=self._round)
+        if covered is None:
+            optimizer.step(theta[lo:hi], velocity[lo:hi], mean, round=self._round)
+        else:
+            idx = covered.nonzero().squeeze(1) + lo
+            part_theta, part_velocity = theta[idx], velocity[idx]
+            optimizer.step(part_theta, part_velocity, mean[covered], round=self._round)
+            theta[idx], velocity[idx] = part_theta, part_velocity
         nxt = GlobalState.__new__(GlobalState)
         nxt._round, nxt._hash = self._round + 1, None
         nxt._tensors = {**self._tensors, "theta": theta, "velocity": velocity}

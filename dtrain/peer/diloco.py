@@ -29,7 +29,7 @@ import concurrent.futures
 import logging
 import os
 import time
-from typing import Callable, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
@@ -49,6 +49,7 @@ from .records import RoundClock, heal_record, round_record
 from .round_engine import ExchangeResult
 from .round_event import RoundEvent
 from .session import ExchangeSettings, PeerSession, run_schema_hash, work_plan
+from .slices import SliceBook, slice_spec
 from .step_rate import StepRate
 
 log = logging.getLogger("dtrain")
@@ -65,6 +66,8 @@ class DilocoLoop(OuterComponent):
         distributed: bool,
         run_dir: str,
         should_stop: Callable[[], bool],
+        top_arch: Optional[dict] = None,
+        slice_masks: Optional[Dict[str, torch.Tensor]] = None,
     ):
         outer = cfg.outer
         self.outer_cfg, self.model = outer, model
@@ -97,6 +100,13 @@ class DilocoLoop(OuterComponent):
             if outer.durable_commit
             else None
         )
+        # capacity: this peer trains (and sends) only its top arch's slice; every member's mask comes from
+        # the top arch it announces
+        self.slices = SliceBook(model)
+        self.slice_spec = slice_spec(model.space, top_arch)
+        if top_arch is not None and slice_masks is not None:
+            self.slices.add(self.slice_spec, slice_masks)
+        self.mask = self.slices.flat_mask(self.slice_spec)
         settings = ExchangeSettings(
             outer.backend,
             outer.streams,
@@ -115,6 +125,8 @@ class DilocoLoop(OuterComponent):
             world_size=world_size,
             should_stop=should_stop,
             plan=work_plan(cfg),
+            slice=self.slice_spec,
+            slices=self.slices.flat_mask,
         )
         self.join_timeout_s = cfg.control.join_timeout_s
         self.executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="outer") if self.tau else None
@@ -228,7 +240,7 @@ class DilocoLoop(OuterComponent):
         report = SyncReport(self.rate.steps_per_s, 0 if sits_out else trained, samples)
         if sits_out:  # weight 0: its probe step is not sent, and error feedback keeps its residual
             lo, hi = self.layout.fragments[fragment]
-            payload = torch.zeros(hi - lo, dtype=torch.float32)
+            payload = torch.zeros(hi - lo if self.mask is None else int(self.mask.sum()), dtype=torch.float32)
         else:
             ef_weight = float(samples) if self.balanced and self.outer_cfg.weighting == "samples" else 1.0
             payload = self._payload(fragment, ef_weight)
@@ -254,13 +266,18 @@ class DilocoLoop(OuterComponent):
     def _payload(self, fragment: int, ef_weight: float = 1.0) -> torch.Tensor:
         lo, hi = self.layout.fragments[fragment]
         delta = self.state.tensors["theta"][lo:hi] - self.layout.fragment_of(self.model, fragment)
+        if self.mask is not None:  # only the slice travels (capacity requires one fragment: lo, hi = 0, N)
+            delta = delta[self.mask]
         if self.error_feedback is not None:
             return self.error_feedback.quantize_with_feedback(f"f{fragment}", delta, self.codec, ef_weight)
         return delta
 
-    def _prepare(self, round: int, quorum_id: int, mean: torch.Tensor) -> GlobalState:
+    def _prepare(
+        self, round: int, quorum_id: int, mean: torch.Tensor, covered: Optional[torch.Tensor] = None
+    ) -> GlobalState:
         """Before the vote on ``round``: S_{round+1}, computed once; on disk first with durable commit."""
-        nxt = self.state.outer_step(mean, self.layout.fragments[round % self.fragments], self.outer_opt)
+        span = self.layout.fragments[round % self.fragments]
+        nxt = self.state.outer_step(mean, span, self.outer_opt, covered)
         if self.durable is not None:
             self.durable.persist(nxt, quorum_id, self.state.hash())
         return nxt

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Dict, Optional
 
 import torch
 
@@ -22,8 +22,11 @@ def build_outer_component(
     distributed: bool,
     run_dir: str,
     should_stop: Callable[[], bool],
+    top_arch: Optional[dict] = None,
+    slice_masks: Optional[Dict[str, torch.Tensor]] = None,
 ) -> Optional[OuterComponent]:
-    """The component for ``outer.name``; None when the peer trains alone (``none``)."""
+    """The component for ``outer.name``; None when the peer trains alone (``none``). A capped peer
+    (``top_arch``, with its per-parameter ``slice_masks``) trains and sends only its slice."""
     if cfg.outer.name == "diloco":
         return DilocoLoop(
             cfg,
@@ -33,6 +36,8 @@ def build_outer_component(
             distributed=distributed,
             run_dir=run_dir,
             should_stop=should_stop,
+            top_arch=top_arch,
+            slice_masks=slice_masks,
         )
     if cfg.outer.name == "ddp":
         return DdpBaseline(

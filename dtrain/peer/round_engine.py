@@ -39,8 +39,9 @@ from ..wire.outcomes import CommitDecision, RoundOutcome
 
 log = logging.getLogger("dtrain.outer")
 
-# prepare(round, quorum_id, mean) -> S_{round+1}; called after a good collective, before the vote
-Prepare = Callable[[int, int, torch.Tensor], Optional[GlobalState]]
+# prepare(round, quorum_id, mean, covered) -> S_{round+1}; called after a good collective, before the vote
+# (covered: the coordinates some member trained, when members cover different slices; None: all)
+Prepare = Callable[[int, int, torch.Tensor, Optional[torch.Tensor]], Optional[GlobalState]]
 
 
 class VoteNotOk(Exception):
@@ -91,8 +92,11 @@ class RoundEngine:
         sync_timeout_s: float = 600.0,
         transfer_timeout_s: float = 120.0,
         weighting: str = "uniform",
+        slices: Optional[Callable[[str], Optional[torch.Tensor]]] = None,
     ):
         self.client, self.collective, self.state = client, collective, state
+        # capacity-aware peers: a member's announced slice spec -> its flat mask (None: it covers everything)
+        self.slices = slices
         self.publish = publish  # serve the current state to joiners (after a heal)
         self.peer_id, self.schema_hash, self.token, self.tls = peer_id, schema_hash, token, tls
         self.deadline_s, self.sync_timeout_s, self.transfer_timeout_s = deadline_s, sync_timeout_s, transfer_timeout_s
@@ -126,6 +130,7 @@ class RoundEngine:
                 op,
                 ans.store_address,
                 weights,
+                self._masks(ans),
             )
             t1 = time.perf_counter()
             ok, reason = True, ""
@@ -145,7 +150,7 @@ class RoundEngine:
             nxt: Optional[GlobalState] = None
             if result is not None and prepare is not None:
                 try:
-                    nxt = prepare(ans.round, ans.quorum_id, result.tensor)
+                    nxt = prepare(ans.round, ans.quorum_id, result.tensor, getattr(result, "covered", None))
                 except OSError as e:
                     ok, reason = False, f"cannot persist the next state: {e}"[:200]
                     log.error("round %d: %s", ans.round, reason)
@@ -167,6 +172,12 @@ class RoundEngine:
         """The members' weights from the samples each reported (all equal when none did)."""
         weights = integer_weights([w.samples for w in quorum.work], self.weighting) if quorum.work else ()
         return weights if sum(weights) > 0 and len(set(weights)) > 1 else ()
+
+    def _masks(self, quorum: QuorumView) -> tuple:
+        """The members' flat masks (None: a member covering everything); empty when nobody is capped."""
+        if self.slices is None or not any(quorum.slices):
+            return ()
+        return tuple(self.slices(spec) for spec in quorum.slices)
 
     def heal(self, order: HealOrder) -> Optional[ExchangeResult]:
         """Adopt the state of ``order``'s donor; the HEAL result, or None when the download failed."""

@@ -23,6 +23,8 @@ import logging
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+import torch
+
 from ..comm.collective import Collective
 from ..comm.gloo_allreduce import GlooCollective
 from ..comm.grpc_allreduce import GrpcCollective
@@ -109,6 +111,8 @@ class PeerSession:
         meta: Optional[dict] = None,
         plan: Optional[WorkPlan] = None,
         transfer_chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        slice: str = "",
+        slices: Optional[Callable[[str], Optional[torch.Tensor]]] = None,
     ):
         self.peer_id, self.control, self.schema, self.state = peer_id, control, schema, state
         self.meta = {"peer_id": peer_id, **(meta or {})}
@@ -139,6 +143,7 @@ class PeerSession:
             rpc_timeout=control.rpc_timeout_s,
             state_fn=lambda: (self.state.round, self.state.hash()),
             plan=plan,
+            slice=slice,
         )
         self.client.should_stop = should_stop
         self.engine = RoundEngine(
@@ -154,6 +159,7 @@ class PeerSession:
             sync_timeout_s=settings.sync_timeout_s,
             transfer_timeout_s=control.transfer_timeout_s,
             weighting=settings.weighting,
+            slices=slices,
         )
 
     def publish(self) -> None:

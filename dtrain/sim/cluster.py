@@ -85,6 +85,11 @@ class Simulation:
     def speed_of(self, index: int) -> float:
         return float(self.s.speed[index % len(self.s.speed)])
 
+    def capacity_of(self, index: int) -> dict:
+        """Peer ``index``'s capacity overrides ({} for the whole supernet)."""
+        entry = self.s.capacity[index % len(self.s.capacity)]
+        return {k: v for k, v in dict(entry or {}).items() if v is not None}
+
     def region_of(self, index: int) -> str:
         r = self.s.regions
         return r[index % len(r)] if r else f"node{index}"
@@ -189,6 +194,8 @@ class Simulation:
         }
         if self.speed_of(index) != 1.0:
             ours["emulated_speed"] = repr(self.speed_of(index))
+        for key, value in sorted(self.capacity_of(index).items()):
+            ours[f"capacity.{key}"] = str(value)
         user = list(s.peer_args)
         user_keys = {_override_key(a) for a in user}
         args = [f"{k}={v}" for k, v in ours.items() if k not in user_keys]

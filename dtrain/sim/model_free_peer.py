@@ -322,7 +322,7 @@ class ModelFreePeer:
             before = self.state.hash()
             try:
                 out = self.session.engine.exchange(
-                    payload, f"f{f}", lambda rnd, qid, mean, f=f: self._prepare(rnd, f, mean)
+                    payload, f"f{f}", lambda rnd, qid, mean, covered, f=f: self._prepare(rnd, f, mean)
                 )
             except Stopping as e:
                 log.info("%s", e)

@@ -284,7 +284,8 @@ def _pct(v) -> str:
 
 
 def peers_table(s: dict) -> str:
-    """One row per peer: speed, rounds, steps per round, compute utilisation, steps lost ('' without either)."""
+    """One row per peer: speed, capacity (its slice), rounds, steps per round, compute utilisation, bytes it
+    sent per round, steps lost ('' without steps and utilisation)."""
     peers = s.get("peers") or {}
     if not any(w.get("steps_per_round") or w.get("compute_utilisation") is not None for w in peers.values()):
         return ""  # e.g. model-free peers: no inner steps, no compute time
@@ -298,8 +299,31 @@ def peers_table(s: dict) -> str:
             f"{w['steps_lost']} (sat out {w['steps_lost_rounds']}, heals {w['steps_lost_heals']}, "
             f"after last round {'-' if tail is None else tail})"
         )
-        rows.append([p, speed, str(w.get("rounds", 0)), steps, _pct(w.get("compute_utilisation")), lost])
-    headers = ["peer", "speed", "rounds", "steps/round (min-max)", "compute util", "steps lost"]
+        fraction = w.get("slice_fraction")
+        capacity = "full" if w.get("capacity") is None else f"slice {_pct(fraction)}"
+        sent = w.get("bytes_sent_per_round")
+        rows.append(
+            [
+                p,
+                speed,
+                capacity,
+                str(w.get("rounds", 0)),
+                steps,
+                _pct(w.get("compute_utilisation")),
+                "-" if sent is None else f"{human(sent)}B",
+                lost,
+            ]
+        )
+    headers = [
+        "peer",
+        "speed",
+        "capacity",
+        "rounds",
+        "steps/round (min-max)",
+        "compute util",
+        "sent/round",
+        "steps lost",
+    ]
     return format_table(headers, rows, "per peer")
 
 

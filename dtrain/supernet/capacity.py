@@ -29,7 +29,7 @@ a one-line error naming the minimum cost.
 from __future__ import annotations
 
 import itertools
-from typing import Callable, List, Tuple
+from typing import Callable, List, Optional, Tuple
 
 from .budget import Budget
 from .space import SearchSpace
@@ -89,3 +89,10 @@ def top_arch(space: SearchSpace, budget: Budget) -> dict:
         if not grown:
             return best
         best = max(grown, key=lambda a: _size(budget, space, a))
+
+
+def capacity_top_arch(model, model_cfg, capacity) -> Optional[dict]:
+    """The top arch of a ``capacity`` config (None: the whole supernet, no limit set)."""
+    if not capacity.capped:
+        return None
+    return top_arch(model.space, Budget(model, model_cfg, capacity, key="capacity"))

@@ -70,16 +70,32 @@ class SearchSpace(ABC):
         layers, narrower, smaller kernels, lower resolution), so it uses only parameters ``top`` uses (and
         the smaller-kernel transforms below them)."""
 
-    def sample_within(self, top: dict, rng: random.Random) -> dict:
-        """A random arch inside ``top``: every value drawn from the choices up to ``top``'s."""
-        table = self.choice_table()
+    def sample_within(self, top: dict, rng: random.Random, elastic: Optional[Iterable[str]] = None) -> dict:
+        """A random arch inside ``top``: every value of an ``elastic`` dimension (default: all) drawn from
+        the choices up to ``top``'s, the others at ``top``'s. (Each arch key is a dimension.)"""
+        table, dims = self.choice_table(), self._elastic(elastic)
         arch = {}
         for key, value in top.items():
             choices = table[key]
-            if isinstance(value, list):
+            if key not in dims:
+                arch[key] = list(value) if isinstance(value, list) else value
+            elif isinstance(value, list):
                 arch[key] = [rng.choice([c for c in choices if c <= v]) for v in value]
             else:
                 arch[key] = rng.choice([c for c in choices if c <= value])
+        return self.validate(arch)
+
+    def min_within(self, top: dict, elastic: Optional[Iterable[str]] = None) -> dict:
+        """The smallest arch inside ``top``: the smallest choice on ``elastic`` dimensions (default: all),
+        ``top``'s values on the others."""
+        table, dims = self.choice_table(), self._elastic(elastic)
+        arch = {}
+        for key, value in top.items():
+            smallest = table[key][0]
+            if key not in dims:
+                arch[key] = list(value) if isinstance(value, list) else value
+            else:
+                arch[key] = [smallest] * len(value) if isinstance(value, list) else smallest
         return self.validate(arch)
 
     def key(self, arch: dict) -> str:

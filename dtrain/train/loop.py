@@ -40,6 +40,8 @@ from ..peer.factory import build_outer_component
 from ..peer.round_event import RoundEvent
 from ..supernet import build_supernet
 from ..supernet.calibrate import batch_norms
+from ..supernet.capacity import capacity_top_arch
+from ..supernet.coverage import slice_masks
 from ..wire.outcomes import RoundOutcome
 from .distributed import (
     DistContext,
@@ -78,14 +80,19 @@ def resolve_eval_archs(names: List[str], space, seed: int) -> List[Tuple[str, di
     return out
 
 
-def step_archs(space, plan, seed: int, step: int, peer_id: str, num_random: int):
-    """(name, arch) pairs trained at ``step``: the largest first."""
-    archs = [("max", space.max())]
+def step_archs(space, plan, seed: int, step: int, peer_id: str, num_random: int, top: Optional[dict] = None):
+    """(name, arch) pairs trained at ``step``: the largest first. A capped peer (``top``: its top arch)
+    trains its top arch, the smallest arch and random archs inside the top."""
+    archs = [("max", space.max() if top is None else top)]
     if not plan.small:
         return archs
     rng = rng_for(seed, "arch", step, peer_id)
-    archs.append(("min", space.min(plan.elastic)))
-    archs += [(f"rand{i}", space.sample(rng, plan.elastic)) for i in range(num_random)]
+    if top is None:
+        archs.append(("min", space.min(plan.elastic)))
+        archs += [(f"rand{i}", space.sample(rng, plan.elastic)) for i in range(num_random)]
+    else:
+        archs.append(("min", space.min_within(top, plan.elastic)))
+        archs += [(f"rand{i}", space.sample_within(top, rng, plan.elastic)) for i in range(num_random)]
     return archs
 
 
@@ -116,6 +123,9 @@ class Trainer:
         if len(self.data.train) == 0:
             raise DataError(f"data {self.data.name!r} has an empty train split")
         self.space = self.model.space
+        # a capped peer trains only archs inside its top arch (None: the whole supernet)
+        self.top_arch = capacity_top_arch(self.model, c.model, c.capacity)
+        self.slice = slice_masks(self.model, self.top_arch) if self.top_arch is not None else None
         self.eval_archs = resolve_eval_archs(c.eval_archs, self.space, c.seed)
         self.shrink = ShrinkSchedule(c.sandwich, self.space.dims, c.model.progressive_order, c.steps)
         if ctx.enabled:
@@ -141,6 +151,8 @@ class Trainer:
             distributed=ctx.enabled,
             run_dir=self.run_dir,
             should_stop=lambda: self.stop_requested is not None,
+            top_arch=self.top_arch,
+            slice_masks=self.slice,
         )
         self.metrics: Optional[MetricsWriter] = None
         self.ckpt_path = os.path.join(self.run_dir, "checkpoints", "latest.pt")
@@ -226,7 +238,7 @@ class Trainer:
     def train_step(self) -> Dict[str, float]:
         c = self.cfg
         plan = self.shrink.at(self.step)
-        archs = step_archs(self.space, plan, c.seed, self.step, c.peer_id, c.sandwich.num_random)
+        archs = step_archs(self.space, plan, c.seed, self.step, c.peer_id, c.sandwich.num_random, self.top_arch)
         if plan.small and plan.weight <= 0:
             archs = archs[:1]
         batches = self.micro_batches(self.sampler.next())
@@ -475,6 +487,19 @@ class Trainer:
                 o.backend,
                 c.control.coordinator,
             )
+        held = sum(p.numel() for p in m.parameters())
+        trained = held if self.slice is None else sum(int(mask.sum()) for mask in self.slice.values())
+        if self.top_arch is not None:
+            cost = m.cost(self.top_arch)
+            log.info(
+                "capacity: top arch %s (%s params, %s MACs); trains %s of the %s parameters it holds (%.1f%%)",
+                self.space.key(self.top_arch),
+                human(cost["params"]),
+                human(cost["macs"]),
+                human(trained),
+                human(held),
+                100.0 * trained / held,
+            )
         if resumed:
             log.info("resumed from %s at step %d", self.ckpt_path, self.step)
         self._record(
@@ -484,6 +509,10 @@ class Trainer:
                 "step": self.step,
                 "world_size": self.ctx.world_size,
                 "peer_id": c.peer_id,
+                "top_arch": self.top_arch,
+                "params_held": held,
+                "params_trained": trained,
+                "slice_fraction": trained / held,
             }
         )
 

@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class JoinRequest(_message.Message):
-    __slots__ = ("peer_id", "address", "schema_hash", "world_size", "region", "incarnation", "round", "state_hash", "plan")
+    __slots__ = ("peer_id", "address", "schema_hash", "world_size", "region", "incarnation", "round", "state_hash", "plan", "slice")
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     SCHEMA_HASH_FIELD_NUMBER: _ClassVar[int]
@@ -18,6 +18,7 @@ class JoinRequest(_message.Message):
     ROUND_FIELD_NUMBER: _ClassVar[int]
     STATE_HASH_FIELD_NUMBER: _ClassVar[int]
     PLAN_FIELD_NUMBER: _ClassVar[int]
+    SLICE_FIELD_NUMBER: _ClassVar[int]
     peer_id: str
     address: str
     schema_hash: str
@@ -27,7 +28,8 @@ class JoinRequest(_message.Message):
     round: int
     state_hash: str
     plan: WorkPlan
-    def __init__(self, peer_id: _Optional[str] = ..., address: _Optional[str] = ..., schema_hash: _Optional[str] = ..., world_size: _Optional[int] = ..., region: _Optional[str] = ..., incarnation: _Optional[str] = ..., round: _Optional[int] = ..., state_hash: _Optional[str] = ..., plan: _Optional[_Union[WorkPlan, _Mapping]] = ...) -> None: ...
+    slice: str
+    def __init__(self, peer_id: _Optional[str] = ..., address: _Optional[str] = ..., schema_hash: _Optional[str] = ..., world_size: _Optional[int] = ..., region: _Optional[str] = ..., incarnation: _Optional[str] = ..., round: _Optional[int] = ..., state_hash: _Optional[str] = ..., plan: _Optional[_Union[WorkPlan, _Mapping]] = ..., slice: _Optional[str] = ...) -> None: ...
 
 class WorkPlan(_message.Message):
     __slots__ = ("sync_every", "min_steps", "balanced", "tolerance")
@@ -126,7 +128,7 @@ class SyncRequest(_message.Message):
     def __init__(self, peer_id: _Optional[str] = ..., incarnation: _Optional[str] = ..., round: _Optional[int] = ..., state_hash: _Optional[str] = ..., wait_ms: _Optional[int] = ..., step_rate: _Optional[float] = ..., steps: _Optional[int] = ..., samples: _Optional[int] = ...) -> None: ...
 
 class Member(_message.Message):
-    __slots__ = ("peer_id", "address", "world_size", "region", "steps", "samples", "next_steps", "step_rate")
+    __slots__ = ("peer_id", "address", "world_size", "region", "steps", "samples", "next_steps", "step_rate", "slice")
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -135,6 +137,7 @@ class Member(_message.Message):
     SAMPLES_FIELD_NUMBER: _ClassVar[int]
     NEXT_STEPS_FIELD_NUMBER: _ClassVar[int]
     STEP_RATE_FIELD_NUMBER: _ClassVar[int]
+    SLICE_FIELD_NUMBER: _ClassVar[int]
     peer_id: str
     address: str
     world_size: int
@@ -143,7 +146,8 @@ class Member(_message.Message):
     samples: int
     next_steps: int
     step_rate: float
-    def __init__(self, peer_id: _Optional[str] = ..., address: _Optional[str] = ..., world_size: _Optional[int] = ..., region: _Optional[str] = ..., steps: _Optional[int] = ..., samples: _Optional[int] = ..., next_steps: _Optional[int] = ..., step_rate: _Optional[float] = ...) -> None: ...
+    slice: str
+    def __init__(self, peer_id: _Optional[str] = ..., address: _Optional[str] = ..., world_size: _Optional[int] = ..., region: _Optional[str] = ..., steps: _Optional[int] = ..., samples: _Optional[int] = ..., next_steps: _Optional[int] = ..., step_rate: _Optional[float] = ..., slice: _Optional[str] = ...) -> None: ...
 
 class Quorum(_message.Message):
     __slots__ = ("quorum_id", "round", "members", "state_hash", "commit_timeout_ms", "store_address")
