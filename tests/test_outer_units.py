@@ -175,3 +175,19 @@ def test_outer_step_bits_do_not_depend_on_the_cpu_capability():
         runs.append(out.stdout.split())
     assert runs[0][0] == "DEFAULT" and runs[1][0] != "DEFAULT"
     assert runs[0][1] == runs[1][1]
+
+
+def test_uncovered_coordinates_keep_their_value_and_their_momentum():
+    """Capacity-aware rounds: coordinates no member trained keep theta and velocity (momentum frozen, not
+    decayed); covered ones take exactly the step an uncapped round would give them."""
+    g = torch.Generator().manual_seed(3)
+    state = GlobalState([("theta", torch.randn(50, generator=g)), ("velocity", torch.randn(50, generator=g))], round=4)
+    mean = torch.randn(50, generator=g)
+    covered = torch.rand(50, generator=g) < 0.6
+    opt = OuterNesterov(0.7, 0.9)
+    masked, full = state.outer_step(mean, (0, 50), opt, covered), state.outer_step(mean, (0, 50), opt)
+    for name in ("theta", "velocity"):
+        assert torch.equal(masked.tensors[name][covered], full.tensors[name][covered])
+        assert torch.equal(masked.tensors[name][~covered], state.tensors[name][~covered])
+    everything = state.outer_step(mean, (0, 50), opt, torch.ones(50, dtype=torch.bool))
+    assert everything.hash() == full.hash() and masked.round == 5

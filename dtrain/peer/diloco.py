@@ -107,6 +107,7 @@ class DilocoLoop(OuterComponent):
         if top_arch is not None and slice_masks is not None:
             self.slices.add(self.slice_spec, slice_masks)
         self.mask = self.slices.flat_mask(self.slice_spec)
+        self.slice_fraction = 1.0 if self.mask is None else int(self.mask.sum()) / self.mask.numel()
         settings = ExchangeSettings(
             outer.backend,
             outer.streams,
@@ -327,6 +328,7 @@ class DilocoLoop(OuterComponent):
             local_steps=result.steps,
             next_local_steps=result.next_steps,
             weights=list(result.weights) or [1] * len(result.members),
+            slice_fraction=self.slice_fraction,
         )
         next_steps = result.next_steps.get(self.session.peer_id, self.period) if self.balanced else self.period
         # balanced: the next round starts at its nominal step round * H, whatever this peer trained
