@@ -12,17 +12,28 @@ Every backend (``grpc``, ``gloo``) implements :class:`Collective`:
   member ends with the same bits. With ``group.weights`` the mean is the
   weighted one of ``dtrain.outer.weighting`` (all weights 1: the plain mean,
   bit for bit).
+- Slices (``group.masks``, ``dtrain.outer.masking``): when the group has masks
+  and this member's is not None, ``flat`` is its **compact** payload, the
+  values of the coordinates its mask covers in increasing coordinate order
+  (``mask.sum()`` values); otherwise the full vector of N values (N = the
+  masks' length). The result is always the full N: per coordinate, the
+  weighted mean over the members whose mask covers it (``masked_weighted_mean``:
+  float32, ring order, products rounded before the sum), 0.0 where no member
+  of positive weight covers it, and ``CollectiveResult.covered`` marks the
+  covered coordinates (None when all are). Every member gets the same bits of
+  both. No masks, or all None: exactly the unmasked collective.
 - Any member failing or missing ``deadline_s`` makes every member's call
   raise :class:`CollectiveError` within the deadline, and nothing is applied.
   A member that sent an invalid payload (wrong length, shape, dtype,
-  non-finite values) is named in ``CollectiveError.culprit``, so the caller can
+  non-finite values; with masks, a compact payload whose length is not its
+  mask's count) is named in ``CollectiveError.culprit``, so the caller can
   report it to the coordinator.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional, Tuple
 
 import torch
@@ -40,10 +51,22 @@ class Group:
     store_address: str = ""  # TCPStore host:port (gloo)
     # each member's integer weight in the mean, in ring order (``dtrain.outer.weighting``); empty: all 1
     weights: Tuple[int, ...] = ()
+    # each member's slice, in ring order (``dtrain.outer.masking``): a 1-D bool CPU tensor over the full flat
+    # vector (True: a coordinate it covers), or None for a member that covers everything; empty: all None.
+    # Every member computes them alike (from the announced slice specs); they never travel.
+    masks: Tuple[Optional[torch.Tensor], ...] = field(default=(), compare=False, repr=False)
 
     @property
     def size(self) -> int:
         return len(self.members)
+
+    @property
+    def masked(self) -> bool:
+        """Whether some member covers only a slice (else the collective is the unmasked one, bit for bit)."""
+        return any(m is not None for m in self.masks)
+
+    def mask(self, rank: int) -> Optional[torch.Tensor]:
+        return self.masks[rank] if self.masks else None
 
     def weight(self, rank: int) -> int:
         return self.weights[rank] if self.weights else 1
@@ -63,6 +86,8 @@ class CollectiveResult:
     bytes_sent: int
     bytes_recv: int
     seconds: float
+    # with masks: the coordinates some member of positive weight covers (bool, full length); None when all are
+    covered: Optional[torch.Tensor] = None
 
 
 class CollectiveError(RuntimeError):

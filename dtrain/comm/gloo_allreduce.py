@@ -20,6 +20,30 @@ member returns the same bits of mean = (x_0 + ... + x_{k-1}) / k.
   w_m = 0; both divide by sum(w). All weights 1: the bits above. A sum that
   overflows (finite inputs) raises CollectiveError naming nobody, both paths.
 
+Slices (``group.masks``, ``dtrain.outer.masking``). Member m's ``flat`` is then
+its compact payload of c_m values (the full N when its mask is None); every
+member returns the full N and ``covered``, the same bits everywhere.
+
+- ``fp32``: x_m is scattered into N zeros and scaled by w_m, gloo sums those
+  (SUM), and every member divides each coordinate by its weight sum W, computed
+  locally from the masks and weights (0.0 where W = 0). The sum's order is
+  gloo's, as above: within float32 rounding of the formula.
+- other codecs: all_gather needs one size, so every payload is padded to the
+  longest, 1 + max_j encoded_size(c_j) (known from the masks), and stripped to
+  its member's 1 + encoded_size(c_m) before decoding; the decoded parts go
+  through ``masked_weighted_mean`` in ring order: the formula, bit for bit.
+- A member whose compact payload is not c_m long takes part flagged (status
+  byte ``_BAD``; on the fp32 path it contributes NaN, so that everyone takes the
+  failure path, where it flags itself) and is named by everyone.
+- The masks' hash joins the rendezvous check (a member with other masks is
+  named) and the group's cache key.
+
+Bytes are NOT proportional to a member's slice here: gloo's allreduce reduces
+one dense buffer of the same N values on every rank (its ring moves
+2 (k-1)/k * 4N whatever the masks), and all_gather moves k buffers of one
+size, the longest member's; a capped member's payload is padded up to it.
+(Only the grpc backend sends slices alone.)
+
 Bytes per member (sent = received). gloo has no transport counters reachable
 from Python, so these are what the algorithm moves (no TCP framing):
     allreduce (ring):  2 (k-1)/k * 4N
@@ -64,6 +88,14 @@ import torch
 import torch.distributed as dist
 
 from ..errors import one_line
+from ..outer.masking import (
+    check_masks,
+    covered_mask,
+    divide_by_weight_sums,
+    masked_weighted_mean,
+    masks_digest,
+    scatter,
+)
 from ..outer.weighting import weighted_sum_into
 from ..wire.codec import Codec, CodecError
 from .collective import Collective, CollectiveError, CollectiveResult, Group
@@ -143,8 +175,10 @@ class GlooCollective(Collective):
     def allreduce_mean(self, flat: torch.Tensor, group: Group, deadline_s: float) -> CollectiveResult:
         t0 = time.monotonic()
         deadline = t0 + deadline_s
-        self._check_args(flat, group, deadline_s)
+        full = self._check_args(flat, group, deadline_s)
         x = flat.detach().contiguous()
+        if full is not None:
+            return self._masked(x, group, full, deadline, t0)
         k, n = group.size, x.numel()
         if k == 1 or n == 0:
             return CollectiveResult(self._alone(x, group), 0, 0, time.monotonic() - t0)
@@ -158,7 +192,8 @@ class GlooCollective(Collective):
             moved = (k - 1) * payload.numel()
         return CollectiveResult(mean, moved, moved, time.monotonic() - t0)
 
-    def _check_args(self, flat: torch.Tensor, group: Group, deadline_s: float) -> None:
+    def _check_args(self, flat: torch.Tensor, group: Group, deadline_s: float) -> Optional[int]:
+        """ValueError for a caller's mistake; the full length N when the group has masks (else None)."""
         if (
             not isinstance(flat, torch.Tensor)
             or flat.dim() != 1
@@ -171,6 +206,78 @@ class GlooCollective(Collective):
             raise ValueError(f"members {ids} must be distinct non-empty ids including {group.me!r}")
         if not deadline_s > 0:
             raise ValueError(f"deadline_s={deadline_s} must be > 0")
+        n = check_masks(group.masks, len(ids))
+        if n is not None:
+            _ = group.total_weight  # ValueError when nobody trained, as without masks
+        return n
+
+    # ------------------------------------------------------------ slices
+
+    def _masked(self, x: torch.Tensor, group: Group, n: int, deadline: float, t0: float) -> CollectiveResult:
+        """The collective of a group with masks (module docstring, Slices); ``x`` is this member's payload."""
+        k, r = group.size, group.rank
+        masks = group.masks
+        weights = [group.weight(j) for j in range(k)]
+        counts = [n if m is None else int(m.sum()) for m in masks]
+        valid = x.numel() == counts[r]
+        if not valid:
+            log.warning("this member's payload has %d values, its mask covers %d", x.numel(), counts[r])
+        covered = covered_mask(masks, weights, n)
+        if k == 1 or n == 0:
+            if not valid:
+                raise CollectiveError(
+                    f"this member's payload has {x.numel()} values, its mask covers {counts[r]}", culprit=group.me
+                )
+            mean = scatter(self._alone(x, group), masks[r], n)
+            if covered is not None:
+                mean.masked_fill_(~covered, 0.0)
+            return CollectiveResult(mean, 0, 0, time.monotonic() - t0, covered)
+        digest = masks_digest(masks)
+        if self.native:
+            mean = self._run(
+                group, n, deadline, lambda pg, left: self._sum_masked(pg, x, valid, group, n, left), digest
+            )
+            moved = 2 * (k - 1) * 4 * n // k
+        else:
+            size = 1 + max(self.codec.encoded_size(c) for c in counts)
+            payload = self._payload(x, size) if valid else self._bad(size)
+            gathered = self._run(group, n, deadline, lambda pg, left: self._gather(pg, payload, k, left), digest)
+            parts = [
+                self._decode_part(buf[: 1 + self.codec.encoded_size(c)], group.members[j][0], c)
+                for j, (buf, c) in enumerate(zip(gathered, counts))
+            ]
+            mean, _ = masked_weighted_mean(parts, masks, weights, n)
+            if not _finite(mean):
+                raise CollectiveError("the sum of the decoded payloads overflowed (every payload was finite)")
+            moved = (k - 1) * size
+        return CollectiveResult(mean, moved, moved, time.monotonic() - t0, covered)
+
+    def _sum_masked(self, pg, x: torch.Tensor, valid: bool, group: Group, n: int, left: Callable[[], float]):
+        k, r = group.size, group.rank
+        weight = group.weight(r)
+        if valid:
+            buf = scatter(x, group.masks[r], n)
+            if weight != 1:
+                buf.mul_(weight)
+        else:  # a payload that does not fit the mask: make everyone take the failure path, flagged below
+            buf = torch.full((n,), float("nan"))
+        pg.allreduce(buf, dist.ReduceOp.SUM, _timedelta(left())).wait()
+        if _finite(buf):  # checked before dividing, which zeroes the uncovered coordinates
+            return divide_by_weight_sums(buf, group.masks, [group.weight(j) for j in range(k)])
+        flag = torch.tensor([_OK if valid and _finite(x) else _BAD], dtype=torch.uint8)
+        for j, f in enumerate(self._gather(pg, flag, k, left)):
+            if int(f[0]) != _OK:
+                peer = group.members[j][0]
+                raise CollectiveError(
+                    f"member {peer!r} sent non-finite values or a payload unlike its mask", culprit=peer
+                )
+        raise CollectiveError("the fp32 sum overflowed (every input was finite)")
+
+    @staticmethod
+    def _bad(size: int) -> torch.Tensor:
+        out = torch.zeros(size, dtype=torch.uint8)
+        out[0] = _BAD
+        return out
 
     def _alone(self, x: torch.Tensor, group: Group) -> torch.Tensor:
         """k = 1 (or N = 0): no traffic; a quantised codec still applies D(E(x)), as it would with others."""
@@ -206,8 +313,10 @@ class GlooCollective(Collective):
 
     # ------------------------------------------------------------ other codecs: all_gather + local decode
 
-    def _payload(self, x: torch.Tensor) -> torch.Tensor:
-        size = 1 + self.codec.encoded_size(x.numel())
+    def _payload(self, x: torch.Tensor, size: Optional[int] = None) -> torch.Tensor:
+        """[status byte] + E(x), zero-padded to ``size`` bytes when given (the masked all_gather)."""
+        body_size = self.codec.encoded_size(x.numel())
+        size = 1 + body_size if size is None else size
         out = torch.zeros(size, dtype=torch.uint8)
         try:
             body = self.codec.encode(x)
@@ -216,10 +325,11 @@ class GlooCollective(Collective):
             log.warning("%s cannot encode this member's input: %s", self.codec.name, e)
             out[0] = _BAD
             return out
-        if len(body) != size - 1:
-            raise ValueError(f"{self.codec.name}.encode gave {len(body)} bytes, encoded_size says {size - 1}")
+        if len(body) != body_size:
+            raise ValueError(f"{self.codec.name}.encode gave {len(body)} bytes, encoded_size says {body_size}")
         out[0] = _OK
-        out[1:] = torch.frombuffer(bytearray(body), dtype=torch.uint8)
+        if body_size:
+            out[1 : 1 + body_size] = torch.frombuffer(bytearray(body), dtype=torch.uint8)
         return out
 
     @staticmethod
@@ -231,28 +341,7 @@ class GlooCollective(Collective):
     def _decode_mean(self, gathered: List[torch.Tensor], group: Group, n: int) -> torch.Tensor:
         total: Optional[torch.Tensor] = None
         for r, buf in enumerate(gathered):  # ring order: the same float32 sum on every member
-            peer = group.members[r][0]
-            status = int(buf[0])
-            if status != _OK:
-                what = "could not encode its input" if status == _BAD else f"sent status byte {status}"
-                raise CollectiveError(f"member {peer!r} {what}", culprit=peer)
-            try:
-                part = self.codec.decode(buf[1:].numpy().tobytes(), n)
-            except CodecError as e:
-                raise CollectiveError(
-                    f"member {peer!r} sent an invalid {self.codec.name} payload: {e}", culprit=peer
-                ) from None
-            if (
-                not isinstance(part, torch.Tensor)
-                or part.dtype != torch.float32
-                or part.shape != (n,)
-                or not _finite(part)
-            ):
-                raise CollectiveError(
-                    f"member {peer!r}'s {self.codec.name} payload decodes to something other "
-                    f"than {n} finite float32 values",
-                    culprit=peer,
-                )
+            part = self._decode_part(buf, group.members[r][0], n)
             weight = group.weight(r)
             if total is None:
                 total = part if weight == 1 else part.mul_(weight)  # decode returns a new tensor
@@ -265,14 +354,35 @@ class GlooCollective(Collective):
             raise CollectiveError("the sum of the decoded payloads overflowed (every payload was finite)")
         return total
 
+    def _decode_part(self, buf: torch.Tensor, peer: str, n: int) -> torch.Tensor:
+        """One member's gathered [status] + E(x) as n finite float32 values; CollectiveError naming it if not."""
+        status = int(buf[0])
+        if status != _OK:
+            what = "could not encode its input" if status == _BAD else f"sent status byte {status}"
+            raise CollectiveError(f"member {peer!r} {what}", culprit=peer)
+        try:
+            part = self.codec.decode(buf[1:].numpy().tobytes(), n)
+        except CodecError as e:
+            raise CollectiveError(
+                f"member {peer!r} sent an invalid {self.codec.name} payload: {e}", culprit=peer
+            ) from None
+        if not isinstance(part, torch.Tensor) or part.dtype != torch.float32 or part.shape != (n,) or not _finite(part):
+            raise CollectiveError(
+                f"member {peer!r}'s {self.codec.name} payload decodes to something other "
+                f"than {n} finite float32 values",
+                culprit=peer,
+            )
+        return part
+
     # ------------------------------------------------------------ groups
 
-    def _run(self, group: Group, n: int, deadline: float, fn):
+    def _run(self, group: Group, n: int, deadline: float, fn, masks: str = ""):
         """``fn(pg, left)`` on the group's process group (built when needed), under the deadline.
 
+        ``masks``: the masks' digest ("" without masks), checked at the rendezvous like N.
         Any failure drops the group; errors other than CollectiveError become CollectiveError.
         """
-        key = (group.store_address, group.quorum_id, group.members, n, self.codec.name)
+        key = (group.store_address, group.quorum_id, group.members, n, self.codec.name, masks)
         with self._lock:
             for op in [op for op, e in self._groups.items() if e.key[:2] != key[:2]]:
                 del self._groups[op]  # an older quorum (or another store): torn down
@@ -364,7 +474,7 @@ class GlooCollective(Collective):
         pstore = dist.PrefixStore(prefix, store)
         ids = [m[0] for m in group.members]
         digest = hashlib.sha256("\n".join(ids).encode()).hexdigest()[:16]
-        meta = f"{self.codec.name} {n} {digest}"
+        meta = f"{self.codec.name} {n} {digest}" + (f" masks {key[5]}" if key[5] else "")
         pstore.set(f"meta/{rank}", meta)
         # every member checks the others' (codec, N, members) BEFORE any gloo socket exists: a mismatch
         # is then named by everyone alike, and no member tears down a half-built mesh under the others

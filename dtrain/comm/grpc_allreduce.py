@@ -32,6 +32,35 @@ plus the codec's scales and the per-chunk header. ``bytes_sent`` /
 ``bytes_recv`` count every ShardChunk as its serialised size + 5 (the gRPC
 frame); HTTP/2 and TCP/TLS framing are not counted.
 
+Slices (``group.masks``, see ``dtrain.outer.masking`` for the formula and the
+shard rule). Member m's ``flat`` is then its compact payload (c_m values; the
+full N when its mask is None) and only its slice travels:
+
+  shards: contiguous coordinate ranges, member i's holding a number of the
+      M covered coordinates proportional to q_i = c_i / ((k-1) M - c_i)
+      (``shard_layout``), which makes every member's bytes sent about
+      proportional to its c_m;
+  phase 1: member m sends owner i the codec blocks of its compact payload that
+      hold its coordinates of shard i (E of a slice of ``flat``: the same
+      blocks as E(flat)); nothing when it covers none there. Owner i decodes
+      each, keeps the coordinates in shard i, adds fl(w_j * value) over j in
+      ring order at the coordinates j covers (``masked_weighted_mean``),
+      divides each coordinate by its weight sum W, and encodes
+      y_i = E(the means of shard i's covered coordinates) alone;
+  phase 2: y_i to everyone, as above; every member places D(y_i) at shard i's
+      covered coordinates and 0.0 elsewhere, and returns ``covered``.
+
+Everything a receiver expects (slot sizes, where values go) follows from the
+masks and weights, which every member holds alike. A member whose compact
+payload is not c_m long cannot split it: it sends every other member a phase-1
+slot one value too long, which they refuse naming it (as they would a short or
+long slot; gloo's status byte does the same), and raises naming itself. Bytes:
+member m sends about c_m (1 + 1 / sum_i q_i) encoded values; all full:
+2 (k-1)/k N, as above. Masks all None (or none): the unmasked collective above,
+bit for bit. Members must hold the same masks (the quorum view's slice specs):
+a member with other masks is named only where its slot sizes differ from what
+the others expect; otherwise the next round's state hash shows the divergence.
+
 Transport. An encoded shard is cut into chunks of at most ``chunk_bytes``
 (default 1 MiB, at most 4 MiB) spread over ``streams`` PushShard streams per
 destination; each stream runs on its own channel, i.e. its own TCP
@@ -72,6 +101,7 @@ from typing import Dict, List, Optional, Tuple
 import grpc
 import torch
 
+from ..outer.masking import ShardLayout, check_masks, masked_weighted_mean, shard_layout
 from ..outer.weighting import weighted_sum_into
 from ..v1 import dtrain_pb2 as pb
 from ..wire.auth import auth_metadata, make_channel
@@ -166,6 +196,15 @@ class _Pushes:
             if self.error is not None:
                 raise self.error
 
+    def settle(self, deadline: float) -> None:
+        """Until every push ended, however (acknowledged or refused), or the deadline."""
+        with self._cond:
+            while self._pending:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return
+                self._cond.wait(left)
+
     def cancel(self) -> None:
         with self._cond:
             self._stopping = True
@@ -242,22 +281,34 @@ class GrpcCollective(Collective):
     def allreduce_mean(self, flat: torch.Tensor, group: Group, deadline_s: float) -> CollectiveResult:
         t0 = time.monotonic()
         deadline = t0 + deadline_s
-        self._check_args(flat, group, deadline_s)
+        layout = self._check_args(flat, group, deadline_s)
         key: Key = (group.quorum_id, group.round, group.op)
         ids = [m[0] for m in group.members]
         k, r = len(ids), group.rank
-        bounds = shard_bounds(flat.numel(), k, self.align)
         expected = {}
-        for j, peer in enumerate(ids):
-            if j != r:
-                expected[(1, r, peer)] = bounds[r][1]  # their slice of my shard
-                expected[(2, j, peer)] = bounds[j][1]  # their mean shard
+        if layout is None:
+            bounds = shard_bounds(flat.numel(), k, self.align)
+            for j, peer in enumerate(ids):
+                if j != r:
+                    expected[(1, r, peer)] = bounds[r][1]  # their slice of my shard
+                    expected[(2, j, peer)] = bounds[j][1]  # their mean shard
+        else:
+            bounds = []
+            for j, peer in enumerate(ids):
+                if j != r:
+                    lo, hi, a, b = layout.part(j, r)
+                    expected[(1, r, peer)] = b - a  # the blocks of their payload that hold my shard's coordinates
+                    expected[(2, j, peer)] = layout.covered_counts[j]  # their shard's covered means
         self.inbox.open(key, self.me, ids, self.codec, expected)
         pushes = _Pushes(
             lambda err, second_hand: self.inbox.fail(key, err, self.culprit_grace_s if second_hand else 0.0)
         )
         try:
-            result = self._run(flat.detach().contiguous(), group, key, bounds, pushes, deadline)
+            x = flat.detach().contiguous()
+            if layout is None:
+                result = self._run(x, group, key, bounds, pushes, deadline)
+            else:
+                result = self._run_masked(x, group, key, layout, pushes, deadline)
         except BaseException as e:
             pushes.cancel()
             self.inbox.close(key, f"failed: {e}")
@@ -270,9 +321,11 @@ class GrpcCollective(Collective):
             )
             raise
         bytes_recv = self.inbox.close(key)
-        return CollectiveResult(result, pushes.bytes_sent, bytes_recv, time.monotonic() - t0)
+        covered = None if layout is None or layout.covered is None else layout.covered.clone()
+        return CollectiveResult(result, pushes.bytes_sent, bytes_recv, time.monotonic() - t0, covered)
 
-    def _check_args(self, flat: torch.Tensor, group: Group, deadline_s: float) -> None:
+    def _check_args(self, flat: torch.Tensor, group: Group, deadline_s: float) -> Optional[ShardLayout]:
+        """ValueError for a caller's mistake; the shard layout when the group has masks (else None)."""
         if (
             not isinstance(flat, torch.Tensor)
             or flat.dim() != 1
@@ -287,6 +340,12 @@ class GrpcCollective(Collective):
             raise ValueError(f"members {ids} must be distinct non-empty ids including {self.me!r}")
         if not deadline_s > 0:
             raise ValueError(f"deadline_s={deadline_s} must be > 0")
+        n = check_masks(group.masks, len(ids))
+        if n is None:
+            return None
+        weights = tuple(group.weight(j) for j in range(len(ids)))
+        _ = group.total_weight  # ValueError when nobody trained, as without masks
+        return shard_layout(group.masks, weights, n, self.align)
 
     def _run(
         self,
@@ -327,6 +386,80 @@ class GrpcCollective(Collective):
                 result[start : start + n] = means[(j, ids[j])]
         pushes.wait(deadline)
         return result
+
+    def _run_masked(
+        self,
+        flat: torch.Tensor,
+        group: Group,
+        key: Key,
+        lay: ShardLayout,
+        pushes: _Pushes,
+        deadline: float,
+    ) -> torch.Tensor:
+        """``_run`` for a group with masks (module docstring, Slices): ``flat`` is this member's compact payload."""
+        ids = [m[0] for m in group.members]
+        k, r = len(ids), group.rank
+        if flat.numel() != lay.counts[r]:
+            self._refuse_own_payload(flat.numel(), group, lay, pushes, deadline)
+        # phase 1: the blocks of my payload that hold my coordinates of every other shard, to its owner
+        for step in range(1, k):
+            i = (r + step) % k
+            _, _, a, b = lay.part(r, i)
+            if b > a:
+                self._push(pushes, group, i, 1, i, self._encode(flat[a:b], f"shard {i}"), b - a, deadline)
+        _, _, a, b = lay.part(r, r)
+        mine = self._decode_own(self._encode(flat[a:b], f"shard {r}"), b - a)
+        slices = self.inbox.wait(key, 1, deadline)
+        start, stop = lay.edges[r], lay.edges[r + 1]
+        parts, local = [], []
+        for j in range(k):  # ring order: the same sum on every run
+            lo, hi, a, _ = lay.part(j, r)
+            got = mine if j == r else slices[(r, ids[j])]
+            parts.append(got[lo - a : hi - a])
+            mask = group.mask(j)
+            local.append(None if mask is None else mask[start:stop])
+        weights = [group.weight(j) for j in range(k)]
+        mean, _ = masked_weighted_mean(parts, local, weights, stop - start)
+        where = lay.covered_in(r)
+        mean_payload = self._encode(mean if where is None else mean[where], f"the mean of shard {r}")
+        # phase 2: the encoded means of my shard's covered coordinates to every other member
+        for step in range(1, k):
+            j = (r + step) % k
+            self._push(pushes, group, j, 2, r, mean_payload, lay.covered_counts[r], deadline)
+        result = torch.zeros(lay.n, dtype=torch.float32)
+        self._place(result, lay, r, self._decode_own(mean_payload, lay.covered_counts[r]))
+        means = self.inbox.wait(key, 2, deadline)
+        for j in range(k):
+            if j != r:
+                self._place(result, lay, j, means[(j, ids[j])])
+        pushes.wait(deadline)
+        return result
+
+    @staticmethod
+    def _place(result: torch.Tensor, lay: ShardLayout, i: int, values: torch.Tensor) -> None:
+        """Shard i's covered means into the full result (its uncovered coordinates stay 0.0)."""
+        shard = result[lay.edges[i] : lay.edges[i + 1]]
+        where = lay.covered_in(i)
+        if where is None:
+            shard.copy_(values)
+        else:
+            shard[where] = values
+
+    def _refuse_own_payload(self, numel: int, group: Group, lay: ShardLayout, pushes: _Pushes, deadline: float):
+        """This member's compact payload does not match its mask: have every other member name it, then raise.
+
+        It cannot be split into the slots the others expect, so every other member gets a phase-1 slot one value
+        longer than it expects, which its inbox refuses naming this member (the status byte of gloo's payloads
+        does the same there); this member waits for those refusals so that none is cancelled on the way."""
+        r = group.rank
+        for step in range(1, group.size):
+            i = (r + step) % group.size
+            _, _, a, b = lay.part(r, i)
+            self._push(pushes, group, i, 1, i, bytes(self.codec.encoded_size(b - a + 1)), b - a + 1, deadline)
+        pushes.settle(deadline)
+        raise CollectiveError(
+            f"this member's payload has {numel} values, its mask covers {lay.counts[r]}", culprit=self.me
+        )
 
     def _encode(self, x: torch.Tensor, what: str):
         try:
