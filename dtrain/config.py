@@ -642,9 +642,7 @@ class TrainConfig:
     bucket_mb: float = 25.0  # gradient all-reduce bucket size (several ranks)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     threads: int = 0  # torch intra-op threads; 0 keeps torch's default
-    # emulated slower hardware (dtrain-sim's sim.speed): every inner step lasts 1/emulated_speed of its natural
-    # time (the peer sleeps the difference); 1: off
-    emulated_speed: float = 1.0
+    emulated_speed: float = 1.0  # < 1: every inner step lasts 1/speed of its natural time (sleeps; sim.speed)
 
     def __post_init__(self) -> None:
         if isinstance(self.model, dict):
@@ -801,8 +799,7 @@ class SimSizeConfig:
     regions: List[str] = field(default_factory=lambda: ["eu", "us"])  # region of peer i: entry i mod len
     # < 1: the peer's every inner step lasts 1/speed of its natural time (dtrain-train's emulated_speed)
     speed: List[float] = field(default_factory=lambda: [1.0])  # emulated speed of peer i: entry i mod len, in (0, 1]
-    # capacity of peer i: entry i mod len, null (the whole supernet) or {max_macs: N, max_params: N, ...}
-    capacity: List[Any] = field(default_factory=lambda: [None])
+    capacity: List[Any] = field(default_factory=lambda: [None])  # peer i: entry i mod len, null or {max_params: N}
     coordinator_region: str = ""  # default: the first region
     peer: str = "train"  # train (dtrain-train) | model_free (dtrain.sim.model_free_peer, tests)
     peer_args: List[str] = field(  # extra overrides for every dtrain-train

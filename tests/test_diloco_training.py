@@ -281,3 +281,30 @@ def test_balanced_rounds_with_a_slow_peer_keep_parity_and_lose_no_step(cluster):
         assert not _records(tmp_path / name, "heal")
     for name in peers:  # the schedules follow the rounds: both end at the last step
         assert json.load(open(tmp_path / name / "summary.json"))["step"] == 72
+
+
+def test_peers_of_three_capacities_keep_parity_and_send_their_slice(cluster):
+    """A full peer and two capped ones (parameter budgets near 60 % and 40 % of the largest subnet): every round
+    has one state hash on all three, each capped peer trains and sends only its top arch's slice (its round
+    bytes follow its slice fraction), and the run records say what each holds and trains."""
+    tmp_path, coordinator, peer = cluster
+    address = coordinator("min_peers=3")
+    args = ["outer=diloco", "outer.sync_every=4", "steps=16"]
+    peers = {
+        "full": peer("full", address, *args),
+        "mid": peer("mid", address, *args, "capacity.max_params=7000"),
+        "small": peer("small", address, *args, "capacity.max_params=5000"),
+    }
+    _finish(tmp_path, peers)
+    rounds = {name: _records(tmp_path / name, "round") for name in peers}
+    assert [r["round"] for r in rounds["full"]] == list(range(4))
+    assert len({tuple(r["state_hash"] for r in recs) for recs in rounds.values()}) == 1
+    runs = {name: _records(tmp_path / name, "run")[0] for name in peers}
+    assert runs["full"]["top_arch"] is None and runs["full"]["slice_fraction"] == 1.0
+    assert 0 < runs["small"]["slice_fraction"] < runs["mid"]["slice_fraction"] < 1.0
+    for name in ("mid", "small"):
+        run = runs[name]
+        assert run["params_trained"] < run["params_held"] and run["top_arch"]
+        sent = sum(r["bytes_sent"] for r in rounds[name]) / sum(r["bytes_sent"] for r in rounds["full"])
+        assert sent <= run["slice_fraction"] + 0.05, (name, sent, run["slice_fraction"])
+        assert all(r["slice_fraction"] == run["slice_fraction"] for r in rounds[name])

@@ -41,6 +41,7 @@ from ..outer.error_feedback import ErrorFeedback
 from ..outer.flat_params import FlatLayout
 from ..outer.global_state import GlobalState, StateError
 from ..outer.outer_opt import OuterNesterov
+from ..supernet.base import Supernet
 from ..wire.outcomes import RoundOutcome
 from .component import OuterComponent
 from .durable_commit import DurableCommit
@@ -59,7 +60,7 @@ class DilocoLoop(OuterComponent):
     def __init__(
         self,
         cfg: TrainConfig,
-        model: torch.nn.Module,
+        model: Supernet,
         *,
         is_leader: bool,
         world_size: int,

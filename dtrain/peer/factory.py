@@ -7,6 +7,7 @@ from typing import Callable, Dict, Optional
 import torch
 
 from ..config import TrainConfig
+from ..supernet.base import Supernet
 from .component import OuterComponent
 from .ddp_baseline import DdpBaseline
 from .diloco import DilocoLoop
@@ -14,7 +15,7 @@ from .diloco import DilocoLoop
 
 def build_outer_component(
     cfg: TrainConfig,
-    model: torch.nn.Module,
+    model: Supernet,
     optimizer: torch.optim.Optimizer,
     *,
     is_leader: bool,

@@ -16,6 +16,7 @@ from typing import Dict, Optional
 
 import torch
 
+from ..supernet.base import Supernet
 from ..supernet.coverage import slice_masks
 
 
@@ -25,7 +26,7 @@ def slice_spec(space, top: Optional[dict]) -> str:
 
 
 class SliceBook:
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: Supernet):
         self.model = model
         self._masks: Dict[str, Optional[torch.Tensor]] = {"": None}
 
