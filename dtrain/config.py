@@ -595,6 +595,7 @@ class CapacityConfig:
     max_params: Optional[int] = None
     max_latency_ms: Optional[float] = None  # predicted from a dtrain-latency table
     latency_table: str = ""  # the dtrain-latency JSON; required with max_latency_ms
+    auto: bool = False  # balanced rounds: step down a ladder of MAC budgets rather than sit rounds out
 
     def __post_init__(self) -> None:
         for key in ("max_macs", "max_params", "max_latency_ms"):
@@ -609,7 +610,8 @@ class CapacityConfig:
 
     @property
     def capped(self) -> bool:
-        return any(v is not None for v in (self.max_macs, self.max_params, self.max_latency_ms))
+        """A budget is set, or the peer may pick one (``auto``): it may train a slice."""
+        return self.auto or any(v is not None for v in (self.max_macs, self.max_params, self.max_latency_ms))
 
 
 @dataclass
@@ -687,6 +689,12 @@ class TrainConfig:
         )
         _check(self.threads >= 0, "threads", self.threads, "must be >= 0")
         _check(0 < self.emulated_speed <= 1, "emulated_speed", self.emulated_speed, "must be in (0, 1]")
+        _check(
+            not self.capacity.auto or self.outer.local_steps == "balanced",
+            "capacity.auto",
+            True,
+            "it needs outer.local_steps=balanced (the capacity follows the steps the coordinator assigns)",
+        )
         if self.capacity.capped:  # ddp exchanges whole gradients every step; streaming and overlap: not sliced yet
             why = "a capped peer (capacity.max_*) needs "
             _check(self.outer.name != "ddp", "outer.name", self.outer.name, why + "outer.name=diloco or none")
@@ -1093,6 +1101,7 @@ def register_configs() -> None:
     cs.store(group="schema", name="coordinator", node=CoordinatorConfig)
     cs.store(group="schema/outer", name="outer", node=OuterConfig)
     cs.store(group="schema/control", name="control", node=ControlConfig)
+    cs.store(group="schema/capacity", name="capacity", node=CapacityConfig)
     cs.store(group="schema", name="status", node=StatusConfig)
     cs.store(group="schema", name="certs", node=CertsConfig)
     cs.store(group="schema", name="sim", node=SimConfig)

@@ -308,3 +308,24 @@ def test_peers_of_three_capacities_keep_parity_and_send_their_slice(cluster):
         sent = sum(r["bytes_sent"] for r in rounds[name]) / sum(r["bytes_sent"] for r in rounds["full"])
         assert sent <= run["slice_fraction"] + 0.05, (name, sent, run["slice_fraction"])
         assert all(r["slice_fraction"] == run["slice_fraction"] for r in rounds[name])
+
+
+def test_auto_capacity_steps_a_slow_peer_down_the_ladder(cluster):
+    """capacity=auto with balanced rounds: a peer too slow for outer.min_local_steps of its full sandwich picks a
+    smaller top arch instead of sitting rounds out; its choice is in its round records, the coordinator hears
+    its new slice, and every round keeps one state hash on both peers."""
+    tmp_path, coordinator, peer = cluster
+    address = coordinator("min_peers=2")
+    args = ["outer=diloco", "outer.sync_every=8", "outer.local_steps=balanced", "outer.min_local_steps=3", "steps=24"]
+    peers = {
+        "fast": peer("fast", address, *args),
+        "slow": peer("slow", address, *args, "capacity=auto", "emulated_speed=0.2"),
+    }
+    _finish(tmp_path, peers)
+    fast, slow = (_records(tmp_path / name, "round") for name in ("fast", "slow"))
+    assert [r["state_hash"] for r in fast] == [r["state_hash"] for r in slow] and len(fast) == 3
+    levels = [r["next_capacity_level"] for r in slow]
+    assert max(levels) >= 1, levels  # it stepped down at least once
+    first_down = next(i for i, level in enumerate(levels) if level >= 1)
+    assert first_down < 2 and slow[first_down + 1]["slice_fraction"] < 1.0
+    assert all(r["capacity_level"] == 0 and r["next_capacity_level"] == 0 for r in fast)

@@ -27,9 +27,10 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
+import math
 import os
 import time
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -42,6 +43,7 @@ from ..outer.flat_params import FlatLayout
 from ..outer.global_state import GlobalState, StateError
 from ..outer.outer_opt import OuterNesterov
 from ..supernet.base import Supernet
+from ..supernet.capacity import sandwich_macs
 from ..wire.outcomes import RoundOutcome
 from .component import OuterComponent
 from .durable_commit import DurableCommit
@@ -67,7 +69,7 @@ class DilocoLoop(OuterComponent):
         distributed: bool,
         run_dir: str,
         should_stop: Callable[[], bool],
-        top_arch: Optional[dict] = None,
+        ladder: Optional[List[Optional[dict]]] = None,
         slice_masks: Optional[Dict[str, torch.Tensor]] = None,
     ):
         outer = cfg.outer
@@ -102,10 +104,14 @@ class DilocoLoop(OuterComponent):
             else None
         )
         # capacity: this peer trains (and sends) only its top arch's slice; every member's mask comes from
-        # the top arch it announces
+        # the top arch it announces. capacity=auto: the ladder of top archs it may step down (and back up)
+        self.ladder: List[Optional[dict]] = list(ladder or [None])
+        self.level = 0
+        self.level_rates: Dict[int, float] = {}  # the rate last measured at each level
+        self.min_local_steps, self.num_random = outer.min_local_steps, cfg.sandwich.num_random
         self.slices = SliceBook(model)
-        self.slice_spec = slice_spec(model.space, top_arch)
-        if top_arch is not None and slice_masks is not None:
+        self.slice_spec = slice_spec(model.space, self.ladder[0])
+        if self.ladder[0] is not None and slice_masks is not None:
             self.slices.add(self.slice_spec, slice_masks)
         self.mask = self.slices.flat_mask(self.slice_spec)
         self.slice_fraction = 1.0 if self.mask is None else int(self.mask.sum()) / self.mask.numel()
@@ -332,6 +338,11 @@ class DilocoLoop(OuterComponent):
             slice_fraction=self.slice_fraction,
         )
         next_steps = result.next_steps.get(self.session.peer_id, self.period) if self.balanced else self.period
+        level, predicted = self._pick_level(result)
+        record.update(capacity_level=self.level, next_capacity_level=level)
+        if level != self.level:
+            self._switch_level(level)
+            next_steps = predicted  # assigned from the old level's rate; this is what the new level allows
         # balanced: the next round starts at its nominal step round * H, whatever this peer trained
         next_step = self.state.round * self.period if self.balanced else step
         return RoundEvent(
@@ -340,7 +351,54 @@ class DilocoLoop(OuterComponent):
             records=[record],
             checkpoint=bool(every) and self.state.round % every == 0,
             local_steps=next_steps,
+            capacity_level=self.level,
         )
+
+    def _pick_level(self, result: ExchangeResult) -> Tuple[int, int]:
+        """capacity=auto: the ladder level for the next round, and the steps it should allow.
+
+        Each level's rate: the one measured there, scaled by how much this peer's speed changed since (the
+        current level's rate now over when last measured); for a level never trained, the current rate
+        scaled by the ratio of the levels' sandwich MACs. With the fastest member's rate (the quorum's
+        reports), a level L allows ``floor(H * min(1, rate_L / fastest))`` steps. Take the largest
+        capacity (lowest level) that allows at least ``max(1, outer.min_local_steps)`` steps, so the peer
+        does not sit out for being slow while a smaller top arch would let it train; stepping back up to a
+        larger one needs twice that (no flapping)."""
+        mine, fastest = self.rate.steps_per_s, max(result.rates.values(), default=0.0)
+        if len(self.ladder) == 1 or not self.balanced or mine <= 0 or fastest <= 0:
+            return self.level, -1
+        before = self.level_rates.get(self.level, mine)
+        self.level_rates[self.level] = mine
+        macs = [sandwich_macs(self.model, top, self.num_random) for top in self.ladder]
+        floor_steps = max(1, self.min_local_steps)
+
+        def rate_at(level: int) -> float:
+            if level == self.level:
+                return mine
+            if level in self.level_rates:
+                return self.level_rates[level] * mine / before
+            return mine * macs[self.level] / macs[level]
+
+        def allowed(level: int) -> int:
+            return math.floor(self.period * min(1.0, rate_at(level) / fastest))
+
+        for level in range(len(self.ladder)):
+            if allowed(level) >= floor_steps * (2 if level < self.level else 1):
+                return level, allowed(level)
+        return len(self.ladder) - 1, allowed(len(self.ladder) - 1)
+
+    def _switch_level(self, level: int) -> None:
+        """Train within another top arch from the next round: announce its slice (re-join), restart the
+        rate measurement and error feedback (the slice, and so the payload, changes)."""
+        self.level = level
+        self.slice_spec = slice_spec(self.model.space, self.ladder[level])
+        self.mask = self.slices.flat_mask(self.slice_spec)
+        self.slice_fraction = 1.0 if self.mask is None else int(self.mask.sum()) / self.mask.numel()
+        self.rate = StepRate(skip=0)
+        if self.error_feedback is not None:
+            self.error_feedback.reset()
+        self.session.announce_slice(self.slice_spec)
+        log.info("capacity=auto: level %d of %d, slice %.1f%%", level, len(self.ladder), 100 * self.slice_fraction)
 
     def _adopt(self, result: ExchangeResult, event: RoundEvent) -> RoundEvent:
         """After a heal: local parameters <- global ones; continue from the state's round."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 
@@ -23,11 +23,12 @@ def build_outer_component(
     distributed: bool,
     run_dir: str,
     should_stop: Callable[[], bool],
-    top_arch: Optional[dict] = None,
+    ladder: Optional[List[Optional[dict]]] = None,
     slice_masks: Optional[Dict[str, torch.Tensor]] = None,
 ) -> Optional[OuterComponent]:
-    """The component for ``outer.name``; None when the peer trains alone (``none``). A capped peer
-    (``top_arch``, with its per-parameter ``slice_masks``) trains and sends only its slice."""
+    """The component for ``outer.name``; None when the peer trains alone (``none``). A capped peer trains
+    and sends only its top arch's slice: ``ladder[0]`` (None: the whole supernet; more levels with
+    ``capacity=auto``), whose per-parameter ``slice_masks`` the trainer already measured."""
     if cfg.outer.name == "diloco":
         return DilocoLoop(
             cfg,
@@ -37,7 +38,7 @@ def build_outer_component(
             distributed=distributed,
             run_dir=run_dir,
             should_stop=should_stop,
-            top_arch=top_arch,
+            ladder=ladder,
             slice_masks=slice_masks,
         )
     if cfg.outer.name == "ddp":

@@ -20,15 +20,15 @@ def share_event(event: RoundEvent, params: Iterable[torch.nn.Parameter], is_lead
     """Every rank: the leader's outcome and step; the parameters when they changed. Other ranks get an
     event without records (metrics are the leader's) and without a checkpoint request (the leader
     writes checkpoints)."""
-    info = torch.tensor([event.outcome.value, event.step, event.local_steps], dtype=torch.long)
+    info = torch.tensor([event.outcome.value, event.step, event.local_steps, event.capacity_level], dtype=torch.long)
     dist.broadcast(info, 0)
-    outcome, step, local_steps = RoundOutcome(int(info[0])), int(info[1]), int(info[2])
+    outcome, step, local_steps, level = RoundOutcome(int(info[0])), int(info[1]), int(info[2]), int(info[3])
     if outcome in (RoundOutcome.COMMIT, RoundOutcome.HEAL):
         for p in params:
             dist.broadcast(p.data, 0)
     if is_leader:
         return event
-    return RoundEvent(outcome, step, event.stall_s, local_steps=local_steps)
+    return RoundEvent(outcome, step, event.stall_s, local_steps=local_steps, capacity_level=level)
 
 
 def share_gradients(event: RoundEvent, params: Iterable[torch.nn.Parameter], is_leader: bool) -> RoundEvent:

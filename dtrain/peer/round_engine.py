@@ -75,6 +75,7 @@ class ExchangeResult:
     steps: Dict[str, int] = field(default_factory=dict)
     next_steps: Dict[str, int] = field(default_factory=dict)
     weights: Tuple[int, ...] = ()  # the members' weights in the mean, ring order (empty: equal)
+    rates: Dict[str, float] = field(default_factory=dict)  # COMMIT: each member's reported step rate
 
 
 class RoundEngine:
@@ -165,6 +166,7 @@ class RoundEngine:
                 out.round, out.next_state, out.weights = ans.round, nxt, weights
                 out.steps = {pid: w.steps for pid, w in zip(ans.ids, ans.work)}
                 out.next_steps = {pid: w.next_steps for pid, w in zip(ans.ids, ans.work)}
+                out.rates = {pid: w.step_rate for pid, w in zip(ans.ids, ans.work)}
                 return out
             log.info("round %d quorum %d: retry", ans.round, ans.quorum_id)
 

@@ -15,7 +15,9 @@ and acts on it:
 - ``local_steps``: balanced rounds, the inner steps this peer trains in the
   next round (what the coordinator assigned; 0: it sits the round out; -1:
   nothing assigned, H). The trainer needs nothing from it; it travels to the
-  other ranks with the event.
+  other ranks with the event;
+- ``capacity_level``: ``capacity=auto``, the ladder level (the top arch) the
+  peer trains within from now on (-1: unchanged).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ class RoundEvent:
     records: List[dict] = field(default_factory=list)
     checkpoint: bool = False
     local_steps: int = -1
+    capacity_level: int = -1
 
     @property
     def changed_parameters(self) -> bool:

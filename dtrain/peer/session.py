@@ -188,6 +188,12 @@ class PeerSession:
             return self.engine.heal(HealOrder(info.donor, info.committed_round, "joined behind"))
         return None
 
+    def announce_slice(self, spec: str) -> None:
+        """Tell the coordinator this peer now trains within another top arch (a re-join: same incarnation,
+        nothing else changes); the next quorum carries it."""
+        self.client.slice = spec
+        self.client.join(timeout=self.control.join_timeout_s)
+
     def close(self, leave: bool = True, reason: str = "finished") -> None:
         if leave:
             self.client.leave(reason)

@@ -29,6 +29,7 @@ a one-line error naming the minimum cost.
 from __future__ import annotations
 
 import itertools
+from types import SimpleNamespace
 from typing import Callable, List, Optional, Tuple
 
 from .budget import Budget
@@ -91,8 +92,47 @@ def top_arch(space: SearchSpace, budget: Budget) -> dict:
         best = max(grown, key=lambda a: _size(budget, space, a))
 
 
+LADDER_STEPS = 3  # capacity=auto: how many halvings of MACs below the configured capacity
+
+
+def _limited(capacity) -> bool:
+    return any(getattr(capacity, k) is not None for k in ("max_macs", "max_params", "max_latency_ms"))
+
+
 def capacity_top_arch(model, model_cfg, capacity) -> Optional[dict]:
     """The top arch of a ``capacity`` config (None: the whole supernet, no limit set)."""
-    if not capacity.capped:
+    if not _limited(capacity):
         return None
     return top_arch(model.space, Budget(model, model_cfg, capacity, key="capacity"))
+
+
+def capacity_ladder(model, model_cfg, capacity) -> List[Optional[dict]]:
+    """The top archs a peer may train within, largest first. Level 0 is the configured capacity's (None:
+    the whole supernet); with ``capacity.auto``, then the top archs of MAC budgets halving from level 0's
+    MACs (``LADDER_STEPS`` times, never below the smallest subnet's MACs; the other limits still apply),
+    without repeats."""
+    ladder = [capacity_top_arch(model, model_cfg, capacity)]
+    if not capacity.auto:
+        return ladder
+    space = model.space
+    macs = model.cost(ladder[0] if ladder[0] is not None else space.max())["macs"]
+    smallest = model.cost(space.min())["macs"]
+    for k in range(1, LADDER_STEPS + 1):
+        limits = SimpleNamespace(
+            max_macs=max(macs / 2**k, smallest),
+            max_params=capacity.max_params,
+            max_latency_ms=capacity.max_latency_ms,
+            latency_table=capacity.latency_table,
+        )
+        arch = top_arch(space, Budget(model, model_cfg, limits, key="capacity"))
+        previous = ladder[-1] if ladder[-1] is not None else space.max()
+        if space.key(arch) != space.key(previous):
+            ladder.append(arch)
+    return ladder
+
+
+def sandwich_macs(model, top: Optional[dict], num_random: int) -> float:
+    """What one sandwich step inside ``top`` costs, roughly: the top arch, the smallest arch and
+    ``num_random`` archs of about half the top's MACs (the ladder compares levels by it)."""
+    top_macs = model.cost(top if top is not None else model.space.max())["macs"]
+    return top_macs * (1.0 + num_random / 2.0) + model.cost(model.space.min())["macs"]

@@ -40,7 +40,7 @@ from ..peer.factory import build_outer_component
 from ..peer.round_event import RoundEvent
 from ..supernet import build_supernet
 from ..supernet.calibrate import batch_norms
-from ..supernet.capacity import capacity_top_arch
+from ..supernet.capacity import capacity_ladder
 from ..supernet.coverage import slice_masks
 from ..wire.outcomes import RoundOutcome
 from .distributed import (
@@ -124,7 +124,9 @@ class Trainer:
             raise DataError(f"data {self.data.name!r} has an empty train split")
         self.space = self.model.space
         # a capped peer trains only archs inside its top arch (None: the whole supernet)
-        self.top_arch = capacity_top_arch(self.model, c.model, c.capacity)
+        # capacity=auto: the top archs it may step down to; the outer loop picks the level (RoundEvent)
+        self.ladder = capacity_ladder(self.model, c.model, c.capacity)
+        self.top_arch = self.ladder[0]
         self.slice = slice_masks(self.model, self.top_arch) if self.top_arch is not None else None
         self.eval_archs = resolve_eval_archs(c.eval_archs, self.space, c.seed)
         self.shrink = ShrinkSchedule(c.sandwich, self.space.dims, c.model.progressive_order, c.steps)
@@ -151,7 +153,7 @@ class Trainer:
             distributed=ctx.enabled,
             run_dir=self.run_dir,
             should_stop=lambda: self.stop_requested is not None,
-            top_arch=self.top_arch,
+            ladder=self.ladder,
             slice_masks=self.slice,
         )
         self.metrics: Optional[MetricsWriter] = None
@@ -284,6 +286,9 @@ class Trainer:
     def _on_round(self, event: RoundEvent) -> RoundEvent:
         """Act on what a round boundary did: the trainer alone moves its step, checkpoints, records and
         stops."""
+        if event.capacity_level >= 0 and self.ladder[event.capacity_level] != self.top_arch:
+            self.top_arch = self.ladder[event.capacity_level]  # capacity=auto stepped to another top arch
+            log.info("capacity: now training within %s", self.space.key(self.top_arch or self.space.max()))
         if event.outcome in (RoundOutcome.HEAL, RoundOutcome.COMMIT) and event.step != self.step:
             self.jump_to_step(event.step)  # a heal, or a balanced round this peer trained fewer steps of
         self.stall_s += event.stall_s
