@@ -53,7 +53,7 @@ def _override_key(arg: str) -> str:
 
 class Simulation:
     def __init__(self, cfg):
-        self.cfg, self.s, self.chaos = cfg, cfg.sim, cfg.chaos
+        self.cfg, self.sim, self.chaos = cfg, cfg.sim, cfg.chaos
         self.run_dir = os.path.abspath(cfg.run_dir)
         os.makedirs(self.run_dir, exist_ok=True)
         self.coord_dir = os.path.join(self.run_dir, COORD)
@@ -83,21 +83,21 @@ class Simulation:
         log.info("%s", " ".join([f"[{rec['t']:7.1f}s]", kind] + [f"{k}={v}" for k, v in fields.items()]))
 
     def speed_of(self, index: int) -> float:
-        return float(self.s.speed[index % len(self.s.speed)])
+        return float(self.sim.speed[index % len(self.sim.speed)])
 
     def capacity_of(self, index: int) -> dict:
         """Peer ``index``'s capacity overrides ({} for the whole supernet)."""
-        entry = self.s.capacity[index % len(self.s.capacity)]
+        entry = self.sim.capacity[index % len(self.sim.capacity)]
         return {k: v for k, v in dict(entry or {}).items() if v is not None}
 
     def region_of(self, index: int) -> str:
-        r = self.s.regions
+        r = self.sim.regions
         return r[index % len(r)] if r else f"node{index}"
 
     def coord_region(self) -> str:
-        if self.s.coordinator_region:
-            return self.s.coordinator_region
-        return self.s.regions[0] if self.s.regions else COORD
+        if self.sim.coordinator_region:
+            return self.sim.coordinator_region
+        return self.sim.regions[0] if self.sim.regions else COORD
 
     def link_of(self, a: str, b: str) -> LinkSpec:
         w = self.cfg.wan
@@ -127,7 +127,7 @@ class Simulation:
             venv_script("dtrain-coordinator"),
             f"port={port}",
             f"state_dir={self.coord_dir}",
-            *self.s.coordinator_args,
+            *self.sim.coordinator_args,
         ]
         proc = spawn(COORD, cmd, self.run_dir, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         line = wait_for_line(proc.log_path, "coordinator listening on", proc, 60.0)
@@ -149,7 +149,7 @@ class Simulation:
         return env
 
     def peer_command(self, peer_id: str, index: int, port: int) -> List[str]:
-        s = self.s
+        s = self.sim
         peer_dir = os.path.join(self.run_dir, f"peer-{peer_id}")
         os.makedirs(peer_dir, exist_ok=True)
         if s.peer == "model_free":
@@ -239,7 +239,7 @@ class Simulation:
             pid=proc.pid,
             reason=reason,
             region=self.region_of(index),
-            nproc=self.s.nproc_per_peer[index % len(self.s.nproc_per_peer)],
+            nproc=self.sim.nproc_per_peer[index % len(self.sim.nproc_per_peer)],
             port=port,
             speed=self.speed_of(index),
         )
@@ -249,7 +249,7 @@ class Simulation:
         return sorted(p for p, pr in self.peers.items() if pr.alive() and (include_stopped or not pr.stopped))
 
     def reap(self) -> None:
-        scan = time.monotonic() - self._last_scan > 1.0 and any(n > 1 for n in self.s.nproc_per_peer)
+        scan = time.monotonic() - self._last_scan > 1.0 and any(n > 1 for n in self.sim.nproc_per_peer)
         if scan:
             self._last_scan = time.monotonic()
         for pid, proc in list(self.peers.items()):
@@ -332,7 +332,7 @@ class Simulation:
         proc, speed = self.peers.get(peer), self.slowed.get(peer)
         if speed is None or proc is None or not proc.alive() or peer in self.throttles:
             return
-        budget = max(1.0, self.s.timeout_s + self.s.finish_grace_s - (time.monotonic() - self.t0))
+        budget = max(1.0, self.sim.timeout_s + self.sim.finish_grace_s - (time.monotonic() - self.t0))
         self.throttles[peer] = Throttle(proc, speed, max_s=budget).start()
 
     def unthrottle(self, peer: str) -> None:
@@ -366,7 +366,7 @@ class Simulation:
 
     # ------------------------------------------------------------------ the run
     def run(self) -> dict:
-        s, cfg = self.s, self.cfg
+        s, cfg = self.sim, self.cfg
         status, error = "ok", ""
         self.event(
             "sim_start",

@@ -174,7 +174,7 @@ def run_schema(a: argparse.Namespace) -> str:
 
 class ModelFreePeer:
     def __init__(self, a: argparse.Namespace):
-        self.a = a
+        self.args = a
         self.stopping = threading.Event()
         self.stop_reason = ""
         theta = torch.randn(a.numel, generator=torch.Generator().manual_seed(a.seed))
@@ -216,7 +216,7 @@ class ModelFreePeer:
 
     # -- records ----------------------------------------------------------------------------
     def record(self, kind: str, **fields) -> None:
-        self.out.write(json.dumps({"kind": kind, "peer_id": self.a.peer_id, "time": time.time(), **fields}) + "\n")
+        self.out.write(json.dumps({"kind": kind, "peer_id": self.args.peer_id, "time": time.time(), **fields}) + "\n")
         self.out.flush()
 
     def _record_heal(self, out: ExchangeResult) -> None:
@@ -236,20 +236,20 @@ class ModelFreePeer:
         """A collective attempt starts: the one before it in this exchange did not commit."""
         if len(attempts) > 1:
             self._record_retry(attempts[-2])
-        if self.a.trace:
+        if self.args.trace:
             e = attempts[-1]
             self.record("attempt", round=e["round"], quorum_id=e["quorum_id"], members=e["members"])
 
     # -- helpers ------------------------------------------------------------------------------
     def target_rounds(self) -> int:
         """--rounds, or the round count in --rounds-file once that file exists (a shared stop line)."""
-        if self.a.rounds_file:
+        if self.args.rounds_file:
             try:
-                with open(self.a.rounds_file, encoding="utf-8") as f:
+                with open(self.args.rounds_file, encoding="utf-8") as f:
                     return int(f.read().strip())
             except (FileNotFoundError, ValueError):
                 pass
-        return self.a.rounds
+        return self.args.rounds
 
     def collective(self, backend: str, codec_name: str) -> Collective:
         key = (backend, codec_name)
@@ -259,9 +259,9 @@ class ModelFreePeer:
             else:
                 s = self.session
                 self.collectives[key] = build_collective(
-                    get_codec(codec_name, self.a.block_size),
+                    get_codec(codec_name, self.args.block_size),
                     dataclasses.replace(self.settings, backend=backend),
-                    self.a.peer_id,
+                    self.args.peer_id,
                     self.control,
                     s.token,
                     s.inbox,
@@ -281,7 +281,7 @@ class ModelFreePeer:
 
     def payload(self, r: int, fragment: int, codec_name: str) -> torch.Tensor:
         """This peer's pseudo-gradient of round r: theta_global - theta_local, theta_local = theta_global + noise."""
-        a = self.a
+        a = self.args
         lo, hi = self.frags[fragment]
         seed = _seed(a.seed, a.peer_id, r) if self.data_plane else _seed(a.seed, r)
         delta = -torch.randn(hi - lo, generator=torch.Generator().manual_seed(seed)) * a.noise
@@ -291,7 +291,7 @@ class ModelFreePeer:
 
     # -- the run ------------------------------------------------------------------------------
     def run(self) -> None:
-        a = self.a
+        a = self.args
         start_round, start_hash = self.state.round, self.state.hash()
         healed = self.session.join()
         joined = self.session.client.joined
@@ -363,7 +363,7 @@ class ModelFreePeer:
 
     def _prepare(self, rnd: int, fragment: int, mean: torch.Tensor) -> GlobalState:
         """Before the vote on ``rnd``: S_{rnd+1}; --fail-commit-at refuses it once."""
-        if rnd == self.a.fail_commit_at and not self.failed_vote:
+        if rnd == self.args.fail_commit_at and not self.failed_vote:
             self.failed_vote = True
             raise VoteNotOk("--fail-commit-at")
         return self.state.outer_step(mean, self.frags[fragment], self.opt)
