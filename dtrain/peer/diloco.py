@@ -150,6 +150,7 @@ class DilocoLoop(OuterComponent):
             healed = self.session.join()
             if healed is not None:
                 event = self._adopt(healed, event)
+            event.capacity_level = self.level  # the trainer trains within this level's top arch
         event = self._share(event)
         self._begin_round(event.step - event.step % self.period, self.period)
         return event
@@ -187,6 +188,7 @@ class DilocoLoop(OuterComponent):
             "round": self.state.round,
             "tensors": dict(self.state.tensors),
             "error_feedback": ef.state_dict() if ef is not None else {},
+            "capacity_level": self.level,
         }
 
     def load_state_dict(self, saved: dict) -> None:
@@ -199,6 +201,9 @@ class DilocoLoop(OuterComponent):
                 f"the checkpoint holds another outer state ({e}): use the same outer.* and "
                 "model.* settings or a new run_dir"
             ) from None
+        level = int(saved.get("capacity_level", 0))
+        if 0 < level < len(self.ladder):  # capacity=auto had stepped down: resume within that top arch
+            self._set_level(level)
         if self.error_feedback is not None and saved.get("error_feedback"):
             self.error_feedback.load_state_dict(saved["error_feedback"])
 
@@ -387,13 +392,18 @@ class DilocoLoop(OuterComponent):
                 return level, allowed(level)
         return len(self.ladder) - 1, allowed(len(self.ladder) - 1)
 
-    def _switch_level(self, level: int) -> None:
-        """Train within another top arch from the next round: announce its slice (re-join), restart the
-        rate measurement and error feedback (the slice, and so the payload, changes)."""
+    def _set_level(self, level: int) -> None:
+        """Train within the top arch of ladder ``level``: its slice is what this peer sends and announces."""
         self.level = level
         self.slice_spec = slice_spec(self.model.space, self.ladder[level])
         self.mask = self.slices.flat_mask(self.slice_spec)
         self.slice_fraction = 1.0 if self.mask is None else int(self.mask.sum()) / self.mask.numel()
+        self.session.client.slice = self.slice_spec
+
+    def _switch_level(self, level: int) -> None:
+        """Train within another top arch from the next round: announce its slice (re-join), restart the
+        rate measurement and error feedback (the slice, and so the payload, changes)."""
+        self._set_level(level)
         self.rate = StepRate(skip=0)
         if self.error_feedback is not None:
             self.error_feedback.reset()
