@@ -184,11 +184,17 @@ def test_user_restarts_a_finished_run_with_more_rounds(tmp_path):
 
 
 @pytest.mark.timeout(120)
-def test_ctrl_c_stops_everything_it_started(tmp_path):
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_ctrl_c_or_sigterm_stops_everything_it_started(tmp_path, sig):
+    """Ctrl-C (SIGINT to the terminal's process group) or a scheduler's SIGTERM to dtrain-sim alone: every
+    coordinator and peer it started (each in a session of its own) is stopped, and the run is judged."""
     run = SimRun(tmp_path / "sim", [*MODEL_FREE, "sim.rounds=1000", "chaos.kill_at_s=[]", "chaos.join_at_s=[]"])
     try:
         run.wait_for_event("chaos_clock_start", 60)
-        os.killpg(run.proc.pid, signal.SIGINT)
+        if sig == "SIGINT":
+            os.killpg(run.proc.pid, signal.SIGINT)
+        else:
+            os.kill(run.proc.pid, signal.SIGTERM)
         rc = run.wait(60)
         assert rc != 0
         s = run.summary()

@@ -33,7 +33,9 @@ def test_assignment_is_bounded_deterministic_and_follows_the_fastest(rates, plan
         assert steps == 0 or steps >= max(1, plan.min_steps)
     fastest = max(rates.values())
     for pid, rate in rates.items():
-        if rate == fastest or rate <= 0:
+        if rate <= 0 or fastest <= 0:
+            assert got[pid] == min(plan.sync_every, max(2, plan.min_steps))  # not measured yet: a probe round
+        elif rate == fastest:
             assert got[pid] == plan.sync_every
         elif got[pid]:  # a member that trains finishes when the fastest does H steps (within the tolerance)
             assert got[pid] / rate <= plan.sync_every / (fastest * (1 - plan.tolerance)) * (1 + 1e-9)
@@ -63,7 +65,7 @@ def test_equal_speeds_give_todays_rounds(noise):
 def test_proportional_steps_and_sitting_out():
     plan = WorkPlan(40, 8, True)
     got = assign_local_steps({"a": 8.0, "b": 8.0, "c": 4.0, "d": 2.0, "e": 1.0, "new": 0.0}, plan)
-    assert got == {"a": 40, "b": 40, "c": 20, "d": 10, "e": 0, "new": 40}  # e: 5 steps < 8 sits out
+    assert got == {"a": 40, "b": 40, "c": 20, "d": 10, "e": 0, "new": 8}  # e: 5 < 8 sits out; new: probe
 
 
 def test_fixed_plans_give_everyone_h():
@@ -72,7 +74,7 @@ def test_fixed_plans_give_everyone_h():
 
 def test_non_finite_rates_count_as_unmeasured():
     got = assign_local_steps({"a": math.inf, "b": math.nan, "c": 2.0}, WorkPlan(10, 1, True))
-    assert got == {"a": 10, "b": 10, "c": 10}
+    assert got == {"a": 2, "b": 2, "c": 10}
 
 
 def test_bad_plans_are_refused():

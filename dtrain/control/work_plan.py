@@ -9,10 +9,13 @@ For the next round the coordinator assigns, with ``H = outer.sync_every``::
     H_i     = H                                 ratio_i >= 1 - tolerance   (equal within measurement noise)
             = floor(H * ratio_i)                otherwise                  (finishes when the fastest does)
             = 0                                 when that is below ``min_steps``: the member sits out
-    H_i     = H                                 for a member with no rate yet (measured in its first round)
+    H_i     = probe = min(H, max(2, min_steps)) for a member with no rate yet
 
 so every member finishes its compute at about the time the fastest does H
-steps. A member that sits out trains nothing in the round and takes part in
+steps. A member with no rate yet (every member in round 0, a joiner) trains a
+short probe round, enough steps to be measured (a process's first step does
+not count): round 0 is short and a slow joiner does not hold up the round it
+enters. A member that sits out trains nothing in the round and takes part in
 its exchange with weight 0: it receives the mean and holds the next state
 without downloading anything; it is assigned again at the next boundary
 from its latest rate (which it keeps measuring with one untrained probe step
@@ -46,6 +49,11 @@ class WorkPlan:
             )
 
 
+def probe_steps(plan: WorkPlan) -> int:
+    """What a member with no measured rate trains in a balanced round (H in fixed plans)."""
+    return min(plan.sync_every, max(2, plan.min_steps)) if plan.balanced else plan.sync_every
+
+
 def assign_local_steps(rates: Mapping[str, float], plan: WorkPlan) -> Dict[str, int]:
     """H_i for every member of ``rates`` (member -> steps per second; 0 or less: not measured yet)."""
     if not plan.balanced:
@@ -55,7 +63,7 @@ def assign_local_steps(rates: Mapping[str, float], plan: WorkPlan) -> Dict[str, 
     out = {}
     for pid, rate in rates.items():
         if fastest <= 0 or rate <= 0 or not math.isfinite(rate):
-            out[pid] = plan.sync_every
+            out[pid] = probe_steps(plan)
             continue
         ratio = min(1.0, rate / fastest)
         steps = plan.sync_every if ratio >= 1.0 - plan.tolerance else math.floor(plan.sync_every * ratio)

@@ -37,6 +37,7 @@ import torch
 from .. import faults
 from ..config import ConfigError, TrainConfig
 from ..control.client import Stopping, SyncReport
+from ..control.work_plan import probe_steps
 from ..outer.codecs import get_codec
 from ..outer.error_feedback import ErrorFeedback
 from ..outer.flat_params import FlatLayout
@@ -85,6 +86,8 @@ class DilocoLoop(OuterComponent):
         # local_steps in it (0: it sits out and takes one untrained probe step) and exchanges at next_boundary
         self.balanced = outer.local_steps == "balanced"
         self.batch_size = cfg.batch_size
+        # the steps of a round nobody assigned (round 0, after a heal): H, or a short probe round while balanced
+        self.unassigned_steps = probe_steps(work_plan(cfg)) if self.balanced else self.period
         self.round_start, self.local_steps, self.next_boundary = 0, self.period, self.period
         self.rate = StepRate()
         self.comm_s = 0.0  # moving average of the collective's seconds (the adaptive deadline)
@@ -152,7 +155,7 @@ class DilocoLoop(OuterComponent):
                 event = self._adopt(healed, event)
             event.capacity_level = self.level  # the trainer trains within this level's top arch
         event = self._share(event)
-        self._begin_round(event.step - event.step % self.period, self.period)
+        self._begin_round(event.step - event.step % self.period, self.unassigned_steps)
         return event
 
     def finish(self, step: int) -> RoundEvent:
@@ -234,7 +237,7 @@ class DilocoLoop(OuterComponent):
                     event = RoundEvent(RoundOutcome.STOP, step)
             event = self._share(event)
             if event.outcome in (RoundOutcome.COMMIT, RoundOutcome.HEAL):
-                self._begin_round(event.step, event.local_steps if event.local_steps >= 0 else self.period)
+                self._begin_round(event.step, event.local_steps if event.local_steps >= 0 else self.unassigned_steps)
             return event
         if step % self.period == 0 and self.is_leader and self.pending is None:
             self._launch()

@@ -28,6 +28,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 from typing import Dict, List, Optional, Tuple
 
@@ -41,6 +42,23 @@ log = logging.getLogger("dtrain.sim")
 
 COORD = "coordinator"
 _SIGNALS = {"KILL": signal.SIGKILL, "TERM": signal.SIGTERM, "STOP": signal.SIGSTOP}
+
+
+class Terminated(Exception):
+    """dtrain-sim got SIGTERM: stop every process it started, judge the run, exit (like Ctrl-C)."""
+
+
+def _terminate_like_interrupt():
+    """SIGTERM raises :class:`Terminated` in the main thread (the run's shutdown then stops every coordinator
+    and peer the simulation started, each in its own session); returns what restores the old handler."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def on_term(signum, frame):
+        raise Terminated()
+
+    old = signal.signal(signal.SIGTERM, on_term)
+    return lambda: signal.signal(signal.SIGTERM, old)
 
 
 class SimError(RuntimeError):
@@ -378,6 +396,7 @@ class Simulation:
             speed=list(s.speed),
         )
         schedule = build_schedule(self.chaos, cfg.wan, s.timeout_s, [f"p{i}" for i in range(s.peers)])
+        restore = _terminate_like_interrupt()
         try:
             if cfg.wan.enabled:
                 self.wan = WanEmulator(
@@ -439,10 +458,13 @@ class Simulation:
                 time.sleep(0.1)
         except KeyboardInterrupt:
             status, error = "interrupted", "Ctrl-C"
+        except Terminated:
+            status, error = "interrupted", "SIGTERM"
         except (SimError, RuntimeError, OSError) as e:
             status, error = "failed", str(e)
         finally:
             self.shutdown()
+            restore()
         self.event("sim_end", status=status, error=error, committed_round=self.committed)
         summary = summarize(
             self.run_dir,

@@ -104,7 +104,7 @@ def summarize(
     work: Dict[str, dict] = {}
     for peer, d in _peer_dirs(run_dir).items():
         records = read_jsonl(os.path.join(d, "metrics.jsonl"))
-        if any(r.get("kind") == "round" for r in records):
+        if any(r.get("kind") in ("round", "heal", "run") for r in records):  # also a peer that never committed
             work[peer] = peer_work(peer, records, _period(d, inner_steps))
         for rec in records:
             kind = rec.get("kind")
