@@ -19,6 +19,8 @@ The hooks a component does not need return an empty event.
 
 from __future__ import annotations
 
+from ..config import ConfigError
+from ..outer.global_state import GlobalState, StateError
 from .round_event import RoundEvent
 
 
@@ -52,3 +54,15 @@ class OuterComponent:
 
     def load_state_dict(self, state: dict) -> None:
         """Restore what :meth:`state_dict` returned (ConfigError when it belongs to other settings)."""
+
+
+def restore_global_state(state: GlobalState, saved: dict) -> None:
+    """A checkpoint's global state (its ``tensors`` and ``round``) into ``state``; ConfigError when the
+    checkpoint belongs to other settings (other tensors or sizes)."""
+    try:
+        state.replace(saved["tensors"], int(saved["round"]))
+    except StateError as e:
+        raise ConfigError(
+            f"the checkpoint holds another outer state ({e}): use the same outer.*, optim.* and model.* "
+            "settings or a new run_dir"
+        ) from None

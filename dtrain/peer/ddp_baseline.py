@@ -19,13 +19,13 @@ from typing import Callable, List, Optional
 
 import torch
 
-from ..config import ConfigError, TrainConfig
+from ..config import TrainConfig
 from ..control.client import Stopping
 from ..outer.codecs import get_codec
 from ..outer.flat_params import FlatLayout
-from ..outer.global_state import GlobalState, StateError
+from ..outer.global_state import GlobalState
 from ..wire.outcomes import RoundOutcome
-from .component import OuterComponent
+from .component import OuterComponent, restore_global_state
 from .optim_state import load_optimizer_flat_state, optimizer_flat_state
 from .rank_broadcast import share_event, share_gradients
 from .records import RoundClock, heal_record, round_record
@@ -98,13 +98,7 @@ class DdpBaseline(OuterComponent):
     def load_state_dict(self, saved: dict) -> None:
         if not self.is_leader or not saved:
             return
-        try:
-            self.state.replace(saved["tensors"], int(saved["round"]))
-        except StateError as e:
-            raise ConfigError(
-                f"the checkpoint holds another outer state ({e}): use the same outer.*, optim.* "
-                "and model.* settings or a new run_dir"
-            ) from None
+        restore_global_state(self.state, saved)
 
     # ------------------------------------------------------------------ rounds
     def before_optimizer_step(self, step: int) -> RoundEvent:

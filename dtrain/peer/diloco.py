@@ -35,18 +35,18 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 
 from .. import faults
-from ..config import ConfigError, TrainConfig
+from ..config import TrainConfig
 from ..control.client import Stopping, SyncReport
 from ..control.work_plan import probe_steps
 from ..outer.codecs import get_codec
 from ..outer.error_feedback import ErrorFeedback
 from ..outer.flat_params import FlatLayout
-from ..outer.global_state import GlobalState, StateError
+from ..outer.global_state import GlobalState
 from ..outer.outer_opt import OuterNesterov
 from ..supernet.base import Supernet
 from ..supernet.capacity import sandwich_macs
 from ..wire.outcomes import RoundOutcome
-from .component import OuterComponent
+from .component import OuterComponent, restore_global_state
 from .durable_commit import DurableCommit
 from .rank_broadcast import share_event
 from .records import RoundClock, heal_record, round_record
@@ -197,13 +197,7 @@ class DilocoLoop(OuterComponent):
     def load_state_dict(self, saved: dict) -> None:
         if not self.is_leader or not saved:
             return
-        try:
-            self.state.replace(saved["tensors"], int(saved["round"]))
-        except StateError as e:
-            raise ConfigError(
-                f"the checkpoint holds another outer state ({e}): use the same outer.* and "
-                "model.* settings or a new run_dir"
-            ) from None
+        restore_global_state(self.state, saved)
         level = int(saved.get("capacity_level", 0))
         if 0 < level < len(self.ladder):  # capacity=auto had stepped down: resume within that top arch
             self._set_level(level)
