@@ -329,3 +329,157 @@ def test_auto_capacity_steps_a_slow_peer_down_the_ladder(cluster):
     first_down = next(i for i, level in enumerate(levels) if level >= 1)
     assert first_down < 2 and slow[first_down + 1]["slice_fraction"] < 1.0
     assert all(r["capacity_level"] == 0 and r["next_capacity_level"] == 0 for r in fast)
+
+
+def _wait_records(tmp_path, name, procs, done, timeout, what):
+    """Poll ``name``'s round records until ``done(records)``; fail early when a peer exits."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            recs = _records(tmp_path / name, "round")
+        except (FileNotFoundError, ValueError):  # not written yet, or a line being written
+            recs = []
+        if done(recs):
+            return recs
+        for peer_name, p in procs.items():
+            assert p.poll() is None, (
+                f"{peer_name} exited {p.returncode} while waiting for {what}:\n"
+                + open(tmp_path / f"{peer_name}.log").read()[-3000:]
+            )
+        time.sleep(0.1)
+    raise AssertionError(f"no {what} within {timeout}s: {name} has {len(recs)} round records")
+
+
+@pytest.mark.timeout(300)
+def test_a_throttled_peer_sits_out_and_comes_back_without_a_heal(cluster):
+    """Balanced rounds, two peers. The test throttles one from outside (SIGSTOP / SIGCONT, dtrain/sim/throttle.py)
+    to 0.1 of its speed: its measured rate falls below outer.min_local_steps / H of the other's, so the quorum
+    assigns it 0 steps and it sits out (weight 0, one probe step), yet it holds every round's state without a heal.
+    Once the throttle ends its probe steps bring its rate back and it is assigned steps again. Every round has one
+    state hash on both; nobody heals.
+
+    Rates are measured on a shared machine: a load spike can make either peer sit a round out on its own, so
+    only the throttled rounds are required to be sat out, and the settings keep wide margins (throttled: about
+    0.1 of the other's rate against a threshold of 0.33; free: near 1)."""
+    from dtrain.sim.processes import Proc
+    from dtrain.sim.throttle import Throttle
+
+    tmp_path, coordinator, peer = cluster
+    address = coordinator("min_peers=2")
+    h, min_steps, rounds = 12, 4, 20
+    args = [
+        "outer=diloco",
+        f"outer.sync_every={h}",
+        "outer.local_steps=balanced",
+        f"outer.min_local_steps={min_steps}",
+        f"steps={h * rounds}",
+    ]
+    peers = {"fast": peer("fast", address, *args), "slow": peer("slow", address, *args)}
+    throttle = None
+    try:
+        # rates measured (round 0 trains H everywhere): throttle the slow peer until it has sat a round out
+        _wait_records(tmp_path, "slow", peers, lambda rs: len(rs) >= 2, 150, "two rounds")
+        throttle = Throttle(Proc("slow", peers["slow"], str(tmp_path / "slow.log")), 0.1, max_s=120).start()
+        _wait_records(tmp_path, "slow", peers, lambda rs: any(r["sat_out"] for r in rs[2:]), 100, "a round sat out")
+        assert throttle.running(), "the throttle ended before the peer sat out"
+    finally:
+        if throttle is not None:
+            throttle.stop()  # never leave it stopped
+    throttle_end = time.time()
+    _finish(tmp_path, peers)
+    fast, slow = (_records(tmp_path / name, "round") for name in ("fast", "slow"))
+    assert [r["round"] for r in fast] == [r["round"] for r in slow] == list(range(rounds))
+    assert [r["state_hash"] for r in fast] == [r["state_hash"] for r in slow]
+    assert [r["local_steps"] for r in fast] == [r["local_steps"] for r in slow]
+    for r in slow:
+        weight = dict(zip(r["members"], r["weights"]))["slow"]
+        if r["sat_out"]:  # the quorum assigned it nothing; it was a member with weight 0 and lost its probe step
+            assert r["local_steps"]["slow"] == 0 and r["steps"] == 1 and r["steps_lost"] == 1 and weight == 0, r
+        else:
+            assert r["local_steps"]["slow"] >= min_steps and r["steps_lost"] == 0 and weight > 0, r
+    throttled = [r for r in slow if r["sat_out"] and r["time"] <= throttle_end]
+    assert throttled, [(r["round"], r["local_steps"]) for r in slow]
+    back = [r for r in slow if r["round"] > throttled[-1]["round"] and not r["sat_out"]]
+    assert back, [(r["round"], r["local_steps"], r["step_rate"]) for r in slow]  # assigned steps again
+    assert sum(not r["sat_out"] for r in fast) >= rounds // 2  # the other peer trained (noise aside)
+    for name in peers:  # left out and back without downloading the state
+        assert not _records(tmp_path / name, "heal"), name
+
+
+def _state_numel():
+    from dtrain.supernet import build_supernet
+
+    from conftest import compose
+
+    return sum(p.numel() for p in build_supernet(compose(["run_dir=/tmp/x", *FAST_MBV3]).model).parameters())
+
+
+@pytest.mark.timeout(300)
+def test_capped_peers_join_leave_and_restart_with_parity(cluster):
+    """Capacity and membership: a full peer and a capped one train; a second capped peer joins mid-run (it heals:
+    it downloads the WHOLE global state, then trains and sends its slice) and later leaves with SIGTERM; the first
+    capped peer is SIGKILLed and restarted with resume=true (it heals to the rounds committed without it, then
+    takes part again). Every round has one state hash on every peer that completed it, the full peer (never
+    stopped) recorded every committed round, and each capped peer's rounds carry its slice fraction."""
+    tmp_path, coordinator, peer = cluster
+    address = coordinator("min_peers=2", "lease_timeout_s=4", "heartbeat_interval_s=0.5")
+    # the run ends when the test stops it; emulated_speed keeps three trainers light on a small machine
+    args = ["outer=diloco", "outer.sync_every=4", "steps=100000", "emulated_speed=0.3"]
+    caps = {"capk": "capacity.max_params=5000", "capj": "capacity.max_params=7000"}
+    procs = {"full": peer("full", address, *args), "capk": peer("capk", address, *args, caps["capk"])}
+
+    def wait(name, done, what, timeout=150):
+        return _wait_records(tmp_path, name, procs, done, timeout, what)
+
+    def after(t):
+        return lambda rs: len([r for r in rs if r["time"] > t]) >= 2
+
+    wait("full", lambda rs: len(rs) >= 2, "two rounds")
+    procs["capj"] = peer("capj", address, *args, caps["capj"])  # joins mid-run
+    wait("capj", lambda rs: len(rs) >= 2, "two rounds of the joiner")
+    killed = procs.pop("capk")
+    killed.kill()  # SIGKILL
+    assert killed.wait(30) == -signal.SIGKILL
+    t_kill = time.time()
+    wait("full", after(t_kill), "two rounds after the kill")
+    procs["capk"] = peer("capk", address, *args, caps["capk"], "resume=true")
+    t_restart = time.time()
+    wait("capk", after(t_restart), "two rounds of the restarted peer")
+    leaver = procs.pop("capj")
+    leaver.send_signal(signal.SIGTERM)
+    assert leaver.wait(60) == 0, (tmp_path / "capj.log").read_text()[-3000:]
+    t_leave = time.time()
+    wait("full", after(t_leave), "two rounds after the leave")
+    for p in procs.values():
+        p.send_signal(signal.SIGTERM)
+    _finish(tmp_path, procs, timeout=60)
+
+    rounds = _rounds(tmp_path, ["full", "capk", "capj"])
+    seen = _assert_parity(rounds)
+    committed = json.load(open(tmp_path / "coord" / "state.json"))["committed_round"]
+    assert sorted(rounds["full"]) == list(range(committed)) == sorted(seen)  # no committed round went missing
+    runs = {name: _records(tmp_path / name, "run") for name in ("full", "capk", "capj")}
+    fraction = {name: runs[name][0]["slice_fraction"] for name in runs}
+    assert fraction["full"] == 1.0 and 0 < fraction["capk"] < fraction["capj"] < 1.0, fraction
+    numel = _state_numel()
+    # the joiner: a heal that downloaded the whole state (theta and the outer momentum, fp32), then its slice
+    heals = _records(tmp_path / "capj", "heal")
+    assert heals and heals[0]["bytes"] >= 2 * 4 * numel, (heals, numel)
+    first = min(rounds["capj"])
+    assert heals[0]["round"] <= first and heals[0]["time"] <= rounds["capj"][first]["time"]
+    assert len(rounds["capj"]) >= 2 and all(r["slice_fraction"] == fraction["capj"] for r in rounds["capj"].values())
+    for r, rec in rounds["capj"].items():  # it sent its slice: fewer bytes than the full peer in the same round
+        assert rec["bytes_sent"] < rounds["full"][r]["bytes_sent"], (r, rec["bytes_sent"])
+    assert [r["event"] for r in runs["capj"]] == ["start", "stopped"] and runs["capj"][-1]["reason"] == "SIGTERM"
+    events = [json.loads(line) for line in open(tmp_path / "coord" / "events.jsonl")]
+    assert any(e["event"] == "leave" and e.get("peer_id") == "capj" for e in events)
+    assert not [r for r in rounds["full"].values() if r["time"] > t_leave + 1 and "capj" in r["members"]]
+    # the restarted capped peer: resumed from its checkpoint, healed to the rounds committed without it, took part
+    assert [r["event"] for r in runs["capk"]][:2] == ["start", "resume"]
+    missed = [r for r in rounds["full"].values() if t_kill < r["time"] < t_restart and "capk" not in r["members"]]
+    assert missed, "no round committed while the capped peer was down"
+    healed = [h for h in _records(tmp_path / "capk", "heal") if h["time"] > t_kill]
+    assert healed and healed[0]["bytes"] >= 2 * 4 * numel, healed
+    later = [rec for rec in rounds["capk"].values() if rec["time"] > t_restart]
+    assert len(later) >= 2 and all(rec["slice_fraction"] == fraction["capk"] for rec in rounds["capk"].values())
+    assert all(rec["round"] >= healed[0]["round"] for rec in later)
