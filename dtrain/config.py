@@ -368,11 +368,12 @@ class LoggerConfig:
 @dataclass
 class TLSConfig:
     """TLS for gRPC. Servers use cert/key (+ client_ca for mutual TLS); clients use
-    ca to verify the server (+ cert/key as their identity under mutual TLS)."""
+    ca to verify the server (+ cert/key as their identity under mutual TLS: its
+    ``dtrain-peer:<id>`` URI SAN is the peer id the servers bind its calls to)."""
 
-    cert: str = ""  # PEM certificate of this endpoint
+    cert: str = ""  # PEM certificate of this endpoint (a peer: its own, from dtrain-certs clients=[<id>])
     key: str = ""  # PEM private key of this endpoint
-    client_ca: str = ""  # server: require client certificates signed by this CA (mutual TLS)
+    client_ca: str = ""  # server: require client certificates signed by this CA (mutual TLS; binds peer ids)
     ca: str = ""  # client: CA that signed the server certificate
     server_name: str = ""  # client: expected name in the server certificate (default: the host)
 
@@ -390,9 +391,18 @@ class TLSConfig:
 
 @dataclass
 class AuthConfig:
-    """Shared join token, sent as ``authorization: Bearer <token>``; empty: no auth."""
+    """The token this endpoint sends as ``authorization: Bearer <token>``; empty: no auth. Either the
+    run's shared token, or this peer's (tool's) own identity token (``dtrain-certs secret=...``)."""
 
-    token: str = ""
+    token: str = ""  # the shared token, or this endpoint's own identity token (binds a peer's id); or $DTRAIN_TOKEN
+
+
+@dataclass
+class CoordinatorAuthConfig:
+    """The coordinator's authentication: identity tokens of the cluster secret, or a shared token."""
+
+    token: str = ""  # the shared token (ignored when secret is set); or $DTRAIN_TOKEN
+    secret: str = ""  # cluster secret: accept per-peer identity tokens made from it; or $DTRAIN_SECRET
 
 
 @dataclass
@@ -417,8 +427,9 @@ class CoordinatorConfig:
     reflection: bool = True
     gloo_store: bool = False  # serve a torch.distributed TCPStore for outer.backend=gloo peers (no auth!)
     gloo_store_port: int = 0  # 0: the OS picks
+    revoked: str = ""  # revocation list: a file of peer ids (one a line, # comments), read at start and on SIGHUP
     tls: TLSConfig = field(default_factory=TLSConfig)
-    auth: AuthConfig = field(default_factory=AuthConfig)
+    auth: CoordinatorAuthConfig = field(default_factory=CoordinatorAuthConfig)
 
     def __post_init__(self) -> None:
         _check(0 <= self.port <= 65535, "port", self.port, "0..65535")
@@ -461,16 +472,22 @@ class StatusConfig:
 
 @dataclass
 class CertsConfig:
-    """``dtrain-certs``: a self-signed CA plus server and client certificates."""
+    """``dtrain-certs``: a self-signed CA, the coordinator's certificate, one certificate (and, with a
+    secret, one identity token) per peer id and per tool."""
 
     out_dir: str = MISSING
-    hosts: List[str] = field(default_factory=lambda: ["localhost", "127.0.0.1"])
-    clients: List[str] = field(default_factory=lambda: ["client"])
+    hosts: List[str] = field(default_factory=lambda: ["localhost", "127.0.0.1"])  # the coordinator's names
+    clients: List[str] = field(default_factory=list)  # peer ids: <id>.pem / .key (URI SAN dtrain-peer:<id>)
+    tools: List[str] = field(default_factory=lambda: ["status"])  # tools (dtrain-status): may call Status only
+    peer_hosts: List[str] = field(default_factory=list)  # SANs of every peer certificate (its Peer service's TLS)
+    secret: str = ""  # cluster secret: also write <name>.token, each one's identity token; or $DTRAIN_SECRET
+    certificates: bool = True  # false: identity tokens only (needs the secret)
     days: int = 365
     overwrite: bool = False
 
     def __post_init__(self) -> None:
-        _check(len(self.hosts) > 0, "hosts", list(self.hosts), "name at least one host")
+        if self.certificates:
+            _check(len(self.hosts) > 0, "hosts", list(self.hosts), "name at least one host")
         _check(self.days > 0, "days", self.days, "must be > 0")
 
 

@@ -18,12 +18,21 @@
 #   --run-dir DIR         DTRAIN_RUN_DIR    checkpoints and metrics (default with a coordinator: runs/<peer id>;
 #                                           a multi-node peer needs it on a shared filesystem)
 #                         DTRAIN_TOKEN      the run's token: read by dtrain itself, never put on a command line
+#                         DTRAIN_TOKEN_FILE a file whose first line is this peer's token (its own identity token,
+#                                           from dtrain-certs with a cluster secret): passed on as DTRAIN_TOKEN
+#                         DTRAIN_IDENTITY_DIR
+#                                           this peer's identity from a dtrain-certs directory, by its peer id:
+#                                           <id>.pem / <id>.key (DTRAIN_TLS_CERT / _KEY; then ca.pem is
+#                                           DTRAIN_TLS_CA and DTRAIN_TLS_CLIENT_CA) and <id>.token
+#                                           (DTRAIN_TOKEN_FILE, unless DTRAIN_TOKEN is set), each unless set
 #                         DTRAIN_BIND_HOST  data-plane bind address (control.host; e.g. 0.0.0.0)
 #                         DTRAIN_DATA_PORT  data-plane port (control.port; 0: the OS picks)
 #                         DTRAIN_ADVERTISE  host[:port] other peers use to reach this one (control.advertise;
 #                                           a bare host gets DTRAIN_DATA_PORT)
 #                         DTRAIN_REGION     control.region
 #                         DTRAIN_TLS_CA, DTRAIN_TLS_CERT, DTRAIN_TLS_KEY, DTRAIN_TLS_SERVER_NAME  control.tls.*
+#                         DTRAIN_TLS_CLIENT_CA  control.tls.client_ca: mutual TLS on this peer's Peer service
+#                                           (other peers' calls are bound to their certificates' peer ids)
 #   --dry-run             DRY_RUN=1         print the command (one shell-quoted line) and exit 0
 #                         TORCHRUN, DTRAIN_TRAIN  the torchrun and dtrain-train commands (defaults: on PATH)
 #
@@ -137,6 +146,39 @@ if [[ -n $RUN_DIR ]]; then
   fi
 fi
 
+# ---------------------------------------------------------------- the peer's credentials (per-peer identity)
+if [[ -n ${DTRAIN_IDENTITY_DIR:-} ]]; then
+  DIR=$DTRAIN_IDENTITY_DIR
+  [[ -d $DIR ]] || die "DTRAIN_IDENTITY_DIR='$DIR' is not allowed: not a directory"
+  [[ -n $PEER_ID ]] \
+    || die "DTRAIN_IDENTITY_DIR='$DIR' is not allowed without a peer id: its files are named after it (DTRAIN_PEER_ID)"
+  FOUND=
+  if [[ -f $DIR/$PEER_ID.pem ]]; then
+    FOUND=1
+    DTRAIN_TLS_CERT=${DTRAIN_TLS_CERT:-$DIR/$PEER_ID.pem}
+    DTRAIN_TLS_KEY=${DTRAIN_TLS_KEY:-$DIR/$PEER_ID.key}
+    if [[ -f $DIR/ca.pem ]]; then
+      DTRAIN_TLS_CA=${DTRAIN_TLS_CA:-$DIR/ca.pem}
+      DTRAIN_TLS_CLIENT_CA=${DTRAIN_TLS_CLIENT_CA:-$DIR/ca.pem}
+    fi
+  fi
+  if [[ -f $DIR/$PEER_ID.token ]]; then
+    FOUND=1
+    if [[ -z ${DTRAIN_TOKEN:-} ]]; then DTRAIN_TOKEN_FILE=${DTRAIN_TOKEN_FILE:-$DIR/$PEER_ID.token}; fi
+  fi
+  [[ -n $FOUND ]] || die "DTRAIN_IDENTITY_DIR='$DIR' is not allowed: it holds neither $PEER_ID.pem nor $PEER_ID.token" \
+    "(issue them: dtrain-certs clients=[$PEER_ID], with DTRAIN_SECRET set for the token)"
+fi
+if [[ -n ${DTRAIN_TOKEN_FILE:-} ]]; then
+  [[ -z ${DTRAIN_TOKEN:-} ]] || die "DTRAIN_TOKEN_FILE='$DTRAIN_TOKEN_FILE' is not allowed with DTRAIN_TOKEN set: give one"
+  [[ -f $DTRAIN_TOKEN_FILE && -r $DTRAIN_TOKEN_FILE ]] \
+    || die "DTRAIN_TOKEN_FILE='$DTRAIN_TOKEN_FILE' is not allowed: not a readable file"
+  IFS= read -r DTRAIN_TOKEN < "$DTRAIN_TOKEN_FILE" || true  # a last line without a newline still counts
+  DTRAIN_TOKEN=${DTRAIN_TOKEN%$'\r'}
+  [[ -n $DTRAIN_TOKEN ]] || die "DTRAIN_TOKEN_FILE='$DTRAIN_TOKEN_FILE' is not allowed: its first line is empty"
+  export DTRAIN_TOKEN  # the environment, never the command line
+fi
+
 # ---------------------------------------------------------------- data plane and TLS
 if [[ -n ${DTRAIN_BIND_HOST:-} ]]; then add control.host "$DTRAIN_BIND_HOST"; fi
 if [[ -n ${DTRAIN_DATA_PORT:-} ]]; then
@@ -154,7 +196,8 @@ if [[ -n ${DTRAIN_ADVERTISE:-} ]]; then
   add control.advertise "$ADV"
 fi
 if [[ -n ${DTRAIN_REGION:-} ]]; then add control.region "$DTRAIN_REGION"; fi
-for pair in ca:DTRAIN_TLS_CA cert:DTRAIN_TLS_CERT key:DTRAIN_TLS_KEY server_name:DTRAIN_TLS_SERVER_NAME; do
+for pair in ca:DTRAIN_TLS_CA cert:DTRAIN_TLS_CERT key:DTRAIN_TLS_KEY client_ca:DTRAIN_TLS_CLIENT_CA \
+            server_name:DTRAIN_TLS_SERVER_NAME; do
   var=${pair#*:}
   if [[ -n ${!var:-} ]]; then
     if [[ $var != DTRAIN_TLS_SERVER_NAME && ! -r ${!var} ]]; then

@@ -32,7 +32,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from dtrain.config import TLSConfig
 from dtrain.control import certs
-from dtrain.control.client import CoordinatorClient, NotAuthenticated
+from dtrain.control.client import CoordinatorClient, NotAuthenticated, NotMember
 from dtrain.v1 import dtrain_pb2 as pb
 from dtrain.v1 import dtrain_pb2_grpc as pb_grpc
 from dtrain.wire.auth import make_channel
@@ -85,7 +85,7 @@ def coordinators(tmp_path):
 
     def start(*overrides: str, env_token: Optional[str] = None) -> Coordinator:
         n = len(started)
-        env = {k: v for k, v in os.environ.items() if k != "DTRAIN_TOKEN"}
+        env = {k: v for k, v in os.environ.items() if k not in ("DTRAIN_TOKEN", "DTRAIN_SECRET")}
         env["PYTHONUNBUFFERED"] = "1"
         if env_token is not None:
             env["DTRAIN_TOKEN"] = env_token
@@ -169,8 +169,8 @@ def _client(
 
 
 def _cli_env(extra: Optional[dict]) -> dict:
-    """The environment for a console script: no token, no gRPC log setting, unless given."""
-    env = {k: v for k, v in os.environ.items() if k not in ("DTRAIN_TOKEN", "GRPC_VERBOSITY")}
+    """The environment for a console script: no token or secret, no gRPC log setting, unless given."""
+    env = {k: v for k, v in os.environ.items() if k not in ("DTRAIN_TOKEN", "DTRAIN_SECRET", "GRPC_VERBOSITY")}
     env.update(extra or {})
     return env
 
@@ -289,8 +289,8 @@ def test_token_from_environment(coordinators):
 
 @pytest.fixture
 def cert_dirs(tmp_path):
-    good = certs.generate(str(tmp_path / "certs"), hosts=["localhost", "127.0.0.1"], clients=["client"])
-    other = certs.generate(str(tmp_path / "other"), hosts=["localhost", "127.0.0.1"], clients=["client"])
+    good = certs.generate(str(tmp_path / "certs"), hosts=["localhost", "127.0.0.1"], clients=["client", "mtls-peer"])
+    other = certs.generate(str(tmp_path / "other"), hosts=["localhost", "127.0.0.1"], clients=["client", "mtls-peer"])
     return good, other
 
 
@@ -333,8 +333,8 @@ def test_tls(coordinators, cert_dirs, tmp_path):
 def test_mutual_tls(coordinators, cert_dirs, tmp_path):
     good, other = cert_dirs
     c = coordinators(f"tls.cert={good.server_cert}", f"tls.key={good.server_key}", f"tls.client_ca={good.ca_cert}")
-    cert, key = good.clients["client"]
-    other_cert, other_key = other.clients["client"]
+    cert, key = good.clients["mtls-peer"]
+    other_cert, other_key = other.clients["mtls-peer"]
     with_cert = TLSConfig(ca=good.ca_cert, cert=cert, key=key)
     for bad in (None, TLSConfig(ca=good.ca_cert), TLSConfig(ca=good.ca_cert, cert=other_cert, key=other_key)):
         with _channel(c.address, bad) as ch:
@@ -342,11 +342,19 @@ def test_mutual_tls(coordinators, cert_dirs, tmp_path):
     with _channel(c.address, with_cert) as ch:
         assert _code(pb_grpc.CoordinatorStub(ch).Status, pb.StatusRequest(), timeout=5) == Code.OK
     cl = _client(c.address, "mtls-peer", tls=with_cert)
+    # the certificate names its peer: another one's (here peer 'client') cannot join as 'mtls-peer'
+    client_cert, client_key = good.clients["client"]
+    impostor = _client(c.address, "mtls-peer", tls=TLSConfig(ca=good.ca_cert, cert=client_cert, key=client_key))
     try:
+        with pytest.raises(NotMember, match="may not act as peer 'mtls-peer'"):
+            impostor.join(timeout=5)
         cl.join(timeout=5)
         assert [m.peer_id for m in cl.status().members] == ["mtls-peer"]
+        assert [m.peer_id for m in impostor.status().members] == ["mtls-peer"]  # Status: any certificate of the CA
     finally:
         cl.close()
+        impostor.close()
+    tool_cert, tool_key = good.tools["status"]
     bad, ok = _cli_all(
         (["dtrain-status", f"coordinator={c.address}", f"tls.ca={good.ca_cert}", "timeout_s=5"], None),
         (
@@ -354,8 +362,8 @@ def test_mutual_tls(coordinators, cert_dirs, tmp_path):
                 "dtrain-status",
                 f"coordinator={c.address}",
                 f"tls.ca={good.ca_cert}",
-                f"tls.cert={cert}",
-                f"tls.key={key}",
+                f"tls.cert={tool_cert}",
+                f"tls.key={tool_key}",
                 "json=true",
             ],
             None,
@@ -365,6 +373,7 @@ def test_mutual_tls(coordinators, cert_dirs, tmp_path):
     assert bad.returncode == 1 and c.address in _one_error_line(bad, "dtrain-status")
     assert ok.returncode == 0, ok.stderr
     assert [m["peer_id"] for m in json.loads(ok.stdout)["members"]] == ["mtls-peer"]
+    assert "refused Join from peer 'client' (certificate) claiming peer id 'mtls-peer'" in c.stderr()
 
 
 # ---------------------------------------------------------------- (d) fuzzing every method
@@ -792,7 +801,7 @@ def test_dtrain_certs(tmp_path):
     assert r.returncode == 0, r.stderr
     out = cwd / "certs"
     assert sorted(p.name for p in cwd.iterdir()) == ["certs"], "dtrain-certs left files behind"
-    names = ["ca", "server", "client", "alice"]
+    names = ["ca", "server", "client", "alice", "status"]  # status: the tool identity, written by default
     assert sorted(p.name for p in out.iterdir()) == sorted([f"{n}.pem" for n in names] + [f"{n}.key" for n in names])
     for n in names:
         assert _mode(out / f"{n}.key") == 0o600, n
@@ -809,6 +818,8 @@ def test_dtrain_certs(tmp_path):
     alice = x509.load_pem_x509_certificate((out / "alice.pem").read_bytes())
     alice.verify_directly_issued_by(ca)
     assert 29 <= (alice.not_valid_after_utc - alice.not_valid_before_utc).days <= 31
+    uris = alice.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert uris.get_values_for_type(x509.UniformResourceIdentifier) == ["dtrain-peer:alice"]  # the peer's identity
 
     before = (out / "ca.pem").read_bytes()
     r = _cli(["dtrain-certs", "out_dir=certs"], cwd=cwd)
@@ -817,11 +828,11 @@ def test_dtrain_certs(tmp_path):
     assert str(out / "ca.pem") in line and "overwrite=true" in line
     assert (out / "ca.pem").read_bytes() == before
 
-    (out / "client.key").chmod(0o644)
+    (out / "status.key").chmod(0o644)
     r = _cli(["dtrain-certs", "out_dir=certs", "overwrite=true"], cwd=cwd)
     assert r.returncode == 0, r.stderr
     assert (out / "ca.pem").read_bytes() != before
-    assert _mode(out / "client.key") == 0o600
+    assert _mode(out / "status.key") == 0o600
     assert sorted(p.name for p in cwd.iterdir()) == ["certs"]
 
     for bad in (["server"], ["a b"], ["x", "x"]):

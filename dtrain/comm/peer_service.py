@@ -14,6 +14,25 @@ disjoint ranges over several streams or from several donors. ``PushShard``
 streams go to the shard inbox of the ``grpc`` outer collective. The payload
 format is :mod:`dtrain.wire.snapshot`; the receiving side is
 :mod:`dtrain.comm.state_download`.
+
+Identity (rules in :mod:`dtrain.wire.auth`; ``serve_peer`` sets the
+servicer's ``guard`` from its token and TLS settings). Where identities are
+bound (mutual TLS: ``tls.client_ca``; identity tokens: this peer's own token is
+one) every RPC is checked before it does anything:
+
+- ``Ping`` (names no peer): any authenticated caller, tools included;
+- ``GetStateHeader``: ``requester`` must be the caller's own peer id, and the
+  transfer it pins belongs to that identity;
+- ``StreamState``: only the identity that got the transfer's header may read
+  it (a transfer id seen by someone else is no key to the state);
+- ``PushShard``: every chunk's ``sender`` must be the caller's own peer id;
+  the stream stops at the first chunk that names another one, and that chunk
+  and the rest never reach the shard inbox (the collective is not disturbed,
+  and no member is blamed for what someone else sent in its name).
+
+A refusal is PERMISSION_DENIED with one WARNING line. Revocation is the
+coordinator's (a revoked peer is in no quorum, so its shards are refused as a
+non-member's); ``serve_peer(revoked=...)`` refuses revoked ids here too.
 """
 
 from __future__ import annotations
@@ -24,13 +43,22 @@ import threading
 import time
 from collections import OrderedDict
 from concurrent import futures
+from dataclasses import dataclass
 from typing import Iterable, List, Optional, Tuple
 
 import grpc
 
 from ..v1 import dtrain_pb2 as pb
 from ..v1 import dtrain_pb2_grpc as pb_grpc
-from ..wire.auth import BlockingTokenInterceptor, channel_options, server_credentials
+from ..wire.auth import (
+    PEER,
+    BlockingTokenInterceptor,
+    Identity,
+    IdentityGuard,
+    TokenPolicy,
+    channel_options,
+    server_credentials,
+)
 from ..wire.snapshot import (
     DEFAULT_CHUNK_BYTES,
     MAX_CHUNK_BYTES,
@@ -41,6 +69,13 @@ from ..wire.snapshot import (
 from . import shard_wire
 
 log = logging.getLogger("dtrain.comm")
+
+
+@dataclass
+class _Transfer:
+    snapshot: StateSnapshot
+    used: float  # monotonic time of the last use
+    owner: Optional[Identity]  # who got its header, where identities are bound
 
 
 class PeerServicer(pb_grpc.PeerServicer):
@@ -63,8 +98,9 @@ class PeerServicer(pb_grpc.PeerServicer):
         self.transfer_ttl_s, self.min_round_wait_s, self.max_transfers = transfer_ttl_s, min_round_wait_s, max_transfers
         self._cond = threading.Condition()
         self._snapshot: Optional[StateSnapshot] = None
-        self._transfers: "OrderedDict[str, List]" = OrderedDict()  # id -> [snapshot, last use]
+        self._transfers: "OrderedDict[str, _Transfer]" = OrderedDict()
         self.inbox = inbox
+        self.guard = IdentityGuard(logger=log)  # serve_peer replaces it: nothing bound by default
 
     # -- the state this peer holds
     def set_snapshot(self, snapshot: StateSnapshot) -> None:
@@ -83,7 +119,7 @@ class PeerServicer(pb_grpc.PeerServicer):
             return len(self._transfers)
 
     def _purge(self, now: float) -> None:
-        for tid in [t for t, (_, used) in self._transfers.items() if now - used > self.transfer_ttl_s]:
+        for tid in [t for t, x in self._transfers.items() if now - x.used > self.transfer_ttl_s]:
             del self._transfers[tid]
         while len(self._transfers) > self.max_transfers:
             self._transfers.popitem(last=False)
@@ -97,8 +133,17 @@ class PeerServicer(pb_grpc.PeerServicer):
             log.info("refused %s: %s", what, msg)
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, msg)
 
+    def _bind(self, context: grpc.ServicerContext, method: str, claimed: Optional[str]) -> Optional[Identity]:
+        """The caller's identity; PERMISSION_DENIED (one log line, by the guard) when it may not make
+        this call as peer ``claimed`` (None: a call that names no peer)."""
+        ident, why = self.guard.authorize(context, method, claimed)
+        if why:
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, why)
+        return ident
+
     # -- RPCs
     def Ping(self, request: pb.PingRequest, context: grpc.ServicerContext) -> pb.PingReply:
+        self._bind(context, "Ping", None)
         if request.schema_hash:
             self._check_schema(request.schema_hash, context, "Ping")
         snap = self.snapshot
@@ -107,6 +152,8 @@ class PeerServicer(pb_grpc.PeerServicer):
         return pb.PingReply(peer_id=self.peer_id, round=snap.round, state_hash=snap.state_hash)
 
     def GetStateHeader(self, request: pb.StateRequest, context: grpc.ServicerContext) -> pb.StateHeader:
+        ident = self._bind(context, "GetStateHeader", request.requester)
+        owner = ident if self.guard.binding else None
         self._check_schema(request.schema_hash, context, "GetStateHeader")
         wait = self.min_round_wait_s
         left = context.time_remaining()
@@ -125,7 +172,7 @@ class PeerServicer(pb_grpc.PeerServicer):
             now = time.monotonic()
             self._purge(now)
             tid = secrets.token_hex(16)
-            self._transfers[tid] = [snap, now]
+            self._transfers[tid] = _Transfer(snap, now, owner)
             self._purge(now)
         log.info("transfer %s: round %d, %d bytes to %r", tid[:8], snap.round, len(snap.payload), request.requester)
         return pb.StateHeader(
@@ -141,19 +188,25 @@ class PeerServicer(pb_grpc.PeerServicer):
             ],
         )
 
-    def _pinned(self, transfer_id: str) -> Optional[StateSnapshot]:
+    def _pinned(self, transfer_id: str) -> Optional[_Transfer]:
         with self._cond:
             now = time.monotonic()
             self._purge(now)
             entry = self._transfers.get(transfer_id)
             if entry is None:
                 return None
-            entry[1] = now
+            entry.used = now
             self._transfers.move_to_end(transfer_id)
-            return entry[0]
+            return entry
 
     def StreamState(self, request: pb.StateChunkRequest, context: grpc.ServicerContext) -> Iterable[pb.StateChunk]:
-        snap = self._pinned(request.transfer_id)
+        ident = self._bind(context, "StreamState", None)
+        pinned = self._pinned(request.transfer_id)
+        if pinned is not None and pinned.owner is not None and pinned.owner != ident:
+            claimed = pinned.owner.name if pinned.owner.kind == PEER else None
+            why = f"transfer {request.transfer_id[:8]} was opened by {pinned.owner}"
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, self.guard.refuse("StreamState", ident, claimed, why))
+        snap = pinned.snapshot if pinned is not None else None
         if snap is None:
             context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT,
@@ -175,11 +228,28 @@ class PeerServicer(pb_grpc.PeerServicer):
             self._pinned(request.transfer_id)  # keeps a long transfer alive
 
     def PushShard(self, request_iterator, context: grpc.ServicerContext) -> pb.PushAck:
+        ident = self._bind(context, "PushShard", None)
         if self.inbox is None:
             context.abort(
                 grpc.StatusCode.FAILED_PRECONDITION, "this peer runs no grpc outer collective (no shard inbox)"
             )
-        return self.inbox.push(request_iterator, context)
+        if ident is None or (not self.guard.binding and not self.guard.revoked):
+            return self.inbox.push(request_iterator, context)
+        refused: List[str] = []
+
+        def own_chunks():
+            """The stream up to the first chunk that names another sender than the caller."""
+            for chunk in request_iterator:
+                why = self.guard.claim_refusal(ident, chunk.sender)
+                if why:
+                    refused.append(self.guard.refuse("PushShard", ident, chunk.sender, why))
+                    return
+                yield chunk
+
+        ack = self.inbox.push(own_chunks(), context)
+        if refused:
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, refused[0])
+        return ack
 
 
 _HANDLER_KINDS = {
@@ -219,10 +289,27 @@ def _add_health(server: grpc.Server) -> None:
 
 
 def serve_peer(
-    servicer: PeerServicer, host: str = "127.0.0.1", port: int = 0, token: str = "", tls=None, max_workers: int = 8
+    servicer: PeerServicer,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    token: str = "",
+    tls=None,
+    max_workers: int = 8,
+    revoked: Iterable[str] = (),
 ) -> Tuple[grpc.Server, int]:
-    """Start a thread-pool gRPC server for ``servicer``; returns (server, bound port)."""
-    interceptors: List[grpc.ServerInterceptor] = [BlockingTokenInterceptor(token)] if token else []
+    """Start a thread-pool gRPC server for ``servicer``; returns (server, bound port).
+
+    ``token`` is this peer's own: a shared token is what callers must send; an identity token makes
+    the service accept identity tokens of the same cluster key (and bind calls to them). ``tls`` with
+    ``client_ca``: mutual TLS, calls bound to the certificate's identity. Sets ``servicer.guard``."""
+    tokens = TokenPolicy.for_server(token)
+    mutual = tls is not None and tls.server_enabled and bool(tls.client_ca)
+    servicer.guard = IdentityGuard(tokens, mutual_tls=mutual, revoked=revoked, logger=log)
+    if tokens.mode == TokenPolicy.IDENTITY:
+        own = tokens.identity_of(token)
+        if own is not None and (own.kind, own.name) != (PEER, servicer.peer_id) and servicer.peer_id:
+            log.warning("this peer's token names %s, not peer %r: the coordinator refuses it", own, servicer.peer_id)
+    interceptors: List[grpc.ServerInterceptor] = [BlockingTokenInterceptor(tokens)] if tokens.enabled else []
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="peer-rpc"),
         interceptors=interceptors,

@@ -1,9 +1,25 @@
-"""Self-signed certificates for the control plane (behind ``dtrain-certs``).
+"""Self-signed certificates and identity tokens for a run (behind ``dtrain-certs``).
 
-One run makes a private CA, a server certificate whose subject alternative
-names are the given hosts (IP addresses become IP SANs, everything else DNS
-SANs) and one client certificate per client name, for mutual TLS. Keys are
-ECDSA P-256 in unencrypted PKCS#8 PEM, written with mode 0600. Existing
+One run makes, in ``out_dir``:
+
+- a private CA (``ca.pem`` / ``ca.key``) and the coordinator's server
+  certificate (``server.pem``) whose subject alternative names are the given
+  hosts (IP addresses become IP SANs, everything else DNS SANs);
+- one certificate per **peer id** in ``clients`` (``<id>.pem`` / ``<id>.key``):
+  CN = the id, URI SAN ``dtrain-peer:<id>`` (the identity the servers bind
+  its calls to under mutual TLS), usable as a client certificate and, when
+  ``peer_hosts`` names the hosts other peers dial, as the server certificate
+  of that peer's Peer service;
+- one certificate per **tool** in ``tools`` (default ``status``, for
+  ``dtrain-status``): URI SAN ``dtrain-tool:<name>``, client use only: a tool
+  may call Status and nothing that acts as a peer;
+- with a cluster ``secret``: one identity token per peer and tool
+  (``<name>.token``, see :mod:`dtrain.wire.auth`), the per-peer identity
+  without TLS. Only the coordinator (``auth.secret``) and the admin keep the
+  secret; each machine gets its own token.
+
+``certificates=False`` writes the tokens only. Keys are ECDSA P-256 in
+unencrypted PKCS#8 PEM; keys and tokens are written with mode 0600. Existing
 files are never replaced unless ``overwrite=True``; the check covers every
 file before the first one is written.
 """
@@ -22,8 +38,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from ..wire.auth import PEER, TOOL, mint_token, subject_of
+
 RESERVED = ("ca", "server")  # client names whose files would clash with the CA / server files
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _SKEW = dt.timedelta(minutes=5)  # not-valid-before slack for clocks that run behind
 
 
@@ -33,19 +51,21 @@ class CertsError(ValueError):
 
 @dataclass
 class CertFiles:
-    """Paths written by :func:`generate` (absolute)."""
+    """Paths written by :func:`generate` (absolute); empty when not written (certificates off)."""
 
     ca_cert: str
     ca_key: str
     server_cert: str
     server_key: str
-    clients: Dict[str, Tuple[str, str]] = field(default_factory=dict)  # name -> (cert, key)
+    clients: Dict[str, Tuple[str, str]] = field(default_factory=dict)  # peer id -> (cert, key)
+    tools: Dict[str, Tuple[str, str]] = field(default_factory=dict)  # tool name -> (cert, key)
+    tokens: Dict[str, str] = field(default_factory=dict)  # peer id or tool name -> its .token file
 
     def all(self) -> List[str]:
-        out = [self.ca_cert, self.ca_key, self.server_cert, self.server_key]
-        for cert, key in self.clients.values():
+        out = [p for p in (self.ca_cert, self.ca_key, self.server_cert, self.server_key) if p]
+        for cert, key in list(self.clients.values()) + list(self.tools.values()):
             out += [cert, key]
-        return out
+        return out + list(self.tokens.values())
 
 
 def client_stem(name: str) -> str:
@@ -53,30 +73,40 @@ def client_stem(name: str) -> str:
     return "client" if name == "client" else name
 
 
-def plan(out_dir: str, clients: Sequence[str]) -> CertFiles:
-    """The paths :func:`generate` would write; CertsError for unusable client names."""
+def plan(
+    out_dir: str,
+    clients: Sequence[str],
+    tools: Sequence[str] = (),
+    certificates: bool = True,
+    tokens: bool = False,
+) -> CertFiles:
+    """The paths :func:`generate` would write; CertsError for unusable peer ids or tool names."""
     out = os.path.abspath(out_dir)
     seen = set()
-    files = CertFiles(
-        os.path.join(out, "ca.pem"),
-        os.path.join(out, "ca.key"),
-        os.path.join(out, "server.pem"),
-        os.path.join(out, "server.key"),
+    ca_cert, ca_key, server_cert, server_key = (
+        os.path.join(out, f) if certificates else "" for f in ("ca.pem", "ca.key", "server.pem", "server.key")
     )
-    for name in clients:
-        name = str(name)
-        if not _NAME.match(name):
-            raise CertsError(
-                f"clients: {name!r} is not a usable name: letters, digits, '.', '_', '-' "
-                "(not starting with a punctuation mark)"
-            )
-        if name in RESERVED:
-            raise CertsError(f"clients: {name!r} would clash with the {name}.pem / {name}.key files: pick another name")
-        if name in seen:
-            raise CertsError(f"clients: {name!r} is given twice")
-        seen.add(name)
-        stem = client_stem(name)
-        files.clients[name] = (os.path.join(out, stem + ".pem"), os.path.join(out, stem + ".key"))
+    files = CertFiles(ca_cert, ca_key, server_cert, server_key)
+    for key, names, into in (("clients", clients, files.clients), ("tools", tools, files.tools)):
+        for name in names:
+            name = str(name)
+            if not _NAME.match(name):
+                raise CertsError(
+                    f"{key}: {name!r} is not a usable name: 1..128 letters, digits, '.', '_', '-' "
+                    "(not starting with a punctuation mark)"
+                )
+            if name in RESERVED:
+                raise CertsError(
+                    f"{key}: {name!r} would clash with the {name}.pem / {name}.key files: pick another name"
+                )
+            if name in seen:
+                raise CertsError(f"{key}: {name!r} is given twice (peer ids and tool names share the files' names)")
+            seen.add(name)
+            stem = os.path.join(out, client_stem(name))
+            if certificates:
+                into[name] = (stem + ".pem", stem + ".key")
+            if tokens:
+                files.tokens[name] = stem + ".token"
     return files
 
 
@@ -156,10 +186,16 @@ def issue(
     hosts: Sequence[str] = (),
     client: bool = False,
     days: int = 365,
+    identity: str = "",
+    server: bool = False,
 ) -> Tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
-    """A leaf certificate signed by the CA: a server one (SANs = hosts) or a client one."""
+    """A leaf certificate signed by the CA: a server one (SANs = hosts) or a client one; ``identity``
+    (``dtrain-peer:<id>`` / ``dtrain-tool:<name>``) is added as a URI SAN; a client certificate with
+    ``server=True`` may serve TLS too (for the hosts given)."""
     key = _new_key()
-    usage = ExtendedKeyUsageOID.CLIENT_AUTH if client else ExtendedKeyUsageOID.SERVER_AUTH
+    usage = [ExtendedKeyUsageOID.CLIENT_AUTH] if client else [ExtendedKeyUsageOID.SERVER_AUTH]
+    if client and server:
+        usage.append(ExtendedKeyUsageOID.SERVER_AUTH)
     b = (
         _builder(_name(common_name), ca_cert.subject, key, days)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
@@ -177,11 +213,13 @@ def issue(
             ),
             critical=True,
         )
-        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        .add_extension(x509.ExtendedKeyUsage(usage), critical=False)
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
     )
-    if hosts:
-        b = b.add_extension(x509.SubjectAlternativeName(san_entries(hosts)), critical=False)
+    names: List[x509.GeneralName] = [x509.UniformResourceIdentifier(identity)] if identity else []
+    names += san_entries(hosts)
+    if names:
+        b = b.add_extension(x509.SubjectAlternativeName(names), critical=False)
     return key, b.sign(ca_key, hashes.SHA256())
 
 
@@ -208,39 +246,65 @@ def _write(path: str, data: bytes, mode: int, overwrite: bool) -> None:
 def generate(
     out_dir: str,
     hosts: Sequence[str] = ("localhost", "127.0.0.1"),
-    clients: Sequence[str] = ("client",),
+    clients: Sequence[str] = (),
     days: int = 365,
     overwrite: bool = False,
+    tools: Sequence[str] = ("status",),
+    peer_hosts: Sequence[str] = (),
+    secret: str = "",
+    certificates: bool = True,
 ) -> CertFiles:
-    """Write the CA, the server certificate for ``hosts`` and one client certificate per name.
+    """Write the CA, the server certificate for ``hosts``, one certificate per peer id in ``clients``
+    (URI SAN ``dtrain-peer:<id>``, + ``peer_hosts`` as DNS / IP SANs) and per tool in ``tools`` (URI
+    SAN ``dtrain-tool:<name>``); with a ``secret``, each one's identity token too (``<name>.token``).
 
     FileExistsError (naming the file) when a target exists and ``overwrite`` is false;
-    CertsError for bad host or client names. Nothing is written in either case.
+    CertsError for bad host, peer or tool names, or for nothing to write. Nothing is written then.
     """
     if days <= 0:
         raise CertsError(f"days={days!r} is not allowed: must be > 0")
     hosts = [str(h) for h in hosts]
-    if not hosts:
+    peer_hosts = [str(h) for h in peer_hosts]
+    if certificates and not hosts:
         raise CertsError("hosts: name at least one host")
+    if not certificates and not secret:
+        raise CertsError("certificates=false writes identity tokens only: set the cluster secret (DTRAIN_SECRET)")
     san_entries(hosts)  # validate before writing anything
-    files = plan(out_dir, clients)
+    san_entries(peer_hosts)
+    files = plan(out_dir, clients, tools, certificates=certificates, tokens=bool(secret))
     if not overwrite:
         for path in files.all():
             if os.path.lexists(path):
                 raise FileExistsError(f"{path} exists: refusing to overwrite it (give overwrite=true to replace)")
-    os.makedirs(os.path.dirname(files.ca_cert), exist_ok=True)
+    os.makedirs(os.path.abspath(out_dir), exist_ok=True)
 
-    ca_key, ca_cert = make_ca(days)
-    srv_key, srv_cert = issue(ca_key, ca_cert, hosts[0].strip("[]"), hosts=hosts, days=days)
-    out = [
-        (files.ca_cert, cert_pem(ca_cert), 0o644),
-        (files.ca_key, key_pem(ca_key), 0o600),
-        (files.server_cert, cert_pem(srv_cert), 0o644),
-        (files.server_key, key_pem(srv_key), 0o600),
-    ]
-    for name, (cert_path, key_path) in files.clients.items():
-        k, c = issue(ca_key, ca_cert, name, client=True, days=days)
-        out += [(cert_path, cert_pem(c), 0o644), (key_path, key_pem(k), 0o600)]
+    out = []
+    if certificates:
+        ca_key, ca_cert = make_ca(days)
+        srv_key, srv_cert = issue(ca_key, ca_cert, hosts[0].strip("[]"), hosts=hosts, days=days)
+        out += [
+            (files.ca_cert, cert_pem(ca_cert), 0o644),
+            (files.ca_key, key_pem(ca_key), 0o600),
+            (files.server_cert, cert_pem(srv_cert), 0o644),
+            (files.server_key, key_pem(srv_key), 0o600),
+        ]
+        for kind, certs in ((PEER, files.clients), (TOOL, files.tools)):
+            for name, (cert_path, key_path) in certs.items():
+                k, c = issue(
+                    ca_key,
+                    ca_cert,
+                    name,
+                    hosts=peer_hosts if kind == PEER else (),
+                    client=True,
+                    server=kind == PEER,
+                    identity=subject_of(kind, name),
+                    days=days,
+                )
+                out += [(cert_path, cert_pem(c), 0o644), (key_path, key_pem(k), 0o600)]
+    kinds = {**{str(n): PEER for n in clients}, **{str(n): TOOL for n in tools}}
+    for name, path in files.tokens.items():
+        kind = kinds[name]
+        out.append((path, (mint_token(secret, kind, name) + "\n").encode(), 0o600))
     for path, data, mode in out:
         _write(path, data, mode, overwrite)
     return files

@@ -5,6 +5,16 @@
 until SIGTERM / SIGINT. The standard gRPC health service answers SERVING for
 "" and ``dtrain.v1.Coordinator``; server reflection is on unless
 ``reflection=false``.
+
+Authentication and identity (:mod:`dtrain.wire.auth`): with ``auth.secret``
+(or ``$DTRAIN_SECRET``) callers present identity tokens of that cluster
+secret; else ``auth.token`` is the shared token (or, if it is an identity
+token itself, pins the cluster key it names); ``tls.client_ca`` adds mutual
+TLS, where the certificate's identity counts. The revocation list
+``revoked`` (a file of peer ids) is read at start (an unreadable file or a
+bad line: the coordinator does not start) and again on SIGHUP (then an
+unreadable file keeps the list in force, with one error line); revoked
+members are removed at once.
 """
 
 from __future__ import annotations
@@ -22,8 +32,13 @@ from grpc_reflection.v1alpha import reflection
 from ..v1 import dtrain_pb2 as pb
 from ..v1 import dtrain_pb2_grpc as pb_grpc
 from ..wire.auth import (
+    IdentityGuard,
     TokenInterceptor,
+    TokenPolicy,
     channel_options,
+    is_identity_token,
+    read_revoked,
+    resolve_secret,
     resolve_token,
     server_credentials,
 )
@@ -76,17 +91,63 @@ class CoordinatorServer:
         self.port = 0
         self.resumed = snapshot is not None
 
+    def _guard(self) -> IdentityGuard:
+        cfg = self.cfg
+        token, secret = resolve_token(cfg.auth.token), resolve_secret(cfg.auth.secret)
+        tokens = TokenPolicy.for_server(token, secret)
+        if secret and token and not is_identity_token(token):
+            log.warning("auth.token / DTRAIN_TOKEN is not used: auth.secret is set (per-peer identity tokens)")
+        mutual = cfg.tls.server_enabled and bool(cfg.tls.client_ca)
+        if tokens.mode == TokenPolicy.NONE and not mutual:
+            log.warning("no auth token configured (auth.token / DTRAIN_TOKEN): any caller is accepted")
+        revoked = read_revoked(cfg.revoked) if cfg.revoked else frozenset()
+        guard = IdentityGuard(tokens, mutual_tls=mutual, revoked=revoked, logger=log)
+        log.info(
+            "identity: %s%s; %d revoked peer id(s)%s",
+            {"none": "no token", "shared": "shared token", "identity": "per-peer identity tokens"}[tokens.mode],
+            ", mutual TLS (the certificate's identity counts)" if mutual else "",
+            len(revoked),
+            f" from {cfg.revoked}" if cfg.revoked else "",
+        )
+        if tokens.mode == TokenPolicy.SHARED and not mutual:
+            log.info("the shared token binds no peer id: any holder may act as any peer (auth.secret binds them)")
+        return guard
+
+    def reload_revoked(self) -> None:
+        """Read the revocation list again (SIGHUP); revoked members are removed at once."""
+        path = self.cfg.revoked
+        if self.service is None:
+            return
+        if not path:
+            log.info("SIGHUP: no revocation list configured (revoked=...): nothing to read")
+            return
+        try:
+            revoked = read_revoked(path)
+        except ValueError as e:
+            log.error("SIGHUP: %s; the previous list (%d peer ids) stays in force", e, len(self.service.guard.revoked))
+            return
+        before = self.service.guard.revoked
+        gone = self.service.revoke(revoked)
+        log.info(
+            "revocation list %s: %d peer id(s) (added: %s; lifted: %s); removed from membership: %s",
+            path,
+            len(revoked),
+            ", ".join(sorted(revoked - before)) or "none",
+            ", ".join(sorted(before - revoked)) or "none",
+            ", ".join(gone) or "none",
+        )
+
     async def start(self) -> str:
         cfg = self.cfg
-        token = resolve_token(cfg.auth.token)
-        interceptors = ([TokenInterceptor(token)] if token else []) + [ParseGuardInterceptor()]
-        if not token:
-            log.warning("no auth token configured (auth.token / DTRAIN_TOKEN): any caller is accepted")
+        guard = self._guard()
+        interceptors = ([TokenInterceptor(guard.tokens)] if guard.tokens.enabled else []) + [ParseGuardInterceptor()]
         self.server = grpc.aio.server(
             interceptors=interceptors, options=channel_options(int(cfg.max_message_mb * 2**20))
         )
         store_address = self._start_gloo_store() if cfg.gloo_store else ""
-        self.service = CoordinatorService(self.machine, self.store, cfg.max_wait_s, store_address=store_address)
+        self.service = CoordinatorService(
+            self.machine, self.store, cfg.max_wait_s, store_address=store_address, guard=guard
+        )
         pb_grpc.add_CoordinatorServicer_to_server(self.service, self.server)
         health_servicer = HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, self.server)
@@ -151,6 +212,7 @@ async def _serve(cfg) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, srv.reload_revoked)
     await stop.wait()
     log.info("stopping")
     await srv.stop()

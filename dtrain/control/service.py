@@ -10,6 +10,15 @@ heartbeats and other peers' calls cost the waiting calls nothing. A timer
 task sleeps until the state machine's next deadline (lease expiry, the grace
 window, a commit deadline). Every membership change, quorum, commit and retry
 goes to the state dir's ``events.jsonl`` and to the log as one JSON line.
+
+Identity. Every RPC first asks the :class:`~dtrain.wire.auth.IdentityGuard`
+(rules in :mod:`dtrain.wire.auth`): Join, Heartbeat, Leave, Sync, Commit and
+Report must come from the identity of the ``peer_id`` they name (under mutual
+TLS or identity tokens), Status from any authenticated caller; a revoked peer
+is refused everywhere. A refused call is PERMISSION_DENIED, one log line, and
+touches nothing. :meth:`CoordinatorService.revoke` installs a new revocation
+list and removes the revoked members at once (the next quorum forms without
+them; one in the quorum being voted on makes the round retry without it).
 """
 
 from __future__ import annotations
@@ -18,12 +27,13 @@ import asyncio
 import json
 import logging
 import time
-from typing import Callable, Dict, Optional, ParamSpec, Tuple, TypeVar
+from typing import Callable, Dict, FrozenSet, List, Optional, ParamSpec, Tuple, TypeVar
 
 import grpc
 
 from ..v1 import dtrain_pb2 as pb
 from ..v1 import dtrain_pb2_grpc as pb_grpc
+from ..wire.auth import IdentityGuard
 from ..wire.outcomes import (
     CommitDecision,
     SyncOutcome,
@@ -68,8 +78,10 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         max_wait_s: float,
         clock: Callable[[], float] = time.monotonic,
         store_address: str = "",
+        guard: Optional[IdentityGuard] = None,
     ):
         self.machine, self.store, self.max_wait_s, self.clock = machine, store, max_wait_s, clock
+        self.guard = guard if guard is not None else IdentityGuard(logger=log)  # default: nothing bound
         self._waiters: Dict[str, asyncio.Future] = {}  # peer -> the future its held call awaits
         self._wake_timer = asyncio.Event()
         self._timer_target: Optional[float] = None
@@ -117,6 +129,25 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         finally:
             self._after()
 
+    async def _bind(self, context: grpc.aio.ServicerContext, method: str, claimed: Optional[str]) -> None:
+        """PERMISSION_DENIED (and one log line, by the guard) unless the caller may make this call
+        as peer ``claimed`` (None: a call that names no peer)."""
+        _, why = self.guard.authorize(context, method, claimed)
+        if why:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, why)
+
+    def revoke(self, revoked: FrozenSet[str]) -> List[str]:
+        """Install a new revocation list; removes the revoked members now. Returns the ids removed."""
+        self.guard.revoked = frozenset(revoked)
+        now, gone = self.clock(), []
+        for pid in sorted(revoked):
+            m = self.machine.members.get(pid)
+            if m is not None:
+                self.machine.leave(pid, m.incarnation, now=now, reason="revoked")
+                gone.append(pid)
+        self._after()
+        return gone
+
     async def _wait_for(self, peer_id: str, take: Callable[[], Optional[T]], wait_ms: int) -> Optional[T]:
         timeout = min(self.max_wait_s, wait_ms / 1000.0)  # wait_ms=0: answer at once
         deadline = self.clock() + timeout
@@ -158,6 +189,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
 
     # ------------------------------------------------------------------ membership
     async def Join(self, req: pb.JoinRequest, context) -> pb.JoinReply:
+        await self._bind(context, "Join", req.peer_id)
         r = await self._call(
             context,
             lambda: self.machine.join(
@@ -189,12 +221,14 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         return reply
 
     async def Heartbeat(self, req: pb.HeartbeatRequest, context) -> pb.HeartbeatReply:
+        await self._bind(context, "Heartbeat", req.peer_id)
         rnd, qid = await self._call(context, self.machine.heartbeat, req.peer_id, req.incarnation, now=self.clock())
         return pb.HeartbeatReply(
             committed_round=rnd, quorum_id=qid, lease_timeout_ms=int(self.machine.params.lease_timeout * 1000)
         )
 
     async def Leave(self, req: pb.LeaveRequest, context) -> pb.LeaveReply:
+        await self._bind(context, "Leave", req.peer_id)
         await self._call(context, self.machine.leave, req.peer_id, req.incarnation, now=self.clock(), reason=req.reason)
         return pb.LeaveReply()
 
@@ -247,6 +281,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         return cached[2]
 
     async def Sync(self, req: pb.SyncRequest, context) -> pb.SyncReply:
+        await self._bind(context, "Sync", req.peer_id)
         ans = await self._call(
             context,
             self.machine.sync,
@@ -283,6 +318,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         )
 
     async def Commit(self, req: pb.CommitRequest, context) -> pb.CommitReply:
+        await self._bind(context, "Commit", req.peer_id)
         ans = await self._call(
             context,
             self.machine.commit,
@@ -301,6 +337,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         return self._commit_reply(ans, req)
 
     async def Report(self, req: pb.ReportRequest, context) -> pb.ReportReply:
+        await self._bind(context, "Report", req.peer_id)
         excluded = await self._call(
             context,
             self.machine.report,
@@ -316,6 +353,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
 
     # ------------------------------------------------------------------ status
     async def Status(self, req: pb.StatusRequest, context) -> pb.StatusReply:
+        await self._bind(context, "Status", None)
         s = self.machine.status(self.clock())
         return pb.StatusReply(
             committed_round=s["committed_round"],
