@@ -256,31 +256,32 @@ def _records(run_dir, kind):
 
 
 def test_balanced_rounds_with_a_slow_peer_keep_parity_and_lose_no_step(cluster):
-    """Two peers, one emulating a machine at half speed, balanced rounds: from round 1 on the slow peer is
-    assigned fewer steps (recorded identically by both), the mean weights each by the samples it trained,
-    every round has one state hash on both, nobody heals and no trained step is lost."""
+    """Two peers, one emulating a machine at a fifth of the speed, balanced rounds: the slow peer is assigned
+    fewer steps (recorded identically by both), the mean weights each by the samples it trained, every round
+    has one state hash on both, nobody heals and no trained step is lost. (Rates are measured on a shared
+    machine, so the checks allow a loaded round to assign otherwise; the 5x speed gap keeps the rule clear.)"""
     tmp_path, coordinator, peer = cluster
     address = coordinator("min_peers=2")
-    args = ["outer=diloco", "outer.sync_every=12", "outer.local_steps=balanced", "steps=72"]
-    peers = {"fast": peer("fast", address, *args), "slow": peer("slow", address, *args, "emulated_speed=0.5")}
+    args = ["outer=diloco", "outer.sync_every=15", "outer.local_steps=balanced", "steps=60"]
+    peers = {"fast": peer("fast", address, *args), "slow": peer("slow", address, *args, "emulated_speed=0.2")}
     _finish(tmp_path, peers)
     fast, slow = (_records(tmp_path / name, "round") for name in ("fast", "slow"))
-    assert [r["round"] for r in fast] == [r["round"] for r in slow] == list(range(6))
+    assert [r["round"] for r in fast] == [r["round"] for r in slow] == list(range(4))
     assert [r["state_hash"] for r in fast] == [r["state_hash"] for r in slow]
     assert [r["local_steps"] for r in fast] == [r["local_steps"] for r in slow]
     assert fast[0]["local_steps"] == {"fast": 2, "slow": 2}  # no rates measured yet: a short probe round
-    # round 1 is assigned from one measured step (a process's first step does not count)
-    for r in fast[2:]:  # measured on a shared machine: fewer than the fast peer, at least one
-        assert r["local_steps"]["fast"] == 12 and 1 <= r["local_steps"]["slow"] <= 11, r["local_steps"]
+    assigned = [r["local_steps"] for r in fast[1:]]
+    assert sum(a["slow"] < a["fast"] for a in assigned) >= len(assigned) - 1, assigned
+    assert sum(a["slow"] for a in assigned) <= 0.6 * sum(a["fast"] for a in assigned), assigned
+    for r in fast[1:]:
         by_peer = dict(zip(r["members"], r["weights"]))
-        assert by_peer["fast"] * r["local_steps"]["slow"] == by_peer["slow"] * 12  # samples (same batch)
-    assert sum(r["local_steps"]["slow"] for r in fast[2:]) <= 0.8 * 12 * len(fast[2:])
+        assert by_peer["fast"] * r["local_steps"]["slow"] == by_peer["slow"] * r["local_steps"]["fast"]  # samples
     for recs, name in ((fast, "fast"), (slow, "slow")):
         assert [r["steps"] for r in recs] == [r["local_steps"][name] for r in recs]
         assert sum(r["steps_lost"] for r in recs) == 0 and not any(r["sat_out"] for r in recs)
         assert not _records(tmp_path / name, "heal")
     for name in peers:  # the schedules follow the rounds: both end at the last step
-        assert json.load(open(tmp_path / name / "summary.json"))["step"] == 72
+        assert json.load(open(tmp_path / name / "summary.json"))["step"] == 60
 
 
 def test_peers_of_three_capacities_keep_parity_and_send_their_slice(cluster):
