@@ -39,7 +39,7 @@ APPS = [
     ("dtrain-latency", "latency", "latency table of a space's blocks"),
     ("dtrain-report", "report", "plots and report.md of a run"),
     ("dtrain-status", "status", "a coordinator's state"),
-    ("dtrain-certs", "certs", "TLS certificates for local and docker use"),
+    ("dtrain-certs", "certs", "TLS certificates and identity tokens: the coordinator's, one per peer id, tools'"),
 ]
 START, END = "<!-- config-reference:start -->", "<!-- config-reference:end -->"
 

@@ -39,8 +39,11 @@ chunks included) counts ``chunk.ByteSize() + 5`` (the gRPC length-prefix
 frame) towards the group's ``bytes_recv``; HTTP/2 and TCP framing are not
 counted.
 
-Trust: ``sender`` is what the chunk says. Token and TLS keep outsiders out;
-a token holder naming another member is not detected here.
+Trust: ``sender`` is what the chunk says. With per-peer identities (mutual
+TLS certificates or identity tokens) the Peer service refuses a stream whose
+chunks name anyone but the caller before it reaches this inbox
+(``dtrain.wire.auth.IdentityGuard``); with the shared token, a token holder
+naming another member is not detected here.
 """
 
 from __future__ import annotations

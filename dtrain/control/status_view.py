@@ -43,7 +43,7 @@ def describe_rpc_error(address: str, err: grpc.RpcError, tls_on: bool, timeout_s
     if code == grpc.StatusCode.UNAUTHENTICATED:
         return (
             f"coordinator at {address} refused the token ({details}): "
-            "set auth.token=... or DTRAIN_TOKEN to the run's token"
+            "set auth.token=... or DTRAIN_TOKEN to the run's token (or the status tool's identity token)"
         )
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return f"coordinator at {address} did not answer within {timeout_s:g}s (timeout_s=...)"

@@ -147,7 +147,10 @@ class Simulation:
             f"state_dir={self.coord_dir}",
             *self.sim.coordinator_args,
         ]
-        proc = spawn(COORD, cmd, self.run_dir, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        # the simulation's peers share one token: a cluster secret in the caller's environment would switch
+        # the coordinator to per-peer identity tokens and refuse them
+        env = {k: v for k, v in os.environ.items() if k != "DTRAIN_SECRET"}
+        proc = spawn(COORD, cmd, self.run_dir, env={**env, "PYTHONUNBUFFERED": "1"})
         line = wait_for_line(proc.log_path, "coordinator listening on", proc, 60.0)
         self.coord_port = int(line.rsplit(":", 1)[1])
         self.coordinator = proc
