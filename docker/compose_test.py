@@ -252,8 +252,8 @@ class Plan:
     chaos_seed: int = 12  # with 4 peers: stop peer 4, kill peer 2, stop peer 1, kill peer 3 (each once)
     chaos_every: str = "[4,6]"  # longer than a victim is down: one peer down at a time (CHAOS_MIN_ALIVE)
     chaos_down_s: float = 3.0
-    healthy_timeout_s: float = 300.0
-    run_timeout_s: float = 600.0
+    healthy_timeout_s: float = 600.0  # vfs on a busy 2-core machine: 4 minutes seen
+    run_timeout_s: float = 900.0
 
     def peer_args(self) -> str:
         return " ".join(
