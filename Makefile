@@ -5,7 +5,7 @@ TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 
-.PHONY: venv demo train-demo lint test acceptance soak bench proto docs clean
+.PHONY: venv demo train-demo lint test acceptance compose-test soak bench proto docs clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,9 +34,17 @@ test: lint
 	$(PY) -m pytest
 
 # longer runs kept out of `make test`: the shipped defaults (train, GPT preset, `make demo`), a
-# user-driven restart of a finished simulation and four heavier smoke runs (about 10 minutes on 2 cores)
+# user-driven restart of a finished simulation and four heavier smoke runs (about 10 minutes on 2 cores),
+# then `make compose-test` (skipped with one line when no Docker engine answers)
 acceptance: venv
 	$(PY) -m pytest -m acceptance -s
+	$(MAKE) compose-test
+
+# the docker-compose simulation through a real Docker engine: a base image (from Debian packages when
+# no registry is reachable), the image, certificates + coordinator + 4 peers + chaos, parity on every
+# round, down -v (also on failure). One line and exit 0 when no engine answers. Kept out of `make test`.
+compose-test: venv
+	PYTHONPATH=$(CURDIR) TORCH="$(TORCH)" $(PY) docker/compose_test.py
 
 # 4 peers for 10 minutes: a kill every 2-6 s (restarted), joins, two coordinator restarts
 soak: venv

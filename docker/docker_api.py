@@ -42,11 +42,13 @@ class _UnixConnection(http.client.HTTPConnection):
 def socket_path(docker_host: str) -> str:
     """``unix:///var/run/docker.sock`` (or a bare path) -> the socket's path; DockerError otherwise."""
     if docker_host.startswith("unix://"):
-        return docker_host[len("unix://"):]
+        return docker_host[len("unix://") :]
     if docker_host.startswith("/"):
         return docker_host
-    raise DockerError(f"DOCKER_HOST={docker_host!r} is not allowed: unix:///path/to/docker.sock "
-                      "(the chaos service talks to the engine's unix socket only)")
+    raise DockerError(
+        f"DOCKER_HOST={docker_host!r} is not allowed: unix:///path/to/docker.sock "
+        "(the chaos service talks to the engine's unix socket only)"
+    )
 
 
 class DockerAPI:
@@ -58,8 +60,11 @@ class DockerAPI:
         url = self.prefix + path + ("?" + urllib.parse.urlencode(query) if query else "")
         conn = _UnixConnection(self.path, timeout or self.timeout)
         try:
-            conn.request(method, url, headers={"Host": "docker", "Content-Length": "0"} if method == "POST"
-                         else {"Host": "docker"})
+            conn.request(
+                method,
+                url,
+                headers={"Host": "docker", "Content-Length": "0"} if method == "POST" else {"Host": "docker"},
+            )
             resp = conn.getresponse()
             body = resp.read()
         except OSError as e:
@@ -91,6 +96,7 @@ class DockerAPI:
         """POST /containers/{id}/{action} (start, stop, kill, pause, unpause, restart); the status code."""
         # stop waits up to t seconds for the container to exit: give the socket longer than that
         timeout = float(query.get("t", 0)) + self.timeout
-        status, _ = self.request("POST", f"/containers/{urllib.parse.quote(cid)}/{action}", query or None,
-                                 timeout=timeout)
+        status, _ = self.request(
+            "POST", f"/containers/{urllib.parse.quote(cid)}/{action}", query or None, timeout=timeout
+        )
         return status

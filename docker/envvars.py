@@ -21,8 +21,9 @@ def text(env: Mapping[str, str], name: str, default: str = "") -> str:
     return env.get(name, "").strip() or default
 
 
-def number(env: Mapping[str, str], name: str, default: float, lo: float = 0.0,
-           hi: Optional[float] = None, unit: str = "") -> float:
+def number(
+    env: Mapping[str, str], name: str, default: float, lo: float = 0.0, hi: Optional[float] = None, unit: str = ""
+) -> float:
     """A number in [lo, hi]; the default when unset or empty."""
     raw = env.get(name, "").strip()
     if not raw:
@@ -107,4 +108,3 @@ def hostport(env: Mapping[str, str], name: str, default: str) -> str:
     if not host or not port.isdigit() or int(port) > 65535:
         raise _bad(name, v, "host:port")
     return v
-

@@ -25,8 +25,14 @@ import sys
 DEFAULT_FILE = "/tmp/dtrain-health.json"
 
 
-def check(address: str, tls_ca: str = "", server_name: str = "", service: str = "", timeout: float = 3.0,
-          accept_unimplemented: bool = False) -> tuple:
+def check(
+    address: str,
+    tls_ca: str = "",
+    server_name: str = "",
+    service: str = "",
+    timeout: float = 3.0,
+    accept_unimplemented: bool = False,
+) -> tuple:
     """(ok, one-line reason)."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -59,11 +65,18 @@ def main(argv=None) -> int:
     ap.add_argument("--server-name", default="", help="name expected in the server certificate")
     ap.add_argument("--service", default="", help="health service name (default '': the whole server)")
     ap.add_argument("--timeout", type=float, default=3.0)
-    ap.add_argument("--accept-unimplemented", action="store_true",
-                    help="a server without a health service that answers counts as healthy")
+    ap.add_argument(
+        "--accept-unimplemented",
+        action="store_true",
+        help="a server without a health service that answers counts as healthy",
+    )
     a = ap.parse_args(argv)
-    target = {"address": a.address, "tls_ca": a.tls_ca, "server_name": a.server_name,
-              "accept_unimplemented": a.accept_unimplemented}
+    target = {
+        "address": a.address,
+        "tls_ca": a.tls_ca,
+        "server_name": a.server_name,
+        "accept_unimplemented": a.accept_unimplemented,
+    }
     if a.address is None:
         path = os.environ.get("DTRAIN_HEALTH_FILE", DEFAULT_FILE)
         try:
@@ -78,8 +91,14 @@ def main(argv=None) -> int:
     if ":" not in target["address"] or target["address"].endswith(":0"):
         print(f"unhealthy: cannot check address {target['address']!r} (host:port with a fixed port)")
         return 1 if a.address is None else 2
-    ok, why = check(target["address"], target.get("tls_ca") or "", target.get("server_name") or "", a.service,
-                    a.timeout, bool(target.get("accept_unimplemented")))
+    ok, why = check(
+        target["address"],
+        target.get("tls_ca") or "",
+        target.get("server_name") or "",
+        a.service,
+        a.timeout,
+        bool(target.get("accept_unimplemented")),
+    )
     print(("healthy: " if ok else "unhealthy: ") + why)
     return 0 if ok else 1
 

@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 import urllib.parse
 
 import pytest
@@ -134,6 +135,10 @@ def test_compose_file_structure():
     assert vol(chaos)["/var/run/docker.sock"] == "/var/run/docker.sock"
     assert set(doc["volumes"]) == {"certs", "coordinator-state", "peer-runs"}
     assert chaos["environment"]["CHAOS_SERVICE"] == "peer"
+    # done (CHAOS_MAX_ACTIONS) or stopped, chaos stays down; its schedule starts at the first commit
+    assert chaos["restart"] == "on-failure" and "CHAOS_MAX_ACTIONS" in chaos["environment"]
+    assert vol(chaos)["coordinator-state"] == "/state" and chaos["volumes"][-1].endswith(":ro")
+    assert chaos["environment"]["CHAOS_STATE_FILE"] == "/state/state.json"
 
 
 @pytest.mark.timeout(60)
@@ -162,17 +167,32 @@ def test_dockerfile_shape():
     with open(os.path.join(DOCKER, "Dockerfile"), encoding="utf-8") as f:
         lines = [ln.strip() for ln in f if ln.strip() and not ln.lstrip().startswith("#")]
     text = "\n".join(lines)
-    assert lines[0] == "FROM python:3.11-slim"
-    assert "download.pytorch.org/whl/cpu" in text and "iproute2" in text and "pip install ." in text
+    # python:3.11-slim by default, any base by build arg (docker/base-image.sh makes one from Debian packages)
+    assert lines[0] == "ARG BASE_IMAGE=python:3.11-slim"
+    froms = [ln for ln in lines if ln.startswith("FROM ")]
+    assert froms == ["FROM scratch AS wheelhouse", "FROM ${BASE_IMAGE}"]
+    # the wheelhouse (docker/wheels or WHEELS) and the CA bundle secret are mounted, never copied into a layer
+    assert "ARG WHEELS=docker/wheels" in text and "COPY ${WHEELS} /" in text
+    assert text.count("--mount=type=bind,from=wheelhouse,target=/wheels") == 2
+    assert text.count("--mount=type=secret,id=ca_bundle") == 2
+    assert "ARG OFFLINE=0" in text and os.path.isdir(os.path.join(DOCKER, "wheels"))
+    assert "download.pytorch.org/whl/cpu" in text and "iproute2" in text and "pip install --no-deps" in text
     users = [ln.split()[1] for ln in lines if ln.startswith("USER ")]
     assert users and users[-1] not in ("root", "0")
     assert text.index("USER ") < text.index("ENTRYPOINT")
     assert any(ln.startswith("HEALTHCHECK") for ln in lines) and "docker/healthcheck.py" in text
     assert '"/opt/dtrain/docker/entrypoint.py"' in text
-    for ln in lines:  # everything copied exists in the build context
-        if ln.startswith("COPY "):
-            for src in ln.split()[1:-1]:
+    for ln in lines:  # everything mounted or copied from the build context exists there
+        for word in ln.replace(",", " ").split():
+            if word.startswith("source="):
+                assert os.path.exists(os.path.join(REPO, word[len("source=") :])), word
+        if ln.startswith("cp -R "):
+            for src in ln.rstrip("; \\").split()[2:-1]:
                 assert os.path.exists(os.path.join(REPO, src)), src
+    # the build context (BuildKit reads <Dockerfile>.dockerignore) holds what the image needs
+    with open(os.path.join(DOCKER, "Dockerfile.dockerignore"), encoding="utf-8") as f:
+        kept = {ln.strip()[1:] for ln in f if ln.startswith("!")}
+    assert {"pyproject.toml", "README.md", "proto", "dtrain", "conf", "launch", "docker"} <= kept
 
 
 # ---------------------------------------------------------------- entrypoint roles as processes
@@ -528,6 +548,59 @@ def test_chaos_takes_down_seeded_victims_and_brings_them_back(fake_docker, actio
     )
     assert all(c["State"] == "running" for c in srv.containers)
     assert p.stdout.count(f"s] {verbs[0]} proj-peer-") == 3 and p.stdout.count(f"s] {verbs[1]} proj-peer-") == 3
+
+
+@pytest.mark.timeout(60)
+def test_chaos_takes_the_actions_of_a_list_in_turn(fake_docker):
+    srv = fake_docker([container(n) for n in PEERS3])
+    p = run_chaos(
+        srv, CHAOS_SEED=5, CHAOS_EVERY_S="[0.05,0.1]", CHAOS_DOWN_S=0.01, CHAOS_MAX_ACTIONS=4, CHAOS_ACTION="stop,kill"
+    )
+    assert p.returncode == 0, p.stderr
+    posts = [(path.split("/")[2], path.split("/")[3], q) for m, path, q in srv.calls if m == "POST"]
+    assert [verb for _, verb, _ in posts] == ["stop", "start", "kill", "start"] * 2
+    assert [q for _, verb, q in posts if verb == "kill"] == [{"signal": "SIGKILL"}] * 2
+    assert [cid for cid, verb, _ in posts if verb in ("stop", "kill")] == [
+        f"id-{chaos_mod.pick(5, i, PEERS3)}" for i in range(4)
+    ]
+    assert "stop,kill every 0.05-0.1s" in p.stdout
+    assert all(c["State"] == "running" for c in srv.containers)
+    bad = subprocess.run(
+        [sys.executable, CHAOS], capture_output=True, text=True, timeout=20, env=base_env(CHAOS_ACTION="stop,reboot")
+    )
+    assert bad.returncode == 2 and "CHAOS_ACTION='stop,reboot' is not allowed" in bad.stderr
+
+
+@pytest.mark.timeout(60)
+def test_chaos_schedule_starts_at_the_first_commit(fake_docker, tmp_path):
+    srv = fake_docker([container(n) for n in PEERS3])
+    state = tmp_path / "state.json"
+    e = base_env(
+        DOCKER_HOST=f"unix://{srv.server_address}",
+        CHAOS_START_AFTER_S=0,
+        CHAOS_EVERY_S="0.05",
+        CHAOS_DOWN_S=0.01,
+        CHAOS_MAX_ACTIONS=1,
+        CHAOS_STATE_FILE=state,
+    )
+    proc = subprocess.Popen(
+        [sys.executable, CHAOS], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=e,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        time.sleep(1.5)  # no state file, then a state before any commit: no action
+        state.write_text('{"committed_round": 0}')
+        time.sleep(1.0)
+        assert proc.poll() is None and not [c for c in srv.calls if c[0] == "POST"]
+        state.write_text('{"committed_round": 1, "state_hash": "ab"}')
+        out, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err
+    assert f"waiting for the first commit in {state}" in out and "committed round 1: the schedule starts" in out
+    assert [c[1].split("/")[3] for c in srv.calls if c[0] == "POST"] == ["stop", "start"]
 
 
 @pytest.mark.timeout(60)
