@@ -26,8 +26,8 @@ train-demo: venv
 
 # ruff (lint + format check) over dtrain/, tests/, bench/; pyright (basic) over the packages pyproject names
 lint: venv
-	$(VENV)/bin/ruff check dtrain tests bench
-	$(VENV)/bin/ruff format --check dtrain tests bench
+	$(VENV)/bin/ruff check dtrain tests bench docker
+	$(VENV)/bin/ruff format --check dtrain tests bench docker
 	$(VENV)/bin/pyright
 
 test: lint
