@@ -406,6 +406,23 @@ class CoordinatorAuthConfig:
 
 
 @dataclass
+class CoordinatorControlConfig:
+    """Whom the coordinator trusts: revoked peer ids, and how accusations are judged
+    (``dtrain.control.quorum``'s docstring, "Accusations need evidence")."""
+
+    revoked: str = ""  # revocation list: a file of peer ids (one a line, # comments), read at start and on SIGHUP
+    max_unconfirmed_reports: int = 3  # an accuser with this many unconfirmed accusations in a row is excluded
+
+    def __post_init__(self) -> None:
+        _check(
+            self.max_unconfirmed_reports >= 1,
+            "control.max_unconfirmed_reports",
+            self.max_unconfirmed_reports,
+            "must be >= 1",
+        )
+
+
+@dataclass
 class CoordinatorConfig:
     """``dtrain-coordinator``: membership leases, quorum rounds, commits."""
 
@@ -427,9 +444,9 @@ class CoordinatorConfig:
     reflection: bool = True
     gloo_store: bool = False  # serve a torch.distributed TCPStore for outer.backend=gloo peers (no auth!)
     gloo_store_port: int = 0  # 0: the OS picks
-    revoked: str = ""  # revocation list: a file of peer ids (one a line, # comments), read at start and on SIGHUP
     tls: TLSConfig = field(default_factory=TLSConfig)
     auth: CoordinatorAuthConfig = field(default_factory=CoordinatorAuthConfig)
+    control: CoordinatorControlConfig = field(default_factory=CoordinatorControlConfig)
 
     def __post_init__(self) -> None:
         _check(0 <= self.port <= 65535, "port", self.port, "0..65535")

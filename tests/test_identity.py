@@ -18,6 +18,7 @@ started); Peer services are in-process servers stopped at teardown.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -52,12 +53,14 @@ from dtrain.wire.snapshot import MAX_MESSAGE_BYTES, StateSnapshot
 
 from conftest import stop_servers
 from control_fixtures import check_parity
+from proc_fixtures import read_jsonl
 
 coordinators = security.coordinators  # the fixture: coordinator processes, each stopped at teardown
 SCHEMA, Code, _cli, _cli_all, _md = security.SCHEMA, security.Code, security._cli, security._cli_all, security._md
 SECRET = "the-cluster-secret-of-these-tests"
 OTHER_SECRET = "another-cluster-secret"
 H0 = "h0-0123456789abcdef"
+ALL3 = ("alice", "bob", "carol")
 MODES = ("mtls", "token")
 RPCS = ("Join", "Heartbeat", "Sync", "Commit", "Report", "Leave")
 
@@ -401,7 +404,7 @@ def test_tools_and_status(coordinators, ids, mode, tmp_path):
 def test_revoked_peers_are_refused_and_removed(coordinators, ids, tmp_path):
     revoked = tmp_path / "revoked.txt"
     revoked.write_text("carol  # lost laptop\n")
-    c = coordinators(*coordinator_args(ids, "token", f"revoked={revoked}", "min_peers=1", "grace_s=0.1"))
+    c = coordinators(*coordinator_args(ids, "token", f"control.revoked={revoked}", "min_peers=1", "grace_s=0.1"))
     alice = client(c.address, ids, "token", "alice", 7001)
     bob = client(c.address, ids, "token", "bob", 7002)
     carol = client(c.address, ids, "token", "carol", 7003)
@@ -448,8 +451,10 @@ def test_revoked_peers_are_refused_and_removed(coordinators, ids, tmp_path):
 
 @pytest.mark.timeout(60)
 def test_a_coordinator_with_an_unreadable_revocation_list_does_not_start(tmp_path):
-    r = _cli(["dtrain-coordinator", f"state_dir={tmp_path / 's'}", f"revoked={tmp_path / 'missing'}"], cwd=tmp_path)
-    assert r.returncode == 2 and "revoked=" in r.stderr and "cannot be read" in r.stderr, r.stderr
+    r = _cli(
+        ["dtrain-coordinator", f"state_dir={tmp_path / 's'}", f"control.revoked={tmp_path / 'missing'}"], cwd=tmp_path
+    )
+    assert r.returncode == 2 and "control.revoked=" in r.stderr and "cannot be read" in r.stderr, r.stderr
 
 
 @pytest.mark.timeout(90)
@@ -457,7 +462,7 @@ def test_shared_token_mode_still_works(coordinators, tmp_path):
     """The old mode: one token for everyone, no identity bound (any holder may act as any id), revocation by id."""
     revoked = tmp_path / "revoked.txt"
     revoked.write_text("mallory\n")
-    c = coordinators("auth.token=s3cret", f"revoked={revoked}")
+    c = coordinators("auth.token=s3cret", f"control.revoked={revoked}")
     cls = [
         CoordinatorClient(c.address, pid, f"127.0.0.1:{7000 + i}", SCHEMA, token="s3cret", rpc_timeout=5.0)
         for i, pid in enumerate(["a", "b", "mallory"])
@@ -788,3 +793,35 @@ def test_launch_scripts_use_the_peers_own_identity(ids, tmp_path):
         SCANCEL="false",
     )
     assert r.returncode == 2 and "DTRAIN_PEER_ID=''" in r.stderr and "DTRAIN_IDENTITY_DIR" in r.stderr, r.stderr
+
+
+@pytest.mark.timeout(120)
+def test_an_unconfirmed_accusation_is_ignored_and_a_confirmed_one_acted_on(coordinators, ids, tmp_path):
+    """Report over the wire: one accuser's word excludes nobody; a second accuser's does (both with evidence)."""
+    c = coordinators(*coordinator_args(ids, "token", f"schema_hash={SCHEMA}", "min_peers=3", "grace_s=0.2"))
+    alice, _, carol = peers = [client(c.address, ids, "token", name, 7001 + i) for i, name in enumerate(ALL3)]
+    try:
+        for cl in peers:
+            cl.join(timeout=10)
+        box: dict = {}
+        for t in _round_threads(peers, box):
+            t.join(30)
+        q = box["alice"]
+        assert isinstance(q, QuorumView) and sorted(q.ids) == sorted(ALL3)
+        assert alice.report(0, q.quorum_id, "bob", "sent garbage", evidence="ab" * 32) is False
+        assert "bob" in [m.peer_id for m in alice.status().members]  # one word is not enough
+        assert carol.report(0, q.quorum_id, "bob", "sent garbage", evidence="cd" * 32) is True
+        assert "bob" not in [m.peer_id for m in alice.status().members]
+        log = tmp_path / "coord0" / "events.jsonl"  # the fixture's first coordinator's state_dir
+        events = wait_until(
+            lambda: [json.loads(ln) for ln in log.read_text().splitlines() if '"exclude"' in ln] and read_jsonl(log),
+            10,
+            "the exclusion in the event log",
+        )
+        reports = [e for e in events if e["event"] == "report"]
+        assert [(e["peer_id"], e["evidence"]) for e in reports] == [("alice", "ab" * 32), ("carol", "cd" * 32)]
+        excluded = [e for e in events if e["event"] == "exclude"]
+        assert [e["peer_id"] for e in excluded] == ["bob"] and "confirmed" in excluded[0]["reason"], excluded
+    finally:
+        for cl in peers:
+            cl.close()

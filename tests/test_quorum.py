@@ -942,6 +942,110 @@ def test_a_peer_dying_before_it_syncs_delays_the_round_only_by_grace():
     assert m.committed_round == 2
 
 
+# ====================================================================== accusations need evidence
+
+
+def _report(m: QuorumMachine, accuser: str, culprit: str, q: QuorumInfo, now: float, evidence: str = "e" * 64):
+    return m.report(accuser, "inc1", q.round, q.quorum_id, culprit, "garbage", now, evidence=evidence)
+
+
+def test_one_accusation_alone_excludes_nobody():
+    m = machine(min_peers=2)
+    q = _voting(m, ["a", "b", "c"])
+    assert _report(m, "a", "b", q, 0.2) is False
+    assert "b" in m.members and m.voting is not None
+    evs = m.drain_events()
+    assert [e for e in evs if e["event"] == "report"][0]["evidence"] == "e" * 64
+    assert "report_pending" in kinds(evs) and "exclude" not in kinds(evs)
+
+
+def test_a_second_accuser_confirms_and_the_culprit_is_excluded():
+    m = machine(min_peers=2)
+    q = _voting(m, ["a", "b", "c"])
+    assert _report(m, "a", "b", q, 0.2) is False
+    assert _report(m, "c", "b", q, 0.3) is True
+    assert "b" not in m.members and m.voting is None  # the vote retries without it
+    exclude = [e for e in m.drain_events() if e["event"] == "exclude"]
+    assert exclude[0]["peer_id"] == "b" and "'a', 'c'" in exclude[0]["reason"], exclude
+
+
+def test_the_culprits_own_failed_vote_confirms_an_accusation():
+    m = machine(min_peers=1)
+    q = _voting(m, ["a", "b"])
+    assert _report(m, "a", "b", q, 0.2) is False
+    m.commit("b", "inc1", q.round, q.quorum_id, False, 0.3, reason="my collective failed")
+    assert "b" not in m.members
+    assert any(e["event"] == "exclude" and "its own vote failed" in e["reason"] for e in m.drain_events())
+
+
+def test_a_report_after_the_culprits_failed_vote_confirms_too():
+    m = machine(min_peers=1)
+    q = _voting(m, ["a", "b"])
+    m.commit("b", "inc1", q.round, q.quorum_id, False, 0.2, reason="payload refused")  # decides the retry
+    assert _report(m, "a", "b", q, 0.3) is True  # about the quorum that just retried
+    assert "b" not in m.members
+
+
+def test_an_accuser_never_confirmed_is_excluded_after_max_unconfirmed_reports():
+    m = machine(min_peers=2, max_unconfirmed_reports=2)
+    now = 0.0
+    for round in range(2):
+        q = _voting(m, ["a", "b", "c"], now)
+        assert q.round == round
+        assert _report(m, "a", "b", q, now + 0.1) is False  # a lies; c, a third member, does not confirm
+        commit_all(m, q, now + 0.2)
+        now += 1.0
+    assert "a" not in m.members and "b" in m.members
+    evs = m.drain_events()
+    assert [e["unconfirmed"] for e in evs if e["event"] == "report_unconfirmed"] == [1, 2]
+    assert any(e["event"] == "exclude" and e["peer_id"] == "a" and "no other member" in e["reason"] for e in evs)
+
+
+def test_a_confirmed_accusation_resets_the_accusers_count():
+    m = machine(min_peers=2, max_unconfirmed_reports=2)
+    for p in ("a", "b", "c", "d"):
+        join(m, p, now=0.0)
+    q = _voting(m, ["a", "b", "c", "d"], 0.0)
+    _report(m, "a", "b", q, 0.1)
+    commit_all(m, q, 0.2)
+    assert m.unconfirmed == {"a": 1}
+    q = _voting(m, ["a", "b", "c", "d"], 1.0)
+    _report(m, "a", "d", q, 1.1)
+    _report(m, "c", "d", q, 1.2)
+    assert m.unconfirmed == {} and "d" not in m.members
+
+
+def test_in_a_quorum_of_two_an_unconfirmed_report_costs_the_accuser_nothing():
+    m = machine(min_peers=1, max_unconfirmed_reports=1)
+    q = _voting(m, ["a", "b"])
+    _report(m, "a", "b", q, 0.1)
+    commit_all(m, q, 0.2)
+    assert {"a", "b"} <= set(m.members) and m.unconfirmed == {}
+
+
+def test_a_liar_that_vetoes_every_retry_is_excluded():
+    """A member that accuses an honest one and votes not ok: each retry settles its accusation."""
+    m = machine(min_peers=2, max_unconfirmed_reports=2)
+    q = _voting(m, ["a", "b", "c"])
+    for attempt in range(3):
+        assert "a" in m.members
+        _report(m, "a", "b", q, 0.1 + attempt)
+        m.commit("b", "inc1", q.round, q.quorum_id, True, 0.2 + attempt)
+        m.commit("a", "inc1", q.round, q.quorum_id, False, 0.3 + attempt, reason="b sent garbage (a lie)")
+        q = _voting(m, ["a", "b", "c"], 0.4 + attempt) if "a" in m.members else None
+        if q is None:
+            break
+    assert "a" not in m.members and "b" in m.members
+
+
+def test_reports_outside_the_voted_quorum_are_ignored_with_their_evidence():
+    m = machine(min_peers=2)
+    q = _voting(m, ["a", "b", "c"])
+    assert m.report("a", "inc1", q.round, q.quorum_id + 5, "b", "x", 0.1, evidence="ff") is False
+    ev = [e for e in m.drain_events() if e["event"] == "report_ignored"][0]
+    assert ev["evidence"] == "ff" and ev["culprit"] == "b"
+
+
 # ====================================================================== stateful test
 
 PEERS = ("p0", "p1", "p2", "p3", "p4")
@@ -1008,6 +1112,7 @@ class ProtocolMachine(RuleBasedStateMachine):
         self.quorums: Dict[Tuple[int, int], Tuple[str, ...]] = {}  # (round, qid) -> members
         self.last_quorum_event: Optional[Tuple[int, int, Tuple[str, ...]]] = None
         self.votes: Dict[Tuple[int, int], Dict[str, bool]] = {}
+        self.accusers: Dict[Tuple[int, str], Set[str]] = {}  # (quorum id, culprit) -> who reported it
 
     def _new_inc(self) -> str:
         self.gen += 1
@@ -1191,6 +1296,20 @@ class ProtocolMachine(RuleBasedStateMachine):
             self._on_commit_answer(p, res)
         self._after_call()
 
+    @rule(i=st.integers(0, len(PEERS) - 1), j=st.integers(0, len(PEERS) - 1))
+    def accuse(self, i, j):
+        """A member accuses another member of its quorum (rightly or not) with some evidence."""
+        p, culprit = self.peers[PEERS[i]], PEERS[j]
+        q = p.quorum
+        if q is None:
+            return
+        res, err = self._call(
+            p, self.machine.report, p.pid, p.inc, q.round, q.quorum_id, culprit, "test", self.now, evidence="ab" * 8
+        )
+        if err is not None:
+            assert err.code == "PERMISSION_DENIED", err.message
+        self._after_call()
+
     @rule(i=st.integers(0, len(PEERS) - 1))
     def give_up_waiting(self, i):
         """A held call times out on the peer's side (the peer calls again later)."""
@@ -1266,6 +1385,14 @@ class ProtocolMachine(RuleBasedStateMachine):
                 self.commit_members[r] = ids
             elif ev["event"] == "retry":
                 assert self.committed.get(ev["round"]) != ev["quorum_id"]
+            elif ev["event"] == "report":
+                self.accusers.setdefault((ev["quorum_id"], ev["culprit"]), set()).add(ev["peer_id"])
+            elif ev["event"] == "exclude" and "reported by" in ev["reason"]:
+                # one member's word is never enough: a second accuser, or the culprit's own failed vote
+                pid = ev["peer_id"]
+                confirmed = [key for key, who in self.accusers.items() if key[1] == pid and len(who) >= 2]
+                failed = [key for key, votes in self.votes.items() if votes.get(pid) is False]
+                assert confirmed or failed, (pid, self.accusers, ev)
 
     @invariant()
     def protocol_is_safe(self):

@@ -32,6 +32,7 @@ Every backend (``grpc``, ``gloo``) implements :class:`Collective`:
 
 from __future__ import annotations
 
+import hashlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Optional, Tuple
@@ -91,11 +92,20 @@ class CollectiveResult:
 
 
 class CollectiveError(RuntimeError):
-    """The collective failed (deadline, dead member, garbage); nothing may be applied."""
+    """The collective failed (deadline, dead member, garbage); nothing may be applied.
 
-    def __init__(self, message: str, culprit: Optional[str] = None):
+    ``culprit``: the member whose payload was invalid, when one was; ``evidence``: the hash of the bytes
+    judged bad (:func:`evidence_of`; "" when no bytes were, e.g. a self-reported non-finite flag)."""
+
+    def __init__(self, message: str, culprit: Optional[str] = None, evidence: str = ""):
         super().__init__(message)
         self.culprit = culprit
+        self.evidence = evidence
+
+
+def evidence_of(data) -> str:
+    """The evidence an accusation carries: the SHA-256 (hex) of the bytes judged bad."""
+    return hashlib.sha256(memoryview(data).cast("B")).hexdigest()
 
 
 class Collective(ABC):

@@ -98,7 +98,7 @@ from ..outer.masking import (
 )
 from ..outer.weighting import weighted_sum_into
 from ..wire.codec import Codec, CodecError
-from .collective import Collective, CollectiveError, CollectiveResult, Group
+from .collective import Collective, CollectiveError, CollectiveResult, Group, evidence_of
 
 log = logging.getLogger("dtrain.comm")
 
@@ -359,18 +359,21 @@ class GlooCollective(Collective):
         status = int(buf[0])
         if status != _OK:
             what = "could not encode its input" if status == _BAD else f"sent status byte {status}"
-            raise CollectiveError(f"member {peer!r} {what}", culprit=peer)
+            raise CollectiveError(f"member {peer!r} {what}", culprit=peer, evidence=evidence_of(buf.numpy()))
         try:
             part = self.codec.decode(buf[1:].numpy().tobytes(), n)
         except CodecError as e:
             raise CollectiveError(
-                f"member {peer!r} sent an invalid {self.codec.name} payload: {e}", culprit=peer
+                f"member {peer!r} sent an invalid {self.codec.name} payload: {e}",
+                culprit=peer,
+                evidence=evidence_of(buf.numpy()),
             ) from None
         if not isinstance(part, torch.Tensor) or part.dtype != torch.float32 or part.shape != (n,) or not _finite(part):
             raise CollectiveError(
                 f"member {peer!r}'s {self.codec.name} payload decodes to something other "
                 f"than {n} finite float32 values",
                 culprit=peer,
+                evidence=evidence_of(buf.numpy()),
             )
         return part
 

@@ -63,7 +63,7 @@ from ..v1 import dtrain_pb2 as pb
 from ..wire import varint
 from ..wire.codec import BytesLike, Codec, CodecError
 from ..wire.snapshot import MAX_CHUNK_BYTES
-from .collective import CollectiveError
+from .collective import CollectiveError, evidence_of
 from .shard_wire import GRPC_FRAME_BYTES, WireChunk
 
 log = logging.getLogger("dtrain.comm")
@@ -350,11 +350,14 @@ class ShardInbox:
             slot = g.slots.get((chunk.phase, chunk.shard, sender))
             if slot is None:
                 return self._fault(
-                    g, sender, f"phase {chunk.phase} shard {chunk.shard} is not a shard it should send here"
+                    g,
+                    sender,
+                    f"phase {chunk.phase} shard {chunk.shard} is not a shard it should send here",
+                    chunk.data,
                 )
             why = self._check(g, slot, chunk)
             if why is not None:
-                return self._fault(g, sender, why)
+                return self._fault(g, sender, why, chunk.data)
             o, n = chunk.offset, len(chunk.data)
             if slot.buf is None:
                 slot.buf = bytearray(slot.total)
@@ -400,12 +403,13 @@ class ShardInbox:
             slot.ends[i] = slot.ends.pop(i + 1)
             slot.starts.pop(i + 1)
 
-    def _fault(self, g: _Group, sender: str, why: str) -> Refusal:
-        """Fail the group naming ``sender`` (call with the lock held); the refusal for its stream."""
+    def _fault(self, g: _Group, sender: str, why: str, data: BytesLike = b"") -> Refusal:
+        """Fail the group naming ``sender``, with the hash of the bytes judged bad (``data``) as evidence
+        (call with the lock held); the refusal for its stream."""
         msg = f"invalid shard payload from {sender!r} in collective {_key_str(g.key)}: {why}"
         log.warning("%s", msg)
         if g.error is None:
-            g.error = CollectiveError(msg, culprit=sender)
+            g.error = CollectiveError(msg, culprit=sender, evidence=evidence_of(data))
             self._cond.notify_all()
         return grpc.StatusCode.INVALID_ARGUMENT, msg
 
@@ -426,7 +430,7 @@ class ShardInbox:
             return grpc.StatusCode.INTERNAL, f"decoding failed on the receiver: {type(e).__name__}"
         with self._cond:
             if why is not None:
-                return self._fault(g, sender, why)
+                return self._fault(g, sender, why, payload)
             slot.value = value
             self._cond.notify_all()
         return None

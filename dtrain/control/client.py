@@ -489,8 +489,9 @@ class CoordinatorClient:
             return CommitDecision.RETRY
         return _decision(r)
 
-    def report(self, round: int, quorum_id: int, culprit: str, reason: str) -> bool:
-        """Report a quorum member that sent garbage; True when the coordinator excluded it."""
+    def report(self, round: int, quorum_id: int, culprit: str, reason: str, evidence: str = "") -> bool:
+        """Accuse a quorum member (garbage, or clipped hard too often) with ``evidence``, the hash of the
+        bytes judged bad; True when this report excluded it (a second member confirmed it, or its vote failed)."""
         req = pb.ReportRequest(
             peer_id=self.peer_id,
             incarnation=self.incarnation,
@@ -498,6 +499,7 @@ class CoordinatorClient:
             quorum_id=quorum_id,
             culprit=culprit,
             reason=reason[:200],
+            evidence=evidence[:128],
         )
         try:
             return self._rpc("Report", req).excluded

@@ -47,11 +47,26 @@ R says which state is current. A member holding S_R calls ``sync(R, H(S_R))``.
   incarnation may join again (idempotent). A call from a peer whose lease has
   expired is refused (PERMISSION_DENIED: join again).
 
-A quorum member that received garbage from another member reports it (about
-the quorum being voted on, or the one that just retried in this round); the
-culprit is excluded: removed like an expired member, and kept out of the
-round's quorums when it re-joins, so the retry forms without it. Once the
-round commits it heals like any peer that is behind.
+**Accusations need evidence.** A quorum member that received garbage from
+another member (or saw it clipped hard round after round) reports it, about
+the quorum being voted on or the one that just retried in this round, with
+the hash of the bytes it judged bad (``evidence``, recorded in the event
+log). One member's word is not enough: the culprit is excluded only when a
+second member of the same quorum reports it too (**confirmed**), or when the
+culprit's own vote in that quorum is not ok (its collective failed as well);
+until then the accusation is pending (``report_pending``). An excluded
+culprit is removed like an expired member and kept out of the round's
+quorums when it re-joins, so the retry forms without it; once the round
+commits it heals like any peer that is behind. An accusation is **settled**
+when no more reports about its quorum are accepted (the round commits, or a
+retry's quorum is decided); one still pending then, in a quorum that had a
+third member who could have confirmed it, counts against the accuser, and an
+accuser with ``max_unconfirmed_reports`` such accusations in a row is itself
+excluded (a confirmed accusation resets its count). In a quorum of two, a
+report is confirmed only by the culprit's own failed vote, and an
+unconfirmed one costs the accuser nothing: two members cannot outvote each
+other. Not covered: a member that votes not ok in every round stalls the
+run without accusing anyone (every vote is a veto).
 
 Every membership change (join, activation, leave, expiry, exclusion) is recorded in
 ``events`` for the coordinator's JSON-lines log.
@@ -105,6 +120,7 @@ class Params:
     schema_hash: str = ""  # pinned; empty: adopt (and persist) the first joiner's
     adaptive_grace: bool = True  # the grace window follows how late members have been arriving
     grace_cap: float = 30.0  # ... but never longer than this
+    max_unconfirmed_reports: int = 3  # an accuser with this many unconfirmed accusations in a row is excluded
 
 
 @dataclass
@@ -204,6 +220,15 @@ class JoinResult:
 
 
 @dataclass
+class _Accusation:
+    """Reports about one culprit in one quorum: accuser -> the hash of the bytes it judged bad."""
+
+    quorum: QuorumInfo
+    culprit: str
+    evidence: Dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
 class _Voting:
     quorum: QuorumInfo
     deadline: float
@@ -228,6 +253,9 @@ class QuorumMachine:
         self.donor_load: Dict[str, int] = {}
         self.healing: Dict[str, int] = {}  # peer -> the round whose state it was sent to fetch
         self.excluded: Dict[str, int] = {}  # peer -> the round it was excluded from (reported for garbage)
+        self.accusations: Dict[Tuple[int, str], _Accusation] = {}  # pending: (quorum id, culprit) -> reports
+        self.not_ok: Set[Tuple[int, str]] = set()  # (quorum id, member) whose vote was not ok, this round
+        self.unconfirmed: Dict[str, int] = {}  # accuser -> its unconfirmed accusations in a row
         self.last_failed: Optional[QuorumInfo] = None  # the latest quorum that retried
         self.syncs: Dict[str, str] = {}  # collecting: peer -> hash synced for committed_round
         self.first_sync_at: Optional[float] = None
@@ -408,14 +436,25 @@ class QuorumMachine:
         self._remove([peer_id], now, "leave", reason or "left")
 
     def report(
-        self, peer_id: str, incarnation: str, round: int, quorum_id: int, culprit: str, reason: str, now: float
+        self,
+        peer_id: str,
+        incarnation: str,
+        round: int,
+        quorum_id: int,
+        culprit: str,
+        reason: str,
+        now: float,
+        evidence: str = "",
     ) -> bool:
-        """A quorum member reports another one for sending garbage: the culprit is excluded
-        (removed; it must re-join and heal), so the retry forms without it. Only reports
-        about the quorum being voted on count; returns whether the culprit was excluded."""
+        """A quorum member accuses another one (garbage, or clipped hard too often), with ``evidence``:
+        the hash of the bytes it judged bad. Only reports about the quorum being voted on (or the one that
+        just retried in this round) count. The culprit is excluded (removed; it must re-join and heal, and
+        the retry forms without it) once the accusation is confirmed: a second member's report, or the
+        culprit's own not-ok vote in that quorum (module docstring). Returns whether it was excluded now."""
         self._advance(now)
         self._member(peer_id, incarnation, now)
         why = (reason or "no reason given")[:MAX_REASON]
+        evidence = (evidence or "")[:MAX_HASH]
         # the quorum being voted on, or the one that just failed in this round (the culprit's
         # own not-ok vote may have decided the retry before the receivers' reports arrived)
         q = self.voting.quorum if self.voting is not None else self.last_failed
@@ -435,12 +474,71 @@ class QuorumMachine:
                 round=int(round),
                 quorum_id=int(quorum_id),
                 reason=why,
+                evidence=evidence,
             )
             return False
-        self.excluded[culprit] = self.committed_round
-        if culprit in self.members:
-            self._remove([culprit], now, "exclude", f"reported by {peer_id!r}: {why}")
+        if self.excluded.get(culprit) == self.committed_round:
+            return True  # already excluded (confirmed by someone else)
+        acc = self.accusations.setdefault((q.quorum_id, culprit), _Accusation(q, culprit))
+        acc.evidence[peer_id] = evidence
+        self._event(
+            "report",
+            peer_id=peer_id,
+            culprit=culprit,
+            round=int(round),
+            quorum_id=int(quorum_id),
+            reason=why,
+            evidence=evidence,
+        )
+        return self._judge(acc, now, why)
+
+    def _judge(self, acc: _Accusation, now: float, why: str) -> bool:
+        """Exclude the culprit of a confirmed accusation; True when it was excluded."""
+        accusers = sorted(acc.evidence)
+        own_vote_failed = (acc.quorum.quorum_id, acc.culprit) in self.not_ok
+        if len(accusers) < 2 and not own_vote_failed:
+            self._event(
+                "report_pending",
+                culprit=acc.culprit,
+                quorum_id=acc.quorum.quorum_id,
+                accusers=accusers,
+            )
+            return False
+        del self.accusations[(acc.quorum.quorum_id, acc.culprit)]
+        for accuser in accusers:
+            self.unconfirmed.pop(accuser, None)
+        confirmation = "its own vote failed" if own_vote_failed and len(accusers) < 2 else "confirmed"
+        self.excluded[acc.culprit] = self.committed_round
+        if acc.culprit in self.members:
+            by = ", ".join(repr(a) for a in accusers)
+            self._remove([acc.culprit], now, "exclude", f"reported by {by} ({confirmation}): {why}")
         return True
+
+    def _settle(self, now: float, keep: Optional[int] = None) -> None:
+        """Accusations about quorums other than ``keep`` can no longer be confirmed: each one pending
+        counts against its accusers where a third member could have confirmed it."""
+        stale = sorted(key for key in self.accusations if key[0] != keep)
+        strikes: List[str] = []
+        for key in stale:
+            acc = self.accusations.pop(key)
+            if len(acc.quorum.ids) < 3 or acc.culprit not in self.members:
+                continue  # two members: nobody could have confirmed it; a culprit gone since: it may have been right
+            for accuser in sorted(acc.evidence):
+                self.unconfirmed[accuser] = self.unconfirmed.get(accuser, 0) + 1
+                self._event(
+                    "report_unconfirmed",
+                    peer_id=accuser,
+                    culprit=acc.culprit,
+                    quorum_id=acc.quorum.quorum_id,
+                    unconfirmed=self.unconfirmed[accuser],
+                )
+                if self.unconfirmed[accuser] >= self.params.max_unconfirmed_reports and accuser not in strikes:
+                    strikes.append(accuser)
+        self.not_ok = {(qid, pid) for qid, pid in self.not_ok if qid == keep}
+        for accuser in strikes:
+            n = self.unconfirmed.pop(accuser)
+            if accuser in self.members:
+                self._remove([accuser], now, "exclude", f"{n} accusations in a row that no other member confirmed")
 
     def expire(self, now: float) -> List[str]:
         gone, lease = [], self.params.lease_timeout
@@ -732,6 +830,10 @@ class QuorumMachine:
         v.votes[peer_id] = bool(ok)
         if not ok:
             why = (reason or "no reason given")[:MAX_REASON]
+            self.not_ok.add((quorum_id, peer_id))
+            acc = self.accusations.get((quorum_id, peer_id))
+            if acc is not None:  # accused, and its own vote fails: confirmed (removing it decides the retry)
+                self._judge(acc, now, f"and voted not ok: {why}")
             self._decide_retry(now, f"member {peer_id!r} voted not ok: {why}")
         elif len(v.votes) == len(v.quorum.ids):  # votes come only from members; a not-ok one decided above
             self._decide_commit(now, v)
@@ -776,6 +878,7 @@ class QuorumMachine:
         for pid in sorted(late):
             if pid in self.members:
                 self._post_sync(pid, self._heal(pid, q.round, f"round {q.round} committed without this peer"))
+        self._settle(now)
 
     def _decide_retry(self, now: float, reason: str) -> None:
         v = self.voting
@@ -793,6 +896,7 @@ class QuorumMachine:
         late, self.late = self.late, {}
         self.syncs = {pid: h for pid, h in late.items() if pid in self.members}
         self.first_sync_at, self.grace_spent = (now if self.syncs else None), False
+        self._settle(now, keep=q.quorum_id)  # reports about q are still accepted until the next decision
         self._try_form(now)
 
     # ------------------------------------------------------------------ time

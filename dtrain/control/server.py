@@ -11,7 +11,7 @@ Authentication and identity (:mod:`dtrain.wire.auth`): with ``auth.secret``
 secret; else ``auth.token`` is the shared token (or, if it is an identity
 token itself, pins the cluster key it names); ``tls.client_ca`` adds mutual
 TLS, where the certificate's identity counts. The revocation list
-``revoked`` (a file of peer ids) is read at start (an unreadable file or a
+``control.revoked`` (a file of peer ids) is read at start (an unreadable file or a
 bad line: the coordinator does not start) and again on SIGHUP (then an
 unreadable file keeps the list in force, with one error line); revoked
 members are removed at once.
@@ -64,6 +64,7 @@ def params_from(cfg) -> Params:
         schema_hash=cfg.schema_hash,
         adaptive_grace=cfg.adaptive_grace,
         grace_cap=cfg.grace_cap_s,
+        max_unconfirmed_reports=cfg.control.max_unconfirmed_reports,
     )
 
 
@@ -100,14 +101,14 @@ class CoordinatorServer:
         mutual = cfg.tls.server_enabled and bool(cfg.tls.client_ca)
         if tokens.mode == TokenPolicy.NONE and not mutual:
             log.warning("no auth token configured (auth.token / DTRAIN_TOKEN): any caller is accepted")
-        revoked = read_revoked(cfg.revoked) if cfg.revoked else frozenset()
+        revoked = read_revoked(cfg.control.revoked) if cfg.control.revoked else frozenset()
         guard = IdentityGuard(tokens, mutual_tls=mutual, revoked=revoked, logger=log)
         log.info(
             "identity: %s%s; %d revoked peer id(s)%s",
             {"none": "no token", "shared": "shared token", "identity": "per-peer identity tokens"}[tokens.mode],
             ", mutual TLS (the certificate's identity counts)" if mutual else "",
             len(revoked),
-            f" from {cfg.revoked}" if cfg.revoked else "",
+            f" from {cfg.control.revoked}" if cfg.control.revoked else "",
         )
         if tokens.mode == TokenPolicy.SHARED and not mutual:
             log.info("the shared token binds no peer id: any holder may act as any peer (auth.secret binds them)")
@@ -115,11 +116,11 @@ class CoordinatorServer:
 
     def reload_revoked(self) -> None:
         """Read the revocation list again (SIGHUP); revoked members are removed at once."""
-        path = self.cfg.revoked
+        path = self.cfg.control.revoked
         if self.service is None:
             return
         if not path:
-            log.info("SIGHUP: no revocation list configured (revoked=...): nothing to read")
+            log.info("SIGHUP: no revocation list configured (control.revoked=...): nothing to read")
             return
         try:
             revoked = read_revoked(path)

@@ -348,6 +348,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             req.culprit,
             req.reason,
             now=self.clock(),
+            evidence=req.evidence,
         )
         return pb.ReportReply(excluded=excluded)
 

@@ -5,7 +5,7 @@
         Sync(r, H(S_r))          -> QUORUM (members, quorum id) | HEAL (donor)
         HEAL:   fetch S from the donor, check its hash, adopt it          -> HEAL
         QUORUM: mean = allreduce_mean(payload) over the members (deadline)
-                a member that sent garbage is reported (it is excluded)
+                a member that sent garbage is reported with evidence (excluded once confirmed)
                 next = prepare(r, qid, mean): S_{r+1}, computed once (and, with durable
                        commit, persisted) before the vote; an OSError votes not ok, and so
                        does VoteNotOk (prepare refuses S_{r+1}, e.g. the model-free peer's
@@ -145,8 +145,13 @@ class RoundEngine:
                 ok, reason = False, str(e)[:200]
                 log.warning("round %d quorum %d: collective failed: %s", ans.round, ans.quorum_id, e)
                 if e.culprit and e.culprit != self.peer_id:
-                    excluded = self.client.report(ans.round, ans.quorum_id, e.culprit, reason)
-                    log.warning("reported %s to the coordinator (excluded: %s)", e.culprit, excluded)
+                    excluded = self.client.report(ans.round, ans.quorum_id, e.culprit, reason, evidence=e.evidence)
+                    log.warning(
+                        "reported %s to the coordinator, evidence %s (excluded: %s)",
+                        e.culprit,
+                        e.evidence[:16] or "none",
+                        excluded,
+                    )
             out.comm_s += time.perf_counter() - t1
             nxt: Optional[GlobalState] = None
             if result is not None and prepare is not None:

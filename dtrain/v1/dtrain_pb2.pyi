@@ -234,20 +234,22 @@ class CommitReply(_message.Message):
     def __init__(self, decision: _Optional[_Union[CommitReply.Decision, str]] = ..., round: _Optional[int] = ..., quorum_id: _Optional[int] = ..., committed_round: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class ReportRequest(_message.Message):
-    __slots__ = ("peer_id", "incarnation", "round", "quorum_id", "culprit", "reason")
+    __slots__ = ("peer_id", "incarnation", "round", "quorum_id", "culprit", "reason", "evidence")
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
     INCARNATION_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     QUORUM_ID_FIELD_NUMBER: _ClassVar[int]
     CULPRIT_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    EVIDENCE_FIELD_NUMBER: _ClassVar[int]
     peer_id: str
     incarnation: str
     round: int
     quorum_id: int
     culprit: str
     reason: str
-    def __init__(self, peer_id: _Optional[str] = ..., incarnation: _Optional[str] = ..., round: _Optional[int] = ..., quorum_id: _Optional[int] = ..., culprit: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+    evidence: str
+    def __init__(self, peer_id: _Optional[str] = ..., incarnation: _Optional[str] = ..., round: _Optional[int] = ..., quorum_id: _Optional[int] = ..., culprit: _Optional[str] = ..., reason: _Optional[str] = ..., evidence: _Optional[str] = ...) -> None: ...
 
 class ReportReply(_message.Message):
     __slots__ = ("excluded",)

@@ -270,14 +270,14 @@ def read_revoked(path: str) -> FrozenSet[str]:
         with open(path, encoding="utf-8") as f:
             text = f.read()
     except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"revoked={path!r} cannot be read: {getattr(e, 'strerror', None) or e}") from None
+        raise ConfigError(f"control.revoked={path!r} cannot be read: {getattr(e, 'strerror', None) or e}") from None
     ids = set()
     for n, line in enumerate(text.splitlines(), 1):
         word = line.split("#", 1)[0].strip()
         if not word:
             continue
         if not NAME.fullmatch(word):
-            raise ConfigError(f"revoked={path!r} line {n}: {word[:80]!r} is not a peer id")
+            raise ConfigError(f"control.revoked={path!r} line {n}: {word[:80]!r} is not a peer id")
         ids.add(word)
     return frozenset(ids)
 
