@@ -715,9 +715,11 @@ def test_dtrain_status(coordinators, tmp_path, capsys, monkeypatch):
     ]
     results = {}
 
+    seen = {"peer-a": (0.5, 1.0), "peer-b": (40.0, 0.0125)}  # what both members saw: b was clipped hard
+
     def one_round(cl: CoordinatorClient) -> None:
         q = cl.sync(0, "h0-0123456789abcdef", timeout=20)
-        results[cl.peer_id] = cl.commit(q.round, q.quorum_id, True, timeout=20)
+        results[cl.peer_id] = cl.commit(q.round, q.quorum_id, True, timeout=20, contributions=seen)
 
     try:
         for p in peers:
@@ -742,11 +744,12 @@ def test_dtrain_status(coordinators, tmp_path, capsys, monkeypatch):
         header = lines[0]
         for part in ("committed round 1", "quorum 1", "phase ", "min_peers 2", f"schema {SCHEMA[:12]}"):
             assert part in header, header
-        for col in ("id", "address", "region", "world size", "state", "round", "lease age"):
+        for col in ("id", "address", "region", "world size", "state", "round", "lease age", "|Δ| (round)", "clip"):
             assert col in r.stdout
         rows = {ln.split("|")[0].strip(): [x.strip() for x in ln.split("|")] for ln in lines if "|" in ln}
         assert rows["peer-a"][1:6] == ["127.0.0.1:7001", "eu", "2", "active", "1"], rows["peer-a"]
         assert rows["peer-b"][1:3] == ["127.0.0.1:7002", "-"]
+        assert rows["peer-a"][7:9] == ["0.5 (0)", "1"] and rows["peer-b"][7:9] == ["40 (0)", "0.0125"], rows
         commit_rows = [ln for ln in lines if "h0-0123" in ln]  # members listed in ring order
         assert len(commit_rows) == 1, r.stdout
         cells = [x.strip() for x in commit_rows[0].split("|")]
@@ -757,6 +760,7 @@ def test_dtrain_status(coordinators, tmp_path, capsys, monkeypatch):
         d = json.loads(rj.stdout)
         assert d["committed_round"] == 1 and d["min_peers"] == 2 and d["schema_hash"] == SCHEMA
         assert [m["peer_id"] for m in d["members"]] == ["peer-a", "peer-b"]
+        assert d["members"][1]["contribution"] == {"round": 0, "norm": 40.0, "clip": 0.012500000186264515}
         assert [(x["round"], sorted(x["members"])) for x in d["commits"]] == [(0, ["peer-a", "peer-b"])]
 
         # the failures, in-process (cheaper than another interpreter start): one line, exit status 1

@@ -1038,6 +1038,21 @@ def test_a_liar_that_vetoes_every_retry_is_excluded():
     assert "a" not in m.members and "b" in m.members
 
 
+def test_each_members_contribution_is_the_median_over_the_voters():
+    m = machine(min_peers=3)
+    q = _voting(m, ["a", "b", "c"])
+    honest = {"a": (1.0, 1.0), "b": (1.2, 1.0), "c": (90.0, 0.02)}
+    m.commit("a", "inc1", q.round, q.quorum_id, True, 0.1, contributions=honest)
+    m.commit("b", "inc1", q.round, q.quorum_id, True, 0.2, contributions=honest)
+    # c lies about itself (and names a stranger): one voter of three cannot move the medians
+    lie = {"a": (1.0, 1.0), "b": (1.2, 1.0), "c": (1.1, 1.0), "zed": (5.0, 1.0)}
+    m.commit("c", "inc1", q.round, q.quorum_id, True, 0.3, contributions=lie)
+    assert m.committed_round == 1
+    got = {pid: m.members[pid].contribution for pid in "abc"}
+    assert got == {"a": (0, 1.0, 1.0), "b": (0, 1.2, 1.0), "c": (0, 90.0, 0.02)}
+    assert m.status(0.4)["members"][2]["contribution"] == (0, 90.0, 0.02)
+
+
 def test_reports_outside_the_voted_quorum_are_ignored_with_their_evidence():
     m = machine(min_peers=2)
     q = _voting(m, ["a", "b", "c"])

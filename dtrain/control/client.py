@@ -23,7 +23,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Tuple, TypeVar
+from typing import Callable, Dict, List, Optional, Tuple, TypeVar
 
 import grpc
 
@@ -465,9 +465,17 @@ class CoordinatorClient:
         )
 
     def commit(
-        self, round: int, quorum_id: int, ok: bool, reason: str = "", timeout: Optional[float] = None
+        self,
+        round: int,
+        quorum_id: int,
+        ok: bool,
+        reason: str = "",
+        timeout: Optional[float] = None,
+        contributions: Optional[Dict[str, Tuple[float, float]]] = None,
     ) -> CommitDecision:
-        """Vote on round ``round`` of quorum ``quorum_id``: COMMIT or RETRY (a stale vote is a RETRY)."""
+        """Vote on round ``round`` of quorum ``quorum_id``: COMMIT or RETRY (a stale vote is a RETRY).
+        ``contributions``: what this member saw each member contribute, peer -> (norm, clip factor)."""
+        seen = [pb.Contribution(peer_id=p, norm=n, clip=c) for p, (n, c) in sorted((contributions or {}).items())]
 
         def req(wait_ms):
             return pb.CommitRequest(
@@ -478,6 +486,7 @@ class CoordinatorClient:
                 ok=ok,
                 reason=reason,
                 wait_ms=wait_ms,
+                contributions=seen,
             )
 
         try:

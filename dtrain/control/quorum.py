@@ -82,6 +82,7 @@ import functools
 import heapq
 import math
 import re
+import statistics
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Set, Tuple
@@ -141,6 +142,8 @@ class Member:
     steps: int = 0  # inner steps it trained in the round it last synced
     samples: int = 0  # samples it trained then: its weight in that round's mean
     slice: str = ""  # capacity: the top arch it trains within (canonical JSON); "": everything
+    # its contribution to the last round it committed in: (round, norm, clip factor), median over the voters
+    contribution: Optional[Tuple[int, float, float]] = None
 
 
 @dataclass(frozen=True)
@@ -233,6 +236,7 @@ class _Voting:
     quorum: QuorumInfo
     deadline: float
     votes: Dict[str, bool] = field(default_factory=dict)
+    seen: Dict[str, Dict[str, Tuple[float, float]]] = field(default_factory=dict)  # voter -> member -> (norm, clip)
     first_sync_at: float = 0.0  # when the round's first sync arrived (late syncs are measured from it)
 
 
@@ -800,8 +804,18 @@ class QuorumMachine:
         return any(r.round == round and r.quorum_id == quorum_id for r in reversed(self.history))
 
     def commit(
-        self, peer_id: str, incarnation: str, round: int, quorum_id: int, ok: bool, now: float, reason: str = ""
+        self,
+        peer_id: str,
+        incarnation: str,
+        round: int,
+        quorum_id: int,
+        ok: bool,
+        now: float,
+        reason: str = "",
+        contributions: Optional[Dict[str, Tuple[float, float]]] = None,
     ) -> Optional[CommitAnswer]:
+        """A vote. ``contributions``: what this voter saw each member contribute (norm, clip factor); on
+        commit every member's is the median over the voters that sent one (one voter cannot move it)."""
         self._advance(now)
         if self._committed_by(round, quorum_id):  # idempotent, for anyone (also after a restart)
             m = self.members.get(peer_id)
@@ -828,6 +842,12 @@ class QuorumMachine:
                 f"(committed round {self.committed_round}, quorum {current})",
             )
         v.votes[peer_id] = bool(ok)
+        if contributions:
+            v.seen[peer_id] = {
+                pid: (float(norm), float(clip))
+                for pid, (norm, clip) in contributions.items()
+                if pid in v.quorum.id_set and math.isfinite(norm) and math.isfinite(clip)
+            }
         if not ok:
             why = (reason or "no reason given")[:MAX_REASON]
             self.not_ok.add((quorum_id, peer_id))
@@ -872,6 +892,11 @@ class QuorumMachine:
         for pid in q.ids:
             if pid in self.members:
                 self.members[pid].round = self.committed_round
+                seen = sorted(s[pid] for s in v.seen.values() if pid in s)
+                if seen:
+                    norm = statistics.median_low(n for n, _ in seen)
+                    clip = statistics.median_low(c for _, c in seen)
+                    self.members[pid].contribution = (q.round, norm, clip)
             self._post_commit(pid, CommitAnswer(CommitDecision.COMMIT, q.round, q.quorum_id))
         self._event("commit", round=q.round, quorum_id=q.quorum_id, members=list(q.ids), state_hash=q.state_hash)
         late, self.late = self.late, {}
@@ -942,6 +967,7 @@ class QuorumMachine:
                     "state": m.state.value,
                     "state_hash": m.state_hash,
                     "lease_age": max(0.0, now - m.last_seen),
+                    "contribution": m.contribution,
                 }
                 for m in sorted(self.members.values(), key=lambda m: m.peer_id)
             ],

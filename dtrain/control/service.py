@@ -329,6 +329,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             req.ok,
             now=self.clock(),
             reason=req.reason,
+            contributions={c.peer_id: (c.norm, c.clip) for c in req.contributions},
         )
         if ans is None:
             ans = await self._wait_for(
@@ -373,6 +374,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
                     lease_age_ms=int(m["lease_age"] * 1000),
                     state=m["state"],
                     state_hash=m["state_hash"],
+                    **_contribution_fields(m["contribution"]),
                 )
                 for m in s["members"]
             ],
@@ -387,3 +389,10 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
                 for c in s["commits"]
             ],
         )
+
+
+def _contribution_fields(c) -> dict:
+    """A member's last contribution (round, norm, clip) as MemberStatus fields; none yet: nothing."""
+    if c is None:
+        return {}
+    return {"has_contribution": True, "contribution_round": c[0], "contribution_norm": c[1], "clip": c[2]}

@@ -108,6 +108,11 @@ def status_dict(r: pb.StatusReply, address: str = "") -> dict:
                 "round": m.round,
                 "lease_age_ms": m.lease_age_ms,
                 "state_hash": m.state_hash,
+                "contribution": (
+                    {"round": m.contribution_round, "norm": m.contribution_norm, "clip": m.clip}
+                    if m.has_contribution
+                    else None
+                ),
             }
             for m in r.members
         ],
@@ -123,6 +128,14 @@ def status_dict(r: pb.StatusReply, address: str = "") -> dict:
             for c in r.commits
         ],
     }
+
+
+def _contribution_columns(c) -> list:
+    """Who moved the model: the norm of a member's last committed contribution (and its round), the factor
+    the bounded mean scaled it by."""
+    if not c:
+        return ["-", "-"]
+    return [f"{c['norm']:.3g} ({c['round']})", f"{c['clip']:.3g}"]
 
 
 def _hash_column(h: str) -> str:
@@ -146,6 +159,7 @@ def render(d: dict) -> str:
             m["state"],
             str(m["round"]),
             f"{m['lease_age_ms'] / 1000:.1f}",
+            *_contribution_columns(m.get("contribution")),
         ]
         for m in d["members"]
     ]
@@ -157,7 +171,7 @@ def render(d: dict) -> str:
     if members:
         parts.append(
             format_table(
-                ["id", "address", "region", "world size", "state", "round", "lease age (s)"],
+                ["id", "address", "region", "world size", "state", "round", "lease age (s)", "|Δ| (round)", "clip"],
                 members,
                 title=f"members ({len(members)})",
             )

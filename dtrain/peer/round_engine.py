@@ -164,7 +164,14 @@ class RoundEngine:
                     ok, reason = False, str(e)[:200]
                     log.warning("round %d quorum %d: voting not ok: %s", ans.round, ans.quorum_id, reason)
             t2 = time.perf_counter()
-            decision = self.client.commit(ans.round, ans.quorum_id, ok, reason, timeout=self.sync_timeout_s)
+            decision = self.client.commit(
+                ans.round,
+                ans.quorum_id,
+                ok,
+                reason,
+                timeout=self.sync_timeout_s,
+                contributions=getattr(result, "contributions", None),
+            )
             out.wait_s += time.perf_counter() - t2
             if decision is CommitDecision.COMMIT and ok and result is not None:
                 out.quorum_id, out.members, out.mean = ans.quorum_id, list(ans.ids), result.tensor

@@ -192,7 +192,7 @@ class SyncReply(_message.Message):
     def __init__(self, outcome: _Optional[_Union[SyncReply.Outcome, str]] = ..., quorum: _Optional[_Union[Quorum, _Mapping]] = ..., donor: _Optional[_Union[Donor, _Mapping]] = ..., reason: _Optional[str] = ..., committed_round: _Optional[int] = ..., next_steps: _Optional[int] = ...) -> None: ...
 
 class CommitRequest(_message.Message):
-    __slots__ = ("peer_id", "incarnation", "round", "quorum_id", "ok", "reason", "wait_ms")
+    __slots__ = ("peer_id", "incarnation", "round", "quorum_id", "ok", "reason", "wait_ms", "contributions")
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
     INCARNATION_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
@@ -200,6 +200,7 @@ class CommitRequest(_message.Message):
     OK_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     WAIT_MS_FIELD_NUMBER: _ClassVar[int]
+    CONTRIBUTIONS_FIELD_NUMBER: _ClassVar[int]
     peer_id: str
     incarnation: str
     round: int
@@ -207,7 +208,18 @@ class CommitRequest(_message.Message):
     ok: bool
     reason: str
     wait_ms: int
-    def __init__(self, peer_id: _Optional[str] = ..., incarnation: _Optional[str] = ..., round: _Optional[int] = ..., quorum_id: _Optional[int] = ..., ok: _Optional[bool] = ..., reason: _Optional[str] = ..., wait_ms: _Optional[int] = ...) -> None: ...
+    contributions: _containers.RepeatedCompositeFieldContainer[Contribution]
+    def __init__(self, peer_id: _Optional[str] = ..., incarnation: _Optional[str] = ..., round: _Optional[int] = ..., quorum_id: _Optional[int] = ..., ok: _Optional[bool] = ..., reason: _Optional[str] = ..., wait_ms: _Optional[int] = ..., contributions: _Optional[_Iterable[_Union[Contribution, _Mapping]]] = ...) -> None: ...
+
+class Contribution(_message.Message):
+    __slots__ = ("peer_id", "norm", "clip")
+    PEER_ID_FIELD_NUMBER: _ClassVar[int]
+    NORM_FIELD_NUMBER: _ClassVar[int]
+    CLIP_FIELD_NUMBER: _ClassVar[int]
+    peer_id: str
+    norm: float
+    clip: float
+    def __init__(self, peer_id: _Optional[str] = ..., norm: _Optional[float] = ..., clip: _Optional[float] = ...) -> None: ...
 
 class CommitReply(_message.Message):
     __slots__ = ("decision", "round", "quorum_id", "committed_round", "reason")
@@ -262,7 +274,7 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class MemberStatus(_message.Message):
-    __slots__ = ("peer_id", "address", "region", "world_size", "round", "lease_age_ms", "state", "state_hash")
+    __slots__ = ("peer_id", "address", "region", "world_size", "round", "lease_age_ms", "state", "state_hash", "has_contribution", "contribution_round", "contribution_norm", "clip")
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     REGION_FIELD_NUMBER: _ClassVar[int]
@@ -271,6 +283,10 @@ class MemberStatus(_message.Message):
     LEASE_AGE_MS_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     STATE_HASH_FIELD_NUMBER: _ClassVar[int]
+    HAS_CONTRIBUTION_FIELD_NUMBER: _ClassVar[int]
+    CONTRIBUTION_ROUND_FIELD_NUMBER: _ClassVar[int]
+    CONTRIBUTION_NORM_FIELD_NUMBER: _ClassVar[int]
+    CLIP_FIELD_NUMBER: _ClassVar[int]
     peer_id: str
     address: str
     region: str
@@ -279,7 +295,11 @@ class MemberStatus(_message.Message):
     lease_age_ms: int
     state: str
     state_hash: str
-    def __init__(self, peer_id: _Optional[str] = ..., address: _Optional[str] = ..., region: _Optional[str] = ..., world_size: _Optional[int] = ..., round: _Optional[int] = ..., lease_age_ms: _Optional[int] = ..., state: _Optional[str] = ..., state_hash: _Optional[str] = ...) -> None: ...
+    has_contribution: bool
+    contribution_round: int
+    contribution_norm: float
+    clip: float
+    def __init__(self, peer_id: _Optional[str] = ..., address: _Optional[str] = ..., region: _Optional[str] = ..., world_size: _Optional[int] = ..., round: _Optional[int] = ..., lease_age_ms: _Optional[int] = ..., state: _Optional[str] = ..., state_hash: _Optional[str] = ..., has_contribution: _Optional[bool] = ..., contribution_round: _Optional[int] = ..., contribution_norm: _Optional[float] = ..., clip: _Optional[float] = ...) -> None: ...
 
 class CommitRecord(_message.Message):
     __slots__ = ("round", "quorum_id", "members", "state_hash", "unix_ms")
