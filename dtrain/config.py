@@ -853,6 +853,8 @@ class SimSizeConfig:
             "calib_batches=4",
         ]
     )
+    # peer i's own extra overrides (entry i mod len, after peer_args), e.g. [[], [], [], ["optim.lr=0.3"]]
+    peer_overrides: List[Any] = field(default_factory=lambda: [[]])
     coordinator_args: List[str] = field(default_factory=list)  # extra overrides for dtrain-coordinator
     numel: int = 100000  # model_free: parameters
     step_s: float = 0.2  # model_free: seconds of "inner steps" per round
@@ -882,6 +884,16 @@ class SimSizeConfig:
                 except TypeError:
                     keys = ", ".join(f.name for f in dataclasses.fields(CapacityConfig))
                     raise ConfigError(f"sim.capacity[{i}]={dict(entry)!r} is not allowed: keys are {keys}") from None
+        _check(
+            len(self.peer_overrides) > 0
+            and all(
+                isinstance(e, (list, tuple)) and all(isinstance(a, str) and "=" in a for a in e)
+                for e in self.peer_overrides
+            ),
+            "sim.peer_overrides",
+            list(self.peer_overrides),
+            'a list of override lists, one per peer (entry i mod len), e.g. [[], ["optim.lr=0.3"]]',
+        )
         _check_choice("sim.peer", self.peer, ("train", "model_free"))
         _check(self.numel >= 1, "sim.numel", self.numel, "must be >= 1")
         _check(self.step_s >= 0, "sim.step_s", self.step_s, "must be >= 0")

@@ -74,6 +74,21 @@ def test_each_peer_gets_its_speed(tmp_path):
     assert [a for a in user if a.startswith("emulated_speed")] == ["emulated_speed=0.9"]
     cmd = sim("sim.peer=model_free", "sim.step_s=0.2").peer_command("p1", 1, 1)
     assert float(cmd[cmd.index("--step-s") + 1]) == pytest.approx(0.4)
+    # one peer's own overrides (a misconfigured peer among honest ones), after everybody's peer_args
+    odd = sim('sim.peer_overrides=[[],[],["optim.lr=0.3","seed=5"]]', 'sim.peer_args=["optim.lr=0.003"]')
+    assert odd.peer_command("p2", 2, 1)[-3:] == ["optim.lr=0.003", "optim.lr=0.3", "seed=5"]
+    assert odd.peer_command("p1", 1, 1)[-1] == "optim.lr=0.003"
+    assert "optim.lr=0.3" in odd.peer_command("p5", 5, 1)  # entry i mod len
+
+
+@pytest.mark.parametrize("bad", ['["optim.lr=0.3"]', "[[lr]]", "[]"])
+def test_bad_peer_overrides_are_one_line_errors(tmp_path, bad):
+    from dtrain.errors import ConfigError
+
+    from conftest import compose
+
+    with pytest.raises(ConfigError, match="sim.peer_overrides"):
+        compose([f"run_dir={tmp_path / 'run'}", f"sim.peer_overrides={bad}"], config_name="sim")
 
 
 # ---------------------------------------------------------------- the chaos schedule

@@ -217,7 +217,7 @@ class Simulation:
             ours["emulated_speed"] = repr(self.speed_of(index))
         for key, value in sorted(self.capacity_of(index).items()):
             ours[f"capacity.{key}"] = str(value)
-        user = list(s.peer_args)
+        user = list(s.peer_args) + list(s.peer_overrides[index % len(s.peer_overrides)])
         user_keys = {_override_key(a) for a in user}
         args = [f"{k}={v}" for k, v in ours.items() if k not in user_keys]
         if "outer" not in user_keys:
