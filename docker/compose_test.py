@@ -8,7 +8,7 @@
 3. The CPU torch wheel into the wheelhouse docker/wheels (from pip's own find-links when it has it, else
    the pytorch CPU index), then ``docker build`` (BuildKit) with the machine's CA bundle as the build
    secret ``ca_bundle``.
-4. ``up`` with the certificates (TLS + token), the coordinator, ``--scale peer=N`` and chaos; every
+4. ``up`` with the certificates (TLS + per-peer identities), the coordinator, ``--scale peer=N`` and chaos; every
    healthcheck; from the first commit chaos stops and kills peers (in turn) and starts them again on a
    seeded schedule; half-way, after chaos, the coordinator's container is stopped and started again.
 5. Once the target rounds are committed, chaos is done, the coordinator is back and every victim took
@@ -280,7 +280,7 @@ class Plan:
             "PEERS": str(self.peers),
             "DTRAIN_MIN_PEERS": "2",
             "DTRAIN_TLS": "on",
-            "DTRAIN_TOKEN": "",  # the certs service writes a random one
+            "DTRAIN_SECRET": "",  # the certs service makes a random cluster secret (per-peer identities)
             "DTRAIN_COORDINATOR_PORT": str(free_port()),
             "DTRAIN_COORDINATOR_ARGS": "lease_timeout_s=5 heartbeat_interval_s=1",
             "DTRAIN_PEER_ARGS": self.peer_args(),
@@ -338,6 +338,7 @@ class Project:
     env: Dict[str, str]
     work: str
     events: List[dict] = field(default_factory=list)  # sim-like events.jsonl (faults, restarts)
+    peer_ids: Dict[str, str] = field(default_factory=dict)  # container name -> the peer id it claimed (collect)
 
     def compose_run(self, *args: str, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
         cmd = [*self.compose, "-p", self.name, "-f", COMPOSE_FILE, *args]
@@ -459,6 +460,17 @@ def wait_healthy(pr: Project, plan: Plan, obs: Observed) -> None:
         time.sleep(1)
 
 
+def claimed_ids(pr: Project, reader: Box) -> Dict[str, str]:
+    """{container host name: the peer id it claimed}, from the peer-claims volume (through ``reader``)."""
+    p = run([pr.docker, "exec", reader.id, "sh", "-c", "cd /claims && grep -H . * || true"], timeout=60)
+    out = {}
+    for line in p.stdout.splitlines():
+        peer_id, _, host = line.partition(":")
+        if host.strip():
+            out[host.strip()] = peer_id.strip()
+    return out
+
+
 def victims_rejoined(pr: Project) -> bool:
     """Every chaos victim so far resumed from its checkpoint and took part in a round since (read from the
     peer-runs volume through a running peer)."""
@@ -467,10 +479,11 @@ def victims_rejoined(pr: Project) -> bool:
     reader = next((b for b in peers.values() if b.status == "running"), None)
     if reader is None:
         return False
+    ids = claimed_ids(pr, reader)
     for victim in {a["victim"] for a in acts if a["verb"] in ("stop", "kill")}:
-        if victim not in peers:
+        if victim not in peers or peers[victim].hostname not in ids:
             return False
-        p = run([pr.docker, "exec", reader.id, "cat", f"/runs/{peers[victim].hostname}/metrics.jsonl"], timeout=60)
+        p = run([pr.docker, "exec", reader.id, "cat", f"/runs/{ids[peers[victim].hostname]}/metrics.jsonl"], timeout=60)
         kinds = []
         for line in p.stdout.splitlines():
             try:
@@ -505,7 +518,7 @@ def restart_coordinator(pr: Project, obs: Observed, committed: int) -> None:
 def drive(pr: Project, plan: Plan, obs: Observed) -> None:
     # everything at once, in the compose file's order (certs done, coordinator healthy); chaos's schedule
     # starts at the first commit (it reads the coordinator's state volume)
-    say(f"up: project {pr.name}, certs + coordinator (TLS, token) + {plan.peers} peers + chaos")
+    say(f"up: project {pr.name}, certs + coordinator (TLS, per-peer identities) + {plan.peers} peers + chaos")
     obs.t_up = time.monotonic()
     pr.compose_run("up", "-d", "--no-build", "--scale", f"peer={plan.peers}", timeout=900)
     wait_healthy(pr, plan, obs)
@@ -564,20 +577,23 @@ def drive(pr: Project, plan: Plan, obs: Observed) -> None:
 
 
 def collect(pr: Project, run_dir: str) -> Dict[str, str]:
-    """The volumes' files into a dtrain-sim-like run dir; {peer host name: its container's log}."""
+    """The volumes' files into a dtrain-sim-like run dir; {peer id: its container's log}."""
     os.makedirs(run_dir)
     coord = pr.one("coordinator")
     run([pr.docker, "cp", f"{coord.id}:/state", os.path.join(run_dir, "coordinator")], timeout=120, check=True)
     peers = pr.boxes("peer")
     runs = os.path.join(pr.work, "runs")
     run([pr.docker, "cp", f"{peers[0].id}:/runs", runs], timeout=300, check=True)
+    ids = claimed_ids(pr, peers[0])
     logs = {}
     for b in peers:
-        src = os.path.join(runs, b.hostname)
-        if not os.path.isdir(src):
-            raise Failed(f"peer {b.name} (host name {b.hostname}) left no run dir in the peer-runs volume")
-        os.rename(src, os.path.join(run_dir, f"peer-{b.hostname}"))
-        logs[b.hostname] = pr.logs(b)
+        peer_id = ids.get(b.hostname, "")
+        src = os.path.join(runs, peer_id)
+        if not peer_id or not os.path.isdir(src):
+            raise Failed(f"peer {b.name} (host name {b.hostname}, id {peer_id or 'none claimed'}) left no run dir")
+        os.rename(src, os.path.join(run_dir, f"peer-{peer_id}"))
+        logs[peer_id] = pr.logs(b)
+    pr.peer_ids = {b.name: ids[b.hostname] for b in peers}
     return logs
 
 
@@ -602,7 +618,7 @@ def judge(pr: Project, plan: Plan, obs: Observed, run_dir: str, logs: Dict[str, 
     from dtrain.sim.summary import read_jsonl, summarize
 
     acts = chaos_actions(chaos_log)
-    names = {b.name: b.hostname for b in pr.boxes("peer")}
+    names = dict(pr.peer_ids)  # container name -> the peer id it trained as
     with open(os.path.join(run_dir, "events.jsonl"), "w", encoding="utf-8") as f:
         for a in acts:
             if a["verb"] in ("stop", "kill"):
@@ -629,11 +645,11 @@ def judge(pr: Project, plan: Plan, obs: Observed, run_dir: str, logs: Dict[str, 
     # went down) and took part in a round after its last resume
     rejoined = {}
     for victim in sorted({a["victim"] for a in downs}):
-        host = names.get(victim, "")
-        if not host:
+        peer_id = names.get(victim, "")
+        if not peer_id:
             problems.append(f"chaos victim {victim} is not a peer container of this project")
             continue
-        recs = read_jsonl(os.path.join(run_dir, f"peer-{host}", "metrics.jsonl"))
+        recs = read_jsonl(os.path.join(run_dir, f"peer-{peer_id}", "metrics.jsonl"))
         resumes = [i for i, r in enumerate(recs) if r.get("kind") == "run" and r.get("event") == "resume"]
         # (a victim taken down again while it was still starting writes one resume for two downs)
         later = resumes and any(r.get("kind") == "round" for r in recs[resumes[-1] :])
@@ -650,11 +666,11 @@ def judge(pr: Project, plan: Plan, obs: Observed, run_dir: str, logs: Dict[str, 
         )
     elif lost_by_restart:
         problems.append(f"the coordinator came back at committed round {obs.coord_after}, before {obs.coord_before}")
-    for host, log in logs.items():
+    for peer_id, log in logs.items():
         line = next((ln for ln in log.splitlines() if "netem:" in ln), "")
-        obs.shaping[host] = line.split("entrypoint: ", 1)[-1]
+        obs.shaping[peer_id] = line.split("entrypoint: ", 1)[-1]
         if not line:
-            problems.append(f"peer {host}: no shaping line in its log")
+            problems.append(f"peer {peer_id}: no shaping line in its log")
     rounds = [r for h in names.values() for r in read_jsonl(os.path.join(run_dir, f"peer-{h}", "metrics.jsonl"))]
     sent = sum(int(r.get("bytes_sent", 0)) for r in rounds if r.get("kind") == "round")
     s.update(

@@ -1,26 +1,35 @@
 """The container's entrypoint: one role per container, configured from environment variables.
 
-    entrypoint.py certs                      # one-shot: CA, server certificate and token into $DTRAIN_CERTS_DIR
-    entrypoint.py coordinator [overrides]    # dtrain-coordinator with TLS and the token
-    entrypoint.py peer [overrides]           # netem shaping, then one peer (launch/torchrun.sh)
+    entrypoint.py certs                      # one-shot: CA, server certificate, per-peer identities
+    entrypoint.py coordinator [overrides]    # dtrain-coordinator with TLS and the cluster secret
+    entrypoint.py peer [overrides]           # claim an identity, netem shaping, then one peer (launch/torchrun.sh)
     entrypoint.py chaos                      # stops and starts random peers (docker/chaos.py)
-    entrypoint.py status [overrides]         # dtrain-status of the coordinator, with the run's TLS and token
+    entrypoint.py status [overrides]         # dtrain-status of the coordinator, as the status tool
 
 Every role runs as a plain process too (outside a container; then set NETEM=off and point the
 directories somewhere writable): the tests do exactly that.
 
-Common: DTRAIN_CERTS_DIR (/certs), DTRAIN_TLS (on|off, on), DTRAIN_TOKEN (default: the token the
-certs role wrote into the certs dir), DTRAIN_WAIT_S (how long coordinator and peers wait for the
-certs role, 120), DTRAIN_HEALTH_FILE (/tmp/dtrain-health.json, read by docker/healthcheck.py).
+Per-peer identities: the certs role writes one identity token per id of DTRAIN_PEER_IDS (and one for
+the status tool) from the cluster secret; a peer container claims the first free id (a file in the
+claims dir made with O_EXCL, holding its host name, so a restarted container takes its own id back)
+and presents that id's token; the coordinator, which alone holds the secret, binds every call to the
+id the token names. The CA key and the secret live in the private dir, which only the certs and
+coordinator roles mount.
+
+Common: DTRAIN_CERTS_DIR (/certs), DTRAIN_PRIVATE_DIR (/private), DTRAIN_TLS (on|off, on),
+DTRAIN_PEER_IDS (peer-1,...,peer-8: the identities issued, at most that many peers at once),
+DTRAIN_WAIT_S (how long coordinator and peers wait for the certs role, 120), DTRAIN_HEALTH_FILE
+(/tmp/dtrain-health.json, read by docker/healthcheck.py).
 certs: DTRAIN_CERT_HOSTS (dtrain,coordinator,localhost,127.0.0.1: the server certificate's names;
-the first is the name every TLS client checks), DTRAIN_CERT_DAYS (365).
+the first is the name every TLS client checks), DTRAIN_CERT_DAYS (365), DTRAIN_SECRET (the cluster
+secret; default: a random one, kept in the private dir).
 coordinator: DTRAIN_STATE_DIR (/state), DTRAIN_HOST (0.0.0.0), DTRAIN_PORT (7070), DTRAIN_MIN_PEERS,
 DTRAIN_COORDINATOR_ARGS (extra overrides, shell words).
-peer: DTRAIN_COORDINATOR (coordinator:7070), DTRAIN_RUNS_DIR (/runs; the run dir is
-<runs dir>/<peer id>), DTRAIN_PEER_ID (default: the container's host name, which survives a stop
-and start), DTRAIN_BIND_HOST (0.0.0.0), DTRAIN_DATA_PORT (7071), DTRAIN_ADVERTISE (default: this
-container's IP address), NPROC_PER_NODE (1), DTRAIN_PEER_ARGS (extra overrides, shell words),
-NETEM* (docker/netem.py). A peer whose run dir holds a checkpoint resumes from it.
+peer: DTRAIN_COORDINATOR (coordinator:7070), DTRAIN_CLAIMS_DIR (/claims), DTRAIN_RUNS_DIR (/runs;
+the run dir is <runs dir>/<peer id>), DTRAIN_PEER_ID (default: the claimed id; given, it must be
+one of DTRAIN_PEER_IDS), DTRAIN_BIND_HOST (0.0.0.0), DTRAIN_DATA_PORT (7071), DTRAIN_ADVERTISE
+(default: this container's IP address), NPROC_PER_NODE (1), DTRAIN_PEER_ARGS (extra overrides, shell
+words), NETEM* (docker/netem.py). A peer whose run dir holds a checkpoint resumes from it.
 status: DTRAIN_COORDINATOR (coordinator:7070).
 
 Exit status: that of the role's program; 2 for a bad environment value (one line on stderr).
@@ -30,7 +39,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
+import shutil
 import socket
 import subprocess
 import sys
@@ -45,7 +56,11 @@ from envvars import EnvError, hostport, integer, number, switch, text, words  # 
 PROG = "entrypoint"
 ROLES = ("certs", "coordinator", "peer", "chaos", "status")
 READY = "ready"  # written by the certs role after everything else
-TOKEN_FILE = "token"
+SECRET_FILE = "secret"  # the cluster secret, in the private dir
+PRIVATE_FILES = ("ca.key",)  # moved from the certs dir into the private dir (nobody else may mint certificates)
+STATUS_TOOL = "status"
+DEFAULT_PEER_IDS = ",".join(f"peer-{i}" for i in range(1, 9))
+_PEER_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
 
 
 def say(msg: str) -> None:
@@ -91,6 +106,7 @@ def local_address(host: str, port: int) -> str:
 class Certs:
     def __init__(self, env: Mapping[str, str]):
         self.dir = os.path.abspath(text(env, "DTRAIN_CERTS_DIR", "/certs"))
+        self.private = os.path.abspath(text(env, "DTRAIN_PRIVATE_DIR", "/private"))
         self.tls = switch(env, "DTRAIN_TLS", True)
         self.hosts = [
             h.strip()
@@ -102,6 +118,12 @@ class Certs:
                 f"DTRAIN_CERT_HOSTS={env.get('DTRAIN_CERT_HOSTS')!r} is not allowed: comma-separated host names"
             )
         self.server_name = text(env, "DTRAIN_TLS_SERVER_NAME", self.hosts[0])
+        self.peer_ids = peer_ids(env)
+        if env.get("DTRAIN_TOKEN"):
+            raise EnvError(
+                "DTRAIN_TOKEN is not allowed here: every peer gets its own identity from the cluster secret "
+                "(DTRAIN_SECRET, or a random one); unset DTRAIN_TOKEN"
+            )
 
     def path(self, name: str) -> str:
         return os.path.join(self.dir, name)
@@ -119,15 +141,60 @@ class Certs:
                 sys.exit(1)
             time.sleep(0.2)
 
-    def token(self, env: Mapping[str, str]) -> str:
-        tok = env.get("DTRAIN_TOKEN", "")
-        if tok:
-            return tok
+    def secret(self) -> str:
+        """The cluster secret (the certs role wrote it into the private dir)."""
+        path = os.path.join(self.private, SECRET_FILE)
         try:
-            with open(self.path(TOKEN_FILE), encoding="utf-8") as f:
+            with open(path, encoding="utf-8") as f:
                 return f.read().strip()
+        except OSError as e:
+            raise EnvError(
+                f"DTRAIN_PRIVATE_DIR={self.private!r} is not allowed: {path} cannot be read "
+                f"({e.strerror or e}); mount the private volume the certs role wrote"
+            ) from None
+
+    def token_of(self, name: str) -> str:
+        """The identity token the certs role issued to ``name`` (a peer id or a tool)."""
+        with open(self.path(f"{name}.token"), encoding="utf-8") as f:
+            return f.read().strip()
+
+
+def peer_ids(env: Mapping[str, str]) -> List[str]:
+    """DTRAIN_PEER_IDS: the ids identities are issued to (distinct, each a valid peer id)."""
+    raw = text(env, "DTRAIN_PEER_IDS", DEFAULT_PEER_IDS)
+    ids = [p.strip() for p in raw.split(",") if p.strip()]
+    bad = [p for p in ids if not _PEER_ID.fullmatch(p) or p == STATUS_TOOL]
+    if not ids or bad or len(set(ids)) != len(ids):
+        raise EnvError(
+            f"DTRAIN_PEER_IDS={raw!r} is not allowed: distinct comma-separated peer ids "
+            f"(letters, digits, '.', '_', '-'; not {STATUS_TOOL!r})"
+        )
+    return ids
+
+
+def claim_identity(ids: List[str], claims_dir: str, holder: str) -> str:
+    """The id this container (``holder``, its host name) trains as: the one it claimed before, else the first
+    free one, claimed by creating ``<claims dir>/<id>`` exclusively (two containers never get the same id)."""
+    os.makedirs(claims_dir, exist_ok=True)
+    for pid in ids:  # a restarted container takes its own id back
+        try:
+            with open(os.path.join(claims_dir, pid), encoding="utf-8") as f:
+                if f.read().strip() == holder:
+                    return pid
         except FileNotFoundError:
-            return ""
+            pass
+    for pid in ids:
+        try:
+            fd = os.open(os.path.join(claims_dir, pid), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            continue
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(holder + "\n")
+        return pid
+    raise EnvError(
+        f"DTRAIN_PEER_IDS has {len(ids)} identities and other containers hold every one "
+        f"(claims in {claims_dir}): issue more ids or run fewer peers"
+    )
 
 
 def role_certs(env: Mapping[str, str], extra: List[str]) -> int:
@@ -135,22 +202,39 @@ def role_certs(env: Mapping[str, str], extra: List[str]) -> int:
     write_health(env, "certs")
     days = integer(env, "DTRAIN_CERT_DAYS", 365, lo=1)
     if os.path.exists(c.path(READY)):
-        say(f"certificates and token already in {c.dir}: nothing to do")
+        say(f"certificates and identities already in {c.dir}: nothing to do")
         return 0
     os.makedirs(c.dir, exist_ok=True)
+    os.makedirs(c.private, mode=0o700, exist_ok=True)
+    secret_path = os.path.join(c.private, SECRET_FILE)
+    secret = env.get("DTRAIN_SECRET", "")
+    if not secret and os.path.exists(secret_path):
+        secret = c.secret()  # a previous run stopped half-way: keep its secret
+    if not secret:
+        secret = secrets.token_urlsafe(32)
+        say(f"wrote a random cluster secret to {secret_path} (DTRAIN_SECRET was not set)")
+    fd = os.open(secret_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(secret + "\n")
+    ids = "[" + ",".join(c.peer_ids) + "]"
+    # overwrite: a previous run may have stopped half-way (no ready marker)
+    runs = [[f"out_dir={c.dir}", f"clients={ids}", f"tools=[{STATUS_TOOL}]", "certificates=false", "overwrite=true"]]
     if c.tls:
         hosts = "[" + ",".join(c.hosts) + "]"
-        # overwrite: a previous run may have stopped half-way (no ready marker)
-        cmd = [tool("dtrain-certs"), f"out_dir={c.dir}", f"hosts={hosts}", f"days={days}", "overwrite=true", *extra]
-        rc = subprocess.run(cmd, stdin=subprocess.DEVNULL).returncode
+        runs.insert(
+            0, [f"out_dir={c.dir}", f"hosts={hosts}", f"days={days}", "clients=[]", "tools=[]", "overwrite=true"]
+        )
+    for args in runs:
+        rc = subprocess.run(
+            [tool("dtrain-certs"), *args, *extra], stdin=subprocess.DEVNULL, env={**env, "DTRAIN_SECRET": secret}
+        ).returncode
         if rc != 0:
             say(f"error: dtrain-certs failed with status {rc}")
             return rc
-    if not env.get("DTRAIN_TOKEN"):
-        fd = os.open(c.path(TOKEN_FILE), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(secrets.token_urlsafe(32) + "\n")
-        say(f"wrote a random token to {c.path(TOKEN_FILE)} (DTRAIN_TOKEN was not set)")
+    for name in PRIVATE_FILES:
+        if os.path.exists(c.path(name)):
+            shutil.move(c.path(name), os.path.join(c.private, name))
+    say(f"identities for {', '.join(c.peer_ids)} and the {STATUS_TOOL} tool in {c.dir}")
     with open(c.path(READY), "w", encoding="utf-8") as f:
         f.write(f"{time.time():.0f}\n")
     return 0
@@ -170,16 +254,14 @@ def role_coordinator(env: Mapping[str, str], extra: List[str]) -> int:
     args += words(env, "DTRAIN_COORDINATOR_ARGS")
     c.wait(env)
     child = dict(env)
-    child["DTRAIN_TOKEN"] = c.token(env)
-    if not child["DTRAIN_TOKEN"]:
-        say("warning: no token (DTRAIN_TOKEN unset and none in the certs dir): any caller is accepted")
+    child["DTRAIN_SECRET"] = c.secret()  # conf/coordinator.yaml reads auth.secret from it
     if c.tls:
         args += [f"tls.cert={c.path('server.pem')}", f"tls.key={c.path('server.key')}"]
     write_health(
         env, "coordinator", local_address(host, port), c.path("ca.pem") if c.tls else "", c.server_name if c.tls else ""
     )
     cmd = [tool("dtrain-coordinator"), *args, *extra]
-    say(f"coordinator on {host}:{port}, state dir {state_dir}, TLS {'on' if c.tls else 'off'}")
+    say(f"coordinator on {host}:{port}, state dir {state_dir}, TLS {'on' if c.tls else 'off'}, per-peer identities")
     os.execvpe(cmd[0], cmd, child)
     return 0  # not reached
 
@@ -199,14 +281,16 @@ def container_ip() -> str:
 
 
 def peer_env(env: Mapping[str, str], c: Certs) -> Dict[str, str]:
-    """The environment launch/torchrun.sh runs the peer with (the token is added once the certs are there)."""
+    """The environment launch/torchrun.sh runs the peer with (its id is claimed once the certs are there)."""
     child = dict(env)
     child["DTRAIN_COORDINATOR"] = hostport(env, "DTRAIN_COORDINATOR", "coordinator:7070")
-    peer_id = text(env, "DTRAIN_PEER_ID", socket.gethostname().split(".")[0])
-    if not all(ch.isalnum() or ch in "-_." for ch in peer_id):
-        raise EnvError(f"DTRAIN_PEER_ID={peer_id!r} is not allowed: letters, digits, '-', '_' and '.' only")
-    child["DTRAIN_PEER_ID"] = peer_id
-    child["DTRAIN_RUN_DIR"] = os.path.join(text(env, "DTRAIN_RUNS_DIR", "/runs"), peer_id)
+    peer_id = text(env, "DTRAIN_PEER_ID")
+    if peer_id and peer_id not in c.peer_ids:
+        raise EnvError(
+            f"DTRAIN_PEER_ID={peer_id!r} is not allowed: it has no identity; use one of DTRAIN_PEER_IDS "
+            f"({', '.join(c.peer_ids)}) or leave it unset to claim a free one"
+        )
+    child["DTRAIN_IDENTITY_DIR"] = c.dir  # launch/torchrun.sh presents <id>.token
     bind = text(env, "DTRAIN_BIND_HOST", "0.0.0.0")
     port = integer(env, "DTRAIN_DATA_PORT", 7071, hi=65535)
     child["DTRAIN_BIND_HOST"], child["DTRAIN_DATA_PORT"] = bind, str(port)
@@ -245,7 +329,11 @@ def role_peer(env: Mapping[str, str], extra: List[str]) -> int:
     extra = words(env, "DTRAIN_PEER_ARGS") + extra
     child = peer_env(env, c)
     c.wait(env)
-    child["DTRAIN_TOKEN"] = c.token(env)
+    peer_id = text(env, "DTRAIN_PEER_ID") or claim_identity(
+        c.peer_ids, text(env, "DTRAIN_CLAIMS_DIR", "/claims"), socket.gethostname()
+    )
+    child["DTRAIN_PEER_ID"] = peer_id
+    child["DTRAIN_RUN_DIR"] = os.path.join(text(env, "DTRAIN_RUNS_DIR", "/runs"), peer_id)
     say(netem.apply(env))  # never fails: a kernel without netem gets tbf, or no shaping, and a warning
     launcher = text(env, "DTRAIN_LAUNCH", os.path.join(os.path.dirname(HERE), "launch", "torchrun.sh"))
     port = int(child["DTRAIN_DATA_PORT"])
@@ -284,7 +372,7 @@ def role_status(env: Mapping[str, str], extra: List[str]) -> int:
     address = hostport(env, "DTRAIN_COORDINATOR", "coordinator:7070")
     c.wait(env)
     child = dict(env)
-    child["DTRAIN_TOKEN"] = c.token(env)
+    child["DTRAIN_TOKEN"] = c.token_of(STATUS_TOOL)
     args = [f"coordinator={address}"]
     if c.tls:
         args += [f"tls.ca={c.path('ca.pem')}", f"tls.server_name={c.server_name}"]

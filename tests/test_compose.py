@@ -83,6 +83,8 @@ class FakeProject:
 
     def __init__(self, hosts):
         self.hosts, self.events = hosts, [{"t": 0.0, "event": "coordinator_restart"}]
+        # the peer ids the containers claimed (collect() reads them); here each trains as its host name
+        self.peer_ids = {f"proj_peer_{i + 1}": h for i, h in enumerate(hosts)}
 
     def boxes(self, service=""):
         return [

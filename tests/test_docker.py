@@ -132,8 +132,12 @@ def test_compose_file_structure():
     vol = lambda s: {v.split(":")[0]: v.split(":")[1] for v in s["volumes"]}  # noqa: E731
     assert vol(certs)["certs"] == "/certs" and vol(coord)["certs"] == "/certs" and vol(peer)["certs"] == "/certs"
     assert vol(coord)["coordinator-state"] == "/state" and vol(peer)["peer-runs"] == "/runs"
+    # per-peer identities: the CA key and the cluster secret only where they are needed; claims shared by peers
+    assert vol(certs)["private"] == "/private" and vol(coord)["private"] == "/private"
+    assert "private" not in vol(peer) and "private" not in vol(chaos) and vol(peer)["peer-claims"] == "/claims"
+    assert "DTRAIN_TOKEN" not in peer["environment"] and "DTRAIN_PEER_IDS" in peer["environment"]
     assert vol(chaos)["/var/run/docker.sock"] == "/var/run/docker.sock"
-    assert set(doc["volumes"]) == {"certs", "coordinator-state", "peer-runs"}
+    assert set(doc["volumes"]) == {"certs", "private", "coordinator-state", "peer-claims", "peer-runs"}
     assert chaos["environment"]["CHAOS_SERVICE"] == "peer"
     # done (CHAOS_MAX_ACTIONS) or stopped, chaos stays down; its schedule starts at the first commit
     assert chaos["restart"] == "on-failure" and "CHAOS_MAX_ACTIONS" in chaos["environment"]
@@ -288,19 +292,22 @@ def test_roles_as_processes_certs_coordinator_two_peers(tmp_path, procs, monkeyp
     from dtrain.config import TLSConfig
     from dtrain.control.status_view import StatusError, fetch_status
 
-    certs = tmp_path / "certs"
-    common = dict(DTRAIN_CERTS_DIR=certs, DTRAIN_WAIT_S=60)
-    # certs: CA, server certificate, a random token (private), then the ready marker; a second run does nothing
+    certs, private = tmp_path / "certs", tmp_path / "private"
+    common = dict(DTRAIN_CERTS_DIR=certs, DTRAIN_PRIVATE_DIR=private, DTRAIN_PEER_IDS="peer-1,peer-2,peer-3")
+    common["DTRAIN_WAIT_S"] = 60
+    # certs: CA, server certificate, one identity token per peer id and for the status tool, then the ready
+    # marker; the CA key and a random cluster secret go to the private dir; a second run does nothing
     first = entry("certs", **common)
     assert first.returncode == 0, first.stderr
-    for f in ("ca.pem", "server.pem", "server.key", "token", "ready"):
+    for f in ("ca.pem", "server.pem", "server.key", "peer-1.token", "peer-3.token", "status.token", "ready"):
         assert (certs / f).exists(), f
-    assert stat.S_IMODE(os.stat(certs / "token").st_mode) == 0o600
-    token = (certs / "token").read_text().strip()
-    assert len(token) >= 32
+    assert not (certs / "ca.key").exists() and (private / "ca.key").exists()
+    assert stat.S_IMODE(os.stat(private / "secret").st_mode) == 0o600
+    secret = (private / "secret").read_text().strip()
+    assert len(secret) >= 32 and secret not in "".join(p.read_text() for p in certs.iterdir() if p.is_file())
     again = entry("certs", **common)
     assert again.returncode == 0 and "nothing to do" in again.stderr
-    assert (certs / "token").read_text().strip() == token
+    assert (private / "secret").read_text().strip() == secret
 
     coord = procs.start(
         "coordinator",
@@ -321,14 +328,17 @@ def test_roles_as_processes_certs_coordinator_two_peers(tmp_path, procs, monkeyp
     address = line.split()[-1]
 
     peers = {}
-    for pid in ("a", "b"):
+    for pid in ("peer-1", "peer-2"):
         port = free_port()
+        # peer-1 claims the first free identity; peer-2 is named (it must be one of DTRAIN_PEER_IDS)
+        named = {} if pid == "peer-1" else dict(DTRAIN_PEER_ID=pid)
         peers[pid] = procs.start(
-            f"peer-{pid}",
+            pid,
             [sys.executable, ENTRYPOINT, "peer"],
             base_env(
                 **common,
-                DTRAIN_PEER_ID=pid,
+                **named,
+                DTRAIN_CLAIMS_DIR=tmp_path / "claims",
                 DTRAIN_RUNS_DIR=tmp_path / "runs",
                 DTRAIN_COORDINATOR=address,
                 DTRAIN_BIND_HOST="127.0.0.1",
@@ -356,7 +366,7 @@ def test_roles_as_processes_certs_coordinator_two_peers(tmp_path, procs, monkeyp
         hc[:3] + [f"127.0.0.1:{free_port()}", "--timeout", "1"], capture_output=True, text=True, timeout=30
     )
     assert closed.returncode == 1 and "unhealthy" in closed.stdout
-    # TLS and the token are on: without the token the coordinator refuses
+    # TLS and identities are on: without a token the coordinator refuses
     tls = TLSConfig(ca=str(certs / "ca.pem"), server_name="dtrain")
     with pytest.raises(StatusError, match="refused the token"):
         fetch_status(address, tls=tls, token="", timeout_s=5)
@@ -367,7 +377,7 @@ def test_roles_as_processes_certs_coordinator_two_peers(tmp_path, procs, monkeyp
         return [r for r in read_jsonl(str(runs[pid])) if r["kind"] == "round"]
 
     # a peer's data plane answers its healthcheck (the target its entrypoint wrote) while it trains
-    monkeypatch.setenv("DTRAIN_HEALTH_FILE", str(tmp_path / "a-health.json"))
+    monkeypatch.setenv("DTRAIN_HEALTH_FILE", str(tmp_path / "peer-1-health.json"))
     import healthcheck
 
     peer_healthy = []
@@ -377,25 +387,57 @@ def test_roles_as_processes_certs_coordinator_two_peers(tmp_path, procs, monkeyp
             assert p.poll() is None or (p in peers.values() and p.returncode == 0), (
                 f"{p.name} exited {p.returncode}:\n{procs.stderr(p)[-3000:]}"
             )
-        if not peer_healthy and peers["a"].poll() is None and healthcheck.main(["--timeout", "1"]) == 0:
+        if not peer_healthy and peers["peer-1"].poll() is None and healthcheck.main(["--timeout", "1"]) == 0:
             peer_healthy.append(True)
         return all(len(rounds(pid)) >= 1 for pid in peers)
 
     wait_for(progress, 110, "a committed round on both peers", interval=0.2)
-    assert peer_healthy, "peer a's data plane never answered its healthcheck"
+    assert peer_healthy, "peer-1's data plane never answered its healthcheck"
     for p in peers.values():
         assert p.wait(60) == 0, procs.stderr(p)[-3000:]
-    ra, rb = rounds("a"), rounds("b")
+    ra, rb = rounds("peer-1"), rounds("peer-2")
     assert len(ra) == len(rb) == 3
     for x, y in zip(ra, rb):  # parity: the same global state after every round
         assert (x["round"], x["state_hash"]) == (y["round"], y["state_hash"])
-        assert sorted(x["members"]) == ["a", "b"]
+        assert sorted(x["members"]) == ["peer-1", "peer-2"]
+    assert (tmp_path / "claims" / "peer-1").read_text().strip() == socket.gethostname()
+    # every call was bound to the identity each peer presented (none was refused)
+    refused = [ln for ln in procs.stderr(coord).splitlines() if "refused" in ln and "no token" not in ln]
+    assert not refused, refused  # (the one refusal is the test's own call without a token, above)
     # the status role: dtrain-status with the run's TLS and token
     st = entry("status", "json=true", **common, DTRAIN_COORDINATOR=address)
     assert st.returncode == 0, st.stderr
     status = json.loads(st.stdout)
     assert status["committed_round"] == 3 and [c["round"] for c in status["commits"]] == [0, 1, 2]
     assert "no auth token configured" not in procs.stderr(coord)
+    assert "identity: per-peer identity tokens" in procs.stderr(coord), procs.stderr(coord)[-2000:]
+
+
+def test_identities_are_claimed_once_and_taken_back_by_their_holder(tmp_path):
+    import entrypoint
+
+    ids = ["peer-1", "peer-2"]
+    claims = str(tmp_path / "claims")
+    assert entrypoint.claim_identity(ids, claims, "box-a") == "peer-1"
+    assert entrypoint.claim_identity(ids, claims, "box-b") == "peer-2"
+    assert entrypoint.claim_identity(ids, claims, "box-a") == "peer-1"  # restarted: its own id back
+    with pytest.raises(entrypoint.EnvError, match="DTRAIN_PEER_IDS has 2 identities"):
+        entrypoint.claim_identity(ids, claims, "box-c")
+
+
+@pytest.mark.parametrize(
+    "env, needle",
+    [
+        (dict(DTRAIN_PEER_IDS="peer-1,peer-1"), "DTRAIN_PEER_IDS='peer-1,peer-1'"),
+        (dict(DTRAIN_PEER_IDS="status"), "DTRAIN_PEER_IDS='status'"),
+        (dict(DTRAIN_PEER_IDS="a b"), "DTRAIN_PEER_IDS='a b'"),
+        (dict(DTRAIN_TOKEN="s3cret"), "DTRAIN_TOKEN is not allowed"),
+        (dict(DTRAIN_PEER_ID="mallory", DTRAIN_PEER_IDS="peer-1"), "DTRAIN_PEER_ID='mallory'"),
+    ],
+)
+def test_identity_settings_are_checked(tmp_path, env, needle):
+    r = entry("peer", DTRAIN_CERTS_DIR=tmp_path / "certs", NETEM="off", **env)
+    assert r.returncode == 2 and needle in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
 # ---------------------------------------------------------------- chaos
