@@ -149,7 +149,9 @@ def test_whole_cluster_restart_with_mixed_world_sizes(tmp_path):
             assert any(r["kind"] == "run" and r["event"] == "resume" for r in recs), pid
             summary = json.load(open(os.path.join(run.run_dir, f"peer-{pid}", "summary.json")))
             assert summary["ranks_in_sync"] and summary["world_size"] == (2 if pid == "p0" else 1)
-        assert s["final_accuracy"].get("max") is not None
+        # it learned through the restart: 32 inner steps take the largest subnet well past chance (10 %;
+        # 37.6 % measured, the same on any load: training is deterministic and a restart loses no step)
+        assert s["final_accuracy"]["max"] >= 0.25 and s["loss_fell"] is True, s["final_accuracy"]
     finally:
         run.close()
 
